@@ -1,0 +1,225 @@
+"""Validated settings of an HSAE run: the one place every hyper-parameter is declared and checked.
+
+Defaults follow ``hsae-method.md`` (the paper's values) unless a comment says otherwise.
+A bad value is refused before any work starts with a single message that names the field and
+the allowed range (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+Similarity = Literal["encoder", "decoder", "coactivation"]
+TreeVariant = Literal["partial", "full", "binary", "fixed"]
+Mode = Literal["hsae", "independent"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is outside its allowed range; the message names the field."""
+
+
+class HSAEConfig(BaseModel):
+    """Every setting of an HSAE (or independent-baseline) training run.
+
+    Sizes: ``d_in`` is the activation width, ``level_sizes`` the dictionary size of each level,
+    strictly increasing. Training length is ``train_tokens`` drawn in batches of ``batch_size``.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    # --- model --------------------------------------------------------------------------
+    d_in: int
+    level_sizes: list[int] = [2048, 4096, 8192, 16384]
+    mode: Mode = "hsae"
+
+    # --- loss -----------------------------------------------------------------------------
+    target_l0: float = 50.0
+    rho: float = 0.01
+    perturbation_rate: float = 0.05
+    bandwidth: float = 0.001
+    """Width eps of the rectangle kernel of the JumpReLU straight-through estimator, in the
+    units of the scaled activations (mean norm sqrt(d_in))."""
+    aux_coefficient: float = 1.0 / 32.0
+    """Weight of the auxiliary loss that revives dead features (0 disables it)."""
+    dead_after_tokens: int | None = None
+    """A feature that has not fired for this many tokens counts as dead (None: train_tokens/10)."""
+
+    # --- forest -----------------------------------------------------------------------------
+    similarity: Similarity = "encoder"
+    tree: TreeVariant = "partial"
+    unassigned_quantile: float = 0.2
+    update_interval: int | None = None
+    """Steps between forest rebuilds (paper: 5000). None: a twentieth of the run."""
+    coactivation_every: int = 10
+    """With similarity='coactivation', update the co-firing EMA every this many steps."""
+    coactivation_momentum: float = 0.99
+
+    # --- sparsity controller ------------------------------------------------------------------
+    adaptive_sparsity: bool = True
+    sparsity_init: float | None = None
+    """Initial sparsity weight lambda per level (None: chosen from d_in and target_l0)."""
+    l0_ema_momentum: float = 0.999
+    l0_decay_rate: float = 0.001
+    """eta of the desired trajectory dL0 = -eta (L0 - target), per step."""
+    sparsity_adjust: float = 0.01
+    """Multiplicative step of the controller: lambda *= (1 +- sparsity_adjust) each step."""
+
+    # --- optimisation ----------------------------------------------------------------------
+    train_tokens: int = 100_000_000
+    batch_size: int = 1024
+    lr: float = 3e-4
+    adam_beta1: float = 0.0
+    adam_beta2: float = 0.995
+    warmup_fraction: float = 0.1
+    activation_scale: float | None = None
+    """Constant c multiplying raw activations so their mean norm is sqrt(d_in); None: estimate."""
+    seed: int = 0
+    device: str = "auto"
+    sparse_kernels: bool = True
+    """Use the sparsity-exploiting decoder/backward path (same maths as the dense reference)."""
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise ConfigError(_format_validation_error(error)) from None
+
+    # --- validation ----------------------------------------------------------------------
+    @field_validator("d_in", "batch_size", "coactivation_every")
+    @classmethod
+    def _positive_int(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be a positive integer (>= 1)")
+        return value
+
+    @field_validator("train_tokens")
+    @classmethod
+    def _positive_tokens(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be >= 1 token")
+        return value
+
+    @field_validator("level_sizes")
+    @classmethod
+    def _increasing_sizes(cls, sizes: list[int]) -> list[int]:
+        if not sizes:
+            raise ValueError("needs at least one level")
+        if any(size < 1 for size in sizes):
+            raise ValueError(f"every size must be >= 1, got {sizes}")
+        if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
+            raise ValueError(f"sizes must be strictly increasing, got {sizes}")
+        return sizes
+
+    @field_validator("perturbation_rate", "unassigned_quantile", "warmup_fraction", "adam_beta1")
+    @classmethod
+    def _unit_interval(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0 or math.isnan(value):
+            raise ValueError(f"must lie in [0, 1], got {value}")
+        return value
+
+    @field_validator("adam_beta2", "l0_ema_momentum", "coactivation_momentum")
+    @classmethod
+    def _momentum(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"must lie in [0, 1), got {value}")
+        return value
+
+    @field_validator("rho", "aux_coefficient")
+    @classmethod
+    def _non_negative(cls, value: float) -> float:
+        if not value >= 0.0 or math.isinf(value):
+            raise ValueError(f"must be a finite number >= 0, got {value}")
+        return value
+
+    @field_validator("bandwidth", "lr", "target_l0", "l0_decay_rate", "sparsity_adjust")
+    @classmethod
+    def _strictly_positive(cls, value: float) -> float:
+        if not value > 0.0 or math.isinf(value):
+            raise ValueError(f"must be a finite number > 0, got {value}")
+        return value
+
+    @field_validator("activation_scale", "sparsity_init")
+    @classmethod
+    def _optional_positive(cls, value: float | None) -> float | None:
+        if value is not None and (not value > 0.0 or math.isinf(value)):
+            raise ValueError(f"must be a finite number > 0 (or null to choose it), got {value}")
+        return value
+
+    @field_validator("update_interval", "dead_after_tokens")
+    @classmethod
+    def _optional_positive_int(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"must be >= 1 (or null to choose it), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> HSAEConfig:
+        smallest = self.level_sizes[0]
+        if self.target_l0 > smallest:
+            raise ValueError(
+                f"target_l0 = {self.target_l0} exceeds the smallest level size {smallest}; "
+                f"allowed range is (0, {smallest}]"
+            )
+        if self.train_tokens < self.batch_size:
+            raise ValueError(
+                f"train_tokens = {self.train_tokens} is less than one batch "
+                f"(batch_size = {self.batch_size})"
+            )
+        return self
+
+    # --- derived values ----------------------------------------------------------------------
+    @property
+    def n_levels(self) -> int:
+        return len(self.level_sizes)
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.train_tokens // self.batch_size)
+
+    @property
+    def forest_update_interval(self) -> int:
+        if self.update_interval is not None:
+            return self.update_interval
+        return max(1, self.total_steps // 20)
+
+    @property
+    def dead_window_tokens(self) -> int:
+        if self.dead_after_tokens is not None:
+            return self.dead_after_tokens
+        return max(self.batch_size, min(10_000_000, self.train_tokens // 10))
+
+    @property
+    def uses_hierarchy_losses(self) -> bool:
+        return self.mode == "hsae" and self.n_levels > 1
+
+    @property
+    def effective_quantile(self) -> float:
+        """Share of children left unassigned at each rebuild (the full tree keeps them all)."""
+        return 0.0 if self.tree == "full" else self.unassigned_quantile
+
+    def initial_sparsity_weight(self) -> float:
+        if self.sparsity_init is not None:
+            return self.sparsity_init
+        # Reconstruction error is O(d_in) for activations of mean norm sqrt(d_in); this makes
+        # the L0 penalty at the target a tenth of the total variance.
+        return 0.1 * self.d_in / self.target_l0
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> HSAEConfig:
+        return cls(**json.loads(text))
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    messages = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "config"
+        text = str(item["msg"]).removeprefix("Value error, ")
+        messages.append(f"{field}: {text}")
+    return "invalid HSAE configuration: " + "; ".join(messages)

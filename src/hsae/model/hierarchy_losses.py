@@ -1,0 +1,117 @@
+"""The two mechanisms that tie adjacent levels together (``hsae-method.md`` sections 2 and 3).
+
+* :func:`parent_children_constraint`: sum over parents p with children of
+  ||f_p(x) - sum_{c in C(p)} f_c(x)||^2, batch-averaged, computed from activations, per-child
+  decoder dot products and the decoder dot products of co-active siblings only. No
+  [batch, features, d] tensor is formed.
+* :func:`sample_perturbation` and :func:`perturbed_reconstruction`: each parent with children is
+  substituted, with probability r shared across the batch, by the sum of its children's outputs
+  in its own level's reconstruction.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hsae.model.level import JumpReLULevel, LevelCodes
+
+
+def has_children(parent_index: Tensor, n_parents: int) -> Tensor:
+    flags = torch.zeros(n_parents, dtype=torch.bool, device=parent_index.device)
+    flags[parent_index[parent_index >= 0]] = True
+    return flags
+
+
+def parent_children_constraint(
+    parent_acts: Tensor,
+    child_codes: LevelCodes,
+    parent_decoder: Tensor,
+    child_decoder: Tensor,
+    parent_index: Tensor,
+) -> Tensor:
+    """Batch mean of sum_p ||a_p d_p - sum_{c in C(p)} a_c d_c||^2 (unit-norm decoders).
+
+    Expanded as a_p^2 - 2 a_p sum_c a_c <d_p, d_c> + sum_{c, c'} a_c a_c' <d_c, d_c'>; the last
+    sum runs over pairs of siblings that are both in the support at the same token.
+    """
+    child_acts = child_codes.acts
+    n_tokens, n_parents = parent_acts.shape
+    children = (parent_index >= 0).nonzero(as_tuple=True)[0]
+    if children.numel() == 0:
+        return parent_acts.new_zeros(())
+    their_parents = parent_index[children]
+
+    parent_energy = parent_acts[:, has_children(parent_index, n_parents)].pow(2).sum()
+    child_parent_dots = (child_decoder[children] * parent_decoder[their_parents]).sum(-1)
+    child_acts_assigned = child_acts[:, children]
+    cross = (parent_acts[:, their_parents] * child_acts_assigned * child_parent_dots).sum()
+    child_energy = child_acts_assigned.pow(2).sum()
+    siblings = _co_active_sibling_products(child_codes, child_decoder, parent_index, n_parents)
+    return (parent_energy - 2.0 * cross + child_energy + 2.0 * siblings) / n_tokens
+
+
+def _co_active_sibling_products(
+    codes: LevelCodes, decoder: Tensor, parent_index: Tensor, n_parents: int
+) -> Tensor:
+    """sum over tokens and unordered pairs c < c' of supported siblings: a_c a_c' <d_c, d_c'>."""
+    rows, cols = codes.rows, codes.cols
+    assigned = parent_index[cols] >= 0
+    rows, cols = rows[assigned], cols[assigned]
+    group = rows * n_parents + parent_index[cols]
+    order = torch.argsort(group, stable=True)
+    rows, cols, group = rows[order], cols[order], group[order]
+    first, second = _pairs_within_groups(group)
+    if first.numel() == 0:
+        return codes.acts.new_zeros(())
+    a_first = codes.acts[rows[first], cols[first]]
+    a_second = codes.acts[rows[second], cols[second]]
+    low = torch.minimum(cols[first], cols[second])
+    high = torch.maximum(cols[first], cols[second])
+    pair_keys, which = torch.unique(low * decoder.shape[0] + high, return_inverse=True)
+    u, v = pair_keys // decoder.shape[0], pair_keys % decoder.shape[0]
+    dots = (decoder[u] * decoder[v]).sum(-1)
+    return (a_first * a_second * dots[which]).sum()
+
+
+def _pairs_within_groups(sorted_groups: Tensor) -> tuple[Tensor, Tensor]:
+    """All index pairs (i, j), i < j, of positions that share a group id (ids sorted)."""
+    if sorted_groups.numel() < 2:
+        empty = sorted_groups.new_zeros(0)
+        return empty, empty
+    _, counts = torch.unique_consecutive(sorted_groups, return_counts=True)
+    group_end = torch.repeat_interleave(torch.cumsum(counts, 0), counts)
+    positions = torch.arange(sorted_groups.numel(), device=sorted_groups.device)
+    n_later = group_end - positions - 1
+    first = torch.repeat_interleave(positions, n_later)
+    pair_starts = torch.repeat_interleave(torch.cumsum(n_later, 0) - n_later, n_later)
+    step = torch.arange(first.numel(), device=first.device) - pair_starts
+    return first, first + 1 + step
+
+
+def sample_perturbation(
+    parent_index: Tensor, n_parents: int, rate: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """s_p ~ Bernoulli(rate) for every parent with children; parents without children: False."""
+    draws = torch.rand(n_parents, generator=generator, device=parent_index.device) < rate
+    return draws & has_children(parent_index, n_parents)
+
+
+def perturbed_reconstruction(
+    level: JumpReLULevel,
+    codes: LevelCodes,
+    child_level: JumpReLULevel,
+    child_codes: LevelCodes,
+    parent_index: Tensor,
+    substituted: Tensor,
+    fused: bool,
+) -> Tensor:
+    """Level reconstruction with each substituted parent replaced by its children's outputs."""
+    keep = ~substituted[codes.cols]
+    own = level.decode_entries(codes.acts, codes.rows[keep], codes.cols[keep], fused)
+    child_parent = parent_index[child_codes.cols]
+    take = (child_parent >= 0) & substituted[child_parent.clamp(min=0)]
+    borrowed = child_level.decode_entries(
+        child_codes.acts, child_codes.rows[take], child_codes.cols[take], fused
+    )
+    return own + borrowed + level.b_dec
