@@ -74,6 +74,10 @@ class HSAEConfig(BaseModel):
     lr: float = 3e-4
     adam_beta1: float = 0.0
     adam_beta2: float = 0.995
+    threshold_lr_multiplier: float = 30.0
+    """The log-thresholds' learning rate is lr times this. Adam moves log(theta) by about lr
+    per step whatever the gradient's size, so at lr=3e-4 a threshold could change by only
+    0.03% a step; the multiplier lets thresholds follow the sparsity weight within short runs."""
     warmup_fraction: float = 0.1
     activation_scale: float | None = None
     """Constant c multiplying raw activations so their mean norm is sqrt(d_in); None: estimate."""
@@ -135,7 +139,14 @@ class HSAEConfig(BaseModel):
             raise ValueError(f"must be a finite number >= 0, got {value}")
         return value
 
-    @field_validator("bandwidth", "lr", "target_l0", "l0_decay_rate", "sparsity_adjust")
+    @field_validator(
+        "bandwidth",
+        "lr",
+        "target_l0",
+        "l0_decay_rate",
+        "sparsity_adjust",
+        "threshold_lr_multiplier",
+    )
     @classmethod
     def _strictly_positive(cls, value: float) -> float:
         if not value > 0.0 or math.isinf(value):

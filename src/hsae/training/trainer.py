@@ -1,0 +1,315 @@
+"""The alternating optimisation loop (``hsae-method.md`` section 4).
+
+Gradient steps run with the forest fixed; every ``update_interval`` steps the forest is rebuilt
+with the parameters fixed. Each step: draw a batch, scale it, draw the parent/children
+perturbation, take an Adam step on the loss, renormalise decoder rows, feed the sparsity
+controller and the dead-feature counters. The baseline (``mode="independent"``) runs the same
+loop without constraint, perturbation or rebuilds, and gets its forest post hoc at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hsae.config import HSAEConfig
+from hsae.model import HSAE, TrainingLoss
+from hsae.model.forest import CoactivationTracker, rebuild_forest
+from hsae.model.hierarchy_losses import sample_perturbation
+from hsae.training.data import as_batches
+from hsae.training.schedule import warmup_cosine
+from hsae.training.sparsity import AdaptiveSparsity
+
+SCALE_ESTIMATION_TOKENS = 16_384
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN or inf; the message names the step."""
+
+
+@dataclass
+class StepLog:
+    """What one logged step reports (plain floats, JSON-ready)."""
+
+    step: int
+    tokens: int
+    loss: float
+    lr: float
+    mse: list[float]
+    l0: list[float]
+    variance_explained: list[float]
+    sparsity_weight: list[float]
+    constraint: float
+    aux: float
+    dead_fraction: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def estimate_activation_scale(sample: Tensor) -> float:
+    """Constant c with mean ||c x|| = sqrt(d) over ``sample`` [N, d]."""
+    mean_norm = float(sample.float().norm(dim=1).mean())
+    if not math.isfinite(mean_norm) or mean_norm <= 0:
+        raise ValueError(
+            "cannot estimate the activation scale: activations are all zero or not finite"
+        )
+    return math.sqrt(sample.shape[1]) / mean_norm
+
+
+class Trainer:
+    """Owns a model, its optimiser, schedule, controllers and data position for one run."""
+
+    def __init__(
+        self,
+        config: HSAEConfig,
+        batches: Iterator[Tensor],
+        model: HSAE | None = None,
+    ):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.batches = batches
+        self.model = (model or HSAE(config)).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            _parameter_groups(self.model, config),
+            lr=config.lr,
+            betas=(config.adam_beta1, config.adam_beta2),
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: warmup_cosine(step, config.total_steps, config.warmup_fraction),
+        )
+        self.sparsity = AdaptiveSparsity(
+            config.n_levels,
+            config.target_l0,
+            config.initial_sparsity_weight(),
+            config.l0_ema_momentum,
+            config.l0_decay_rate,
+            config.sparsity_adjust,
+            config.adaptive_sparsity,
+            self.device,
+        )
+        self.tokens_since_fired = [
+            torch.zeros(size, dtype=torch.long, device=self.device) for size in config.level_sizes
+        ]
+        self.coactivation = (
+            CoactivationTracker(config.level_sizes, config.coactivation_momentum, self.device)
+            if config.similarity == "coactivation"
+            else None
+        )
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+        self.step = 0
+        self.forest_updates = 0
+        self.initialised = False
+        self._replay: list[Tensor] = []
+
+    # --- set-up -------------------------------------------------------------------------
+    def initialise(self) -> None:
+        """Scale estimate, b_dec at the data mean and thresholds from the first batches."""
+        sample = self._initialisation_sample()
+        scale = self.config.activation_scale or estimate_activation_scale(sample)
+        self.model.activation_scale.fill_(scale)
+        scaled = sample.to(self.device, torch.float32) * scale
+        for level in self.model.levels:
+            level.initialise_from_data(scaled, self.config.target_l0)
+        self.initialised = True
+
+    def _initialisation_sample(self) -> Tensor:
+        # These batches are replayed afterwards, so the scale estimate costs no data.
+        needed = max(self.config.batch_size, min(SCALE_ESTIMATION_TOKENS, self.config.train_tokens))
+        batches, rows = [], 0
+        while rows < needed:
+            batch = next(self.batches)
+            batches.append(batch)
+            rows += batch.shape[0]
+        self._replay = batches
+        return torch.cat(batches)
+
+    def _next_batch(self) -> Tensor:
+        batch = self._replay.pop(0) if self._replay else next(self.batches)
+        return batch.to(self.device, torch.float32, non_blocking=True) * self.model.activation_scale
+
+    # --- one step ---------------------------------------------------------------------------
+    def train_step(self) -> TrainingLoss:
+        x = self._next_batch()
+        substituted = self._draw_perturbation()
+        dead = self._dead_masks()
+        out = self.model.training_loss(
+            x,
+            self.sparsity.weights,
+            substituted,
+            dead,
+            keep_active=self._tracks_coactivation_now(),
+        )
+        if not torch.isfinite(out.total):
+            raise NonFiniteLossError(
+                f"loss became {float(out.total)} at step {self.step}; the last good checkpoint "
+                "is kept. Lower lr or check the activations for inf/NaN."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.model.normalise_decoders()
+        self.sparsity.update(out.l0)
+        self._count_firing(out.fired, x.shape[0])
+        if self.coactivation is not None and out.active:
+            self.coactivation.update(out.active)
+        self.step += 1
+        if self._forest_due():
+            self.update_forest()
+        return out
+
+    def _draw_perturbation(self) -> list[Tensor] | None:
+        cfg = self.config
+        if not cfg.uses_hierarchy_losses or cfg.perturbation_rate == 0 or self.forest_updates == 0:
+            return None
+        draws = [
+            sample_perturbation(
+                self.model.parents(level).cpu(), size, cfg.perturbation_rate, self.generator
+            ).to(self.device)
+            for level, size in enumerate(cfg.level_sizes[:-1])
+        ]
+        return draws + [torch.zeros(cfg.level_sizes[-1], dtype=torch.bool, device=self.device)]
+
+    def _dead_masks(self) -> list[Tensor]:
+        window = self.config.dead_window_tokens
+        return [counter >= window for counter in self.tokens_since_fired]
+
+    def _count_firing(self, fired: list[Tensor], n_tokens: int) -> None:
+        for counter, level_fired in zip(self.tokens_since_fired, fired, strict=True):
+            counter.add_(n_tokens).masked_fill_(level_fired, 0)
+
+    def _tracks_coactivation_now(self) -> bool:
+        return self.coactivation is not None and self.step % self.config.coactivation_every == 0
+
+    # --- forest ---------------------------------------------------------------------------
+    def _forest_due(self) -> bool:
+        cfg = self.config
+        if not cfg.uses_hierarchy_losses:
+            return False
+        if cfg.tree == "fixed" and self.forest_updates > 0:
+            return False
+        return self.step % cfg.forest_update_interval == 0 and self.step < cfg.total_steps
+
+    def update_forest(self) -> None:
+        cfg = self.config
+        links = rebuild_forest(
+            list(self.model.levels),
+            cfg.similarity,
+            cfg.effective_quantile,
+            2 if cfg.tree == "binary" else None,
+            self.coactivation,
+        )
+        for level, level_links in enumerate(links):
+            self.model.set_parents(level, level_links)
+        self.forest_updates += 1
+
+    # --- the loop -------------------------------------------------------------------------
+    def fit(
+        self,
+        progress: bool = True,
+        log_every: int = 50,
+        on_log: Callable[[StepLog], None] | None = None,
+        on_step: Callable[[Trainer], None] | None = None,
+    ) -> HSAE:
+        if not self.initialised:
+            self.initialise()
+        cfg = self.config
+        label = "HSAE" if cfg.mode == "hsae" else "baseline"
+        bar = tqdm(
+            total=cfg.total_steps, initial=self.step, disable=not progress, desc=f"train {label}"
+        )
+        self.model.train()
+        while self.step < cfg.total_steps:
+            out = self.train_step()
+            bar.update(1)
+            if self.step % log_every == 0 or self.step == cfg.total_steps:
+                log = self.step_log(out)
+                bar.set_postfix_str(_postfix(log))
+                if on_log is not None:
+                    on_log(log)
+            if on_step is not None:
+                on_step(self)
+        bar.close()
+        if cfg.mode == "independent" or cfg.n_levels == 1:
+            self.build_post_hoc_forest()
+        self.model.eval()
+        return self.model
+
+    def build_post_hoc_forest(self) -> None:
+        """The baseline's forest: the same similarity rule, applied once after training."""
+        if self.config.n_levels > 1:
+            self.update_forest()
+
+    def step_log(self, out: TrainingLoss) -> StepLog:
+        window = self.config.dead_window_tokens
+        return StepLog(
+            step=self.step,
+            tokens=self.step * self.config.batch_size,
+            loss=float(out.total.detach()),
+            lr=float(self.scheduler.get_last_lr()[0]),
+            mse=out.mse.tolist(),
+            l0=out.l0.tolist(),
+            variance_explained=out.variance_explained.tolist(),
+            sparsity_weight=self.sparsity.weights.tolist(),
+            constraint=float(out.constraint),
+            aux=float(out.aux),
+            dead_fraction=[float((c >= window).float().mean()) for c in self.tokens_since_fired],
+        )
+
+
+def _parameter_groups(model: HSAE, config: HSAEConfig) -> list[dict[str, Any]]:
+    thresholds = [level.log_threshold for level in model.levels]
+    threshold_ids = {id(p) for p in thresholds}
+    others = [p for p in model.parameters() if id(p) not in threshold_ids]
+    return [
+        {"params": others, "lr": config.lr},
+        {"params": thresholds, "lr": config.lr * config.threshold_lr_multiplier},
+    ]
+
+
+def _postfix(log: StepLog) -> str:
+    l0 = "/".join(f"{v:.0f}" for v in log.l0)
+    fve = "/".join(f"{v:.2f}" for v in log.variance_explained)
+    return f"loss={log.loss:.3g} L0={l0} FVE={fve}"
+
+
+def train(
+    config: HSAEConfig,
+    activations: Tensor | Iterable[Tensor],
+    progress: bool = True,
+    on_log: Callable[[StepLog], None] | None = None,
+) -> HSAE:
+    """Train an HSAE (or, with ``mode="independent"``, the baseline) and return it.
+
+    ``activations`` is a float tensor [N, d_in] of raw activations, drawn in shuffled order
+    epoch after epoch until ``config.train_tokens`` tokens have been seen, or any iterable of
+    [n, d_in] tensors.
+    """
+    _check_width(config, activations)
+    batches = as_batches(activations, config.batch_size, config.seed)
+    trainer = Trainer(config, batches)
+    return trainer.fit(progress=progress, on_log=on_log)
+
+
+def _check_width(config: HSAEConfig, activations: Tensor | Iterable[Tensor]) -> None:
+    if isinstance(activations, Tensor) and (
+        activations.ndim != 2 or activations.shape[1] != config.d_in
+    ):
+        raise ValueError(
+            f"activations have shape {tuple(activations.shape)}; expected [N, {config.d_in}] "
+            "(d_in of the config)"
+        )
