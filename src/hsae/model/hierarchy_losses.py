@@ -33,7 +33,9 @@ def parent_children_constraint(
     """Batch mean of sum_p ||a_p d_p - sum_{c in C(p)} a_c d_c||^2 (unit-norm decoders).
 
     Expanded as a_p^2 - 2 a_p sum_c a_c <d_p, d_c> + sum_{c, c'} a_c a_c' <d_c, d_c'>; the last
-    sum runs over pairs of siblings that are both in the support at the same token.
+    sum runs over pairs of siblings that are both in the support at the same token. The squared
+    norms are kept as <d, d> rather than 1 so the gradient equals that of the unexpanded form
+    (it differs along d itself, which Adam would otherwise see differently).
     """
     child_acts = child_codes.acts
     n_tokens, n_parents = parent_acts.shape
@@ -42,11 +44,13 @@ def parent_children_constraint(
         return parent_acts.new_zeros(())
     their_parents = parent_index[children]
 
-    parent_energy = parent_acts[:, has_children(parent_index, n_parents)].pow(2).sum()
+    with_children = has_children(parent_index, n_parents)
+    parent_norms = parent_decoder[with_children].pow(2).sum(-1)
+    parent_energy = (parent_acts[:, with_children].pow(2) * parent_norms).sum()
     child_parent_dots = (child_decoder[children] * parent_decoder[their_parents]).sum(-1)
     child_acts_assigned = child_acts[:, children]
     cross = (parent_acts[:, their_parents] * child_acts_assigned * child_parent_dots).sum()
-    child_energy = child_acts_assigned.pow(2).sum()
+    child_energy = (child_acts_assigned.pow(2) * child_decoder[children].pow(2).sum(-1)).sum()
     siblings = _co_active_sibling_products(child_codes, child_decoder, parent_index, n_parents)
     return (parent_energy - 2.0 * cross + child_energy + 2.0 * siblings) / n_tokens
 

@@ -1,0 +1,224 @@
+"""The model's maths against naive per-feature references on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hsae.config import HSAEConfig
+from hsae.model import HSAE, kernels, load_hsae
+from hsae.model.forest import rebuild_forest
+from hsae.model.hierarchy_losses import (
+    parent_children_constraint,
+    perturbed_reconstruction,
+    sample_perturbation,
+)
+
+D = 12
+SIZES = [6, 12, 24]
+
+
+def tiny_model(
+    bandwidth: float = 0.4, sparse: bool = True, seed: int = 0
+) -> tuple[HSAE, torch.Tensor]:
+    config = HSAEConfig(
+        d_in=D,
+        level_sizes=SIZES,
+        target_l0=3,
+        train_tokens=4096,
+        batch_size=32,
+        bandwidth=bandwidth,
+        sparse_kernels=sparse,
+        seed=seed,
+    )
+    model = HSAE(config)
+    x = torch.randn(32, D, generator=torch.Generator().manual_seed(seed + 7)) * 2
+    for level in model.levels:
+        level.initialise_from_data(x, 3)
+    # Random forest with several children per parent, so sibling pairs exist.
+    gen = torch.Generator().manual_seed(seed + 3)
+    for index in range(len(SIZES) - 1):
+        links = torch.randint(0, SIZES[index], (SIZES[index + 1],), generator=gen)
+        links[torch.rand(SIZES[index + 1], generator=gen) < 0.2] = -1
+        model.set_parents(index, links)
+    return model, x
+
+
+def naive_constraint(parent_acts, child_acts, parent_dec, child_dec, parent_index):
+    total = parent_acts.new_zeros(())
+    for p in range(parent_acts.shape[1]):
+        children = (parent_index == p).nonzero(as_tuple=True)[0]
+        if children.numel() == 0:
+            continue
+        parent_out = parent_acts[:, p : p + 1] * parent_dec[p]
+        children_out = child_acts[:, children] @ child_dec[children]
+        total = total + (parent_out - children_out).pow(2).sum()
+    return total / parent_acts.shape[0]
+
+
+def _grads(model: HSAE) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_constraint_matches_naive_value_and_gradients(level: int) -> None:
+    model, x = tiny_model()
+    bandwidth = model.config.bandwidth
+    parent = model.levels[level].encode_for_training(x, bandwidth, fused=False)
+    child = model.levels[level + 1].encode_for_training(x, bandwidth, fused=False)
+    links = model.parents(level)
+    fast = parent_children_constraint(
+        parent.acts, child, model.levels[level].W_dec, model.levels[level + 1].W_dec, links
+    )
+    fast.backward()
+    fast_grads = _grads(model)
+    model.zero_grad()
+
+    parent = model.levels[level].encode_for_training(x, bandwidth, fused=False)
+    child = model.levels[level + 1].encode_for_training(x, bandwidth, fused=False)
+    slow = naive_constraint(
+        parent.acts, child.acts, model.levels[level].W_dec, model.levels[level + 1].W_dec, links
+    )
+    slow.backward()
+    slow_grads = _grads(model)
+
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-5)
+    assert fast_grads.keys() == slow_grads.keys()
+    for name in slow_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-5)
+    # The band below threshold must reach the thresholds (the estimator's whole point).
+    assert slow_grads[f"levels.{level + 1}.log_threshold"].abs().sum() > 0
+
+
+def test_constraint_is_zero_when_children_sum_to_parent() -> None:
+    parent_dec = torch.nn.functional.normalize(torch.randn(1, 4), dim=1)
+    child_dec = torch.cat([parent_dec, parent_dec])  # two children along the parent direction
+    parent_acts = torch.tensor([[3.0], [0.0]])
+    child_acts = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    rows, cols = child_acts.nonzero(as_tuple=True)
+    from hsae.model.level import LevelCodes
+
+    codes = LevelCodes(acts=child_acts, pre=child_acts, rows=rows, cols=cols)
+    value = parent_children_constraint(
+        parent_acts, codes, parent_dec, child_dec, torch.tensor([0, 0])
+    )
+    assert value.item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("force_sparse_backward", [False, True])
+def test_fused_kernels_match_dense_reference(monkeypatch, force_sparse_backward: bool) -> None:
+    if force_sparse_backward:
+        monkeypatch.setattr(kernels, "SPARSE_BACKWARD_MAX_DENSITY", 1.0)
+    results = []
+    for sparse in (True, False):
+        model, x = tiny_model(sparse=sparse)
+        substituted = [
+            sample_perturbation(model.parents(i), SIZES[i], 0.5, torch.Generator().manual_seed(i))
+            for i in range(len(SIZES) - 1)
+        ] + [torch.zeros(SIZES[-1], dtype=torch.bool)]
+        dead = [torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.3 for n in SIZES]
+        out = model.training_loss(x, torch.tensor([0.5, 0.7, 0.9]), substituted, dead)
+        out.total.backward()
+        results.append((out, _grads(model)))
+    (fast, fast_grads), (slow, slow_grads) = results
+    assert fast.total.item() == pytest.approx(slow.total.item(), rel=1e-5)
+    torch.testing.assert_close(fast.mse, slow.mse)
+    torch.testing.assert_close(fast.l0, slow.l0)
+    assert fast_grads.keys() == slow_grads.keys()
+    for name in slow_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-5)
+
+
+def test_jumprelu_threshold_gradient_matches_rectangle_kernel() -> None:
+    pre = torch.tensor([[0.95, 1.04, 2.0, 0.5]])
+    threshold = torch.tensor([1.0, 1.0, 1.0, 1.0], requires_grad=True)
+    out = kernels.JumpReLU.apply(pre, threshold, 0.2)
+    torch.testing.assert_close(out, torch.tensor([[0.0, 1.04, 2.0, 0.0]]))
+    out.sum().backward()
+    # -(theta / eps) K((pre - theta) / eps): non-zero only inside |pre - theta| < eps / 2.
+    torch.testing.assert_close(threshold.grad, torch.tensor([-5.0, -5.0, 0.0, 0.0]))
+
+
+def test_l0_estimator_counts_and_pushes_thresholds_up() -> None:
+    pre = torch.tensor([[0.95, 1.04, 2.0], [0.0, 1.2, 0.99]])
+    threshold = torch.ones(3, requires_grad=True)
+    l0 = kernels.L0WithSTE.apply(pre, threshold, 0.2)
+    assert l0.item() == pytest.approx(1.5)  # 3 active entries over 2 tokens
+    l0.backward()
+    torch.testing.assert_close(threshold.grad, torch.tensor([-2.5, -2.5, -2.5]))
+
+
+def test_perturbation_rate_and_only_parents_with_children() -> None:
+    links = torch.tensor([0, 0, 1, 1, -1, 2])  # parents 0, 1, 2 have children; 3 does not
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_perturbation(links, 4, 0.2, generator) for _ in range(4000)])
+    rates = draws.float().mean(0)
+    assert rates[3] == 0
+    torch.testing.assert_close(rates[:3], torch.full((3,), 0.2), atol=0.025, rtol=0)
+    assert sample_perturbation(links, 4, 0.0, generator).sum() == 0
+
+
+def test_perturbed_reconstruction_substitutes_children_for_parents() -> None:
+    model, x = tiny_model()
+    parent_level, child_level = model.levels[0], model.levels[1]
+    with torch.no_grad():
+        parent = parent_level.encode_for_training(x, 0.4, fused=True)
+        child = child_level.encode_for_training(x, 0.4, fused=True)
+        links = model.parents(0)
+        substituted = torch.tensor([True, False, True, False, False, False])
+        recon = perturbed_reconstruction(
+            parent_level, parent, child_level, child, links, substituted, fused=True
+        )
+        expected = parent_level.b_dec.clone().expand_as(x).clone()
+        for p in range(SIZES[0]):
+            if substituted[p]:
+                kids = (links == p).nonzero(as_tuple=True)[0]
+                expected += child.acts[:, kids] @ child_level.W_dec[kids]
+            else:
+                expected += parent.acts[:, p : p + 1] * parent_level.W_dec[p]
+    torch.testing.assert_close(recon, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_encode_decode_use_caller_units() -> None:
+    model, x = tiny_model()
+    model.activation_scale.fill_(0.25)
+    raw = x * 4  # caller's units
+    codes = model.encode(raw)
+    direct = model.levels[1].encode(x, model.config.bandwidth)
+    torch.testing.assert_close(codes[1], direct)
+    torch.testing.assert_close(model.decode(codes[1], 1), model.levels[1].decode(direct) * 4)
+    assert [c.shape for c in codes] == [(32, n) for n in SIZES]
+
+
+def test_save_load_round_trip_is_exact(tmp_path) -> None:
+    model, x = tiny_model()
+    model.activation_scale.fill_(0.37)
+    model.save(tmp_path / "m")
+    loaded = load_hsae(tmp_path / "m")
+    assert loaded.config == model.config
+    assert loaded.scale == pytest.approx(0.37)
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for level in range(len(SIZES) - 1):
+        assert torch.equal(loaded.parents(level), model.parents(level))
+    for a, b in zip(model.encode(x), loaded.encode(x), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_load_refuses_missing_or_corrupt_files(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="no saved HSAE"):
+        load_hsae(tmp_path)
+    model, _ = tiny_model()
+    model.save(tmp_path / "m")
+    (tmp_path / "m" / "hsae.safetensors").write_bytes(b"garbage")
+    with pytest.raises(Exception):  # noqa: B017 - safetensors raises its own error type
+        load_hsae(tmp_path / "m")
+
+
+def test_rebuild_picks_most_similar_encoder_parent() -> None:
+    model, _ = tiny_model()
+    links = rebuild_forest(list(model.levels), "encoder", 0.0, None)
+    parent_units = torch.nn.functional.normalize(model.levels[0].W_enc.t(), dim=1)
+    child_units = torch.nn.functional.normalize(model.levels[1].W_enc.t(), dim=1)
+    brute = (child_units @ parent_units.t()).argmax(1)
+    assert torch.equal(links[0], brute)
