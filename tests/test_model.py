@@ -98,7 +98,9 @@ def test_constraint_is_zero_when_children_sum_to_parent() -> None:
     rows, cols = child_acts.nonzero(as_tuple=True)
     from hsae.model.level import LevelCodes
 
-    codes = LevelCodes(acts=child_acts, pre=child_acts, rows=rows, cols=cols)
+    codes = LevelCodes(
+        acts=child_acts, pre=child_acts, rows=rows, cols=cols, values=child_acts[rows, cols]
+    )
     value = parent_children_constraint(
         parent_acts, codes, parent_dec, child_dec, torch.tensor([0, 0])
     )

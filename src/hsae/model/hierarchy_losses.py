@@ -45,12 +45,16 @@ def parent_children_constraint(
     their_parents = parent_index[children]
 
     with_children = has_children(parent_index, n_parents)
-    parent_norms = parent_decoder[with_children].pow(2).sum(-1)
-    parent_energy = (parent_acts[:, with_children].pow(2) * parent_norms).sum()
-    child_parent_dots = (child_decoder[children] * parent_decoder[their_parents]).sum(-1)
-    child_acts_assigned = child_acts[:, children]
-    cross = (parent_acts[:, their_parents] * child_acts_assigned * child_parent_dots).sum()
-    child_energy = (child_acts_assigned.pow(2) * child_decoder[children].pow(2).sum(-1)).sum()
+    parent_weights = parent_decoder.pow(2).sum(-1) * with_children
+    parent_energy = (parent_acts.pow(2) * parent_weights).sum()
+    child_parent_dots = (
+        child_decoder.index_select(0, children) * parent_decoder.index_select(0, their_parents)
+    ).sum(-1)
+    child_acts_assigned = child_acts.index_select(1, children)
+    parents_of_children = parent_acts.index_select(1, their_parents)
+    cross = (parents_of_children * child_acts_assigned * child_parent_dots).sum()
+    child_norms = child_decoder.pow(2).sum(-1).index_select(0, children)
+    child_energy = (child_acts_assigned.pow(2) * child_norms).sum()
     siblings = _co_active_sibling_products(child_codes, child_decoder, parent_index, n_parents)
     return (parent_energy - 2.0 * cross + child_energy + 2.0 * siblings) / n_tokens
 
@@ -59,22 +63,22 @@ def _co_active_sibling_products(
     codes: LevelCodes, decoder: Tensor, parent_index: Tensor, n_parents: int
 ) -> Tensor:
     """sum over tokens and unordered pairs c < c' of supported siblings: a_c a_c' <d_c, d_c'>."""
-    rows, cols = codes.rows, codes.cols
-    assigned = parent_index[cols] >= 0
-    rows, cols = rows[assigned], cols[assigned]
-    group = rows * n_parents + parent_index[cols]
+    entries = (parent_index[codes.cols] >= 0).nonzero(as_tuple=True)[0]
+    group = codes.rows[entries] * n_parents + parent_index[codes.cols[entries]]
     order = torch.argsort(group, stable=True)
-    rows, cols, group = rows[order], cols[order], group[order]
+    entries, group = entries[order], group[order]
     first, second = _pairs_within_groups(group)
     if first.numel() == 0:
         return codes.acts.new_zeros(())
-    a_first = codes.acts[rows[first], cols[first]]
-    a_second = codes.acts[rows[second], cols[second]]
+    first, second = entries[first], entries[second]
+    cols = codes.cols
+    a_first = codes.values.index_select(0, first)
+    a_second = codes.values.index_select(0, second)
     low = torch.minimum(cols[first], cols[second])
     high = torch.maximum(cols[first], cols[second])
     pair_keys, which = torch.unique(low * decoder.shape[0] + high, return_inverse=True)
     u, v = pair_keys // decoder.shape[0], pair_keys % decoder.shape[0]
-    dots = (decoder[u] * decoder[v]).sum(-1)
+    dots = (decoder.index_select(0, u) * decoder.index_select(0, v)).sum(-1)
     return (a_first * a_second * dots[which]).sum()
 
 
@@ -111,11 +115,9 @@ def perturbed_reconstruction(
     fused: bool,
 ) -> Tensor:
     """Level reconstruction with each substituted parent replaced by its children's outputs."""
-    keep = ~substituted[codes.cols]
-    own = level.decode_entries(codes.acts, codes.rows[keep], codes.cols[keep], fused)
+    keep = (~substituted[codes.cols]).nonzero(as_tuple=True)[0]
+    own = level.decode_entries(codes, keep, fused)
     child_parent = parent_index[child_codes.cols]
     take = (child_parent >= 0) & substituted[child_parent.clamp(min=0)]
-    borrowed = child_level.decode_entries(
-        child_codes.acts, child_codes.rows[take], child_codes.cols[take], fused
-    )
+    borrowed = child_level.decode_entries(child_codes, take.nonzero(as_tuple=True)[0], fused)
     return own + borrowed + level.b_dec

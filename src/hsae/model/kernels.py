@@ -133,11 +133,36 @@ def support_of(pre: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tensor
     return (pre > threshold - bandwidth / 2).nonzero(as_tuple=True)
 
 
+class _GatherDistinct(Function):
+    """values = dense.flatten()[flat_index] for distinct indices.
+
+    Autograd's generic gather scatters its gradient back with an accumulating index_put, which
+    is serial and slow on CPU; distinct indices allow a plain (parallel) index copy instead.
+    """
+
+    @staticmethod
+    def forward(ctx, dense: Tensor, flat_index: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(flat_index)
+        ctx.shape = dense.shape
+        return dense.reshape(-1).index_select(0, flat_index)
+
+    @staticmethod
+    def backward(ctx, grad_values: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (flat_index,) = ctx.saved_tensors
+        grad = grad_values.new_zeros(ctx.shape.numel())
+        grad.index_copy_(0, flat_index, grad_values)
+        return grad.view(ctx.shape), None
+
+
+def gather_entries(dense: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """dense[rows, cols] for distinct (row, col) pairs, with a fast backward."""
+    return _GatherDistinct.apply(dense, rows * dense.shape[1] + cols)
+
+
 def decode_support(
-    acts: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, n_tokens: int
+    values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, n_tokens: int
 ) -> Tensor:
-    """sum_j acts[i, j] W_dec[j] over the given entries, for every token i (rows sorted)."""
-    values = acts[rows, cols]
+    """sum over entries k of values[k] W_dec[cols[k]] into token rows[k] (rows sorted)."""
     counts = torch.bincount(rows, minlength=n_tokens)
     offsets = torch.cumsum(counts, 0) - counts
     return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=values)

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from hsae.model.kernels import JumpReLU, L0WithSTE, decode_support, jumprelu_encode, support_of
+from hsae.model.kernels import (
+    JumpReLU,
+    L0WithSTE,
+    decode_support,
+    gather_entries,
+    jumprelu_encode,
+    support_of,
+)
 
 
 @dataclass
@@ -28,6 +35,8 @@ class LevelCodes:
     """Token index of each support entry (active or inside the threshold band)."""
     cols: Tensor
     """Latent index of each support entry."""
+    values: Tensor
+    """acts[rows, cols], differentiable."""
 
 
 class JumpReLULevel(nn.Module):
@@ -70,19 +79,23 @@ class JumpReLULevel(nn.Module):
             acts = JumpReLU.apply(pre_with_grad, threshold, bandwidth)
             pre = pre_with_grad.detach()
         rows, cols = support_of(pre, threshold.detach(), bandwidth)
-        return LevelCodes(acts=acts, pre=pre, rows=rows, cols=cols)
+        values = gather_entries(acts, rows, cols)
+        return LevelCodes(acts=acts, pre=pre, rows=rows, cols=cols, values=values)
 
     def l0(self, codes: LevelCodes, bandwidth: float) -> Tensor:
         """Batch-mean L0 whose straight-through gradient trains the thresholds."""
         return L0WithSTE.apply(codes.pre, self.threshold, bandwidth)
 
-    def decode_entries(self, acts: Tensor, rows: Tensor, cols: Tensor, fused: bool) -> Tensor:
-        """Decoder output (without b_dec) of the chosen (token, latent) entries of ``acts``."""
+    def decode_entries(self, codes: LevelCodes, entries: Tensor | None, fused: bool) -> Tensor:
+        """Decoder output (without b_dec) of the support entries ``entries`` (None: all)."""
+        rows, cols, values = codes.rows, codes.cols, codes.values
+        if entries is not None:
+            rows, cols, values = rows[entries], cols[entries], values.index_select(0, entries)
         if fused:
-            return decode_support(acts, rows, cols, self.W_dec, acts.shape[0])
-        keep = torch.zeros_like(acts, dtype=torch.bool)
-        keep[rows, cols] = True
-        return (acts * keep) @ self.W_dec
+            return decode_support(values, rows, cols, self.W_dec, codes.acts.shape[0])
+        keep = torch.zeros_like(codes.acts)
+        keep[rows, cols] = 1.0
+        return (codes.acts * keep) @ self.W_dec
 
     # --- initialisation and constraints ------------------------------------------------------
     @torch.no_grad()
