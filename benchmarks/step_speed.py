@@ -164,7 +164,7 @@ def main() -> None:
     if saelens is not None:
         contenders["saelens"] = saelens
 
-    for name, step in contenders.items():  # warm-up: thresholds settle, allocator warms
+    for step in contenders.values():  # warm-up: thresholds settle, allocator warms
         time_steps(step, args.warmup, args.device)
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.rounds):  # interleaved rounds, so drift hits everyone alike
@@ -178,9 +178,8 @@ def main() -> None:
     for name in contenders:
         print(f"{name:>14}: {median[name] * 1e3:8.1f} ms/step  {tokens_per_s[name]:9.0f} tokens/s")
     print(f"HSAE cost / independent stack: {median['hsae'] / median['independent']:.3f}x")
-    print(
-        f"HSAE tokens/s over dense PyTorch: {tokens_per_s['hsae'] / tokens_per_s['dense-pytorch']:.2f}x"
-    )
+    over_dense = tokens_per_s["hsae"] / tokens_per_s["dense-pytorch"]
+    print(f"HSAE tokens/s over dense PyTorch: {over_dense:.2f}x")
     if "saelens" in tokens_per_s:
         print(f"HSAE tokens/s over SAELens: {tokens_per_s['hsae'] / tokens_per_s['saelens']:.2f}x")
     else:
