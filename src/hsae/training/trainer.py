@@ -114,6 +114,7 @@ class Trainer:
         self.forest_updates = 0
         self.initialised = False
         self._replay: list[Tensor] = []
+        self.tokens_drawn = 0
 
     # --- set-up -------------------------------------------------------------------------
     def initialise(self) -> None:
@@ -131,15 +132,26 @@ class Trainer:
         needed = max(self.config.batch_size, min(SCALE_ESTIMATION_TOKENS, self.config.train_tokens))
         batches, rows = [], 0
         while rows < needed:
-            batch = next(self.batches)
+            batch = self._draw()
             batches.append(batch)
             rows += batch.shape[0]
         self._replay = batches
         return torch.cat(batches)
 
     def _next_batch(self) -> Tensor:
-        batch = self._replay.pop(0) if self._replay else next(self.batches)
+        batch = self._replay.pop(0) if self._replay else self._draw()
         return batch.to(self.device, torch.float32, non_blocking=True) * self.model.activation_scale
+
+    def _draw(self) -> Tensor:
+        try:
+            batch = next(self.batches)
+        except StopIteration:
+            raise ValueError(
+                f"the activation stream ran out after {self.tokens_drawn} tokens; "
+                f"train_tokens asks for {self.config.train_tokens}"
+            ) from None
+        self.tokens_drawn += batch.shape[0]
+        return batch
 
     # --- one step ---------------------------------------------------------------------------
     def train_step(self) -> TrainingLoss:

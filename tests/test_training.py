@@ -1,0 +1,193 @@
+"""Configuration checks, the sparsity controller, the schedule, the data seam and the loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import hsae
+from hsae.config import ConfigError, HSAEConfig
+from hsae.evaluation import evaluate, hierarchy_metrics
+from hsae.model.forest import children_count
+from hsae.training import NonFiniteLossError, Trainer
+from hsae.training.data import RebatchedStream, TensorBatches
+from hsae.training.schedule import warmup_cosine
+from hsae.training.sparsity import AdaptiveSparsity
+
+BASE = {
+    "d_in": 16,
+    "level_sizes": [8, 16, 32],
+    "target_l0": 4,
+    "train_tokens": 8192,
+    "batch_size": 64,
+}
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"level_sizes": [16, 16, 32]}, "level_sizes"),
+        ({"level_sizes": []}, "level_sizes"),
+        ({"perturbation_rate": 1.5}, "perturbation_rate"),
+        ({"perturbation_rate": -0.1}, "perturbation_rate"),
+        ({"rho": -0.01}, "rho"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"target_l0": 9}, "target_l0"),
+        ({"similarity": "euclid"}, "similarity"),
+        ({"tree": "oak"}, "tree"),
+        ({"unassigned_quantile": 2.0}, "unassigned_quantile"),
+        ({"lr": 0.0}, "lr"),
+        ({"bandwidth": float("nan")}, "bandwidth"),
+        ({"learning_rate": 1e-3}, "learning_rate"),
+    ],
+)
+def test_bad_configuration_is_refused_with_one_message(override: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        HSAEConfig(**(BASE | override))
+    message = str(error.value)
+    assert "\n" not in message
+    assert field in message
+
+
+def test_defaults_follow_the_method_page() -> None:
+    config = HSAEConfig(d_in=2304)
+    assert config.level_sizes == [2048, 4096, 8192, 16384]
+    assert (config.rho, config.perturbation_rate, config.unassigned_quantile) == (0.01, 0.05, 0.2)
+    assert (config.adam_beta1, config.adam_beta2, config.batch_size) == (0.0, 0.995, 1024)
+    assert (config.l0_ema_momentum, config.l0_decay_rate, config.target_l0) == (0.999, 0.001, 50)
+    assert config.similarity == "encoder" and config.tree == "partial"
+    assert HSAEConfig.from_json(config.to_json()) == config
+
+
+def test_warmup_then_cosine_to_zero() -> None:
+    assert warmup_cosine(0, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 0.1) == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 0.1) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_controller_raises_weight_when_too_dense_and_lowers_it_when_falling_fast() -> None:
+    controller = AdaptiveSparsity(2, 10.0, 1.0, momentum=0.5, decay_rate=0.01, adjust=0.1)
+    controller.update(torch.tensor([50.0, 50.0]))
+    controller.update(torch.tensor([50.0, 5.0]))  # level 0 stays dense, level 1 collapses
+    assert controller.weights[0] == pytest.approx(1.1)
+    assert controller.weights[1] == pytest.approx(0.9)
+    for _ in range(200):
+        controller.update(torch.tensor([50.0, 50.0]))
+    assert controller.weights[0] == pytest.approx(controller.max_weight)
+
+
+def test_tensor_batches_cover_each_row_once_per_epoch_and_resume() -> None:
+    data = torch.arange(40.0).unsqueeze(1)
+    batches = TensorBatches(data, 8, seed=3)
+    epoch = torch.cat([next(batches) for _ in range(5)]).flatten()
+    assert sorted(epoch.tolist()) == list(range(40))
+    state = batches.state_dict()
+    expected = [next(batches) for _ in range(7)]
+    resumed = TensorBatches(data, 8, seed=3)
+    resumed.load_state_dict(state)
+    for a, b in zip(expected, [next(resumed) for _ in range(7)], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_rebatched_stream_recuts_uneven_chunks() -> None:
+    chunks = [torch.ones(5, 2) * i for i in range(4)]
+    batches = list(RebatchedStream(iter(chunks), 8))
+    assert [b.shape[0] for b in batches] == [8, 8]
+    assert batches[1][0, 0] == 1 and batches[1][-1, 0] == 3
+
+
+def sparse_data(n: int = 20000, d: int = 16, atoms: int = 48, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    dictionary = torch.nn.functional.normalize(torch.randn(atoms, d, generator=generator), dim=1)
+    codes = (torch.rand(n, atoms, generator=generator) < 0.06).float()
+    codes *= 1 + torch.rand(n, atoms, generator=generator)
+    return codes @ dictionary * 5.0  # raw units: the model must find the scale itself
+
+
+@pytest.mark.parametrize("mode", ["hsae", "independent"])
+def test_training_reaches_target_sparsity_and_builds_forest(mode: str) -> None:
+    data = sparse_data()
+    config = HSAEConfig(
+        **(BASE | {"train_tokens": 64 * 600, "lr": 3e-3, "mode": mode}),
+        l0_ema_momentum=0.9,
+        l0_decay_rate=0.01,
+    )
+    model = hsae.train(config, data[:16000], progress=False)
+    assert model.scale == pytest.approx(
+        math.sqrt(16) / float(data[:16000].norm(dim=1).mean()), rel=0.05
+    )
+    result = evaluate(model, data[16000:])
+    for level in result.levels:
+        assert 1.5 <= level.l0 <= 8, level
+        assert level.variance_explained > 0.3, level
+    for level, links in enumerate(model.forest()):
+        assert int((links == -1).sum()) == round(0.2 * config.level_sizes[level + 1])
+    assert result.hierarchy.n_pairs > 0
+
+
+def test_fixed_tree_is_built_once_and_binary_tree_caps_children() -> None:
+    data = sparse_data()
+    fixed = HSAEConfig(
+        **(BASE | {"train_tokens": 64 * 100, "tree": "fixed", "update_interval": 20})
+    )
+    trainer = Trainer(fixed, TensorBatches(data, 64))
+    trainer.fit(progress=False)
+    assert trainer.forest_updates == 1
+    binary = HSAEConfig(
+        **(BASE | {"train_tokens": 64 * 100, "tree": "binary", "update_interval": 20})
+    )
+    trainer = Trainer(binary, TensorBatches(data, 64))
+    model = trainer.fit(progress=False)
+    assert trainer.forest_updates == 4
+    for level, links in enumerate(model.forest()):
+        assert children_count(links, binary.level_sizes[level]).max() <= 2
+
+
+def test_coactivation_similarity_trains() -> None:
+    config = HSAEConfig(**(BASE | {"train_tokens": 64 * 60, "similarity": "coactivation"}))
+    trainer = Trainer(config, TensorBatches(sparse_data(), 64))
+    trainer.fit(progress=False)
+    assert trainer.coactivation is not None and trainer.coactivation.updates >= 5
+    assert (trainer.model.parents(0) >= 0).any()
+
+
+def test_non_finite_loss_stops_with_the_step() -> None:
+    data = sparse_data(64 * 300)
+
+    def batches():
+        yield from data.split(64)
+        yield torch.full((64, 16), float("nan"))
+
+    config = HSAEConfig(**(BASE | {"train_tokens": 64 * 400}))
+    with pytest.raises(NonFiniteLossError, match="at step 300"):
+        hsae.train(config, batches(), progress=False)
+
+
+def test_finite_stream_that_runs_out_says_so() -> None:
+    config = HSAEConfig(**(BASE | {"train_tokens": 64 * 400}))
+    with pytest.raises(ValueError, match="ran out after 19200 tokens"):
+        hsae.train(config, iter(sparse_data(64 * 300).split(64)), progress=False)
+
+
+def test_wrong_width_is_refused() -> None:
+    with pytest.raises(ValueError, match="expected \\[N, 16\\]"):
+        hsae.train(HSAEConfig(**BASE), torch.randn(100, 8), progress=False)
+
+
+def test_hierarchy_metrics_on_known_firing() -> None:
+    # One parent (level 0, feature 0) with children 0 and 1; child 2 unassigned.
+    parent = torch.tensor([[1], [1], [0], [0], [1]], dtype=torch.bool)
+    child = torch.tensor([[1, 0, 1], [0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 0]], dtype=torch.bool)
+    metrics = hierarchy_metrics([[parent, child]], [torch.tensor([0, 0, -1])], [1, 3])
+    # any-child = [1, 0, 1, 0, 1] vs parent [1, 1, 0, 0, 1]: 2 disagreements in 5 tokens, union 4.
+    assert metrics.hamming_per_1k == pytest.approx(400.0)
+    assert metrics.hamming_normalised == pytest.approx(0.5)
+    # child 0: fires once, with parent -> 1; child 1: fires twice, once with parent -> 0.5
+    assert metrics.p_parent_given_child == pytest.approx(0.75)
+    # parent fires 3 times: child 0 once (1/3), child 1 once (1/3)
+    assert metrics.p_child_given_parent == pytest.approx(1 / 3)
+    assert metrics.n_parents == 1 and metrics.n_pairs == 2
