@@ -68,7 +68,7 @@ def test_constraint_matches_naive_value_and_gradients(level: int) -> None:
     child = model.levels[level + 1].encode_for_training(x, bandwidth, fused=False)
     links = model.parents(level)
     fast = parent_children_constraint(
-        parent.acts, child, model.levels[level].W_dec, model.levels[level + 1].W_dec, links
+        parent, child, model.levels[level].W_dec, model.levels[level + 1].W_dec, links
     )
     fast.backward()
     fast_grads = _grads(model)
@@ -101,9 +101,15 @@ def test_constraint_is_zero_when_children_sum_to_parent() -> None:
     codes = LevelCodes(
         acts=child_acts, pre=child_acts, rows=rows, cols=cols, values=child_acts[rows, cols]
     )
-    value = parent_children_constraint(
-        parent_acts, codes, parent_dec, child_dec, torch.tensor([0, 0])
+    p_rows, p_cols = parent_acts.nonzero(as_tuple=True)
+    parent = LevelCodes(
+        acts=parent_acts,
+        pre=parent_acts,
+        rows=p_rows,
+        cols=p_cols,
+        values=parent_acts[p_rows, p_cols],
     )
+    value = parent_children_constraint(parent, codes, parent_dec, child_dec, torch.tensor([0, 0]))
     assert value.item() == pytest.approx(0.0, abs=1e-6)
 
 

@@ -24,7 +24,7 @@ def has_children(parent_index: Tensor, n_parents: int) -> Tensor:
 
 
 def parent_children_constraint(
-    parent_acts: Tensor,
+    parent_codes: LevelCodes,
     child_codes: LevelCodes,
     parent_decoder: Tensor,
     child_decoder: Tensor,
@@ -32,29 +32,31 @@ def parent_children_constraint(
 ) -> Tensor:
     """Batch mean of sum_p ||a_p d_p - sum_{c in C(p)} a_c d_c||^2 (unit-norm decoders).
 
-    Expanded as a_p^2 - 2 a_p sum_c a_c <d_p, d_c> + sum_{c, c'} a_c a_c' <d_c, d_c'>; the last
-    sum runs over pairs of siblings that are both in the support at the same token. The squared
-    norms are kept as <d, d> rather than 1 so the gradient equals that of the unexpanded form
-    (it differs along d itself, which Adam would otherwise see differently).
+    Expanded as a_p^2 - 2 a_p sum_c a_c <d_p, d_c> + sum_{c, c'} a_c a_c' <d_c, d_c'>, every sum
+    running over support entries only (latents off the support have zero value and zero
+    gradient); the last sum over pairs of siblings both in the support at the same token. The
+    squared norms are kept as <d, d> rather than 1 so the gradient equals that of the
+    unexpanded form (it differs along d itself, which Adam would otherwise see differently).
     """
-    child_acts = child_codes.acts
-    n_tokens, n_parents = parent_acts.shape
-    children = (parent_index >= 0).nonzero(as_tuple=True)[0]
-    if children.numel() == 0:
-        return parent_acts.new_zeros(())
-    their_parents = parent_index[children]
-
+    n_tokens, n_parents = parent_codes.acts.shape
+    if not bool((parent_index >= 0).any()):
+        return parent_codes.acts.new_zeros(())
     with_children = has_children(parent_index, n_parents)
     parent_weights = parent_decoder.pow(2).sum(-1) * with_children
-    parent_energy = (parent_acts.pow(2) * parent_weights).sum()
+    parent_energy = (parent_codes.values.pow(2) * parent_weights[parent_codes.cols]).sum()
+
+    entries = (parent_index[child_codes.cols] >= 0).nonzero(as_tuple=True)[0]
+    cols = child_codes.cols[entries]
+    parents = parent_index[cols]
+    child_values = child_codes.values.index_select(0, entries)
+    flat_parent = child_codes.rows[entries] * n_parents + parents
+    parent_values = parent_codes.acts.reshape(-1).index_select(0, flat_parent)
     child_parent_dots = (
-        child_decoder.index_select(0, children) * parent_decoder.index_select(0, their_parents)
+        child_decoder.index_select(0, cols) * parent_decoder.index_select(0, parents)
     ).sum(-1)
-    child_acts_assigned = child_acts.index_select(1, children)
-    parents_of_children = parent_acts.index_select(1, their_parents)
-    cross = (parents_of_children * child_acts_assigned * child_parent_dots).sum()
-    child_norms = child_decoder.pow(2).sum(-1).index_select(0, children)
-    child_energy = (child_acts_assigned.pow(2) * child_norms).sum()
+    cross = (parent_values * child_values * child_parent_dots).sum()
+    child_norms = child_decoder.pow(2).sum(-1).index_select(0, cols)
+    child_energy = (child_values.pow(2) * child_norms).sum()
     siblings = _co_active_sibling_products(child_codes, child_decoder, parent_index, n_parents)
     return (parent_energy - 2.0 * cross + child_energy + 2.0 * siblings) / n_tokens
 

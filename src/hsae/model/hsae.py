@@ -173,7 +173,7 @@ class HSAE(nn.Module):
         total = codes[0].acts.new_zeros(())
         for index in range(self.n_levels - 1):
             total = total + parent_children_constraint(
-                codes[index].acts,
+                codes[index],
                 codes[index + 1],
                 self.levels[index].W_dec,
                 self.levels[index + 1].W_dec,
