@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from hsae.config import HSAEConfig
 from hsae.model import HSAE, TrainingLoss
 from hsae.model.forest import CoactivationTracker, rebuild_forest
 from hsae.model.hierarchy_losses import sample_perturbation
+from hsae.training.checkpoint import load_checkpoint, save_checkpoint
 from hsae.training.data import as_batches
 from hsae.training.schedule import warmup_cosine
 from hsae.training.sparsity import AdaptiveSparsity
@@ -129,7 +131,8 @@ class Trainer:
 
     def _initialisation_sample(self) -> Tensor:
         # These batches are replayed afterwards, so the scale estimate costs no data.
-        needed = max(self.config.batch_size, min(SCALE_ESTIMATION_TOKENS, self.config.train_tokens))
+        cfg = self.config
+        needed = max(cfg.batch_size, min(SCALE_ESTIMATION_TOKENS, cfg.train_tokens // 20))
         batches, rows = [], 0
         while rows < needed:
             batch = self._draw()
@@ -235,8 +238,10 @@ class Trainer:
         progress: bool = True,
         log_every: int = 50,
         on_log: Callable[[StepLog], None] | None = None,
-        on_step: Callable[[Trainer], None] | None = None,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 500,
     ) -> HSAE:
+        """Train until ``config.total_steps``; checkpoint every ``checkpoint_every`` steps."""
         if not self.initialised:
             self.initialise()
         cfg = self.config
@@ -253,13 +258,21 @@ class Trainer:
                 bar.set_postfix_str(_postfix(log))
                 if on_log is not None:
                     on_log(log)
-            if on_step is not None:
-                on_step(self)
+            if checkpoint_dir is not None and self._checkpoint_due(checkpoint_every):
+                save_checkpoint(self, checkpoint_dir)
         bar.close()
         if cfg.mode == "independent" or cfg.n_levels == 1:
             self.build_post_hoc_forest()
         self.model.eval()
         return self.model
+
+    def _checkpoint_due(self, every: int) -> bool:
+        # The batches drawn to initialise are replayed first; checkpoint once they are used.
+        return not self._replay and (self.step % every == 0 or self.step == self.config.total_steps)
+
+    def resume(self, checkpoint_dir: str | Path) -> None:
+        """Continue from a checkpoint written by :meth:`fit` (same config, same data)."""
+        load_checkpoint(self, checkpoint_dir)
 
     def build_post_hoc_forest(self) -> None:
         """The baseline's forest: the same similarity rule, applied once after training."""

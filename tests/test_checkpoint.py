@@ -1,0 +1,81 @@
+"""Checkpoints: a resumed run matches an uninterrupted one; bad checkpoints are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hsae.config import HSAEConfig
+from hsae.training import Trainer
+from hsae.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hsae.training.data import TensorBatches
+
+CONFIG = {
+    "d_in": 16,
+    "level_sizes": [8, 16, 32],
+    "target_l0": 4,
+    "train_tokens": 64 * 80,
+    "batch_size": 64,
+    "update_interval": 15,
+    "similarity": "coactivation",
+    "perturbation_rate": 0.3,
+    "dead_after_tokens": 640,
+}
+
+
+def data() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    atoms = torch.nn.functional.normalize(torch.randn(40, 16, generator=generator), dim=1)
+    codes = (torch.rand(6000, 40, generator=generator) < 0.08).float()
+    return codes @ atoms
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path) -> None:
+    config = HSAEConfig(**CONFIG)
+    reference = Trainer(config, TensorBatches(data(), 64, seed=1)).fit(progress=False)
+
+    first = Trainer(config, TensorBatches(data(), 64, seed=1))
+    first.initialise()
+    while first.step < 37 or first._replay:
+        first.train_step()
+    save_checkpoint(first, tmp_path / "ckpt")
+    del first
+
+    resumed = Trainer(config, TensorBatches(data(), 64, seed=1))
+    resumed.resume(tmp_path / "ckpt")
+    assert resumed.step == 37
+    model = resumed.fit(progress=False)
+    for (name, a), b in zip(
+        reference.state_dict().items(), model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_checkpoint_of_another_configuration_is_refused(tmp_path) -> None:
+    trainer = Trainer(HSAEConfig(**CONFIG), TensorBatches(data(), 64))
+    trainer.initialise()
+    save_checkpoint(trainer, tmp_path / "ckpt")
+    other = Trainer(HSAEConfig(**(CONFIG | {"rho": 0.1})), TensorBatches(data(), 64))
+    with pytest.raises(CheckpointError, match="rho"):
+        load_checkpoint(other, tmp_path / "ckpt")
+
+
+def test_missing_and_corrupt_checkpoints_are_refused(tmp_path) -> None:
+    trainer = Trainer(HSAEConfig(**CONFIG), TensorBatches(data(), 64))
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(trainer, tmp_path / "nothing")
+    trainer.initialise()
+    save_checkpoint(trainer, tmp_path / "ckpt")
+    state = tmp_path / "ckpt" / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(trainer, tmp_path / "ckpt")
+
+
+def test_checkpoint_survives_crash_between_renames(tmp_path) -> None:
+    trainer = Trainer(HSAEConfig(**CONFIG), TensorBatches(data(), 64))
+    trainer.initialise()
+    save_checkpoint(trainer, tmp_path / "ckpt")
+    (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old")  # as if killed mid-swap
+    load_checkpoint(trainer, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "trainer.json").is_file()
