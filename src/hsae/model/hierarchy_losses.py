@@ -51,14 +51,24 @@ def parent_children_constraint(
     child_values = child_codes.values.index_select(0, entries)
     flat_parent = child_codes.rows[entries] * n_parents + parents
     parent_values = parent_codes.acts.reshape(-1).index_select(0, flat_parent)
-    child_parent_dots = (
-        child_decoder.index_select(0, cols) * parent_decoder.index_select(0, parents)
-    ).sum(-1)
-    cross = (parent_values * child_values * child_parent_dots).sum()
+    cross = (
+        parent_values
+        * child_values
+        * _child_parent_dots(child_decoder, parent_decoder, parent_index)[cols]
+    ).sum()
     child_norms = child_decoder.pow(2).sum(-1).index_select(0, cols)
     child_energy = (child_values.pow(2) * child_norms).sum()
     siblings = _co_active_sibling_products(child_codes, child_decoder, parent_index, n_parents)
     return (parent_energy - 2.0 * cross + child_energy + 2.0 * siblings) / n_tokens
+
+
+def _child_parent_dots(
+    child_decoder: Tensor, parent_decoder: Tensor, parent_index: Tensor
+) -> Tensor:
+    """<d_c, d_parent(c)> for every child (0 for unassigned ones), one row pair per child."""
+    parents = parent_index.clamp(min=0)
+    dots = (child_decoder * parent_decoder.index_select(0, parents)).sum(-1)
+    return dots * (parent_index >= 0)
 
 
 def _co_active_sibling_products(
