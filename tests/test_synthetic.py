@@ -1,0 +1,354 @@
+"""Synthetic forest generator and forest-recovery scores against its known truth."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from hsae.evaluation.recovery import (
+    forest_recovery,
+    match_by_firing,
+    match_latents,
+)
+from hsae.synthetic import SyntheticForest, SyntheticSpec, make_synthetic_forest
+
+N_TOKENS = 60_000
+
+
+@pytest.fixture(scope="module")
+def forest() -> SyntheticForest:
+    return make_synthetic_forest(SyntheticSpec())
+
+
+@pytest.fixture(scope="module")
+def sampled(forest: SyntheticForest) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return forest.sample_with_truth(N_TOKENS, torch.Generator().manual_seed(3))
+
+
+def _true_forest(forest: SyntheticForest) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    decoders = [forest.level_directions(level) for level in range(forest.n_levels)]
+    parents = [forest.true_parents(level) for level in range(forest.n_levels - 1)]
+    return decoders, parents
+
+
+def _split_parents(forest: SyntheticForest, level: int) -> torch.Tensor:
+    """Cut-``level`` nodes with at least two children in the next cut."""
+    counts = torch.bincount(forest.true_parents(level), minlength=forest.level_sizes()[level])
+    return (counts >= 2).nonzero(as_tuple=True)[0]
+
+
+# ------------------------------------------------------------------------------ structure
+def test_default_sizes_fit_a_small_four_level_hsae(forest: SyntheticForest) -> None:
+    sizes = forest.level_sizes()
+    assert len(sizes) == 4
+    assert sizes == sorted(sizes) and len(set(sizes)) == 4
+    assert sizes[0] == 32  # 16 roots + 16 independent features
+    assert 40 <= sizes[1] <= 80 and 80 <= sizes[2] <= 160 and 160 <= sizes[3] <= 320
+    suggested = forest.suggested_level_sizes()
+    assert all(s >= t and s % 16 == 0 and s - t < 16 for s, t in zip(suggested, sizes, strict=True))
+    assert forest.leaf_directions.shape == (sizes[-1], 64)
+
+
+def test_level_sizes_consistent_with_true_parents(forest: SyntheticForest) -> None:
+    sizes = forest.level_sizes()
+    for level in range(forest.n_levels - 1):
+        parents = forest.true_parents(level)
+        assert parents.dtype == torch.long and parents.shape == (sizes[level + 1],)
+        assert int(parents.min()) >= 0 and int(parents.max()) < sizes[level]
+        # every node of a cut either splits or persists, so each one has a child below.
+        assert torch.bincount(parents, minlength=sizes[level]).min() >= 1
+    # the independent features persist unsplit: exactly 16 parents have a single child
+    single = torch.bincount(forest.true_parents(0), minlength=sizes[0]) == 1
+    assert int(single.sum()) == 16
+
+
+def test_branching_respects_spec() -> None:
+    spec = SyntheticSpec(n_roots=8, n_independent=0, branching=(3, 4), seed=5)
+    forest = make_synthetic_forest(spec)
+    for level in range(spec.depth - 1):
+        counts = torch.bincount(forest.true_parents(level))
+        assert counts.min() >= 3 and counts.max() <= 4
+    assert forest.level_sizes()[0] == 8
+
+
+def test_truth_directions_unit_and_children_near_their_parent(forest: SyntheticForest) -> None:
+    for level in range(forest.n_levels):
+        norms = forest.level_directions(level).norm(dim=1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    for level in range(forest.n_levels - 1):
+        upper, lower = forest.level_directions(level), forest.level_directions(level + 1)
+        parents = forest.true_parents(level)
+        cos = lower @ upper.T
+        rows = torch.arange(parents.numel())
+        own = cos[rows, parents]
+        cos[rows, parents] = -2.0
+        assert bool((own > cos.max(dim=1).values).all())
+        assert float(own.min()) > 0.7
+
+
+def test_deeper_splits_are_finer(forest: SyntheticForest) -> None:
+    """Sibling directions get closer with depth (spread 0.6 > 0.45 > 0.3)."""
+    mean_sibling_cos = []
+    for level in range(forest.n_levels - 1):
+        lower, parents = forest.level_directions(level + 1), forest.true_parents(level)
+        same = parents[:, None] == parents[None, :]
+        same.fill_diagonal_(False)
+        mean_sibling_cos.append(float((lower @ lower.T)[same].mean()))
+    assert mean_sibling_cos[0] < mean_sibling_cos[1] < mean_sibling_cos[2]
+
+
+# ------------------------------------------------------------------------------- sampling
+def test_children_fire_only_with_parent_and_parent_iff_some_child(
+    forest: SyntheticForest, sampled: tuple[torch.Tensor, list[torch.Tensor]]
+) -> None:
+    _, truth = sampled
+    for level in range(forest.n_levels - 1):
+        parents = forest.true_parents(level)
+        child_fires, parent_fires = truth[level + 1], truth[level]
+        assert not bool((child_fires & ~parent_fires[:, parents]).any())
+        any_child = torch.zeros_like(parent_fires, dtype=torch.int32)
+        any_child.index_add_(1, parents, child_fires.to(torch.int32))
+        assert torch.equal(any_child > 0, parent_fires)
+
+
+def test_sibling_cofiring_close_to_overlap(forest: SyntheticForest) -> None:
+    for overlap in (0.0, 0.3):
+        spec = replace(forest.spec, sibling_overlap=overlap)
+        local = make_synthetic_forest(spec)
+        _, truth = local.sample_with_truth(N_TOKENS, torch.Generator().manual_seed(4))
+        for level in range(local.n_levels - 1):
+            parents = local.true_parents(level)
+            split = _split_parents(local, level)
+            n_children_firing = torch.zeros_like(truth[level], dtype=torch.int32)
+            n_children_firing.index_add_(1, parents, truth[level + 1].to(torch.int32))
+            fired = truth[level][:, split]
+            several = (n_children_firing[:, split] >= 2)[fired]
+            assert n_children_firing.max() <= 2  # at most two children per firing parent
+            assert abs(float(several.float().mean()) - overlap) < 0.02
+
+
+def test_firing_rates_match_exact_probabilities(
+    forest: SyntheticForest, sampled: tuple[torch.Tensor, list[torch.Tensor]]
+) -> None:
+    _, truth = sampled
+    for level in range(forest.n_levels):
+        expected = forest.level_firing_rates(level)
+        observed = truth[level].double().mean(0)
+        tolerance = 5 * (expected * (1 - expected) / N_TOKENS).sqrt() + 1e-4
+        assert bool(((observed - expected).abs() <= tolerance).all())
+    leaves_per_token = truth[-1].sum(1).double().mean()
+    assert abs(float(leaves_per_token) - forest.spec.active_per_token) < 0.1
+    # frequencies are heavy-tailed: the commonest leaf fires far more often than the rarest
+    rates = forest.level_firing_rates(forest.n_levels - 1)
+    assert float(rates.max() / rates.min()) > 10
+
+
+def test_activations_are_the_sum_of_active_leaves(forest: SyntheticForest) -> None:
+    quiet = make_synthetic_forest(replace(forest.spec, noise_std=0.0, magnitude_sigma=0.0))
+    x, truth = quiet.sample_with_truth(2000, torch.Generator().manual_seed(0))
+    assert x.dtype == torch.float32 and x.shape == (2000, 64)
+    expected = truth[-1].float() @ quiet.leaf_directions
+    assert torch.allclose(x, expected, atol=1e-5)
+
+
+def test_magnitudes_are_lognormal_around_one(forest: SyntheticForest) -> None:
+    """One active leaf at a time: the code along it is the magnitude."""
+    spec = replace(forest.spec, noise_std=0.0, active_per_token=0.05)
+    single = make_synthetic_forest(spec)
+    x, truth = single.sample_with_truth(40_000, torch.Generator().manual_seed(2))
+    one = truth[-1].sum(1) == 1
+    leaf = truth[-1][one].float().argmax(1)
+    magnitude = (x[one] * single.leaf_directions[leaf]).sum(1)
+    log_m = magnitude.log()
+    assert abs(float(log_m.median())) < 0.05
+    assert abs(float(log_m.std()) - spec.magnitude_sigma) < 0.05
+
+
+def test_sampling_is_deterministic_given_a_generator(forest: SyntheticForest) -> None:
+    a = forest.sample(5000, torch.Generator().manual_seed(11))
+    b, truth = forest.sample_with_truth(5000, torch.Generator().manual_seed(11))
+    c = forest.sample(5000, torch.Generator().manual_seed(12))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    again = make_synthetic_forest(SyntheticSpec())
+    assert torch.equal(again.leaf_directions, forest.leaf_directions)
+    assert torch.equal(again.sample(5000, torch.Generator().manual_seed(11)), a)
+    other = make_synthetic_forest(SyntheticSpec(seed=1))
+    assert not torch.equal(other.leaf_directions, forest.leaf_directions)
+
+
+def test_sampling_spans_several_chunks(forest: SyntheticForest) -> None:
+    """Chunking must not repeat or drop tokens (chunks are ~64k tokens by default)."""
+    x, truth = forest.sample_with_truth(150_000, torch.Generator().manual_seed(6))
+    assert bool(x[-1000:].abs().sum(1).gt(0).all())
+    assert not torch.equal(x[:1000], x[-1000:])
+    assert bool(truth[0][-1000:].any())
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"d": 1}, "d"),
+        ({"n_roots": -1}, "n_roots"),
+        ({"n_roots": 0, "n_independent": 0}, "n_roots + n_independent"),
+        ({"depth": 0}, "depth"),
+        ({"branching": (3, 2)}, "branching"),
+        ({"branching": (0, 2)}, "branching"),
+        ({"active_per_token": 0.0}, "active_per_token"),
+        ({"sibling_overlap": 1.5}, "sibling_overlap"),
+        ({"spread": (0.5, 0.4)}, "spread"),
+        ({"spread": (0.5, -0.1, 0.3)}, "spread"),
+        ({"magnitude_sigma": -0.1}, "magnitude_sigma"),
+        ({"noise_std": float("nan")}, "noise_std"),
+        ({"frequency_sigma": -1.0}, "frequency_sigma"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_spec_validation_names_the_field(changes: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=r"^" + field.replace("+", r"\+")):
+        SyntheticSpec(**changes)  # type: ignore[arg-type]
+
+
+def test_unreachable_density_is_refused() -> None:
+    spec = SyntheticSpec(n_roots=0, n_independent=4, depth=1, spread=(), active_per_token=5.0)
+    with pytest.raises(ValueError, match="active_per_token"):
+        make_synthetic_forest(spec)
+
+
+def test_depth_one_forest_is_independent_features() -> None:
+    spec = SyntheticSpec(n_roots=3, n_independent=2, depth=1, spread=(), active_per_token=1.0)
+    forest = make_synthetic_forest(spec)
+    assert forest.level_sizes() == [5]
+    x, truth = forest.sample_with_truth(1000, torch.Generator().manual_seed(0))
+    assert x.shape == (1000, 64) and truth[0].shape == (1000, 5)
+
+
+@pytest.mark.slow
+def test_sampling_one_million_tokens_is_fast(forest: SyntheticForest) -> None:
+    import time
+
+    start = time.perf_counter()
+    x = forest.sample(1_000_000, torch.Generator().manual_seed(0))
+    elapsed = time.perf_counter() - start
+    assert x.shape == (1_000_000, 64) and bool(torch.isfinite(x).all())
+    assert elapsed < 30.0, f"1M tokens took {elapsed:.1f} s"
+
+
+# ------------------------------------------------------------------------------- recovery
+def test_true_forest_recovers_perfectly_and_permutation_is_undone(
+    forest: SyntheticForest,
+) -> None:
+    decoders, parents = _true_forest(forest)
+    generator = torch.Generator().manual_seed(0)
+    perms = [torch.randperm(d.shape[0], generator=generator) for d in decoders]
+    inverse = [torch.argsort(p) for p in perms]
+    # learned row i of level l is truth row perms[l][i]; remap the links accordingly.
+    shuffled = [d[p] for d, p in zip(decoders, perms, strict=True)]
+    links = [inverse[level][parents[level][perms[level + 1]]] for level in range(len(parents))]
+    report = forest_recovery(shuffled, links, forest)
+    assert report.edge_precision == 1.0 and report.edge_recall == 1.0
+    assert report.node_recovery == 1.0
+    for level, perm in enumerate(perms):
+        matching = match_latents(shuffled[level], decoders[level])
+        assert torch.equal(perm[matching.learned_idx], matching.truth_idx)
+        assert matching.mean_cosine == pytest.approx(1.0, abs=1e-6)
+    text = json.dumps(report.to_dict())
+    assert '"edge_precision": 1.0' in text
+
+
+def test_shuffled_links_give_low_precision(forest: SyntheticForest) -> None:
+    decoders, parents = _true_forest(forest)
+    generator = torch.Generator().manual_seed(1)
+    shuffled = [p[torch.randperm(p.numel(), generator=generator)] for p in parents]
+    report = forest_recovery(decoders, shuffled, forest)
+    assert report.node_recovery == 1.0
+    assert report.edge_precision < 0.2 and report.edge_recall < 0.2
+    assert report.edge_precision == pytest.approx(report.edge_recall)  # one link per child
+
+
+def test_missing_links_lower_recall_not_precision(forest: SyntheticForest) -> None:
+    decoders, parents = _true_forest(forest)
+    halved = [p.clone() for p in parents]
+    for links in halved:
+        links[::2] = -1
+    report = forest_recovery(decoders, halved, forest)
+    assert report.edge_precision == 1.0
+    assert 0.45 < report.edge_recall < 0.55
+
+
+def test_unrecovered_nodes_are_not_judged(forest: SyntheticForest) -> None:
+    decoders, parents = _true_forest(forest)
+    noisy = [d.clone() for d in decoders]
+    noisy[1] = torch.randn(noisy[1].shape, generator=torch.Generator().manual_seed(2))
+    report = forest_recovery(noisy, parents, forest, min_cosine=0.7)
+    assert report.levels[1].recovery < 0.1 and report.levels[0].recovery == 1.0
+    assert report.edges[0].n_learned_judged == report.levels[1].n_recovered
+    assert report.edges[2].precision == 1.0 and report.edges[2].recall == 1.0
+    assert report.levels[1].n_truth == forest.level_sizes()[1]
+
+
+def test_fewer_learned_latents_than_truth(forest: SyntheticForest) -> None:
+    decoders, parents = _true_forest(forest)
+    keep = torch.arange(0, decoders[3].shape[0], 2)
+    report = forest_recovery(
+        decoders[:3] + [decoders[3][keep]], parents[:2] + [parents[2][keep]], forest
+    )
+    assert report.levels[3].n_recovered == keep.numel()
+    assert report.edges[2].precision == 1.0 and report.edges[2].recall == 1.0
+    assert report.levels[3].recovery == pytest.approx(keep.numel() / decoders[3].shape[0])
+
+
+def test_recovery_rejects_bad_forest(forest: SyntheticForest) -> None:
+    decoders, parents = _true_forest(forest)
+    with pytest.raises(ValueError, match="decoders"):
+        forest_recovery(decoders[:3], parents[:2], forest)
+    bad = [p.clone() for p in parents]
+    bad[0][0] = forest.level_sizes()[0]
+    with pytest.raises(ValueError, match=r"parents\[0\]"):
+        forest_recovery(decoders, bad, forest)
+
+
+def test_hungarian_beats_greedy() -> None:
+    truth = torch.eye(4)[:2]
+    learned = torch.tensor([[0.7, 0.65, 0.296, 0.0], [0.6, 0.1, 0.0, 0.794]])
+    cos = torch.nn.functional.normalize(learned, dim=1) @ truth.T
+    # greedy: take the single best pair (row 0, truth 0), then row 1 gets truth 1 (0.1)
+    greedy_total = float(cos[0, 0] + cos[1, 1])
+    matching = match_latents(learned, truth)
+    assert matching.learned_idx.tolist() == [1, 0] and matching.truth_idx.tolist() == [0, 1]
+    assert 2 * matching.mean_cosine > greedy_total + 0.4
+    assert bool((matching.cosine > 0.59).all())
+
+
+def test_match_by_firing_finds_the_truth_firing_patterns(
+    forest: SyntheticForest, sampled: tuple[torch.Tensor, list[torch.Tensor]]
+) -> None:
+    _, truth = sampled
+    fires = truth[2]
+    perm = torch.randperm(fires.shape[1], generator=torch.Generator().manual_seed(0))
+    codes = fires[:, perm].float() * 2.5
+    matching = match_by_firing(codes, fires)
+    assert torch.equal(perm[matching.learned_idx], matching.truth_idx)
+    assert matching.mean_jaccard == pytest.approx(1.0)
+    assert matching.mean_f1 == pytest.approx(1.0)
+    # dropping half of a latent's firings: Jaccard 0.5, F1 2/3
+    thinned = codes.clone()
+    thinned[::2, :] = 0.0
+    half = match_by_firing(thinned, fires)
+    assert torch.equal(perm[half.learned_idx], half.truth_idx)
+    assert half.mean_jaccard == pytest.approx(0.5, abs=0.03)
+    assert half.mean_f1 == pytest.approx(2 / 3, abs=0.03)
+
+
+def test_to_dict_maps_undefined_ratios_to_none(forest: SyntheticForest) -> None:
+    decoders, parents = _true_forest(forest)
+    nothing = [torch.full_like(p, -1) for p in parents]
+    report = forest_recovery(decoders, nothing, forest)
+    assert math.isnan(report.edge_precision) and report.edge_recall == 0.0
+    summary = report.to_dict()
+    assert summary["edge_precision"] is None and summary["edge_recall"] == 0.0
+    json.dumps(summary, allow_nan=False)
