@@ -113,10 +113,13 @@ def test_constraint_is_zero_when_children_sum_to_parent() -> None:
     assert value.item() == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("force_sparse_backward", [False, True])
+@pytest.mark.parametrize(
+    "force_sparse_backward", [False, True], ids=["dense-paths", "sparse-paths"]
+)
 def test_fused_kernels_match_dense_reference(monkeypatch, force_sparse_backward: bool) -> None:
     if force_sparse_backward:
         monkeypatch.setattr(kernels, "SPARSE_BACKWARD_MAX_DENSITY", 1.0)
+        monkeypatch.setattr(kernels, "DENSE_DECODE_DENSITY", 1.0)
     results = []
     for sparse in (True, False):
         model, x = tiny_model(sparse=sparse)

@@ -127,9 +127,7 @@ def perturbed_reconstruction(
     fused: bool,
 ) -> Tensor:
     """Level reconstruction with each substituted parent replaced by its children's outputs."""
-    keep = (~substituted[codes.cols]).nonzero(as_tuple=True)[0]
-    own = level.decode_entries(codes, keep, fused)
-    child_parent = parent_index[child_codes.cols]
-    take = (child_parent >= 0) & substituted[child_parent.clamp(min=0)]
-    borrowed = child_level.decode_entries(child_codes, take.nonzero(as_tuple=True)[0], fused)
+    own = level.decode_columns(codes, ~substituted, fused)
+    borrowed_columns = (parent_index >= 0) & substituted[parent_index.clamp(min=0)]
+    borrowed = child_level.decode_columns(child_codes, borrowed_columns, fused)
     return own + borrowed + level.b_dec

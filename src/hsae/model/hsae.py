@@ -158,7 +158,7 @@ class HSAE(nn.Module):
         level = self.levels[index]
         own = codes[index]
         if substituted is None or index == self.n_levels - 1 or not bool(substituted[index].any()):
-            return level.decode_entries(own, None, fused) + level.b_dec
+            return level.decode_columns(own, None, fused) + level.b_dec
         return perturbed_reconstruction(
             level,
             own,

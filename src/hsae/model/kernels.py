@@ -20,6 +20,8 @@ from torch.autograd import Function
 
 SPARSE_BACKWARD_MAX_DENSITY = 0.04
 """Above this share of active entries the dense ``x^T @ grad`` product is faster on CPU/GPU."""
+DENSE_DECODE_DENSITY = 0.12
+"""Above this share of support entries one dense decoder product beats gathering rows."""
 
 
 def rectangle_band(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:

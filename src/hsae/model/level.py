@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from hsae.model import kernels
 from hsae.model.kernels import (
     JumpReLU,
     L0WithSTE,
@@ -86,16 +87,23 @@ class JumpReLULevel(nn.Module):
         """Batch-mean L0 whose straight-through gradient trains the thresholds."""
         return L0WithSTE.apply(codes.pre, self.threshold, bandwidth)
 
-    def decode_entries(self, codes: LevelCodes, entries: Tensor | None, fused: bool) -> Tensor:
-        """Decoder output (without b_dec) of the support entries ``entries`` (None: all)."""
-        rows, cols, values = codes.rows, codes.cols, codes.values
-        if entries is not None:
-            rows, cols, values = rows[entries], cols[entries], values.index_select(0, entries)
-        if fused:
-            return decode_support(values, rows, cols, self.W_dec, codes.acts.shape[0])
-        keep = torch.zeros_like(codes.acts)
-        keep[rows, cols] = 1.0
-        return (codes.acts * keep) @ self.W_dec
+    def decode_columns(self, codes: LevelCodes, columns: Tensor | None, fused: bool) -> Tensor:
+        """Decoder output (without b_dec) of the features flagged in ``columns`` (None: all).
+
+        The fast path decodes only support entries when they are few, and falls back to one
+        dense product when the code is dense enough for that to be cheaper. Both give every
+        support entry (active or in the threshold band) its gradient.
+        """
+        n_tokens = codes.acts.shape[0]
+        if not fused or codes.values.numel() > kernels.DENSE_DECODE_DENSITY * codes.acts.numel():
+            acts = codes.acts if columns is None else codes.acts * columns
+            return acts @ self.W_dec
+        if columns is None:
+            return decode_support(codes.values, codes.rows, codes.cols, self.W_dec, n_tokens)
+        entries = columns[codes.cols].nonzero(as_tuple=True)[0]
+        values = codes.values.index_select(0, entries)
+        rows, cols = codes.rows[entries], codes.cols[entries]
+        return decode_support(values, rows, cols, self.W_dec, n_tokens)
 
     # --- initialisation and constraints ------------------------------------------------------
     @torch.no_grad()
