@@ -159,7 +159,8 @@ def harvest(
     check_writable(root)
     existing = None if overwrite else _existing_manifest(root)
     if existing is not None and existing.get("status") == "complete":
-        _check_same_settings(existing, config, existing["layer"])
+        middle = int(existing["model"]["n_layers"]) // 2
+        _check_same_settings(existing, config, config.layer if config.layer is not None else middle)
         return ActivationCache(root)
     lm = lm if lm is not None else load_language_model(config.model, device=config.device)
     layer = config.layer if config.layer is not None else lm.n_layers // 2

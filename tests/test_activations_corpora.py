@@ -1,0 +1,89 @@
+"""Text sources, the WordNet corpus and taxonomy, and the context builder (no model needed)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from itertools import islice
+
+import numpy as np
+import pytest
+
+from hsae.activations import ContextBuilder, CorpusError, load_noun_taxonomy, open_corpus
+
+
+class CharTokenizer:
+    """Stand-in tokenizer: one token per character (code point)."""
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[ord(c) for c in t] for t in texts]}
+
+
+def test_builtin_corpus_is_wordnet_glosses():
+    docs = list(islice(open_corpus(None), 2000))
+    assert len(docs) == 2000 and all(": " in d for d in docs)
+    assert open_corpus("wordnet").kind == "builtin"
+
+
+def test_noun_taxonomy():
+    taxonomy = load_noun_taxonomy()
+    assert len(taxonomy) == 82115
+    dog = taxonomy["n02084071"]
+    assert "dog" in dog.lemmas and dog.lexname == "noun.animal"
+    assert "n02083346" in dog.hypernyms  # canine
+    assert taxonomy["n00001740"].hypernyms == ()  # entity is the root
+    einstein = next(s for s in taxonomy.values() if "Albert_Einstein" in s.lemmas)
+    assert einstein.instance_hypernyms and einstein.parents == einstein.instance_hypernyms
+    assert all(p in taxonomy for s in islice(taxonomy.values(), 5000) for p in s.parents)
+
+
+def test_local_text_jsonl_and_parquet(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc\nstill first\n\nsecond doc\n")
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as handle:
+        handle.write(json.dumps({"text": "third"}) + "\n" + json.dumps({"text": "fourth"}) + "\n")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["fifth", "sixth"]}), tmp_path / "c.parquet")
+    assert list(open_corpus(str(tmp_path / "a.txt"))) == ["first doc\nstill first", "second doc"]
+    assert list(open_corpus(str(tmp_path / "b.jsonl.gz"))) == ["third", "fourth"]
+    assert list(open_corpus(str(tmp_path / "c.parquet"))) == ["fifth", "sixth"]
+    assert len(list(open_corpus(str(tmp_path)))) == 6
+
+
+def test_bad_local_sources_have_clear_errors(tmp_path):
+    with pytest.raises(CorpusError, match="no such file or folder"):
+        open_corpus(str(tmp_path / "missing.txt"))
+    (tmp_path / "data.csv").write_text("x")
+    with pytest.raises(CorpusError, match="unsupported type"):
+        open_corpus(str(tmp_path / "data.csv"))
+    (tmp_path / "broken.txt.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(CorpusError, match="not readable"):
+        list(open_corpus(str(tmp_path / "broken.txt.gz")))
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n')
+    with pytest.raises(CorpusError, match=r"bad.jsonl:2: invalid JSON"):
+        list(open_corpus(str(tmp_path / "bad.jsonl")))
+
+
+def test_hub_dataset_offline_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    pytest.importorskip("datasets")
+    source = open_corpus("hf:no-such-owner/no-such-dataset")
+    with pytest.raises(CorpusError, match="cannot open Hugging Face dataset") as info:
+        next(iter(source))
+    assert "\n" not in str(info.value)
+
+
+def test_context_builder_packs_documents():
+    builder = ContextBuilder(CharTokenizer(), context_length=5, bos_token_id=1, pad_token_id=0)
+    batches = list(builder.batches(["abc", "defgh", "ij"], batch_size=2))
+    ids = np.concatenate([b.input_ids for b in batches])
+    docs = np.concatenate([b.doc_ids for b in batches])
+    mask = np.concatenate([b.attention_mask for b in batches])
+    assert [b.first_context for b in batches] == [0, 2]
+    assert (ids[:, 0] == 1).all() and (docs[:, 0] == -1).all()
+    text = "".join(chr(t) for t in ids[:, 1:][mask[:, 1:] == 1])
+    assert text == "abc\ndefgh\nij\n"
+    assert docs[:, 1:][mask[:, 1:] == 1].tolist() == [0] * 4 + [1] * 6 + [2] * 3
+    assert ids.shape == (4, 5) and mask[-1].tolist() == [1, 1, 0, 0, 0]
