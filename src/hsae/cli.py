@@ -62,5 +62,150 @@ def harvest(
     )
 
 
+def _fail(error: Exception) -> typer.Exit:
+    typer.echo(f"error: {error}", err=True)
+    return typer.Exit(code=2)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from hsae.activations import HarvestError
+    from hsae.config import ConfigError
+    from hsae.runs import RunError
+    from hsae.training import NonFiniteLossError
+    from hsae.training.checkpoint import CheckpointError
+
+    return (ConfigError, RunError, HarvestError, CheckpointError, NonFiniteLossError)
+
+
+def _parse_sizes(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+def train(
+    config_file: str = typer.Argument(None, help="YAML file of run settings (optional)"),
+    out: str = typer.Option(None, help="run folder to create [runs/<timestamp>]"),
+    resume: str = typer.Option(None, help="continue the killed or unfinished run in this folder"),
+    model: str = typer.Option(None, help="hub id or local path [embedded Gemma 3 270M]"),
+    layer: int = typer.Option(None, help="residual stream after this block [middle]"),
+    dataset: str = typer.Option(None, help="HF dataset, local file/folder [built-in WordNet]"),
+    tokens: int = typer.Option(None, help="activations to harvest (train + held-out)"),
+    train_tokens: int = typer.Option(None, help="tokens each model trains on"),
+    level_sizes: str = typer.Option(None, help="comma-separated sizes, e.g. 256,512,1024,2048"),
+    target_l0: float = typer.Option(None, help="L0 the sparsity controller steers to"),
+    rho: float = typer.Option(None, help="weight of the parent-children constraint"),
+    r: float = typer.Option(None, "--r", help="parent/children perturbation rate"),
+    update_interval: int = typer.Option(None, help="steps between forest rebuilds"),
+    similarity: str = typer.Option(None, help="encoder | decoder | coactivation"),
+    tree: str = typer.Option(None, help="partial | full | binary | fixed"),
+    lr: float = typer.Option(None, help="Adam learning rate"),
+    batch_size: int = typer.Option(None, help="tokens per training step"),
+    seed: int = typer.Option(None, help="random seed"),
+    device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    no_baseline: bool = typer.Option(False, "--no-baseline", help="skip the independent SAEs"),
+) -> None:
+    """Harvest (if needed), then train the HSAE and its independent baseline in a run folder."""
+    from hsae.runs import Run, RunConfig, load_run_config_file
+
+    run_settings = {
+        "model": model,
+        "layer": layer,
+        "dataset": dataset,
+        "harvest_tokens": tokens,
+        "seed": seed,
+        "device": device,
+    }
+    hsae_settings = {
+        "train_tokens": train_tokens,
+        "level_sizes": _parse_sizes(level_sizes),
+        "target_l0": target_l0,
+        "rho": rho,
+        "perturbation_rate": r,
+        "update_interval": update_interval,
+        "similarity": similarity,
+        "tree": tree,
+        "lr": lr,
+        "batch_size": batch_size,
+    }
+    given = {k: v for k, v in run_settings.items() if v is not None}
+    given_hsae = {k: v for k, v in hsae_settings.items() if v is not None}
+    try:
+        if resume is not None:
+            if given or given_hsae or config_file or no_baseline or out:
+                raise _fail(ValueError("--resume takes no other settings: the run keeps its own"))
+            run = Run.open(resume)
+        else:
+            values = load_run_config_file(config_file) if config_file else {}
+            values |= given
+            values["hsae"] = dict(values.get("hsae", {})) | given_hsae
+            if no_baseline:
+                values["baseline"] = False
+            run = Run.create(out or _default_run_folder(), RunConfig(**values))
+        typer.echo(f"run folder: {run.folder}")
+        run.harvest()
+        for which in run.wanted_models():
+            run.train(which)
+    except _user_errors() as error:
+        raise _fail(error) from None
+    typer.echo(f"trained models are in {run.folder}; evaluate with: hsae eval {run.folder}")
+
+
+def _default_run_folder() -> str:
+    import time
+
+    return f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@app.command("eval")
+def evaluate_run(
+    run_dir: str = typer.Argument(..., help="a run folder written by hsae train or hsae demo"),
+    no_lm: bool = typer.Option(False, "--no-lm", help="skip the spliced language-model loss"),
+) -> None:
+    """Evaluate a run's HSAE and baseline on held-out activations; write metrics.json."""
+    from hsae.evaluation.suite import comparison_table
+    from hsae.runs import Run
+
+    try:
+        run = Run.open(run_dir)
+        results = run.evaluate(splice=not no_lm)
+    except _user_errors() as error:
+        raise _fail(error) from None
+    names = [n for n in ("hsae", "baseline") if n in results]
+    typer.echo(comparison_table(results, names))
+    typer.echo(f"\nwrote {run.folder / 'metrics.json'} and {run.folder / 'summary.md'}")
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("runs/demo", help="run folder (an ordinary run folder)"),
+) -> None:
+    """Offline end to end on the embedded model and corpus: harvest, train both, evaluate."""
+    import time
+
+    from hsae.runs import Run, demo_config
+
+    started = time.perf_counter()
+    try:
+        run = Run.create(out, demo_config())
+        typer.echo(f"run folder: {run.folder}")
+        run.harvest()
+        for which in run.wanted_models():
+            run.train(which)
+        results = run.evaluate()
+    except _user_errors() as error:
+        raise _fail(error) from None
+    from hsae.evaluation.suite import comparison_table
+
+    typer.echo(comparison_table(results, ["hsae", "baseline"]))
+    stages = ", ".join(f"{stage}: {seconds:.0f} s" for stage, seconds in run.timings.items())
+    typer.echo(f"\nstage times: {stages}; total {time.perf_counter() - started:.0f} s")
+    typer.echo(f"results: {run.folder / 'summary.md'} and {run.folder / 'metrics.json'}")
+
+
 if __name__ == "__main__":
     app()

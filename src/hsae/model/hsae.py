@@ -88,6 +88,12 @@ class HSAE(nn.Module):
         return [level.encode(scaled, self.config.bandwidth) for level in self.levels]
 
     @torch.no_grad()
+    def encode_level(self, x: Tensor, level: int) -> Tensor:
+        """Activations [batch, n_level] of one level for raw activations ``x``."""
+        scaled = x.to(self.activation_scale.device, torch.float32) * self.activation_scale
+        return self.levels[level].encode(scaled, self.config.bandwidth)
+
+    @torch.no_grad()
     def decode(self, codes: Tensor, level: int) -> Tensor:
         """Reconstruction, in the caller's (raw) units, of ``codes`` [batch, n_level]."""
         return self.levels[level].decode(codes.float()) / self.activation_scale

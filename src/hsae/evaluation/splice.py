@@ -1,0 +1,128 @@
+"""Language-model loss with a level's reconstruction spliced into the residual stream.
+
+For each level: CE loss recovered = (CE_zero - CE_recon) / (CE_zero - CE_clean), where CE_zero
+replaces the residual stream after block ``layer`` by zeros, and the KL divergence of the
+spliced model's next-token distribution from the clean one. BOS and padding positions keep
+their clean activations (they were never part of the training data).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hsae.model import HSAE
+
+Replacement = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class SpliceResult:
+    ce_clean: float
+    ce_zero: float
+    ce_spliced: list[float]
+    kl_spliced: list[float]
+    ce_loss_recovered: list[float]
+    tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextmanager
+def _replaced_output(block: torch.nn.Module, keep: Tensor, replace: Replacement):
+    """Within the block, substitute ``replace(h)`` for the block's output where ``keep``."""
+
+    def hook(_module: Any, _inputs: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = torch.where(keep.unsqueeze(-1), replace(hidden).to(hidden.dtype), hidden)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _next_token_log_probs(model: Any, ids: Tensor, mask: Tensor) -> Tensor:
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def _cross_entropy(log_probs: Tensor, ids: Tensor, target_mask: Tensor) -> tuple[float, int]:
+    picked = log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return float(-(picked * target_mask).sum()), int(target_mask.sum())
+
+
+def _kl(clean: Tensor, spliced: Tensor, target_mask: Tensor) -> float:
+    per_position = (clean.exp() * (clean - spliced)).sum(-1)
+    return float((per_position * target_mask).sum())
+
+
+@torch.no_grad()
+def spliced_losses(
+    language_model: Any,
+    block: torch.nn.Module,
+    models: list[HSAE],
+    batches: Iterable[tuple[Tensor, Tensor, Tensor]],
+) -> list[SpliceResult]:
+    """CE/KL for every level of every model in ``models`` on ``batches``.
+
+    Each batch is (input_ids, attention_mask, splice_mask): the splice mask marks the positions
+    whose residual is replaced (real tokens, not BOS or padding).
+    """
+    sums: dict[str, float] = {"clean": 0.0, "zero": 0.0}
+    spliced = [[0.0] * m.n_levels for m in models]
+    kls = [[0.0] * m.n_levels for m in models]
+    tokens = 0
+    for ids, mask, keep in batches:
+        target_mask = mask[:, 1:].float()
+        clean = _next_token_log_probs(language_model, ids, mask)
+        ce, count = _cross_entropy(clean, ids, target_mask)
+        sums["clean"] += ce
+        tokens += count
+        with _replaced_output(block, keep, torch.zeros_like):
+            zero = _next_token_log_probs(language_model, ids, mask)
+        sums["zero"] += _cross_entropy(zero, ids, target_mask)[0]
+        for index, model in enumerate(models):
+            for level in range(model.n_levels):
+                with _replaced_output(block, keep, _reconstruction(model, level)):
+                    log_probs = _next_token_log_probs(language_model, ids, mask)
+                spliced[index][level] += _cross_entropy(log_probs, ids, target_mask)[0]
+                kls[index][level] += _kl(clean, log_probs, target_mask)
+    if tokens == 0:
+        raise ValueError("no tokens to evaluate the spliced language-model loss on")
+    ce_clean, ce_zero = sums["clean"] / tokens, sums["zero"] / tokens
+    results = []
+    for index in range(len(models)):
+        ce_levels = [value / tokens for value in spliced[index]]
+        results.append(
+            SpliceResult(
+                ce_clean=ce_clean,
+                ce_zero=ce_zero,
+                ce_spliced=ce_levels,
+                kl_spliced=[value / tokens for value in kls[index]],
+                ce_loss_recovered=[
+                    (ce_zero - ce) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan")
+                    for ce in ce_levels
+                ],
+                tokens=tokens,
+            )
+        )
+    return results
+
+
+def _reconstruction(model: HSAE, level: int) -> Replacement:
+    def replace(hidden: Tensor) -> Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1]).float()
+        codes = model.encode_level(flat, level)
+        return model.decode(codes, level).to(hidden.device).reshape(hidden.shape)
+
+    return replace

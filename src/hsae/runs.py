@@ -1,0 +1,382 @@
+"""Run folders: one place for a whole experiment, from harvested activations to metrics.
+
+Layout (every file written atomically; see docs/runs.md)::
+
+    RUN/run.json                 the validated RunConfig and what it resolved to
+    RUN/activations/             the activation cache (manifest.json, shards)
+    RUN/hsae/, RUN/baseline/     the trained models (hsae.safetensors + hsae_config.json)
+    RUN/checkpoints/{hsae,baseline}/   resumable trainer state while training
+    RUN/logs/train_{hsae,baseline}.jsonl   one JSON line per logged step
+    RUN/metrics.json             evaluation of both models, side by side
+    RUN/summary.md               a readable summary
+    RUN/timings.json             seconds spent in each stage
+
+Every stage skips work already done, so running a stage again (or ``--resume``) continues
+where a killed run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hsae.config import ConfigError, HSAEConfig
+from hsae.io import read_json, write_json, write_text
+from hsae.model import HSAE, load_hsae
+from hsae.model.hsae import CONFIG_FILE
+from hsae.training import StepLog, Trainer
+
+RUN_FILE = "run.json"
+WHICH = ("hsae", "baseline")
+Which = Literal["hsae", "baseline"]
+
+
+class RunError(RuntimeError):
+    """A run folder cannot be used as asked (wrong model or layer, missing stage, ...)."""
+
+
+class RunConfig(BaseModel):
+    """Everything a run needs: what to harvest, how to train, how much to evaluate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    """Hugging Face id or local path of a causal LM; None: the embedded Gemma 3 270M."""
+    layer: int | None = Field(None, ge=0)
+    """Residual stream after this block; None: the middle block."""
+    dataset: str | None = None
+    """HF dataset id, local text/JSONL/Parquet file or folder; None: the built-in WordNet corpus."""
+    harvest_tokens: int = Field(1_000_000, ge=1024)
+    context_length: int = Field(128, ge=2)
+    harvest_batch_size: int = Field(32, ge=1)
+    heldout_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    hsae: dict[str, Any] = {}
+    """HSAEConfig settings (d_in and the activation scale come from the activations)."""
+    baseline: bool = True
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+    eval_tokens: int = Field(65_536, ge=256)
+    splice_contexts: int = Field(16, ge=0)
+    """Contexts of held-out text for the spliced CE loss (0 skips it)."""
+    device: str = "auto"
+    seed: int = Field(0, ge=0)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            item = error.errors()[0]
+            field = ".".join(str(p) for p in item["loc"]) or "run"
+            text = str(item["msg"]).removeprefix("Value error, ")
+            raise ConfigError(f"invalid run configuration: {field}: {text}") from None
+        self.hsae_config(d_in=1)  # refuse bad HSAE settings now, not after the harvest
+
+    @field_validator("hsae")
+    @classmethod
+    def _no_fixed_fields(cls, values: dict[str, Any]) -> dict[str, Any]:
+        for fixed in ("d_in", "activation_scale", "mode"):
+            if fixed in values:
+                raise ValueError(f"'{fixed}' is set by the run itself and cannot be given")
+        return values
+
+    def hsae_config(self, d_in: int, mode: str = "hsae", scale: float | None = None) -> HSAEConfig:
+        settings = {"seed": self.seed, "device": self.device} | self.hsae
+        return HSAEConfig(d_in=d_in, mode=mode, activation_scale=scale, **settings)
+
+    def harvest_config(self) -> Any:
+        from hsae.activations import HarvestConfig
+
+        device = None if self.device == "auto" else self.device
+        return HarvestConfig(
+            model=self.model,
+            layer=self.layer,
+            dataset=self.dataset,
+            tokens=self.harvest_tokens,
+            context_length=self.context_length,
+            batch_size=self.harvest_batch_size,
+            heldout_fraction=self.heldout_fraction,
+            seed=self.seed,
+            device=device,
+        )
+
+
+def demo_config() -> RunConfig:
+    """The offline demo: embedded Gemma 3 270M, middle layer, built-in corpus, 2 CPU cores."""
+    return RunConfig(
+        harvest_tokens=300_000,
+        context_length=64,
+        heldout_fraction=0.05,
+        hsae={
+            "level_sizes": [256, 512, 1024, 2048],
+            "target_l0": 32,
+            "train_tokens": 1_500_000,
+            "lr": 1e-3,
+            "l0_ema_momentum": 0.99,
+            "l0_decay_rate": 0.005,
+            "update_interval": 100,
+        },
+        eval_tokens=12_000,
+        splice_contexts=16,
+    )
+
+
+def load_run_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a YAML (or JSON) file, as a dict to merge with command-line overrides."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {file} does not exist")
+    try:
+        values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {file} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {file} must hold a mapping of settings")
+    return values
+
+
+class Run:
+    """A run folder and the stages that fill it."""
+
+    def __init__(self, folder: str | Path, config: RunConfig):
+        self.folder = Path(folder)
+        self.config = config
+        self.timings: dict[str, float] = {}
+
+    # --- opening ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, folder: str | Path, config: RunConfig) -> Run:
+        """Start a new run; refuse a folder that already holds another run."""
+        root = Path(folder)
+        record = root / RUN_FILE
+        if record.exists():
+            existing = read_json(record).get("config", {})
+            if existing != config.model_dump():
+                raise RunError(
+                    f"{root} already holds a run with other settings "
+                    f"({_describe_difference(existing, config.model_dump())}); "
+                    f"continue it with --resume {root} or choose another --out"
+                )
+        run = cls(root, config)
+        run._write_record()
+        return run
+
+    @classmethod
+    def open(cls, folder: str | Path) -> Run:
+        """Open an existing run folder (for resume, eval, report, export)."""
+        root = Path(folder)
+        record = root / RUN_FILE
+        if not record.is_file():
+            raise RunError(f"{root} is not a run folder (no {RUN_FILE})")
+        try:
+            payload = json.loads(record.read_text(encoding="utf-8"))
+            config = RunConfig(**payload["config"])
+        except (json.JSONDecodeError, KeyError) as error:
+            raise RunError(f"{record} is corrupt: {error}") from None
+        run = cls(root, config)
+        run.timings = dict(payload.get("timings", {}))
+        return run
+
+    def _write_record(self, **extra: Any) -> None:
+        previous = read_json(self.folder / RUN_FILE) if (self.folder / RUN_FILE).exists() else {}
+        payload = previous | {"config": self.config.model_dump(), "timings": self.timings} | extra
+        write_json(self.folder / RUN_FILE, payload)
+
+    # --- paths ---------------------------------------------------------------------------
+    @property
+    def activations_dir(self) -> Path:
+        return self.folder / "activations"
+
+    def model_dir(self, which: Which) -> Path:
+        return self.folder / which
+
+    def checkpoint_dir(self, which: Which) -> Path:
+        return self.folder / "checkpoints" / which
+
+    def log_path(self, which: Which) -> Path:
+        return self.folder / "logs" / f"train_{which}.jsonl"
+
+    def trained(self, which: Which) -> bool:
+        return (self.model_dir(which) / CONFIG_FILE).is_file()
+
+    def wanted_models(self) -> list[Which]:
+        return ["hsae", "baseline"] if self.config.baseline else ["hsae"]
+
+    # --- stages ----------------------------------------------------------------------------
+    def _timed(self, stage: str, seconds: float) -> None:
+        self.timings[stage] = round(self.timings.get(stage, 0.0) + seconds, 2)
+        self._write_record()
+        write_json(self.folder / "timings.json", self.timings)
+
+    def harvest(self, progress: bool = True) -> Any:
+        """Fill (or resume) the activation cache."""
+        from hsae.activations import ActivationCache, harvest
+
+        manifest = self.activations_dir / "manifest.json"
+        if manifest.is_file() and read_json(manifest).get("status") == "complete":
+            return ActivationCache(self.activations_dir)
+        start = time.perf_counter()
+        cache = harvest(self.config.harvest_config(), self.activations_dir, progress=progress)
+        self._timed("harvest", time.perf_counter() - start)
+        return cache
+
+    def cache(self) -> Any:
+        from hsae.activations import ActivationCache
+
+        if not (self.activations_dir / "manifest.json").is_file():
+            raise RunError(f"{self.folder} has no harvested activations yet; run the harvest first")
+        return ActivationCache(self.activations_dir)
+
+    def train(self, which: Which, progress: bool = True) -> HSAE:
+        """Train (or resume training) one of the run's models and save it."""
+        if self.trained(which):
+            return load_hsae(self.model_dir(which))
+        cache = self.cache()
+        mode = "hsae" if which == "hsae" else "independent"
+        config = self.config.hsae_config(cache.d_model, mode, cache.scale)
+        reader = cache.reader(config.batch_size, split="train", seed=self.config.seed, loop=True)
+        trainer = Trainer(config, reader)
+        checkpoint = self.checkpoint_dir(which)
+        if (checkpoint / "trainer.json").is_file() or checkpoint.with_name(
+            f".{checkpoint.name}.old"
+        ).exists():
+            trainer.resume(checkpoint)
+            _truncate_log(self.log_path(which), trainer.step)
+        start = time.perf_counter()
+        model = trainer.fit(
+            progress=progress,
+            log_every=self.config.log_every,
+            on_log=_log_writer(self.log_path(which)),
+            checkpoint_dir=checkpoint,
+            checkpoint_every=self.config.checkpoint_every,
+        )
+        model.save(self.model_dir(which))
+        self._timed(f"train_{which}", time.perf_counter() - start)
+        return model
+
+    def evaluate(self, splice: bool = True) -> dict[str, Any]:
+        """Evaluate the trained models side by side; write metrics.json and summary.md."""
+        from hsae.evaluation.suite import comparison_table, evaluate_models
+
+        cache = self.cache()
+        names = [which for which in self.wanted_models() if self.trained(which)]
+        if "hsae" not in names:
+            raise RunError(f"{self.folder} has no trained HSAE yet; train it first")
+        models = {name: self.load(name) for name in names}
+        heldout = cache.all_activations("heldout")[: self.config.eval_tokens]
+        if heldout.shape[0] == 0:
+            raise RunError(f"{self.folder}: the activation cache has no held-out tokens")
+        start = time.perf_counter()
+        splice_inputs = None
+        if splice and self.config.splice_contexts > 0:
+            splice_inputs = self._splice_inputs(cache)
+        results = evaluate_models(models, heldout, splice_inputs)
+        results["run"] = {
+            "model": cache.manifest.get("model"),
+            "layer": cache.manifest.get("layer"),
+        }
+        write_json(self.folder / "metrics.json", results)
+        table = comparison_table(results, names)
+        write_text(self.folder / "summary.md", _summary_markdown(self, table))
+        self._timed("evaluate", time.perf_counter() - start)
+        return results
+
+    def _splice_inputs(self, cache: Any) -> tuple[Any, torch.nn.Module, list[Any]]:
+        from hsae.activations import load_language_model
+        from hsae.activations.models import decoder_layers
+
+        lm = load_language_model(self.config.model)
+        layer = int(cache.manifest["layer"])
+        batches = heldout_context_batches(cache, lm, self.config.splice_contexts)
+        return lm.model, decoder_layers(lm.model)[layer], batches
+
+    def load(self, which: Which) -> HSAE:
+        if not self.trained(which):
+            raise RunError(f"{self.folder} has no trained {which} model yet")
+        return load_hsae(self.model_dir(which))
+
+
+def heldout_context_batches(
+    cache: Any, lm: Any, n_contexts: int, batch_size: int = 4
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Rebuild the first ``n_contexts`` held-out contexts as (ids, mask, splice-mask) batches."""
+    info = cache.token_info("heldout")
+    contexts = []
+    for context in dict.fromkeys(info.context_ids.tolist()):
+        if len(contexts) == n_contexts:
+            break
+        rows = info.context_ids == context
+        order = info.positions[rows].argsort()
+        contexts.append(torch.as_tensor(info.token_ids[rows][order], dtype=torch.long))
+    bos = lm.bos_token_id
+    batches = []
+    for start in range(0, len(contexts), batch_size):
+        group = contexts[start : start + batch_size]
+        prefix = 1 if bos is not None else 0
+        length = prefix + max(len(tokens) for tokens in group)
+        ids = torch.full((len(group), length), lm.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(group), length), dtype=torch.long)
+        for row, tokens in enumerate(group):
+            if bos is not None:
+                ids[row, 0] = bos
+            ids[row, prefix : prefix + len(tokens)] = tokens
+            mask[row, : prefix + len(tokens)] = 1
+        keep = mask.bool()
+        keep[:, :prefix] = False
+        batches.append((ids.to(lm.device), mask.to(lm.device), keep.to(lm.device)))
+    return batches
+
+
+def _summary_markdown(run: Run, table: str) -> str:
+    timings = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in run.timings.items())
+    return (
+        f"# Run {run.folder.name}\n\n"
+        f"Model: {run.config.model or 'embedded Gemma 3 270M'}, layer: "
+        f"{run.config.layer if run.config.layer is not None else 'middle'}, "
+        f"dataset: {run.config.dataset or 'built-in WordNet corpus'}\n\n"
+        f"{table}\n\nTimings: {timings or 'n/a'}\n"
+    )
+
+
+def _describe_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    return ", ".join(f"{k}: {saved.get(k)!r} vs {wanted.get(k)!r}" for k in keys[:4])
+
+
+def _log_writer(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(log: StepLog) -> None:
+        # Appending a whole line is atomic enough: a torn last line is dropped on resume.
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(log.as_dict()) + "\n")
+
+    return write
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep only complete log lines up to ``step`` (the checkpoint being resumed)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", math.inf) <= step:
+            kept.append(line)
+    write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def device_of(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
