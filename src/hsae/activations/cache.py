@@ -270,6 +270,7 @@ class ActivationCache:
         self.manifest = read_manifest(self.root)
         self._verified: set[int] = set()
         self._tokenizer: Any = None
+        self._token_info: dict[str, TokenInfo] = {}
 
     @property
     def scale(self) -> float:
@@ -329,10 +330,14 @@ class ActivationCache:
         return tensor * self.scale if scaled else tensor
 
     def token_info(self, split: str = "train") -> TokenInfo:
-        """Token metadata aligned with the rows of `all_activations(split)` / the shard order."""
-        parts = [np.asarray(self.open_shard(s)[1]) for s in self.shards(split)]
-        meta = np.concatenate(parts) if parts else np.zeros((0, len(TOKEN_COLUMNS)), np.int64)
-        return TokenInfo(*(np.ascontiguousarray(meta[:, i]) for i in range(len(TOKEN_COLUMNS))))
+        """Token metadata aligned with the rows of `all_activations(split)` / the shard order
+        (loaded once per split and kept: 32 bytes per row)."""
+        if split not in self._token_info:
+            parts = [np.asarray(self.open_shard(s)[1]) for s in self.shards(split)]
+            meta = np.concatenate(parts) if parts else np.zeros((0, len(TOKEN_COLUMNS)), np.int64)
+            columns = (np.ascontiguousarray(meta[:, i]) for i in range(len(TOKEN_COLUMNS)))
+            self._token_info[split] = TokenInfo(*columns)
+        return self._token_info[split]
 
     def context_tokens(
         self, row: int, split: str = "train", before: int = 16, after: int = 4
