@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -73,6 +74,9 @@ class SyntheticSpec:
     """Seed of the forest's structure, directions and firing rates."""
 
     def __post_init__(self) -> None:
+        for name in ("branching", "spread"):  # accept lists; store hashable tuples
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         _require_int("d", self.d, 2)
         _require_int("n_roots", self.n_roots, 0)
         _require_int("depth", self.depth, 1)
@@ -275,18 +279,20 @@ class SyntheticForest:
 
     # ----------------------------------------------------------------------------- structure
     def _subtree_means(self, prototype: Tensor) -> tuple[Tensor, Tensor]:
-        """Per node: unit expected contribution direction and expected active leaves if fired."""
-        n_nodes = self._parent.numel()
-        mean = torch.where(self._is_leaf[:, None], prototype, torch.zeros_like(prototype))
-        expected = self._is_leaf.to(torch.float64)
-        for depth in range(int(self._depth.max()), 1, -1):  # bottom-up, one depth at a time
-            nodes = (self._depth == depth).nonzero(as_tuple=True)[0]
-            owners = self._parent[nodes]
-            weight = self._pass[nodes]
-            mean.index_add_(0, owners, weight[:, None] * mean[nodes])
-            expected.index_add_(0, owners, weight * expected[nodes])
-        assert mean.shape[0] == n_nodes
-        return _unit(mean).float(), expected
+        """Per node: unit expected contribution direction and expected active leaves if fired.
+
+        Small structural sums run in NumPy: ``np.add.at`` stays single-threaded, where a tiny
+        multi-threaded ``index_add_`` can stall for seconds on a busy machine.
+        """
+        is_leaf = self._is_leaf.numpy()
+        parent, depth, passing = self._parent.numpy(), self._depth.numpy(), self._pass.numpy()
+        mean = np.where(is_leaf[:, None], prototype.numpy(), 0.0)
+        expected = is_leaf.astype(np.float64)
+        for level in range(int(depth.max()), 1, -1):  # bottom-up, one depth at a time
+            nodes = np.flatnonzero(depth == level)
+            np.add.at(mean, parent[nodes], passing[nodes, None] * mean[nodes])
+            np.add.at(expected, parent[nodes], passing[nodes] * expected[nodes])
+        return _unit(torch.from_numpy(mean)).float(), torch.from_numpy(expected)
 
     def _cuts(self) -> tuple[list[Tensor], Tensor]:
         cut_nodes: list[Tensor] = []
@@ -361,18 +367,19 @@ class SyntheticForest:
         if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
             raise ValueError(f"n_tokens must be an integer >= 0, got {n_tokens!r}")
         x = torch.empty(n_tokens, self.spec.d, dtype=torch.float32)
-        truth = [torch.zeros(n_tokens, size, dtype=torch.bool) for size in self.level_sizes()]
+        sizes = self.level_sizes() if with_truth else []
+        truth = [torch.zeros(n_tokens, size, dtype=torch.bool) for size in sizes]
         chunk = max(1024, CHUNK_ENTRIES // max(self.n_leaves, 1))
         for start in range(0, n_tokens, chunk):
             stop = min(start + chunk, n_tokens)
             token, node = self._fired_nodes(stop - start, generator)
             x[start:stop] = self._activations(stop - start, token, node, generator)
-            if with_truth:
-                for level, fired in enumerate(truth):
-                    position = self._cut_position[level, node]
-                    keep = position >= 0
-                    fired[start + token[keep], position[keep]] = True
-        return x, (truth if with_truth else [])
+            for level, fired in enumerate(truth):
+                position = self._cut_position[level, node]
+                keep = position >= 0
+                flat = (start + token[keep]) * fired.shape[1] + position[keep]
+                fired.view(-1)[flat] = True
+        return x, truth
 
     def _fired_nodes(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """All (token, node) pairs that fire in a chunk of ``n`` tokens, descending the trees."""
@@ -418,7 +425,7 @@ class SyntheticForest:
             self.spec.magnitude_sigma * torch.randn(leaf.numel(), generator=generator)
         )
         codes = torch.zeros(n, self.n_leaves, dtype=torch.float32)
-        codes[token, leaf] = magnitude
+        codes.view(-1)[token * self.n_leaves + leaf] = magnitude
         x = codes @ self.leaf_directions
         if self.spec.noise_std > 0:
             x += self.spec.noise_std * torch.randn(n, self.spec.d, generator=generator)
