@@ -254,7 +254,7 @@ def test_sampling_one_million_tokens_is_fast(forest: SyntheticForest) -> None:
     x = forest.sample(1_000_000, torch.Generator().manual_seed(0))
     elapsed = time.perf_counter() - start
     assert x.shape == (1_000_000, 64) and bool(torch.isfinite(x).all())
-    assert elapsed < 30.0, f"1M tokens took {elapsed:.1f} s"
+    assert elapsed < 60.0, f"1M tokens took {elapsed:.1f} s"
 
 
 # ------------------------------------------------------------------------------- recovery
