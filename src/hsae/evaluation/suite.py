@@ -58,8 +58,8 @@ def comparison_table(results: dict[str, Any], names: list[str]) -> str:
     hierarchy_rows = [
         ("Hamming per 1k tokens (lower is better)", "hamming_per_1k"),
         ("Hamming / union (lower is better)", "hamming_normalised"),
-        ("P(parent | child)", "p_parent_given_child"),
-        ("P(child | parent)", "p_child_given_parent"),
+        ("P(parent given child)", "p_parent_given_child"),
+        ("P(child given parent)", "p_child_given_parent"),
     ]
     for label, key in hierarchy_rows:
         values = [_fmt(results[n]["hierarchy"][key]) for n in names]
