@@ -29,17 +29,25 @@ class HSAEConfig(BaseModel):
     strictly increasing. Training length is ``train_tokens`` drawn in batches of ``batch_size``.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
 
     # --- model --------------------------------------------------------------------------
     d_in: int
+    """Width of the activations (the LLM's d_model)."""
     level_sizes: list[int] = [2048, 4096, 8192, 16384]
+    """Dictionary size of each level, strictly increasing (paper: 2048 ... 16384)."""
     mode: Mode = "hsae"
+    """"hsae", or "independent" for the baseline (no constraint, no perturbation)."""
 
     # --- loss -----------------------------------------------------------------------------
     target_l0: float = 50.0
+    """L0 the sparsity controller steers every level to (at most the smallest level size)."""
     rho: float = 0.01
+    """Weight of the parent-children constraint (>= 0)."""
     perturbation_rate: float = 0.05
+    """r: probability that a parent is replaced by its children in its level's reconstruction."""
     bandwidth: float = 0.001
     """Width eps of the rectangle kernel of the JumpReLU straight-through estimator, in the
     units of the scaled activations (mean norm sqrt(d_in))."""
@@ -50,19 +58,25 @@ class HSAEConfig(BaseModel):
 
     # --- forest -----------------------------------------------------------------------------
     similarity: Similarity = "encoder"
+    """Forest similarity: "encoder" cosine, "decoder" cosine or "coactivation" frequency."""
     tree: TreeVariant = "partial"
+    """"partial" (quantile filter), "full" (no filter), "binary" (<= 2 children), "fixed"."""
     unassigned_quantile: float = 0.2
+    """q: share of children with the weakest best similarity left without a parent."""
     update_interval: int | None = None
     """Steps between forest rebuilds (paper: 5000). None: a twentieth of the run."""
     coactivation_every: int = 10
     """With similarity='coactivation', update the co-firing EMA every this many steps."""
     coactivation_momentum: float = 0.99
+    """Momentum of the co-firing EMA."""
 
     # --- sparsity controller ------------------------------------------------------------------
     adaptive_sparsity: bool = True
+    """Steer lambda per level to reach target_l0 (off: lambda stays at sparsity_init)."""
     sparsity_init: float | None = None
     """Initial sparsity weight lambda per level (None: chosen from d_in and target_l0)."""
     l0_ema_momentum: float = 0.999
+    """Momentum of the L0 EMA the controller watches."""
     l0_decay_rate: float = 0.001
     """eta of the desired trajectory dL0 = -eta (L0 - target), per step."""
     sparsity_adjust: float = 0.01
@@ -70,19 +84,27 @@ class HSAEConfig(BaseModel):
 
     # --- optimisation ----------------------------------------------------------------------
     train_tokens: int = 100_000_000
+    """Tokens to train on (steps = train_tokens // batch_size)."""
     batch_size: int = 1024
+    """Tokens per optimisation step."""
     lr: float = 3e-4
+    """Adam learning rate (peak of the warm-up + cosine schedule)."""
     adam_beta1: float = 0.0
+    """Adam beta1."""
     adam_beta2: float = 0.995
+    """Adam beta2."""
     threshold_lr_multiplier: float = 30.0
     """The log-thresholds' learning rate is lr times this. Adam moves log(theta) by about lr
     per step whatever the gradient's size, so at lr=3e-4 a threshold could change by only
     0.03% a step; the multiplier lets thresholds follow the sparsity weight within short runs."""
     warmup_fraction: float = 0.1
+    """Share of the steps spent in linear learning-rate warm-up."""
     activation_scale: float | None = None
     """Constant c multiplying raw activations so their mean norm is sqrt(d_in); None: estimate."""
     seed: int = 0
+    """Seed of initialisation, data order and perturbation draws."""
     device: str = "auto"
+    """"auto" (CUDA when available), "cpu", "cuda", "cuda:N"."""
     sparse_kernels: bool = True
     """Use the sparsity-exploiting decoder/backward path (same maths as the dense reference)."""
 

@@ -44,7 +44,7 @@ class RunError(RuntimeError):
 class RunConfig(BaseModel):
     """Everything a run needs: what to harvest, how to train, how much to evaluate."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     model: str | None = None
     """Hugging Face id or local path of a causal LM; None: the embedded Gemma 3 270M."""
@@ -53,19 +53,29 @@ class RunConfig(BaseModel):
     dataset: str | None = None
     """HF dataset id, local text/JSONL/Parquet file or folder; None: the built-in WordNet corpus."""
     harvest_tokens: int = Field(1_000_000, ge=1024)
+    """Activations to harvest, train and held-out together."""
     context_length: int = Field(128, ge=2)
+    """Tokens per context (BOS included)."""
     harvest_batch_size: int = Field(32, ge=1)
+    """Contexts per forward pass while harvesting."""
     heldout_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    """Share of harvested tokens kept for evaluation."""
     hsae: dict[str, Any] = {}
     """HSAEConfig settings (d_in and the activation scale come from the activations)."""
     baseline: bool = True
+    """Also train the independent-SAE baseline."""
     checkpoint_every: int = Field(500, ge=1)
+    """Steps between training checkpoints."""
     log_every: int = Field(50, ge=1)
+    """Steps between lines of the training log."""
     eval_tokens: int = Field(65_536, ge=256)
+    """Held-out activations used for the metrics."""
     splice_contexts: int = Field(16, ge=0)
     """Contexts of held-out text for the spliced CE loss (0 skips it)."""
     device: str = "auto"
+    """"auto" (CUDA when available), "cpu", "cuda", "cuda:N"."""
     seed: int = Field(0, ge=0)
+    """Seed of the document order, training and perturbation."""
 
     def __init__(self, **values: Any) -> None:
         try:

@@ -2,5 +2,21 @@
 
 from hsae.evaluation.hierarchy import HierarchyMetrics, hierarchy_metrics
 from hsae.evaluation.quality import Evaluation, LevelQuality, evaluate
+from hsae.evaluation.recovery import (
+    RecoveryReport,
+    forest_recovery,
+    match_by_firing,
+    match_latents,
+)
 
-__all__ = ["Evaluation", "HierarchyMetrics", "LevelQuality", "evaluate", "hierarchy_metrics"]
+__all__ = [
+    "Evaluation",
+    "HierarchyMetrics",
+    "LevelQuality",
+    "RecoveryReport",
+    "evaluate",
+    "forest_recovery",
+    "hierarchy_metrics",
+    "match_by_firing",
+    "match_latents",
+]
