@@ -170,7 +170,8 @@ def test_resume_refuses_other_settings_and_overwrite_starts_over(cache, lm, tmp_
     out = tmp_path / "small"
     small = {**SETTINGS, "tokens": 300}
     first = harvest(HarvestConfig(**small), out, lm=lm, progress=False)
-    again = harvest(HarvestConfig(**small), out, lm=lm, progress=False)  # complete: no work
+    aliases = {**small, "dataset": "wordnet", "model": "gemma-3-270m"}  # same settings, spelled out
+    again = harvest(HarvestConfig(**aliases), out, lm=lm, progress=False)  # complete: no work
     assert again.manifest["shards"] == first.manifest["shards"]
     fresh = harvest(
         HarvestConfig(**{**small, "layer": 2}), out, lm=lm, overwrite=True, progress=False

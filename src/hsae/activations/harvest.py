@@ -27,8 +27,16 @@ from hsae.activations.cache import (
     read_manifest,
     remove_cache,
 )
-from hsae.activations.corpora import ContextBatch, ContextBuilder, CorpusError, open_corpus
+from hsae.activations.corpora import (
+    BUILTIN_NAMES,
+    ContextBatch,
+    ContextBuilder,
+    CorpusError,
+    open_corpus,
+)
 from hsae.activations.models import (
+    EMBEDDED_ALIASES,
+    EMBEDDED_MODEL,
     HarvestError,
     LanguageModel,
     capture_residual,
@@ -207,6 +215,10 @@ def _existing_manifest(root: Path) -> dict[str, Any] | None:
 def _settings(config: HarvestConfig, layer: int) -> dict[str, Any]:
     values = config.model_dump()
     values["layer"] = layer
+    if config.model is None or config.model in EMBEDDED_ALIASES:
+        values["model"] = EMBEDDED_MODEL
+    if config.dataset is None or config.dataset in BUILTIN_NAMES:
+        values["dataset"] = "builtin"
     return {key: values[key] for key in _RESUME_KEYS}
 
 
