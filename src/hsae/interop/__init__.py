@@ -1,0 +1,17 @@
+"""Bridges to the rest of the SAE ecosystem: SAELens folders, SAEBench, shareable run archives."""
+
+from hsae.interop.saelens import (
+    InteropError,
+    export_saelens,
+    forest_from_saelens,
+    load_saelens_export,
+    read_saelens,
+)
+
+__all__ = [
+    "InteropError",
+    "export_saelens",
+    "forest_from_saelens",
+    "load_saelens_export",
+    "read_saelens",
+]

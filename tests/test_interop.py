@@ -1,0 +1,265 @@
+"""Ecosystem bridges on tiny random models: SAELens export/import (checked with the real sae_lens
+package), the SAEBench wrapper, run archives, malformed imports, the export CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import hsae
+from hsae import HSAE, HSAEConfig
+from hsae.interop import InteropError
+from hsae.interop.saelens import (
+    export_saelens,
+    forest_from_saelens,
+    load_saelens_export,
+    read_saelens,
+)
+from hsae.io import write_json
+from hsae.model import forest as forest_ops
+from hsae.runs import Run, RunConfig
+
+sae_lens = pytest.importorskip("sae_lens")
+
+SCALE = 0.004  # a realistic activation scale (raw residual norms in the thousands)
+D_IN = 16
+SIZES = [8, 16, 32]
+# Float32 carries ~7 significant digits and raw activations here have entries of ~1/SCALE
+# (hundreds), where one float32 step is ~3e-5; errors are therefore measured relative to the
+# largest magnitude compared, and absolutely below magnitude 1 (see `error`).
+TOL = 1e-4
+
+
+def error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """max |ours - theirs| / max(1, max |theirs|): absolute for codes, relative for raw outputs."""
+    return float((ours - theirs).detach().abs().max() / theirs.detach().abs().max().clamp(min=1.0))
+
+
+def random_hsae(mode: str = "hsae", seed: int = 0) -> HSAE:
+    config = HSAEConfig(
+        d_in=D_IN, level_sizes=SIZES, target_l0=4, activation_scale=SCALE, mode=mode, seed=seed
+    )
+    model = HSAE(config)
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for level in model.levels:
+            level.W_enc.copy_(torch.randn(level.W_enc.shape, generator=generator) * 0.5)
+            level.b_enc.copy_(torch.randn(level.b_enc.shape, generator=generator) * 0.1)
+            level.b_dec.copy_(torch.randn(level.b_dec.shape, generator=generator) * 0.5)
+            thresholds = torch.empty(level.n_features).uniform_(0.05, 0.5, generator=generator)
+            level.log_threshold.copy_(thresholds.log())
+        model.activation_scale.fill_(SCALE)
+        links = forest_ops.rebuild_forest(list(model.levels), "encoder", 0.25, None)
+        for index, level_links in enumerate(links):
+            model.set_parents(index, level_links)
+    return model.eval()
+
+
+def raw_activations(n: int = 256, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D_IN, generator=generator) / SCALE
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """A run folder as `hsae train` leaves it, with random models and no activation shards."""
+    settings = {"model": "gpt2", "layer": 3, "context_length": 64}
+    settings["hsae"] = {"level_sizes": SIZES, "target_l0": 4}
+    run = Run.create(tmp_path / "run", RunConfig(**settings))
+    manifest = {
+        "format": "hsae-activation-cache",
+        "model": {"name": "gpt2", "d_model": D_IN},
+        "layer": 3,
+        "context_length": 64,
+        "bos_prepended": True,
+        "dataset": {"spec": "NeelNanda/pile-10k", "kind": "hf"},
+        "d_model": D_IN,
+        "scale": SCALE,
+        "shards": [{"file": "shards/train_00000.npy"}],
+    }
+    write_json(run.folder / "activations" / "manifest.json", manifest)
+    random_hsae("hsae", seed=0).save(run.folder / "hsae")
+    random_hsae("independent", seed=1).save(run.folder / "baseline")
+    write_json(run.folder / "metrics.json", {"hsae": {"levels": []}})
+    (run.folder / "summary.md").write_text("# Run\n")
+    return run.folder
+
+
+# --- SAELens export ------------------------------------------------------------------------
+
+
+def test_every_exported_level_loads_in_sae_lens_and_reproduces_reconstructions(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    written = export_saelens(run_dir, tmp_path / "out")
+    assert sorted(written) == ["baseline", "hsae"]
+    x = raw_activations()
+    for which, folders in written.items():
+        model = hsae.load(run_dir, which=which)
+        assert len(folders) == len(SIZES)
+        for level, folder in enumerate(folders):
+            sae = sae_lens.SAE.load_from_disk(folder)
+            assert isinstance(sae, sae_lens.JumpReLUSAE)
+            assert set(load_file(str(folder / "sae_weights.safetensors"))) == {
+                "W_enc",
+                "b_enc",
+                "W_dec",
+                "b_dec",
+                "threshold",
+            }
+            ours = model.encode_level(x, level)
+            theirs = sae.encode(x)
+            assert 0.1 < float((ours > 0).float().mean()) < 0.9  # a nontrivial active set
+            assert torch.equal(theirs > 0, ours > 0)
+            assert error(theirs, ours) < TOL
+            assert error(sae.decode(theirs), model.decode(ours, level)) < TOL
+            assert error(sae(x), model.reconstruct(x)[level]) < TOL
+
+
+def test_exported_cfg_carries_hook_and_run_metadata(run_dir: Path, tmp_path: Path) -> None:
+    export_saelens(run_dir, tmp_path / "out", model_name="openai-community/gpt2")
+    cfg = json.loads((tmp_path / "out" / "hsae" / "level_1" / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu"
+    assert (cfg["d_in"], cfg["d_sae"]) == (D_IN, SIZES[1])
+    assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"] is True
+    meta = cfg["metadata"]
+    assert meta["model_name"] == "openai-community/gpt2"
+    assert (meta["hook_name"], meta["hook_layer"]) == ("blocks.3.hook_resid_post", 3)
+    assert (meta["context_size"], meta["prepend_bos"]) == (64, True)
+    assert meta["dataset_path"] == "NeelNanda/pile-10k"
+    sae = sae_lens.SAE.load_from_disk(tmp_path / "out" / "hsae" / "level_1")
+    assert sae.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
+
+
+def test_forest_sidecar_matches_the_model_and_round_trips(run_dir: Path, tmp_path: Path) -> None:
+    export_saelens(run_dir, tmp_path / "out")
+    original = hsae.load(run_dir)
+    sidecar = json.loads((tmp_path / "out" / "hsae" / "forest.json").read_text())
+    assert sidecar["levels"] == ["level_0", "level_1", "level_2"]
+    assert sidecar["parents"] == [links.tolist() for links in original.forest()]
+    assert any(-1 in links for links in sidecar["parents"])  # partial tree: some unassigned
+    restored = load_saelens_export(tmp_path / "out" / "hsae")
+    x = raw_activations()
+    for a, b in zip(restored.forest(), original.forest(), strict=True):
+        assert torch.equal(a, b)
+    for ours, theirs in zip(restored.encode(x), original.encode(x), strict=True):
+        assert error(ours, theirs) < TOL
+
+
+# --- SAELens import ------------------------------------------------------------------------
+
+
+def saelens_jumprelu(d_sae: int, seed: int, unit_decoder: bool = False) -> object:
+    """A JumpReLU SAE made and randomised with sae_lens itself."""
+    torch.manual_seed(seed)
+    sae = sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(d_in=D_IN, d_sae=d_sae))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 0.4)
+        sae.W_dec.normal_(0, 0.4)
+        if unit_decoder:
+            sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.5)
+        sae.threshold.uniform_(0.05, 0.6)
+    return sae
+
+
+@pytest.mark.parametrize("scale", [1.0, SCALE])
+def test_imported_saelens_sae_encodes_and_decodes_the_same(tmp_path: Path, scale: float) -> None:
+    sae = saelens_jumprelu(SIZES[0], seed=3)
+    sae.save_model(tmp_path / "sae")
+    model = forest_from_saelens(
+        [tmp_path / "sae"], activation_scale=scale, fold_decoder_norms=False
+    )
+    x = torch.randn(200, D_IN) * 3 / scale
+    theirs = sae.encode(x)
+    ours = model.encode_level(x, 0)
+    assert 0.1 < float((theirs > 0).float().mean()) < 0.9
+    assert error(ours, theirs) < TOL
+    assert error(model.decode(theirs, 0), sae.decode(theirs)) < TOL
+
+
+def test_import_folds_decoder_norms_keeping_reconstructions(tmp_path: Path) -> None:
+    sae = saelens_jumprelu(SIZES[0], seed=4)
+    sae.save_model(tmp_path / "sae")
+    model = forest_from_saelens([tmp_path / "sae"], activation_scale=SCALE)
+    norms = model.levels[0].W_dec.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    x = torch.randn(200, D_IN) / SCALE
+    ours = model.encode_level(x, 0)
+    theirs = sae.encode(x)
+    assert torch.equal(ours > 0, theirs > 0)
+    row_norms = (sae.W_dec * SCALE).norm(dim=1)
+    assert error(ours, theirs * row_norms) < TOL
+    assert error(model.decode(ours, 0), sae.decode(theirs)) < TOL
+
+
+def test_forest_from_saelens_builds_a_post_hoc_forest(tmp_path: Path) -> None:
+    folders = []
+    for index, size in enumerate(SIZES):
+        saelens_jumprelu(size, seed=10 + index, unit_decoder=True).save_model(
+            tmp_path / f"l{index}"
+        )
+        folders.append(tmp_path / f"l{index}")
+    model = forest_from_saelens(folders, similarity="decoder", unassigned_quantile=0.25)
+    assert model.config.level_sizes == SIZES
+    expected = forest_ops.rebuild_forest(list(model.levels), "decoder", 0.25, None)
+    for links, wanted in zip(model.forest(), expected, strict=True):
+        assert torch.equal(links, wanted)
+        assert int((links == -1).sum()) == round(0.25 * links.numel())
+    binary = forest_from_saelens(folders, tree="binary")
+    counts = forest_ops.children_count(binary.parents(0), SIZES[0])
+    assert int(counts.max()) <= 2
+
+
+def test_exported_level_imports_back_exactly(run_dir: Path, tmp_path: Path) -> None:
+    export_saelens(run_dir, tmp_path / "out")
+    original = hsae.load(run_dir)
+    folders = [tmp_path / "out" / "hsae" / f"level_{i}" for i in range(len(SIZES))]
+    model = forest_from_saelens(folders, activation_scale=SCALE)
+    for ours, theirs in zip(model.levels, original.levels, strict=True):
+        for name, tensor in theirs.state_dict().items():
+            assert (ours.state_dict()[name] - tensor).abs().max() < 1e-5, name
+
+
+# --- malformed imports ---------------------------------------------------------------------
+
+
+def test_malformed_saelens_folders_are_refused_in_one_line(tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    saelens_jumprelu(SIZES[0], seed=5).save_model(good)
+    weights = load_file(str(good / "sae_weights.safetensors"))
+    cfg = json.loads((good / "cfg.json").read_text())
+
+    def variant(name: str, tensors: dict, config: dict) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file(tensors, str(folder / "sae_weights.safetensors"))
+        (folder / "cfg.json").write_text(json.dumps(config))
+        return folder
+
+    no_threshold = {k: v for k, v in weights.items() if k != "threshold"}
+    wrong_shape = weights | {"W_dec": torch.zeros(SIZES[0] + 1, D_IN)}
+    cases = {
+        variant("missing", no_threshold, cfg): "lacks tensor(s) threshold",
+        variant("shape", wrong_shape, cfg): "W_dec has shape (9, 16), expected (8, 16)",
+        variant("topk", weights, cfg | {"architecture": "topk"}): "only 'jumprelu'",
+        variant("norm", weights, cfg | {"normalize_activations": "layer_norm"}): "layer_norm",
+        variant("extra", weights | {"b_mag": torch.zeros(8)}, cfg): "b_mag",
+        tmp_path / "nowhere": "is not a folder",
+    }
+    for folder, message in cases.items():
+        with pytest.raises(
+            InteropError, match=message.replace("(", r"\(").replace(")", r"\)")
+        ) as e:
+            read_saelens(folder)
+        assert "\n" not in str(e.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InteropError, match="missing cfg.json"):
+        forest_from_saelens([tmp_path / "empty"])
+    with pytest.raises(InteropError, match="smallest to largest"):
+        forest_from_saelens([good, good])
