@@ -1,0 +1,53 @@
+"""``hsae report``: build the report data of a run, write RUN/report.html and RUN/plots/*.png."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hsae.io import write_text
+from hsae.report.explorer import ReportSettings, build_report_data
+from hsae.report.html import render_html
+from hsae.report.plots import write_plots
+
+REPORT_FILE = "report.html"
+PLOTS_DIR = "plots"
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """Where the report went, how big it is and how long it took."""
+
+    html: Path
+    plots: list[Path]
+    size_bytes: int
+    seconds: float
+    meta: dict[str, Any]
+
+
+def build_report(
+    run_dir: str | Path,
+    settings: ReportSettings | None = None,
+    out: str | Path | None = None,
+    plots: bool = True,
+    tokenizer: Any = None,
+) -> ReportResult:
+    """Write the explorer page (default RUN/report.html) and, unless ``plots=False``, the PNGs."""
+    from hsae.runs import Run
+
+    started = time.perf_counter()
+    run = Run.open(run_dir)
+    data = build_report_data(run, settings or ReportSettings(), tokenizer=tokenizer)
+    html = render_html(data)
+    target = Path(out) if out is not None else run.folder / REPORT_FILE
+    write_text(target, html)
+    pngs = write_plots(data, run.folder / PLOTS_DIR) if plots else []
+    return ReportResult(
+        html=target,
+        plots=pngs,
+        size_bytes=target.stat().st_size,
+        seconds=round(time.perf_counter() - started, 2),
+        meta=data["meta"],
+    )

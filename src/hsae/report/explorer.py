@@ -1,0 +1,649 @@
+"""Report data: one vectorised pass over cached activations -> everything the explorer shows.
+
+This module owns the numbers behind ``hsae report``: per-feature firing frequency, the top and
+activation-weighted sampled contexts (per-feature ``torch.topk`` merged chunk by chunk; the
+samples use Efraimidis-Spirakis keys ``log(u) / a``, so they are a weighted draw without
+replacement kept by the same top-k merge), the tokens each feature fires on most, P(parent |
+child) along the forest, the truncated forest itself, the context windows with per-token
+activations, and the 2-D projection of sibling features against an unrelated one. The result is a
+plain JSON-able dict; :mod:`hsae.report.html` renders it and :mod:`hsae.report.plots` draws it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hsae.io import read_json
+from hsae.model import HSAE
+from hsae.report.labels import load_labels
+
+Projection = Literal["auto", "umap", "pca", "none"]
+
+
+class ReportError(ValueError):
+    """The report cannot be built as asked (bad setting, missing stage, unreadable labels)."""
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """What the report scans and how much of it it embeds."""
+
+    which: Literal["hsae", "baseline"] = "hsae"
+    """Model whose forest is explored."""
+    split: Literal["train", "heldout"] = "train"
+    """Cache split the contexts come from."""
+    max_tokens: int = 100_000
+    """Activation rows scanned (the first rows of the split)."""
+    max_features: int = 400
+    """Features embedded in the page; the largest trees are kept whole until this is reached."""
+    max_children: int = 16
+    """Children shown per node (the most frequent ones)."""
+    top_k: int = 10
+    """Highest-activating contexts per feature."""
+    n_sampled: int = 5
+    """Contexts sampled in proportion to activation, per feature."""
+    n_top_tokens: int = 8
+    """Tokens each feature fires on most."""
+    context_before: int = 12
+    """Tokens shown before the activating token."""
+    context_after: int = 4
+    """Tokens shown after it."""
+    chunk_size: int = 4096
+    """Rows encoded at once."""
+    projection: Projection = "auto"
+    """2-D projection: UMAP when installed (auto), always UMAP, PCA, or none."""
+    projection_points: int = 64
+    """Sampled activations per feature in the projection."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        minimum = {
+            "max_tokens": 16,
+            "max_features": 1,
+            "max_children": 1,
+            "top_k": 1,
+            "n_sampled": 0,
+            "n_top_tokens": 1,
+            "context_before": 0,
+            "context_after": 0,
+            "chunk_size": 1,
+            "projection_points": 2,
+            "seed": 0,
+        }
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ReportError(f"report setting {name} must be an integer >= {low}, got {value}")
+        if self.projection not in ("auto", "umap", "pca", "none"):
+            raise ReportError(f"projection must be auto, umap, pca or none, got {self.projection}")
+
+
+# --------------------------------------------------------------------------- reading rows
+
+
+class RowSource:
+    """Raw activation rows of one cache split, read shard by shard (memory-mapped)."""
+
+    def __init__(self, cache: Any, split: str) -> None:
+        self.cache = cache
+        self.shards = cache.shards(split)
+        sizes = [int(shard["n_tokens"]) for shard in self.shards]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.offsets[-1])
+
+    def chunks(self, limit: int, size: int) -> Iterator[tuple[int, Tensor]]:
+        """(first row, float32 rows) for rows [0, limit) in chunks of at most ``size``."""
+        for index, shard in enumerate(self.shards):
+            start, stop = int(self.offsets[index]), min(int(self.offsets[index + 1]), limit)
+            if start >= stop:
+                break
+            acts = self.cache.open_shard(shard)[0]
+            for lo in range(start, stop, size):
+                hi = min(lo + size, stop)
+                block = np.array(acts[lo - start : hi - start], dtype=np.float32)
+                yield lo, torch.from_numpy(block)
+
+    def gather(self, rows: np.ndarray) -> Tensor:
+        """Rows [len(rows), d] in the given order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((rows.size, self.cache.d_model), dtype=np.float32)
+        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        for index in np.unique(shard_of):
+            take = shard_of == index
+            acts = self.cache.open_shard(self.shards[int(index)])[0]
+            local = rows[take] - self.offsets[index]
+            order = np.argsort(local)
+            block = np.asarray(acts[local[order]], dtype=np.float32)
+            out[np.flatnonzero(take)[order]] = block
+        return torch.from_numpy(out)
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+class LevelStats:
+    """Streaming statistics of one level: top-k, weighted samples, firing and token counts."""
+
+    def __init__(self, n_features: int, top_k: int, n_samples: int) -> None:
+        self.top_values = torch.full((top_k, n_features), -torch.inf)
+        self.top_rows = torch.full((top_k, n_features), -1, dtype=torch.long)
+        self.sample_keys = torch.full((n_samples, n_features), -torch.inf)
+        self.sample_rows = torch.full((n_samples, n_features), -1, dtype=torch.long)
+        self.fires = torch.zeros(n_features, dtype=torch.long)
+        self.with_parent = torch.zeros(n_features, dtype=torch.long)
+        self.token_keys: list[Tensor] = []
+        self.token_counts: list[Tensor] = []
+
+    def add(
+        self,
+        acts: Tensor,
+        rows: Tensor,
+        tokens: Tensor,
+        vocab: int,
+        generator: torch.Generator,
+        parent_active: Tensor | None,
+        parents: Tensor | None,
+    ) -> None:
+        active = acts > 0
+        self.fires += active.sum(0)
+        self.top_values, self.top_rows = _merge_topk(self.top_values, self.top_rows, acts, rows)
+        uniform = torch.rand(acts.shape, generator=generator).clamp_(1e-12, 1 - 1e-7)
+        keys = torch.where(active, uniform.log_() / acts.clamp(min=1e-12), -torch.inf)
+        self.sample_keys, self.sample_rows = _merge_topk(
+            self.sample_keys, self.sample_rows, keys, rows
+        )
+        if parent_active is not None and parents is not None:
+            has_parent = parents >= 0
+            both = active & parent_active[:, parents.clamp(min=0)] & has_parent
+            self.with_parent += both.sum(0)
+        row, feature = active.nonzero(as_tuple=True)
+        keys_here, counts = torch.unique(feature * vocab + tokens[row], return_counts=True)
+        self.token_keys.append(keys_here)
+        self.token_counts.append(counts)
+        if sum(k.numel() for k in self.token_keys) > 2_000_000:
+            self._compact_tokens()
+
+    def _compact_tokens(self) -> None:
+        keys, inverse = torch.unique(torch.cat(self.token_keys), return_inverse=True)
+        counts = torch.zeros(keys.numel(), dtype=torch.long)
+        counts.index_add_(0, inverse, torch.cat(self.token_counts))
+        self.token_keys, self.token_counts = [keys], [counts]
+
+    def top_tokens(self, vocab: int, n: int) -> dict[int, list[tuple[int, int]]]:
+        """Feature -> its ``n`` most frequent (token id, count), most frequent first."""
+        if not self.token_keys:
+            return {}
+        self._compact_tokens()
+        keys, counts = self.token_keys[0], self.token_counts[0]
+        order = torch.argsort(counts, descending=True, stable=True)
+        keys, counts = keys[order], counts[order]
+        features = keys // vocab
+        regroup = torch.argsort(features, stable=True)
+        keys, counts, features = keys[regroup], counts[regroup], features[regroup]
+        starts = torch.searchsorted(features, features, side="left")
+        keep = (torch.arange(features.numel()) - starts) < n
+        result: dict[int, list[tuple[int, int]]] = {}
+        for key, count in zip(keys[keep].tolist(), counts[keep].tolist(), strict=True):
+            result.setdefault(key // vocab, []).append((key % vocab, count))
+        return result
+
+
+def _merge_topk(
+    values: Tensor, rows: Tensor, new_values: Tensor, new_rows: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Keep the ``values.shape[0]`` largest per column of the old and the new entries."""
+    k = values.shape[0]
+    chunk = new_values.topk(min(k, new_values.shape[0]), dim=0)
+    merged = torch.cat([values, chunk.values])
+    merged_rows = torch.cat([rows, new_rows[chunk.indices]])
+    best = merged.topk(k, dim=0)
+    return best.values, merged_rows.gather(0, best.indices)
+
+
+def scan(
+    model: HSAE, source: RowSource, token_ids: np.ndarray, settings: ReportSettings
+) -> tuple[list[LevelStats], int, int]:
+    """Encode the first ``max_tokens`` rows chunk by chunk; return per-level stats, rows, vocab."""
+    limit = min(settings.max_tokens, source.n_rows)
+    vocab = int(token_ids[:limit].max()) + 1 if limit else 1
+    n_samples = max(settings.n_sampled, settings.projection_points)
+    sizes = model.config.level_sizes
+    stats = [LevelStats(size, settings.top_k, n_samples) for size in sizes]
+    generator = torch.Generator().manual_seed(settings.seed)
+    forest = [links.cpu() for links in model.forest()]
+    all_tokens = torch.from_numpy(np.asarray(token_ids, dtype=np.int64))
+    for start, block in source.chunks(limit, settings.chunk_size):
+        rows = torch.arange(start, start + block.shape[0])
+        tokens = all_tokens[start : start + block.shape[0]]
+        codes = [level_acts.cpu() for level_acts in model.encode(block)]
+        for level, acts in enumerate(codes):
+            parent_active = codes[level - 1] > 0 if level > 0 else None
+            parents = forest[level - 1] if level > 0 else None
+            stats[level].add(acts, rows, tokens, vocab, generator, parent_active, parents)
+    return stats, limit, vocab
+
+
+# --------------------------------------------------------------------------- the forest
+
+
+@dataclass
+class ForestView:
+    """The forest as lists, the trees chosen for the page and whether anything was left out."""
+
+    parents: list[np.ndarray]
+    """Per level, the parent index in the level above of each feature (-1: root)."""
+    children: list[list[list[int]]]
+    """Per level, per feature, its children in the next level, most frequent first."""
+    descendants: list[np.ndarray]
+    roots: list[tuple[int, int]]
+    shown: list[tuple[int, int]]
+    shown_trees: int
+    truncated: bool
+
+
+def forest_view(
+    model: HSAE, frequency: list[np.ndarray], max_features: int, max_children: int
+) -> ForestView:
+    sizes = model.config.level_sizes
+    parents = [np.full(sizes[0], -1, dtype=np.int64)]
+    parents += [links.cpu().numpy().astype(np.int64) for links in model.forest()]
+    children: list[list[list[int]]] = [[[] for _ in range(size)] for size in sizes]
+    for level in range(1, len(sizes)):
+        order = np.argsort(-frequency[level], kind="stable")
+        for child in order[parents[level][order] >= 0]:
+            children[level - 1][parents[level][child]].append(int(child))
+    descendants = [np.zeros(size, dtype=np.int64) for size in sizes]
+    for level in range(len(sizes) - 2, -1, -1):
+        linked = parents[level + 1] >= 0
+        np.add.at(
+            descendants[level], parents[level + 1][linked], 1 + descendants[level + 1][linked]
+        )
+    roots = [
+        (level, int(index))
+        for level in range(len(sizes))
+        for index in np.flatnonzero(parents[level] < 0)
+    ]
+    roots.sort(key=lambda node: (-descendants[node[0]][node[1]], -frequency[node[0]][node[1]]))
+    shown: list[tuple[int, int]] = []
+    trees, pruned = 0, False
+    for root in roots:
+        tree, cut = _tree_nodes(root, children, max_children)
+        if len(shown) + len(tree) > max_features:
+            if not shown:
+                shown, trees, pruned = tree[:max_features], 1, True
+            break
+        shown += tree
+        trees += 1
+        pruned = pruned or cut
+    truncated = pruned or trees < len(roots)
+    return ForestView(parents, children, descendants, roots, shown, trees, truncated)
+
+
+def _tree_nodes(
+    root: tuple[int, int], children: list[list[list[int]]], max_children: int
+) -> tuple[list[tuple[int, int]], bool]:
+    """Nodes of one tree, breadth first, at most ``max_children`` per node."""
+    nodes, frontier, cut = [root], [root], False
+    while frontier:
+        following = []
+        for level, index in frontier:
+            if level + 1 >= len(children):
+                continue
+            kids = children[level][index]
+            cut = cut or len(kids) > max_children
+            following += [(level + 1, kid) for kid in kids[:max_children]]
+        nodes += following
+        frontier = following
+    return nodes, cut
+
+
+# --------------------------------------------------------------------------- contexts
+
+
+def context_windows(
+    rows: np.ndarray, context_ids: np.ndarray, before: int, after: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [n, before+1+after] around each row and the mask of those in the same context."""
+    offsets = np.arange(-before, after + 1)
+    window = rows[:, None] + offsets[None, :]
+    inside = (window >= 0) & (window < context_ids.size)
+    window = np.clip(window, 0, context_ids.size - 1)
+    same = inside & (context_ids[window] == context_ids[rows][:, None])
+    return window, same
+
+
+def window_activations(
+    model: HSAE,
+    source: RowSource,
+    level: int,
+    rows: np.ndarray,
+    features: np.ndarray,
+    chunk: int,
+) -> np.ndarray:
+    """Activation of ``features[i]`` (of ``level``) on ``rows[i]``, encoding each row once."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    values = np.zeros(rows.size, dtype=np.float32)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(0, unique.size + chunk, chunk))
+    for part, lo in enumerate(range(0, unique.size, chunk)):
+        pairs = order[bounds[part] : bounds[part + 1]]
+        acts = model.encode_level(source.gather(unique[lo : lo + chunk]), level).cpu()
+        picked = acts[torch.from_numpy(inverse[pairs] - lo), torch.from_numpy(features[pairs])]
+        values[pairs] = picked.numpy()
+    return values
+
+
+# --------------------------------------------------------------------------- assembling
+
+
+def feature_key(level: int, index: int) -> str:
+    return f"{level}:{index}"
+
+
+def build_report_data(run: Any, settings: ReportSettings, tokenizer: Any = None) -> dict[str, Any]:
+    """Everything the page shows, as a JSON-able dict (see docs/report.md for the fields)."""
+    started = time.perf_counter()
+    if not run.trained(settings.which):
+        raise ReportError(f"{run.folder} has no trained {settings.which} model yet")
+    model = run.load(settings.which)
+    cache = run.cache()
+    if cache.n_tokens(settings.split) == 0:
+        raise ReportError(f"{run.folder}: the activation cache has no {settings.split} tokens")
+    source = RowSource(cache, settings.split)
+    info = cache.token_info(settings.split)
+    stats, scanned, vocab = scan(model, source, info.token_ids, settings)
+    frequency = [(s.fires.double() / max(scanned, 1)).numpy() for s in stats]
+    view = forest_view(model, frequency, settings.max_features, settings.max_children)
+    labels = load_labels(run.folder)
+    features, contexts, token_ids = _features(model, source, info, stats, view, settings, vocab)
+    tokenizer = tokenizer if tokenizer is not None else cache._load_tokenizer()
+    strings = [tokenizer.decode([int(token)]) for token in token_ids]
+    _attach_labels(features, labels, settings.which)
+    data = {
+        "meta": _meta(run, cache, model, settings, view, scanned),
+        "roots": [feature_key(*root) for root in view.roots if _shown(root, features)],
+        "features": features,
+        "contexts": contexts,
+        "tokens": strings,
+        "metrics": _metrics(run.folder),
+        "projection": projection(model, source, stats, view, features, settings),
+        "labels": {"judge": labels.get("judge")},
+    }
+    data["meta"]["seconds"] = round(time.perf_counter() - started, 2)
+    return data
+
+
+def _shown(node: tuple[int, int], features: dict[str, Any]) -> bool:
+    return feature_key(*node) in features
+
+
+def _features(
+    model: HSAE,
+    source: RowSource,
+    info: Any,
+    stats: list[LevelStats],
+    view: ForestView,
+    settings: ReportSettings,
+    vocab: int,
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[int]]:
+    shown_set = set(view.shown)
+    features: dict[str, Any] = {}
+    requests: list[tuple[str, str, int, int, float]] = []  # key, kind, level, row, value
+    top_tokens = [level_stats.top_tokens(vocab, settings.n_top_tokens) for level_stats in stats]
+    for level, index in view.shown:
+        level_stats = stats[level]
+        parent = int(view.parents[level][index])
+        fires = int(level_stats.fires[index])
+        key = feature_key(level, index)
+        features[key] = {
+            "level": level,
+            "index": index,
+            "fires": fires,
+            "parent": feature_key(level - 1, parent) if parent >= 0 else None,
+            "p_parent": _ratio(int(level_stats.with_parent[index]), fires) if parent >= 0 else None,
+            "n_children": len(view.children[level][index]),
+            "children": [
+                feature_key(level + 1, kid)
+                for kid in view.children[level][index]
+                if (level + 1, kid) in shown_set
+            ],
+            "descendants": int(view.descendants[level][index]),
+            "top_tokens": top_tokens[level].get(index, []),
+            "top": [],
+            "sampled": [],
+        }
+        for value, row in zip(
+            level_stats.top_values[:, index].tolist(),
+            level_stats.top_rows[:, index].tolist(),
+            strict=True,
+        ):
+            if value > 0:
+                requests.append((key, "top", level, row, value))
+        for rank, (sample_key, row) in enumerate(
+            zip(
+                level_stats.sample_keys[:, index].tolist(),
+                level_stats.sample_rows[:, index].tolist(),
+                strict=True,
+            )
+        ):
+            if rank < settings.n_sampled and sample_key > -np.inf:
+                requests.append((key, "sampled", level, row, 0.0))
+    contexts = _contexts(model, source, info, requests, features, settings)
+    used = {t for ctx in contexts for t in ctx["t"]}
+    used |= {t for f in features.values() for t, _ in f["top_tokens"]}
+    token_ids = sorted(used)
+    position = {token: i for i, token in enumerate(token_ids)}
+    for ctx in contexts:
+        ctx["t"] = [position[t] for t in ctx["t"]]
+    for feature in features.values():
+        feature["top_tokens"] = [[position[t], count] for t, count in feature["top_tokens"]]
+    return features, contexts, token_ids
+
+
+def _contexts(
+    model: HSAE,
+    source: RowSource,
+    info: Any,
+    requests: list[tuple[str, str, int, int, float]],
+    features: dict[str, Any],
+    settings: ReportSettings,
+) -> list[dict[str, Any]]:
+    if not requests:
+        return []
+    rows = np.array([r[3] for r in requests], dtype=np.int64)
+    levels = np.array([r[2] for r in requests], dtype=np.int64)
+    indices = np.array([features[r[0]]["index"] for r in requests], dtype=np.int64)
+    window, same = context_windows(
+        rows, info.context_ids, settings.context_before, settings.context_after
+    )
+    width = window.shape[1]
+    acts = np.zeros(window.shape, dtype=np.float32)
+    for level in np.unique(levels):
+        pick = levels == level
+        flat_rows = window[pick].reshape(-1)
+        flat_features = np.repeat(indices[pick], width)
+        values = window_activations(
+            model, source, int(level), flat_rows, flat_features, settings.chunk_size
+        )
+        acts[pick] = values.reshape(-1, width)
+    contexts = []
+    for n, (key, kind, _, row, _) in enumerate(requests):
+        keep = same[n]
+        tokens = info.token_ids[window[n][keep]].tolist()
+        contexts.append(
+            {
+                "t": tokens,
+                "a": [round(float(v), 3) + 0.0 for v in acts[n][keep]],
+                "at": int(np.count_nonzero(keep[: settings.context_before])),
+                "row": int(row),
+            }
+        )
+        features[key][kind].append(len(contexts) - 1)
+    return contexts
+
+
+def _ratio(numerator: int, denominator: int) -> float | None:
+    return round(numerator / denominator, 4) if denominator else None
+
+
+def _attach_labels(features: dict[str, Any], labels: dict[str, Any], which: str) -> None:
+    human = labels.get(which, {})
+    auto = labels.get("auto", {}).get(which, {})
+    for key, feature in features.items():
+        feature["label"] = human.get(key)
+        entry = auto.get(key)
+        feature["auto_label"] = entry.get("label") if isinstance(entry, dict) else entry
+
+
+def _meta(
+    run: Any, cache: Any, model: HSAE, settings: ReportSettings, view: ForestView, scanned: int
+) -> dict[str, Any]:
+    model_info = cache.manifest.get("model", {})
+    return {
+        "run": run.folder.name,
+        "model": model_info.get("name") if isinstance(model_info, dict) else model_info,
+        "layer": cache.manifest.get("layer"),
+        "which": settings.which,
+        "split": settings.split,
+        "tokens_scanned": scanned,
+        "level_sizes": list(model.config.level_sizes),
+        "total_features": int(sum(model.config.level_sizes)),
+        "shown_features": len(view.shown),
+        "total_trees": len(view.roots),
+        "shown_trees": view.shown_trees,
+        "truncated": view.truncated,
+        "settings": asdict(settings),
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
+def _metrics(folder: Path) -> dict[str, Any] | None:
+    path = Path(folder) / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        metrics = read_json(path)
+    except ValueError as error:
+        raise ReportError(f"{path} is not valid JSON: {error}") from None
+    charts: dict[str, Any] = {}
+    for name in ("hsae", "baseline"):
+        entry = metrics.get(name)
+        if not isinstance(entry, dict):
+            continue
+        hierarchy = entry.get("hierarchy", {})
+        charts[name] = {
+            "hierarchy": {
+                key: hierarchy.get(key)
+                for key in ("hamming_per_1k", "p_parent_given_child", "p_child_given_parent")
+            },
+            "l0": [level.get("l0") for level in entry.get("levels", [])],
+            "variance_explained": [
+                level.get("variance_explained") for level in entry.get("levels", [])
+            ],
+        }
+    return charts
+
+
+# --------------------------------------------------------------------------- projection
+
+
+def projection(
+    model: HSAE,
+    source: RowSource,
+    stats: list[LevelStats],
+    view: ForestView,
+    features: dict[str, Any],
+    settings: ReportSettings,
+) -> dict[str, Any] | None:
+    """Sibling features of one parent and an unrelated feature, their activations in 2-D."""
+    if settings.projection == "none":
+        return None
+    chosen = _projection_features(stats, view, features)
+    if chosen is None:
+        return {"note": "no parent with two firing children among the features shown"}
+    groups, level = chosen
+    rows, labels = [], []
+    for group, index in enumerate(g[1] for g in groups):
+        keys = stats[level].sample_keys[:, index]
+        picked = stats[level].sample_rows[:, index][keys > -torch.inf][: settings.projection_points]
+        rows.append(picked.numpy())
+        labels += [group] * picked.numel()
+    x = source.gather(np.concatenate(rows)) * model.scale
+    points, method, note = _embed_2d(x, settings)
+    return {
+        "method": method,
+        "note": note,
+        "groups": [{"feature": feature_key(level, index), "role": role} for role, index in groups],
+        "points": [
+            [round(float(a), 4), round(float(b), 4), g]
+            for (a, b), g in zip(points.tolist(), labels, strict=True)
+        ],
+    }
+
+
+def _projection_features(
+    stats: list[LevelStats], view: ForestView, features: dict[str, Any]
+) -> tuple[list[tuple[str, int]], int] | None:
+    """(role, index) of up to 5 firing siblings and one unrelated feature, and their level."""
+    for key in features:
+        level, index = map(int, key.split(":"))
+        if level + 1 >= len(stats):
+            continue
+        kids = [k for k in view.children[level][index] if int(stats[level + 1].fires[k]) >= 2]
+        if len(kids) < 2:
+            continue
+        family = _root_of(view.parents, level, index)
+        strangers = [
+            k
+            for k in torch.argsort(stats[level + 1].fires, descending=True).tolist()
+            if int(stats[level + 1].fires[k]) >= 2
+            and _root_of(view.parents, level + 1, k) != family
+        ]
+        if not strangers:
+            continue
+        groups = [("sibling", k) for k in kids[:5]] + [("unrelated", strangers[0])]
+        return groups, level + 1
+    return None
+
+
+def _root_of(parents: list[np.ndarray], level: int, index: int) -> tuple[int, int]:
+    while level > 0 and parents[level][index] >= 0:
+        index = int(parents[level][index])
+        level -= 1
+    return level, index
+
+
+def _embed_2d(x: Tensor, settings: ReportSettings) -> tuple[np.ndarray, str, str]:
+    if settings.projection in ("auto", "umap"):
+        try:
+            import umap
+        except ImportError:
+            if settings.projection == "umap":
+                raise ReportError("projection=umap needs: pip install umap-learn") from None
+            return _pca(x), "pca", "umap-learn is not installed: PCA shown instead of UMAP"
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reducer = umap.UMAP(
+                n_neighbors=min(15, x.shape[0] - 1), random_state=settings.seed, init="random"
+            )
+            return reducer.fit_transform(x.numpy()), "umap", ""
+    return _pca(x), "pca", "PCA projection (projection=pca)"
+
+
+def _pca(x: Tensor) -> np.ndarray:
+    centred = x.double() - x.double().mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    return (centred @ v[:2].T).numpy()

@@ -1,0 +1,110 @@
+"""Static PNG versions of the report's charts (matplotlib, Agg backend), for papers and slides.
+
+``RUN/plots/hierarchy.png``: Hamming per 1k, P(parent | child), P(child | parent), HSAE vs
+baseline; ``RUN/plots/levels.png``: L0 and variance explained per level; ``RUN/plots/
+projection.png``: the sibling-vs-unrelated projection. Each file is written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hsae.io import write_with
+
+COLOURS = {"hsae": "#1f6fd1", "baseline": "#f08c2e"}
+GROUP_COLOURS = ["#1f6fd1", "#2ca02c", "#9467bd", "#17becf", "#bcbd22"]
+HIERARCHY = (
+    ("hamming_per_1k", "Hamming per 1k tokens\n(lower is better)"),
+    ("p_parent_given_child", "P(parent | child)\n(higher is better)"),
+    ("p_child_given_parent", "P(child | parent)\n(higher is better)"),
+)
+
+
+def write_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
+    """Write the PNGs the data allows (no metrics: no metric plots); return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(folder)
+    written = []
+    metrics = data.get("metrics")
+    if metrics and "hsae" in metrics:
+        written.append(_save(_hierarchy_figure(metrics), out / "hierarchy.png"))
+        written.append(_save(_levels_figure(metrics), out / "levels.png"))
+    projection = data.get("projection")
+    if projection and projection.get("points"):
+        written.append(_save(_projection_figure(projection), out / "projection.png"))
+    return written
+
+
+def _save(figure: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    try:
+        write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=150))
+    finally:
+        plt.close(figure)
+    return path
+
+
+def _hierarchy_figure(metrics: dict[str, Any]) -> Any:
+    import matplotlib.pyplot as plt
+
+    names = list(metrics)
+    figure, axes = plt.subplots(1, len(HIERARCHY), figsize=(9, 3.2))
+    for axis, (key, title) in zip(axes, HIERARCHY, strict=True):
+        values = [_number(metrics[name]["hierarchy"].get(key)) for name in names]
+        bars = axis.bar(names, values, color=[COLOURS.get(n, "#777") for n in names])
+        axis.bar_label(bars, fmt="%.3g", fontsize=8)
+        axis.set_title(title, fontsize=9)
+        axis.tick_params(labelsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def _levels_figure(metrics: dict[str, Any]) -> Any:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(metrics)
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for axis, key, title in (
+        (axes[0], "l0", "L0 per level"),
+        (axes[1], "variance_explained", "Variance explained per level"),
+    ):
+        levels = np.arange(len(metrics["hsae"][key]))
+        width = 0.8 / len(names)
+        for k, name in enumerate(names):
+            values = [_number(v) for v in metrics[name][key]]
+            axis.bar(levels + k * width, values, width, label=name, color=COLOURS.get(name))
+        axis.set_xticks(levels + width * (len(names) - 1) / 2, [f"L{i}" for i in levels])
+        axis.set_title(title, fontsize=9)
+        axis.tick_params(labelsize=8)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def _projection_figure(projection: dict[str, Any]) -> Any:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    points = np.asarray(projection["points"], dtype=float)
+    figure, axis = plt.subplots(figsize=(5.5, 4.5))
+    for group, entry in enumerate(projection["groups"]):
+        mine = points[points[:, 2] == group]
+        unrelated = entry["role"] == "unrelated"
+        colour = "#d62728" if unrelated else GROUP_COLOURS[group % len(GROUP_COLOURS)]
+        label = f"{entry['feature']} ({entry['role']})"
+        axis.scatter(mine[:, 0], mine[:, 1], s=9, alpha=0.75, color=colour, label=label)
+    axis.set_title(f"{projection['method'].upper()}: sibling features vs an unrelated one")
+    axis.legend(fontsize=7, markerscale=1.5)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    figure.tight_layout()
+    return figure
+
+
+def _number(value: Any) -> float:
+    return float("nan") if value is None else float(value)
