@@ -3,7 +3,9 @@ package), the SAEBench wrapper, run archives, malformed imports, the export CLI.
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import hsae
 from hsae import HSAE, HSAEConfig
 from hsae.interop import InteropError
+from hsae.interop.archive import export_archive, extract_archive
 from hsae.interop.saelens import (
     export_saelens,
     forest_from_saelens,
@@ -263,3 +266,68 @@ def test_malformed_saelens_folders_are_refused_in_one_line(tmp_path: Path) -> No
         forest_from_saelens([tmp_path / "empty"])
     with pytest.raises(InteropError, match="smallest to largest"):
         forest_from_saelens([good, good])
+
+
+# --- run archives --------------------------------------------------------------------------
+
+
+def test_archive_carries_models_and_results_but_not_activations(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    (run_dir / "checkpoints" / "hsae").mkdir(parents=True)
+    (run_dir / "checkpoints" / "hsae" / "trainer.json").write_text("{}")
+    archive = export_archive(run_dir, tmp_path / "shared" / "run.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    assert "run/hsae/hsae.safetensors" in names and "run/baseline/hsae_config.json" in names
+    assert {"run/run.json", "run/metrics.json", "run/summary.md", "run/archive.json"} <= names
+    assert not any("activations" in name or "checkpoints" in name for name in names)
+
+    root = extract_archive(archive, tmp_path / "other_machine")
+    x = raw_activations()
+    for which in ("hsae", "baseline"):
+        loaded, original = hsae.load(root, which=which), hsae.load(run_dir, which=which)
+        assert loaded.config == original.config
+        for a, b in zip(loaded.encode(x), original.encode(x), strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(loaded.forest(), original.forest(), strict=True):
+            assert torch.equal(a, b)
+    described = json.loads((root / "archive.json").read_text())
+    assert described["provenance"]["model_name"] == "gpt2"
+    assert described["provenance"]["activation_scale"] == pytest.approx(SCALE)
+    written = export_saelens(root, tmp_path / "from_archive")  # provenance from archive.json
+    cfg = json.loads((written["hsae"][0] / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
+    with pytest.raises(InteropError, match="already exists"):
+        extract_archive(archive, tmp_path / "other_machine")
+
+
+def test_tampered_or_foreign_archives_are_refused(run_dir: Path, tmp_path: Path) -> None:
+    archive = export_archive(run_dir, tmp_path / "run.tar.gz")
+    with tarfile.open(archive) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+    def repack(name: str, files: dict[str, bytes]) -> Path:
+        path = tmp_path / name
+        with tarfile.open(path, "w:gz") as tar:
+            for member, data in files.items():
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return path
+
+    corrupt = members | {"run/summary.md": b"# edited\n"}
+    extra = members | {"run/activations/manifest.json": b"{}"}
+    no_manifest = {k: v for k, v in members.items() if not k.endswith("archive.json")}
+    cases = {
+        repack("corrupt.tar.gz", corrupt): "summary.md is corrupt",
+        repack("extra.tar.gz", extra): "disagree",
+        repack("plain.tar.gz", no_manifest): "not an hsae run archive",
+        repack("escape.tar.gz", {"../evil.txt": b"x"}): "unsafe member path",
+    }
+    for path, message in cases.items():
+        with pytest.raises(InteropError, match=message):
+            extract_archive(path, tmp_path / "dest")
+    assert not (tmp_path / "evil.txt").exists()
+    with pytest.raises(InteropError, match="no trained HSAE"):
+        export_archive(tmp_path, tmp_path / "x.tar.gz")

@@ -1,5 +1,6 @@
 """Bridges to the rest of the SAE ecosystem: SAELens folders, SAEBench, shareable run archives."""
 
+from hsae.interop.archive import export_archive, extract_archive
 from hsae.interop.saelens import (
     InteropError,
     export_saelens,
@@ -10,7 +11,9 @@ from hsae.interop.saelens import (
 
 __all__ = [
     "InteropError",
+    "export_archive",
     "export_saelens",
+    "extract_archive",
     "forest_from_saelens",
     "load_saelens_export",
     "read_saelens",
