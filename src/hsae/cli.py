@@ -207,5 +207,39 @@ def demo(
     typer.echo(f"results: {run.folder / 'summary.md'} and {run.folder / 'metrics.json'}")
 
 
+@app.command()
+def report(
+    run_dir: str = typer.Argument(..., help="a run folder with a trained HSAE"),
+    out: str = typer.Option(None, help="HTML file to write [RUN_DIR/report.html]"),
+    which: str = typer.Option("hsae", help="hsae | baseline: whose forest to explore"),
+    max_features: int = typer.Option(400, help="features embedded in the page"),
+    max_children: int = typer.Option(16, help="children shown per node"),
+    max_tokens: int = typer.Option(100_000, help="activation rows scanned for contexts"),
+    projection: str = typer.Option("auto", help="auto (UMAP if installed) | umap | pca | none"),
+    no_plots: bool = typer.Option(False, "--no-plots", help="skip RUN_DIR/plots/*.png"),
+) -> None:
+    """Write the feature-forest explorer (one self-contained HTML file) and PNG charts."""
+    from hsae.report import LabelsError, ReportError, ReportSettings, build_report
+
+    try:
+        settings = ReportSettings(
+            which=which,
+            max_features=max_features,
+            max_children=max_children,
+            max_tokens=max_tokens,
+            projection=projection,
+        )
+        result = build_report(run_dir, settings, out=out, plots=not no_plots)
+    except (*_user_errors(), ReportError, LabelsError) as error:
+        raise _fail(error) from None
+    meta = result.meta
+    typer.echo(
+        f"wrote {result.html} ({result.size_bytes / 1e6:.2f} MB, {meta['shown_features']} of "
+        f"{meta['total_features']} features) in {result.seconds:.1f} s"
+    )
+    for path in result.plots:
+        typer.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     app()
