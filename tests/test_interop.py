@@ -3,6 +3,7 @@ package), the SAEBench wrapper, run archives, malformed imports, the export CLI.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -16,6 +17,7 @@ import hsae
 from hsae import HSAE, HSAEConfig
 from hsae.interop import InteropError
 from hsae.interop.archive import export_archive, extract_archive
+from hsae.interop.saebench import saebench_saes, table1
 from hsae.interop.saelens import (
     export_saelens,
     forest_from_saelens,
@@ -331,3 +333,111 @@ def test_tampered_or_foreign_archives_are_refused(run_dir: Path, tmp_path: Path)
     assert not (tmp_path / "evil.txt").exists()
     with pytest.raises(InteropError, match="no trained HSAE"):
         export_archive(tmp_path, tmp_path / "x.tar.gz")
+
+
+# --- SAEBench ------------------------------------------------------------------------------
+
+# SAEBench's CustomSAEConfig fields (sae_bench/custom_saes/custom_sae_config.py, v0.6.0) and the
+# SAE attributes its README and BaseSAE require; checked here even without sae_bench installed.
+SAEBENCH_CFG_FIELDS = [
+    "model_name",
+    "d_in",
+    "d_sae",
+    "hook_layer",
+    "hook_name",
+    "context_size",
+    "hook_head_index",
+    "architecture",
+    "apply_b_dec_to_input",
+    "finetuning_scaling_factor",
+    "activation_fn_str",
+    "activation_fn_kwargs",
+    "prepend_bos",
+    "normalize_activations",
+    "dtype",
+    "device",
+    "model_from_pretrained_kwargs",
+    "dataset_path",
+    "dataset_trust_remote_code",
+    "seqpos_slice",
+    "training_tokens",
+    "sae_lens_training_version",
+    "neuronpedia_id",
+]
+
+
+def test_saebench_wrapper_follows_the_documented_interface_and_the_model(run_dir: Path) -> None:
+    selected = saebench_saes(run_dir)
+    names = [name for name, _ in selected]
+    assert names == [
+        f"{w}_level_{i}_{s}" for w in ("hsae", "baseline") for i, s in enumerate(SIZES)
+    ]
+    x = raw_activations()
+    for (name, sae), level in zip(selected, [0, 1, 2] * 2, strict=True):
+        model = hsae.load(run_dir, which=name.split("_level_")[0])
+        d_sae = SIZES[level]
+        assert isinstance(sae.W_enc, torch.nn.Parameter) and sae.W_enc.shape == (D_IN, d_sae)
+        assert isinstance(sae.W_dec, torch.nn.Parameter) and sae.W_dec.shape == (d_sae, D_IN)
+        assert sae.b_enc.shape == (d_sae,) and sae.b_dec.shape == (D_IN,)
+        assert sae.check_decoder_norms()
+        assert (sae.device, sae.dtype) == (torch.device("cpu"), torch.float32)
+        for key in SAEBENCH_CFG_FIELDS:
+            assert hasattr(sae.cfg, key), key
+        assert (sae.cfg.model_name, sae.cfg.hook_layer) == ("gpt2", 3)
+        assert sae.cfg.hook_name == "blocks.3.hook_resid_post" and sae.cfg.d_sae == d_sae
+        json.dumps(sae.cfg.to_dict())
+        codes = sae.encode(x)
+        ours = model.encode_level(x, level)
+        assert torch.equal(codes > 0, ours > 0)
+        assert error(codes * SCALE, ours) < TOL  # codes in raw units
+        assert error(sae(x), model.reconstruct(x)[level]) < TOL
+        assert torch.equal(sae(x), sae.decode(sae.encode(x)))
+    moved = selected[0][1].to(dtype=torch.float64)
+    assert moved.dtype == torch.float64 and moved.cfg.dtype == "float64"
+
+
+def test_saebench_wrapper_passes_saebench_own_checks(run_dir: Path) -> None:
+    general_utils = pytest.importorskip("sae_bench.sae_bench_utils.general_utils")
+    core = pytest.importorskip("sae_bench.evals.core.main")
+    from sae_bench.custom_saes.custom_sae_config import CustomSAEConfig
+    from sae_bench.custom_saes.jumprelu_sae import JumpReluSAE
+
+    x = raw_activations()
+    for name, sae in saebench_saes(run_dir):
+        assert general_utils.check_decoder_norms(sae.W_dec.data)
+        sae_id, formatted, sparsity = general_utils.load_and_format_sae(name, sae, "cpu")
+        assert (sae_id, sparsity) == ("custom_sae", None) and formatted is sae
+        assert sae.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
+        assert sae.cfg.architecture_str == "jumprelu"
+        metrics = core.get_featurewise_weight_based_metrics(sae)
+        assert len(metrics["encoder_bias"]) == sae.cfg.d_sae
+        reference = JumpReluSAE(D_IN, sae.cfg.d_sae, "gpt2", 3, torch.device("cpu"), torch.float32)
+        reference.load_state_dict(sae.state_dict())  # strict: same parameter names and shapes
+        assert reference.check_decoder_norms()
+        assert torch.equal(reference.encode(x) > 0, sae.encode(x) > 0)
+        assert error(reference.encode(x), sae.encode(x)) < TOL
+        assert error(reference(x), sae(x)) < TOL
+    wanted = {f.name for f in dataclasses.fields(CustomSAEConfig)}
+    wanted |= {"activation_fn_kwargs", "model_from_pretrained_kwargs"}
+    assert wanted <= set(SAEBENCH_CFG_FIELDS)
+
+
+def test_table1_reads_saebench_result_files(tmp_path: Path) -> None:
+    def result(eval_name: str, sae: str, metrics: dict) -> None:
+        path = tmp_path / eval_name / f"{sae}_custom_sae_eval_results.json"
+        write_json(path, {"eval_result_metrics": metrics})
+
+    for sae, ev in (("hsae_level_2_32", 0.71), ("baseline_level_2_32", 0.70)):
+        result("core", sae, {"reconstruction_quality": {"explained_variance_legacy": ev}})
+        result("absorption", sae, {"mean": {"mean_absorption_fraction_score": 0.08}})
+        result("sparse_probing", sae, {"sae": {"sae_top_5_test_accuracy": 0.87}})
+    table = table1(tmp_path)
+    row = table["hsae"]["hsae_level_2_32"]
+    assert row["explained_variance_legacy"] == pytest.approx(0.71)
+    assert row["absorption"] == pytest.approx(0.92)
+    assert row["sparse_probing_top5"] == pytest.approx(0.87)
+    assert row["autointerp"] is None and row["ravel"] is None and row["scr_20"] is None
+    assert table["baseline"]["baseline_level_2_32"]["explained_variance_legacy"] == 0.70
+    result("ravel", "hsae_level_2_32", {"wrong": {}})
+    with pytest.raises(InteropError, match="not a SAEBench result file"):
+        table1(tmp_path)

@@ -1,6 +1,7 @@
 """Bridges to the rest of the SAE ecosystem: SAELens folders, SAEBench, shareable run archives."""
 
 from hsae.interop.archive import export_archive, extract_archive
+from hsae.interop.saebench import SAEBenchSAE, run_saebench, saebench_saes, table1
 from hsae.interop.saelens import (
     InteropError,
     export_saelens,
@@ -11,10 +12,14 @@ from hsae.interop.saelens import (
 
 __all__ = [
     "InteropError",
+    "SAEBenchSAE",
     "export_archive",
     "export_saelens",
     "extract_archive",
     "forest_from_saelens",
     "load_saelens_export",
     "read_saelens",
+    "run_saebench",
+    "saebench_saes",
+    "table1",
 ]
