@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from hsae.activations import (  # noqa: E402
 LAYER = 4
 SETTINGS = {
     "layer": LAYER,
-    "tokens": 4000,
+    "tokens": 4096,  # 3072 train rows = 12 full shards: the split boundary is a shard boundary
     "context_length": 32,
     "batch_size": 8,
     "shard_tokens": 256,  # 8 x 31 = 248 rows per batch: shards end mid-batch
@@ -93,12 +94,15 @@ def test_cache_shape_tokens_and_bos_excluded(cache, lm):
     manifest = cache.manifest
     assert manifest["layer"] == LAYER and manifest["d_model"] == 640
     assert manifest["model"]["name"] == "gemma-3-270m" and cache.complete
-    assert (cache.n_tokens("train"), cache.n_tokens("heldout")) == (3000, 1000)
-    assert cache.all_activations("train").shape == (3000, 640)
+    assert (cache.n_tokens("train"), cache.n_tokens("heldout")) == (3072, 1024)
+    assert cache.all_activations("train").shape == (3072, 640)
     for split in ("train", "heldout"):
         info = cache.token_info(split)
         assert info.positions.min() >= 1, "BOS position must be excluded"
         assert not np.isin(info.token_ids, [lm.tokenizer.bos_token_id, lm.pad_token_id]).any()
+    train, heldout = cache.token_info("train"), cache.token_info("heldout")
+    assert not set(train.context_ids.tolist()) & set(heldout.context_ids.tolist())
+    assert heldout.positions[0] == 1, "the held-out split starts at a context boundary"
     cache.verify()
 
 
@@ -150,17 +154,36 @@ def test_resume_after_kill9_gives_identical_cache(cache, tmp_path):
     assert resumed.complete
     resumed.verify()
 
-    def fingerprint(c: ActivationCache) -> list:
-        return [
-            (s["split"], s["n_tokens"], s["sha256"], s["tokens_sha256"])
-            for s in c.manifest["shards"]
-        ]
-
-    assert fingerprint(resumed) == fingerprint(cache)
+    assert _fingerprint(resumed) == _fingerprint(cache)
     assert resumed.scale == cache.scale
     assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(
         p.name for p in (cache.root / "shards").iterdir()
     )
+
+
+def _fingerprint(c: ActivationCache) -> list:
+    return [
+        (s["split"], s["n_tokens"], s["sha256"], s["tokens_sha256"]) for s in c.manifest["shards"]
+    ]
+
+
+def test_resume_at_split_boundary_and_inside_heldout(cache, lm, tmp_path):
+    """Simulated crashes right after the last train shard and after the first held-out shard."""
+    shards = cache.manifest["shards"]
+    last_train = max(i for i, s in enumerate(shards) if s["split"] == "train")
+    for keep in (last_train + 1, last_train + 2):
+        out = tmp_path / f"crash-{keep}"
+        shutil.copytree(cache.root, out)
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest["status"] = "in_progress"
+        manifest["shards"] = manifest["shards"][:keep]
+        for split in ("train", "heldout"):
+            manifest["n_tokens"][split] = sum(
+                s["n_tokens"] for s in manifest["shards"] if s["split"] == split
+            )
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        resumed = harvest(HarvestConfig(**SETTINGS), out, lm=lm, progress=False)
+        assert _fingerprint(resumed) == _fingerprint(cache)
 
 
 def test_resume_refuses_other_settings_and_overwrite_starts_over(cache, lm, tmp_path):

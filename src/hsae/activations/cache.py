@@ -105,6 +105,14 @@ class ShardWriter:
     def stored(self, split: str) -> int:
         return int(self.manifest["n_tokens"][split])
 
+    def last_context(self, split: str) -> int | None:
+        """Context id of the last stored row of `split` (None when nothing is stored yet)."""
+        shards = [s for s in self.manifest["shards"] if s["split"] == split]
+        if not shards:
+            return None
+        _, meta = _open_shard(self.root, self.manifest, shards[-1])
+        return int(meta[-1, TOKEN_COLUMNS.index("context_id")])
+
     def append(
         self, split: str, acts: np.ndarray, meta: np.ndarray, batch: int, first_row: int
     ) -> None:

@@ -7,6 +7,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Literal
@@ -269,49 +270,77 @@ def _run_harvest(
     progress: bool,
 ) -> None:
     start = writer.resume_point
-    done = writer.stored("train") + writer.stored("heldout")
+    state = _Placement(
+        done=writer.stored("train") + writer.stored("heldout"),
+        last_train_context=writer.last_context("train"),
+    )
     storage = np.dtype(config.dtype)
     has_bos = lm.bos_token_id is not None
-    bar = _progress_bar(config.tokens, done, progress)
+    bar = _progress_bar(config.tokens, state.done, progress)
     point = start
     try:
         for index, batch in enumerate(batches):
-            if done >= config.tokens:
+            if state.done >= config.tokens:
                 break
             if index < start.batch:
                 continue  # already stored: only tokenised, never run through the model
             skip = start.row if index == start.batch else 0
             acts, meta = batch_rows(lm, layer, batch, has_bos)
-            take = max(0, min(len(acts) - skip, config.tokens - done))
-            rows = acts[skip : skip + take].numpy().astype(storage, copy=False)
-            _append_split(writer, config, rows, meta[skip : skip + take], index, skip, done)
-            done += take
-            point = ResumePoint(index, skip + take)
-            bar.update(take)
-        if done < config.tokens:
+            before = state.done
+            consumed = _store_batch(
+                writer, config, acts.numpy().astype(storage, copy=False), meta, index, skip, state
+            )
+            point = ResumePoint(index, consumed)
+            bar.update(state.done - before)
+        if state.done < config.tokens:
             writer.manifest["corpus_exhausted"] = True
             warnings.warn(
-                f"the dataset ran out after {done} of {config.tokens} tokens", stacklevel=3
+                f"the dataset ran out after {state.done} of {config.tokens} tokens", stacklevel=3
             )
         writer.finish(point)
     finally:
         bar.close()
 
 
-def _append_split(
+@dataclass
+class _Placement:
+    """Rows stored so far (both splits) and the context of the last train row."""
+
+    done: int
+    last_train_context: int | None
+
+
+def _store_batch(
     writer: ShardWriter,
     config: HarvestConfig,
-    rows: np.ndarray,
+    acts: np.ndarray,
     meta: np.ndarray,
     batch: int,
     first_row: int,
-    done: int,
-) -> None:
-    cut = int(np.clip(config.train_tokens - done, 0, len(rows)))
-    if cut:
-        writer.append("train", rows[:cut], meta[:cut], batch, first_row)
-    if cut < len(rows):
-        writer.append("heldout", rows[cut:], meta[cut:], batch, first_row + cut)
+    state: _Placement,
+) -> int:
+    """Store rows `first_row ..` of one model batch: train rows until the train target is met,
+    then held-out rows. The held-out split starts at a context boundary: the rest of the context
+    that straddles the boundary is skipped. Returns the number of the batch's rows consumed."""
+    row = first_row
+    train_left = config.train_tokens - state.done
+    if train_left > 0 and row < len(acts):
+        take = min(train_left, len(acts) - row)
+        writer.append("train", acts[row : row + take], meta[row : row + take], batch, row)
+        state.last_train_context = int(meta[row + take - 1, _CONTEXT])
+        state.done, row = state.done + take, row + take
+    if state.done == config.train_tokens and state.last_train_context is not None:
+        straddling = meta[row:, _CONTEXT] == state.last_train_context
+        row += len(straddling) if straddling.all() else int(np.argmin(straddling))
+    heldout_left = config.tokens - state.done
+    if heldout_left > 0 and row < len(acts):
+        take = min(heldout_left, len(acts) - row)
+        writer.append("heldout", acts[row : row + take], meta[row : row + take], batch, row)
+        state.done, row = state.done + take, row + take
+    return row
+
+
+_CONTEXT = TOKEN_COLUMNS.index("context_id")
 
 
 def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
