@@ -17,7 +17,7 @@ import hsae
 from hsae import HSAE, HSAEConfig
 from hsae.interop import InteropError
 from hsae.interop.archive import export_archive, extract_archive
-from hsae.interop.saebench import saebench_saes, table1
+from hsae.interop.saebench import SAEBenchSAE, saebench_saes, table1
 from hsae.interop.saelens import (
     export_saelens,
     forest_from_saelens,
@@ -441,3 +441,48 @@ def test_table1_reads_saebench_result_files(tmp_path: Path) -> None:
     result("ravel", "hsae_level_2_32", {"wrong": {}})
     with pytest.raises(InteropError, match="not a SAEBench result file"):
         table1(tmp_path)
+
+
+def test_saebench_core_eval_runs_on_the_wrapper_and_agrees_with_the_model() -> None:
+    """SAEBench's own core evaluation, on CPU, with a tiny random TransformerLens model."""
+    core = pytest.importorskip("sae_bench.evals.core.main")
+    general_utils = pytest.importorskip("sae_bench.sae_bench_utils.general_utils")
+    from datasets import Dataset
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from hsae.interop.saelens import Provenance
+
+    torch.manual_seed(0)
+    lm_config = HookedTransformerConfig(
+        n_layers=2, d_model=D_IN, d_head=4, n_heads=4, d_mlp=32, n_ctx=32, d_vocab=64,
+        act_fn="gelu", normalization_type="LN",
+    )  # fmt: skip
+    lm = HookedTransformer(lm_config)
+    tokens = torch.randint(1, 64, (1, 16))
+    _, cache = lm.run_with_cache(tokens, names_filter=["blocks.0.hook_resid_post"])
+    x = cache["blocks.0.hook_resid_post"][0]
+    model = random_hsae()
+    model.activation_scale.fill_(D_IN**0.5 / float(x.norm(dim=1).mean()))
+    sae = SAEBenchSAE.from_hsae(model, 1, Provenance("tiny-random", 0, 16, True, ""))
+    general_utils.load_and_format_sae("hsae_level_1_16", sae, "cpu")
+    # Every context is the same, so whichever contexts SAEBench draws it sees exactly `x`.
+    dataset = Dataset.from_dict({"input_ids": tokens.tolist() * 32})
+    store = core.ActivationsStore.from_sae(
+        lm, sae, dataset=dataset, context_size=16, streaming=False, store_batch_size_prompts=4,
+        n_batches_in_buffer=2, train_batch_size_tokens=64, device="cpu",
+    )  # fmt: skip
+    config = core.CoreEvalConfig(
+        model_name="tiny-random", batch_size_prompts=4, n_eval_reconstruction_batches=1,
+        n_eval_sparsity_variance_batches=2, context_size=16, compute_kl=True,
+        compute_ce_loss=True, compute_sparsity_metrics=True, compute_variance_metrics=True,
+        compute_featurewise_weight_based_metrics=True,
+    )  # fmt: skip
+    metrics, features = core.run_evals(sae, store, lm, config)
+    codes = model.encode_level(x, 1)
+    residual = (x - model.reconstruct(x)[1]).pow(2).sum(1)
+    legacy = float((1 - residual / (x - x.mean(0)).pow(2).sum(1)).mean())
+    assert 0 < metrics["sparsity"]["l0"] < SIZES[1]
+    assert metrics["sparsity"]["l0"] == pytest.approx(float((codes > 0).sum(1).float().mean()))
+    ev = metrics["reconstruction_quality"]["explained_variance_legacy"]
+    assert ev == pytest.approx(legacy, abs=1e-4)
+    assert len(features["encoder_bias"]) == SIZES[1]
