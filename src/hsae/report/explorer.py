@@ -82,6 +82,10 @@ class ReportSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ReportError(f"report setting {name} must be an integer >= {low}, got {value}")
+        if self.which not in ("hsae", "baseline"):
+            raise ReportError(f"which must be hsae or baseline, got {self.which}")
+        if self.split not in ("train", "heldout"):
+            raise ReportError(f"split must be train or heldout, got {self.split}")
         if self.projection not in ("auto", "umap", "pca", "none"):
             raise ReportError(f"projection must be auto, umap, pca or none, got {self.projection}")
 

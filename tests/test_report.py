@@ -1,0 +1,311 @@
+"""The feature-forest explorer on a small real run: numbers against brute force, truncation,
+labels, escaping of corpus text, the CLI, and the page itself in headless Chromium."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hsae.cli import app
+from hsae.report import (
+    LabelsError,
+    ReportError,
+    ReportSettings,
+    build_report_data,
+    load_labels,
+    render_html,
+    save_labels,
+)
+from hsae.report.explorer import RowSource, forest_view
+from hsae.report.html import embed_json
+from hsae.runs import Run, RunConfig
+
+SETTINGS = {
+    "harvest_tokens": 2048,
+    "context_length": 32,
+    "harvest_batch_size": 8,
+    "heldout_fraction": 0.15,
+    "eval_tokens": 256,
+    "splice_contexts": 0,
+    "checkpoint_every": 50,
+    "log_every": 4,
+    "hsae": {
+        "level_sizes": [32, 64, 128],
+        "target_l0": 4,
+        "train_tokens": 256 * 12,
+        "batch_size": 256,
+        "update_interval": 4,
+    },
+}
+REPORT = ReportSettings(projection="pca", max_features=80, chunk_size=500)
+XSS_SCRIPT = "<script>alert(1)</script>"
+XSS_IMG = '"><img src=x onerror="window.__pwned=1">'
+
+
+def _chromium() -> str | None:
+    for candidate in (os.environ.get("HSAE_CHROMIUM"), "chromium", "chromium-browser"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+CHROMIUM = _chromium()
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"
+)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Run:
+    run = Run.create(tmp_path_factory.mktemp("report") / "run", RunConfig(**SETTINGS))
+    run.harvest(progress=False)
+    for which in run.wanted_models():
+        run.train(which, progress=False)
+    run.evaluate(splice=False)
+    save_labels(
+        run.folder,
+        {
+            "hsae": {"0:0": "first root"},
+            "auto": {"hsae": {f"0:{i}": {"label": f"judged {i}"} for i in range(32)}},
+        },
+    )
+    return run
+
+
+@pytest.fixture(scope="module")
+def tokenizer(run: Run) -> Any:
+    return run.cache()._load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def data(run: Run, tokenizer: Any) -> dict[str, Any]:
+    return build_report_data(run, REPORT, tokenizer=tokenizer)
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def _dense_codes(run: Run, rows: int) -> list[torch.Tensor]:
+    model = run.load("hsae")
+    source = RowSource(run.cache(), "train")
+    return model.encode(source.gather(np.arange(rows)))
+
+
+def test_top_contexts_frequencies_and_p_parent_match_brute_force(run: Run, data: dict) -> None:
+    scanned = data["meta"]["tokens_scanned"]
+    assert scanned == run.cache().n_tokens("train")
+    codes = _dense_codes(run, scanned)
+    model = run.load("hsae")
+    checked = 0
+    for key, feature in data["features"].items():
+        level, index = feature["level"], feature["index"]
+        column = codes[level][:, index]
+        assert feature["fires"] == int((column > 0).sum()), key
+        expected = column.topk(REPORT.top_k).values
+        expected = expected[expected > 0]
+        shown = [data["contexts"][i] for i in feature["top"]]
+        got = torch.tensor([ctx["a"][ctx["at"]] for ctx in shown])
+        torch.testing.assert_close(got, expected, atol=2e-3, rtol=1e-3)
+        for ctx in shown:  # the shaded window is the feature's activation on each token
+            assert column[ctx["row"]] == pytest.approx(ctx["a"][ctx["at"]], abs=2e-3)
+        if feature["parent"] is not None:
+            parent = int(model.parents(level - 1)[index])
+            both = ((column > 0) & (codes[level - 1][:, parent] > 0)).sum()
+            assert feature["p_parent"] == pytest.approx(float(both) / feature["fires"], abs=1e-3)
+        checked += 1
+    assert checked == data["meta"]["shown_features"] > 0
+
+
+def test_top_tokens_and_sampled_contexts(run: Run, data: dict) -> None:
+    scanned = data["meta"]["tokens_scanned"]
+    codes = _dense_codes(run, scanned)
+    token_ids = run.cache().token_info("train").token_ids[:scanned]
+    key = max(data["features"], key=lambda k: data["features"][k]["fires"])
+    feature = data["features"][key]
+    fired = token_ids[(codes[feature["level"]][:, feature["index"]] > 0).numpy()]
+    ids, counts = np.unique(fired, return_counts=True)
+    assert feature["top_tokens"][0][1] == counts.max()
+    shown_counts = [count for _, count in feature["top_tokens"]]
+    assert shown_counts == sorted(counts, reverse=True)[: len(shown_counts)]
+    assert len(feature["sampled"]) == min(REPORT.n_sampled, feature["fires"])
+    for i in feature["sampled"]:
+        ctx = data["contexts"][i]
+        assert ctx["a"][ctx["at"]] > 0  # sampled in proportion to activation: never a zero
+
+
+def test_forest_is_truncated_to_whole_largest_trees(run: Run, data: dict) -> None:
+    meta, features = data["meta"], data["features"]
+    assert meta["truncated"] and meta["shown_features"] <= REPORT.max_features
+    assert meta["shown_trees"] < meta["total_trees"]
+    for key, feature in features.items():
+        if feature["parent"] is not None:
+            assert feature["parent"] in features, key  # every shown node hangs from its tree
+            assert key in features[feature["parent"]]["children"]
+    sizes = [features[root]["descendants"] for root in data["roots"]]
+    assert sizes == sorted(sizes, reverse=True)
+    deepest = max(f["level"] for f in features.values())
+    assert deepest == len(meta["level_sizes"]) - 1
+    model = run.load("hsae")
+    freq = [np.ones(size) for size in model.config.level_sizes]
+    whole = forest_view(model, freq, max_features=10**6, max_children=10**6)
+    assert not whole.truncated and len(whole.shown) == meta["total_features"]
+
+
+def test_labels_are_shown_and_bad_labels_refused(run: Run, data: dict, tmp_path: Path) -> None:
+    assert data["features"]["0:0"]["label"] == "first root"
+    roots = [data["features"][key] for key in data["roots"] if key != "0:0"]
+    assert roots and all(f["auto_label"] == f"judged {f['index']}" for f in roots)
+    assert load_labels(run.folder)["hsae"] == {"0:0": "first root"}
+    with pytest.raises(LabelsError, match="level:index"):
+        save_labels(tmp_path, {"hsae": {"twelve": "x"}})
+    (tmp_path / "labels.json").write_text("{not json")
+    with pytest.raises(LabelsError, match="not valid JSON"):
+        load_labels(tmp_path)
+    with pytest.raises(ReportError, match="max_features"):
+        ReportSettings(max_features=0)
+
+
+def test_json_block_cannot_close_the_script() -> None:
+    text = embed_json({"t": [XSS_SCRIPT, XSS_IMG, "a & b", "\u2028"], "x": float("nan")})
+    assert "<" not in text and ">" not in text and "&" not in text
+    decoded = json.loads(text)
+    assert decoded["t"][:2] == [XSS_SCRIPT, XSS_IMG] and decoded["x"] is None
+    page = render_html({"meta": {}, "tokens": [XSS_SCRIPT]})
+    assert XSS_SCRIPT not in page and page.count("<script") == 2
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_report_and_plots(run: Run, tmp_path: Path) -> None:
+    out = tmp_path / "page.html"
+    args = ["report", str(run.folder), "--out", str(out), "--projection", "pca"]
+    result = CliRunner().invoke(app, [*args, "--max-features", "40"])
+    assert result.exit_code == 0, result.output
+    assert "of 224 features" in result.output
+    html = out.read_text(encoding="utf-8")
+    assert 'type="application/json"' in html and "http://" not in html.replace(
+        "http://www.w3.org/2000/svg", ""
+    )
+    for name in ("hierarchy.png", "levels.png", "projection.png"):
+        assert (run.folder / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, run: Run) -> None:
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "is not a run folder" in result.output
+    result = CliRunner().invoke(app, ["report", str(run.folder), "--projection", "tsne"])
+    assert result.exit_code == 2 and "projection must be" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- the browser
+
+
+def _open(page_path: Path, actions) -> dict[str, Any]:
+    from playwright.sync_api import sync_playwright
+
+    problems: list[str] = []
+    dialogs: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+            ],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda error: problems.append(str(error)))
+            page.on("requestfailed", lambda r: problems.append(f"request {r.url}"))
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.goto(page_path.as_uri())
+            outcome = actions(page)
+        finally:
+            browser.close()
+    return {"problems": problems, "dialogs": dialogs, "outcome": outcome}
+
+
+@needs_chromium
+def test_browser_expands_to_the_deepest_level_and_searches(
+    run: Run, data: dict, tmp_path: Path
+) -> None:
+    path = run.folder / "report.html"
+    path.write_text(render_html(data), encoding="utf-8")
+    levels = len(data["meta"]["level_sizes"])
+    deepest = next(k for k, f in data["features"].items() if f["level"] == levels - 1)
+    chain, key = [], deepest
+    while data["features"][key]["parent"]:
+        key = data["features"][key]["parent"]
+        chain.insert(0, key)
+    root = data["features"][chain[0]]
+    ctx = data["contexts"][root["top"][0]]
+    query = data["tokens"][ctx["t"][ctx["at"]]].strip()
+    shot = tmp_path / "report.png"
+
+    def actions(page):
+        assert "Truncated" in page.inner_text("#truncation")
+        for key in chain:
+            page.click(f'li[data-feature="{key}"] > .row > .toggle')
+        leaf = page.locator(f'li[data-feature="{deepest}"]')
+        leaf.wait_for(state="visible")
+        leaf.locator(":scope > .row > .name").click()
+        leaf_level = leaf.get_attribute("data-level")
+        page.fill("#search", query)
+        page.locator("#results .result").first.wait_for()
+        n_results = page.locator("#results .result").count()
+        page.locator("#results .result").first.click()
+        hot = page.locator("#detail .ctx .tok.hot").count()
+        label = page.inner_text('li[data-feature="0:0"] > .row')
+        page.fill("#search", "1:0" if "1:0" in data["features"] else deepest)
+        searched = page.get_attribute("#detail", "data-feature")
+        charts = page.locator("#charts svg").count()
+        points = page.locator("#projection circle").count()
+        page.screenshot(path=str(shot), full_page=True)
+        return leaf_level, n_results, hot, label, searched, charts, points
+
+    result = _open(path, actions)
+    leaf_level, n_results, hot, label, searched, charts, points = result["outcome"]
+    assert result["problems"] == [] and result["dialogs"] == []
+    assert leaf_level == str(levels - 1)
+    assert n_results >= 1 and hot >= 1
+    assert "first root" in label
+    assert searched in ("1:0", deepest)
+    assert charts == 5 and points == len(data["projection"]["points"]) > 0
+    assert shot.stat().st_size > 10_000
+    shutil.copy(shot, run.folder / "report.png")
+
+
+@needs_chromium
+def test_browser_shows_hostile_corpus_text_as_text(data: dict, tmp_path: Path) -> None:
+    hostile = copy.deepcopy(data)
+    root = hostile["features"][hostile["roots"][0]]
+    ctx = hostile["contexts"][root["top"][0]]
+    hostile["tokens"].extend([XSS_SCRIPT, XSS_IMG])
+    ctx["t"][0], ctx["t"][-1] = len(hostile["tokens"]) - 2, len(hostile["tokens"]) - 1
+    root["label"] = XSS_IMG
+    path = tmp_path / "hostile.html"
+    path.write_text(render_html(hostile), encoding="utf-8")
+
+    def actions(page):
+        text = page.inner_text("#detail")
+        return text, page.evaluate("window.__pwned"), page.locator("img").count()
+
+    result = _open(path, actions)
+    text, pwned, images = result["outcome"]
+    assert XSS_SCRIPT in text and XSS_IMG in text
+    assert pwned is None and images == 0
+    assert result["dialogs"] == [] and result["problems"] == []
