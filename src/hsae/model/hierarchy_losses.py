@@ -77,6 +77,10 @@ def _co_active_sibling_products(
     """sum over tokens and unordered pairs c < c' of supported siblings: a_c a_c' <d_c, d_c'>."""
     entries = (parent_index[codes.cols] >= 0).nonzero(as_tuple=True)[0]
     group = codes.rows[entries] * n_parents + parent_index[codes.cols[entries]]
+    # Siblings are mostly exclusive: keep only (token, parent) groups with two or more
+    # entries before sorting, which usually leaves a small fraction of the support.
+    shared = torch.bincount(group, minlength=codes.acts.shape[0] * n_parents)[group] > 1
+    entries, group = entries[shared], group[shared]
     order = torch.argsort(group, stable=True)
     entries, group = entries[order], group[order]
     first, second = _pairs_within_groups(group)
