@@ -197,6 +197,9 @@ def demo(
         for which in run.wanted_models():
             run.train(which)
         results = run.evaluate()
+        from hsae.report import build_report
+
+        page = build_report(run.folder).html
     except _user_errors() as error:
         raise _fail(error) from None
     from hsae.evaluation.suite import comparison_table
@@ -205,6 +208,7 @@ def demo(
     stages = ", ".join(f"{stage}: {seconds:.0f} s" for stage, seconds in run.timings.items())
     typer.echo(f"\nstage times: {stages}; total {time.perf_counter() - started:.0f} s")
     typer.echo(f"results: {run.folder / 'summary.md'} and {run.folder / 'metrics.json'}")
+    typer.echo(f"feature explorer: {page} (plots in {run.folder / 'plots'})")
 
 
 @app.command()
