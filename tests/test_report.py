@@ -188,11 +188,15 @@ def test_json_block_cannot_close_the_script() -> None:
 
 def test_cli_writes_report_and_plots(run: Run, tmp_path: Path) -> None:
     out = tmp_path / "page.html"
-    args = ["report", str(run.folder), "--out", str(out), "--projection", "pca"]
-    result = CliRunner().invoke(app, [*args, "--max-features", "40"])
+    args = ["report", str(run.folder), "--out", str(out), "--max-features", "40"]
+    result = CliRunner().invoke(app, args)  # default projection: UMAP (umap-learn installed)
     assert result.exit_code == 0, result.output
     assert "of 224 features" in result.output
     html = out.read_text(encoding="utf-8")
+    block = html.split('<script id="report-data" type="application/json">')[1]
+    embedded = json.loads(block.split("</script>")[0])
+    assert embedded["projection"]["method"] == "umap"
+    assert embedded["meta"]["shown_features"] <= 40
     assert 'type="application/json"' in html and "http://" not in html.replace(
         "http://www.w3.org/2000/svg", ""
     )

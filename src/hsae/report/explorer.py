@@ -635,7 +635,11 @@ def _embed_2d(x: Tensor, settings: ReportSettings) -> tuple[np.ndarray, str, str
         except ImportError:
             if settings.projection == "umap":
                 raise ReportError("projection=umap needs: pip install umap-learn") from None
-            return _pca(x), "pca", "umap-learn is not installed: PCA shown instead of UMAP"
+            return (
+                _pca(x, settings.seed),
+                "pca",
+                "umap-learn is not installed: PCA shown instead of UMAP",
+            )
         import warnings
 
         with warnings.catch_warnings():
@@ -644,10 +648,13 @@ def _embed_2d(x: Tensor, settings: ReportSettings) -> tuple[np.ndarray, str, str
                 n_neighbors=min(15, x.shape[0] - 1), random_state=settings.seed, init="random"
             )
             return reducer.fit_transform(x.numpy()), "umap", ""
-    return _pca(x), "pca", "PCA projection (projection=pca)"
+    return _pca(x, settings.seed), "pca", "PCA projection (projection=pca)"
 
 
-def _pca(x: Tensor) -> np.ndarray:
+def _pca(x: Tensor, seed: int = 0) -> np.ndarray:
+    """First two principal components (randomised low-rank PCA: a few small matmuls)."""
     centred = x.double() - x.double().mean(0)
-    _, _, v = torch.linalg.svd(centred, full_matrices=False)
-    return (centred @ v[:2].T).numpy()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _, _, v = torch.pca_lowrank(centred, q=min(6, *centred.shape), center=False, niter=6)
+    return (centred @ v[:, :2]).numpy()
