@@ -313,3 +313,11 @@ def test_browser_shows_hostile_corpus_text_as_text(data: dict, tmp_path: Path) -
     assert XSS_SCRIPT in text and XSS_IMG in text
     assert pwned is None and images == 0
     assert result["dialogs"] == [] and result["problems"] == []
+
+
+def test_docs_list_every_setting_with_its_default() -> None:
+    from dataclasses import fields
+
+    text = (Path(__file__).resolve().parents[1] / "docs/report.md").read_text(encoding="utf-8")
+    for field in fields(ReportSettings):
+        assert f"| `{field.name}` | `{field.default}` |" in text, field.name
