@@ -486,3 +486,37 @@ def test_saebench_core_eval_runs_on_the_wrapper_and_agrees_with_the_model() -> N
     ev = metrics["reconstruction_quality"]["explained_variance_legacy"]
     assert ev == pytest.approx(legacy, abs=1e-4)
     assert len(features["encoder_bias"]) == SIZES[1]
+
+
+# --- training from imported SAEs -----------------------------------------------------------
+
+
+def test_training_can_start_from_imported_saes(tmp_path: Path) -> None:
+    from hsae.training import Trainer
+    from hsae.training.data import as_batches
+
+    folders = []
+    for index, size in enumerate(SIZES):
+        saelens_jumprelu(size, seed=20 + index, unit_decoder=True).save_model(
+            tmp_path / f"l{index}"
+        )
+        folders.append(tmp_path / f"l{index}")
+    data = raw_activations(512)
+    settings = {"train_tokens": 64, "batch_size": 32, "lr": 1e-9, "device": "cpu"}
+
+    def fit(initialise_from_data: bool) -> tuple[HSAE, HSAE]:
+        imported = forest_from_saelens(folders, activation_scale=SCALE, **settings)
+        before = forest_from_saelens(folders, activation_scale=SCALE, **settings)
+        batches = as_batches(data, 32, seed=0)
+        trainer = Trainer(imported.config, batches, imported, initialise_from_data)
+        return trainer.fit(progress=False), before
+
+    kept, before = fit(initialise_from_data=False)
+    assert kept.scale == pytest.approx(SCALE)
+    for ours, theirs in zip(kept.levels, before.levels, strict=True):
+        assert (ours.b_dec - theirs.b_dec).abs().max() < 1e-5
+        assert (ours.log_threshold - theirs.log_threshold).abs().max() < 1e-5
+    reset, before = fit(initialise_from_data=True)  # the default re-initialises from data
+    assert (reset.levels[0].b_dec - before.levels[0].b_dec).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="needs a model"):
+        Trainer(before.config, iter([]), None, initialise_from_data=False)

@@ -79,7 +79,12 @@ class Trainer:
         config: HSAEConfig,
         batches: Iterator[Tensor],
         model: HSAE | None = None,
+        initialise_from_data: bool = True,
     ):
+        """``initialise_from_data=False`` keeps the given model's weights, thresholds and
+        activation scale (e.g. SAEs imported from SAELens) instead of :meth:`initialise`."""
+        if model is None and not initialise_from_data:
+            raise ValueError("initialise_from_data=False needs a model whose weights to keep")
         self.config = config
         self.device = resolve_device(config.device)
         self.batches = batches
@@ -114,7 +119,7 @@ class Trainer:
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed + 1)
         self.step = 0
         self.forest_updates = 0
-        self.initialised = False
+        self.initialised = not initialise_from_data
         self._replay: list[Tensor] = []
         self.tokens_drawn = 0
 
