@@ -331,7 +331,7 @@ def test_tampered_or_foreign_archives_are_refused(run_dir: Path, tmp_path: Path)
         with pytest.raises(InteropError, match=message):
             extract_archive(path, tmp_path / "dest")
     assert not (tmp_path / "evil.txt").exists()
-    with pytest.raises(InteropError, match="no trained HSAE"):
+    with pytest.raises(InteropError, match="no trained model"):
         export_archive(tmp_path, tmp_path / "x.tar.gz")
 
 
@@ -520,3 +520,38 @@ def test_training_can_start_from_imported_saes(tmp_path: Path) -> None:
     assert (reset.levels[0].b_dec - before.levels[0].b_dec).abs().max() > 1e-2
     with pytest.raises(ValueError, match="needs a model"):
         Trainer(before.config, iter([]), None, initialise_from_data=False)
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def test_cli_exports_saelens_and_archive_and_imports_saelens(run_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hsae.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "saelens"
+    result = runner.invoke(app, ["export", str(run_dir), "--format", "saelens", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "baseline" / "level_2" / "cfg.json").is_file()
+    assert (out / "hsae" / "forest.json").is_file()
+    archive = tmp_path / "run.tar.gz"
+    result = runner.invoke(app, ["export", str(run_dir), str(archive), "--format", "archive"])
+    assert result.exit_code == 0 and archive.is_file(), result.output
+    levels = [str(out / "hsae" / f"level_{i}") for i in range(len(SIZES))]
+    model_dir = tmp_path / "imported"
+    args = ["import-saelens", *levels, "--out", str(model_dir), "--scale", str(SCALE)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert hsae.load(model_dir).config.level_sizes == SIZES
+    refusals = [
+        (["export", str(run_dir), str(out), "--format", "onnx"], "--format must be"),
+        (["export", str(tmp_path / "missing"), str(out)], "does not exist"),
+        (["import-saelens", str(tmp_path), "--out", str(tmp_path / "m")], "missing cfg.json"),
+        (args, "already holds a saved model"),
+    ]
+    for command, message in refusals:
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and result.output.count("\n") == 1

@@ -245,5 +245,53 @@ def report(
         typer.echo(f"wrote {path}")
 
 
+@app.command("export")
+def export_run(
+    run_dir: str = typer.Argument(..., help="a run folder (or an extracted run archive)"),
+    out: str = typer.Argument(..., help="folder (saelens) or .tar.gz file (archive) to write"),
+    format: str = typer.Option("saelens", "--format", help="saelens | archive"),
+    model_name: str = typer.Option(None, help="model name for SAELens/SAEBench [the run's]"),
+) -> None:
+    """Export a run: each level as a SAELens JumpReLU SAE, or one shareable run archive."""
+    from hsae.interop import InteropError, export_archive, export_saelens
+
+    if format not in ("saelens", "archive"):
+        raise _fail(ValueError(f"--format must be 'saelens' or 'archive', got {format!r}"))
+    try:
+        if format == "archive":
+            typer.echo(f"wrote {export_archive(run_dir, out)}")
+            return
+        written = export_saelens(run_dir, out, model_name)
+    except (*_user_errors(), InteropError) as error:
+        raise _fail(error) from None
+    for which, folders in written.items():
+        typer.echo(f"{which}: {len(folders)} SAELens SAEs + forest.json in {folders[0].parent}")
+
+
+@app.command("import-saelens")
+def import_saelens(
+    folders: list[str] = typer.Argument(..., help="SAELens JumpReLU SAEs, smallest first"),  # noqa: B008
+    out: str = typer.Option(..., help="model folder to write (open it with hsae.load)"),
+    similarity: str = typer.Option("encoder", help="forest similarity: encoder | decoder"),
+    tree: str = typer.Option("partial", help="partial | full | binary"),
+    scale: float = typer.Option(1.0, help="activation scale c the HSAE applies to raw inputs"),
+) -> None:
+    """Build an HSAE and its post-hoc forest from SAELens JumpReLU SAEs of growing size."""
+    from pathlib import Path
+
+    from hsae.interop import InteropError, forest_from_saelens
+    from hsae.model.hsae import CONFIG_FILE
+
+    if (Path(out) / CONFIG_FILE).exists():
+        raise _fail(ValueError(f"{out} already holds a saved model; choose another --out"))
+    try:
+        model = forest_from_saelens(folders, similarity, scale, tree=tree)
+    except (*_user_errors(), InteropError) as error:
+        raise _fail(error) from None
+    model.save(out)
+    linked = sum(int((links >= 0).sum()) for links in model.forest())
+    typer.echo(f"wrote {out}: levels {model.config.level_sizes}, {linked} parent links")
+
+
 if __name__ == "__main__":
     app()

@@ -2,10 +2,10 @@
 
 This module owns the archive format. An archive holds one top folder (the run's name) with the
 trained models (``hsae/``, ``baseline/``: weights, forest, config), ``run.json``, the metrics,
-summary, timings, training logs and report when present, and ``archive.json``: format version,
-hsae version, the run's provenance (model, layer, context size, dataset, activation scale, read
-from the activation manifest) and the sha256 of every file. The activation cache and the
-training checkpoints stay behind. After :func:`extract_archive`, ``hsae.load(folder)`` and
+summary, timings, training logs, report and plots when present, and ``archive.json``: format
+version, hsae version, the run's provenance (model, layer, context size, dataset, activation
+scale) and the sha256 of every file. The activation cache and the training checkpoints stay
+behind. After :func:`extract_archive`, ``hsae.load(folder)`` and
 ``hsae.load(folder, which="baseline")`` load the models and ``hsae export`` works on the folder.
 """
 
@@ -19,7 +19,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from hsae.interop.saelens import InteropError, run_provenance
+from hsae.interop.saelens import InteropError, run_provenance, trained_models
 from hsae.io import atomic_path, read_json, write_with
 from hsae.model.hsae import CONFIG_FILE
 
@@ -27,14 +27,14 @@ ARCHIVE_FORMAT = "hsae-run-archive"
 ARCHIVE_FORMAT_VERSION = 1
 ARCHIVE_FILE = "archive.json"
 CARRIED_FILES = ("run.json", "metrics.json", "summary.md", "timings.json", "report.html")
-CARRIED_FOLDERS = ("hsae", "baseline", "logs", "report")
+CARRIED_FOLDERS = ("hsae", "baseline", "logs", "plots", "report")
 
 
 def export_archive(run_dir: str | Path, out: str | Path) -> Path:
     """Write the run folder's models, settings and results to the ``.tar.gz`` file ``out``."""
     folder = Path(run_dir)
-    if not (folder / "hsae" / CONFIG_FILE).is_file():
-        raise InteropError(f"{folder} holds no trained HSAE (no hsae/{CONFIG_FILE})")
+    if "hsae" not in trained_models(folder):
+        raise InteropError(f"{folder} holds no trained model (no hsae/{CONFIG_FILE})")
     files = _carried_files(folder)
     manifest = _archive_manifest(folder, files)
     top = folder.resolve().name

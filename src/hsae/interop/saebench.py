@@ -27,9 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hsae.interop.saelens import WHICH, InteropError, Provenance, run_provenance
+from hsae.interop.saelens import InteropError, Provenance, run_provenance, trained_models
 from hsae.model import HSAE, load_hsae
-from hsae.model.hsae import CONFIG_FILE
 
 TABLE1_EVALS = ("core", "absorption", "autointerp", "ravel", "scr", "sparse_probing")
 TABLE1_COLUMNS = {
@@ -163,17 +162,14 @@ def saebench_saes(
     """SAEBench's ``selected_saes`` for a run: ``("{which}_level_{l}_{d_sae}", sae)`` pairs for
     the HSAE and, when trained, the baseline (``levels``: which levels; None: all)."""
     folder = Path(run_dir)
+    models = trained_models(folder)
     provenance = run_provenance(folder, model_name)
     selected = []
-    for which in WHICH:
-        if not (folder / which / CONFIG_FILE).is_file():
-            continue
+    for which in models:
         model = load_hsae(folder / which)
         for level in range(model.n_levels) if levels is None else levels:
             sae = SAEBenchSAE.from_hsae(model, level, provenance)
             selected.append((f"{which}_level_{level}_{sae.cfg.d_sae}", sae))
-    if not selected:
-        raise InteropError(f"{folder} holds no trained model (no hsae/{CONFIG_FILE})")
     return selected
 
 

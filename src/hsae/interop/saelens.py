@@ -162,15 +162,24 @@ def export_saelens(
     ``OUT/{hsae,baseline}/forest.json``. Returns the level folders written, per model.
     """
     folder = Path(run_dir)
-    models = [which for which in WHICH if (folder / which / CONFIG_FILE).is_file()]
-    if not models:
-        raise InteropError(f"{folder} holds no trained model (no hsae/{CONFIG_FILE})")
+    models = trained_models(folder)
     provenance = run_provenance(folder, model_name)
     written = {}
     for which in models:
         model = load_hsae(folder / which)
         written[which] = export_model_saelens(model, Path(out) / which, provenance, which)
     return written
+
+
+def trained_models(run_dir: str | Path) -> list[str]:
+    """Which of "hsae" and "baseline" the run folder holds; refuse a folder with neither."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise InteropError(f"{folder} does not exist or is not a folder")
+    models = [which for which in WHICH if (folder / which / CONFIG_FILE).is_file()]
+    if not models:
+        raise InteropError(f"{folder} holds no trained model (no hsae/{CONFIG_FILE})")
+    return models
 
 
 def export_model_saelens(
