@@ -17,7 +17,7 @@ import hsae
 from hsae import HSAE, HSAEConfig
 from hsae.interop import InteropError
 from hsae.interop.archive import export_archive, extract_archive
-from hsae.interop.saebench import SAEBenchSAE, saebench_saes, table1
+from hsae.interop.saebench import SAEBenchSAE, saebench_saes, table1, table1_markdown
 from hsae.interop.saelens import (
     export_saelens,
     forest_from_saelens,
@@ -438,6 +438,9 @@ def test_table1_reads_saebench_result_files(tmp_path: Path) -> None:
     assert row["sparse_probing_top5"] == pytest.approx(0.87)
     assert row["autointerp"] is None and row["ravel"] is None and row["scr_20"] is None
     assert table["baseline"]["baseline_level_2_32"]["explained_variance_legacy"] == 0.70
+    lines = table1_markdown(table).splitlines()
+    assert lines[2].startswith("| hsae_level_2_32 | 0.710 | 0.920 | n/a")
+    assert lines[3].startswith("| baseline_level_2_32 | 0.700 |")
     result("ravel", "hsae_level_2_32", {"wrong": {}})
     with pytest.raises(InteropError, match="not a SAEBench result file"):
         table1(tmp_path)
@@ -550,6 +553,7 @@ def test_cli_exports_saelens_and_archive_and_imports_saelens(run_dir: Path, tmp_
         (["export", str(tmp_path / "missing"), str(out)], "does not exist"),
         (["import-saelens", str(tmp_path), "--out", str(tmp_path / "m")], "missing cfg.json"),
         (args, "already holds a saved model"),
+        (["saebench", str(run_dir), "--evals", "core,bogus"], "unknown SAEBench eval(s) ['bogus']"),
     ]
     for command, message in refusals:
         result = runner.invoke(app, command)

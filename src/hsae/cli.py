@@ -293,5 +293,43 @@ def import_saelens(
     typer.echo(f"wrote {out}: levels {model.config.level_sizes}, {linked} parent links")
 
 
+@app.command("saebench")
+def saebench(
+    run_dir: str = typer.Argument(..., help="a run folder (or an extracted run archive)"),
+    out: str = typer.Option(None, help="results folder [RUN_DIR/saebench]"),
+    evals: str = typer.Option(
+        "core,absorption,autointerp,ravel,scr,sparse_probing", help="comma-separated evals"
+    ),
+    levels: str = typer.Option(None, help="comma-separated levels to evaluate [all]"),
+    model_name: str = typer.Option(None, help="TransformerLens model name [the run's]"),
+    device: str = typer.Option("cuda", help="torch device"),
+    llm_batch_size: int = typer.Option(32, help="contexts per language-model batch"),
+    llm_dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
+    api_key_file: str = typer.Option(None, help="OpenAI key file for autointerp [skip it]"),
+) -> None:
+    """Run SAEBench's Table 1 evaluations on a run's HSAE and baseline (GPU, sae-bench)."""
+    from pathlib import Path
+
+    from hsae.interop import InteropError
+    from hsae.interop.saebench import run_saebench, table1_markdown
+
+    try:
+        api_key = Path(api_key_file).read_text().strip() if api_key_file else None
+        table = run_saebench(
+            run_dir,
+            out or str(Path(run_dir) / "saebench"),
+            evals=[name for name in evals.split(",") if name],
+            model_name=model_name,
+            levels=_parse_sizes(levels),
+            device=device,
+            llm_batch_size=llm_batch_size,
+            llm_dtype=llm_dtype,
+            api_key=api_key,
+        )
+    except (*_user_errors(), InteropError, OSError) as error:
+        raise _fail(error) from None
+    typer.echo(table1_markdown(table))
+
+
 if __name__ == "__main__":
     app()

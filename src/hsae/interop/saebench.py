@@ -18,6 +18,7 @@ reconstructions are the HSAE's.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from hsae.interop.saelens import InteropError, Provenance, run_provenance, trained_models
+from hsae.io import write_json
 from hsae.model import HSAE, load_hsae
 
 TABLE1_EVALS = ("core", "absorption", "autointerp", "ravel", "scr", "sparse_probing")
@@ -185,11 +187,13 @@ def run_saebench(
     api_key: str | None = None,
 ) -> dict[str, dict[str, dict[str, float | None]]]:
     """Run SAEBench's evaluations on a run's levels (needs ``pip install sae-bench``, a GPU, the
-    language model and datasets from the Hub; autointerp needs an OpenAI key) and return
-    :func:`table1` of the results written under ``out``."""
+    language model and datasets from the Hub; autointerp needs an OpenAI key, and is skipped
+    without one) and return :func:`table1` of the results under ``out`` (also ``table1.json``)."""
     unknown = sorted(set(evals) - set(TABLE1_EVALS))
     if unknown:
         raise InteropError(f"unknown SAEBench eval(s) {unknown}; choose from {TABLE1_EVALS}")
+    if importlib.util.find_spec("sae_bench") is None:
+        raise InteropError("SAEBench is not installed here; pip install sae-bench (see interop.md)")
     selected = saebench_saes(run_dir, model_name, levels)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(llm_dtype, torch.float32)
     selected = [(name, sae.to(device=device, dtype=dtype)) for name, sae in selected]
@@ -199,7 +203,9 @@ def run_saebench(
         if eval_name == "autointerp" and api_key is None:
             continue
         _run_one_eval(eval_name, name, selected, root, device, llm_batch_size, llm_dtype, api_key)
-    return table1(root)
+    table = table1(root)
+    write_json(root / "table1.json", table)
+    return table
 
 
 def _run_one_eval(
@@ -287,3 +293,14 @@ def _metric(path: Path, keys: tuple[str, ...]) -> float | None:
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise InteropError(f"{path} is not a SAEBench result file: {error}") from None
     return None if node is None else float(node)
+
+
+def table1_markdown(table: dict[str, dict[str, dict[str, float | None]]]) -> str:
+    """:func:`table1` as a markdown table, one row per SAE, HSAE rows first."""
+    columns = list(TABLE1_COLUMNS)
+    lines = ["| SAE | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for which in sorted(table, key=lambda name: name != "hsae"):
+        for name, row in sorted(table[which].items()):
+            cells = ["n/a" if row[c] is None else f"{row[c]:.3f}" for c in columns]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
