@@ -559,3 +559,68 @@ def test_cli_exports_saelens_and_archive_and_imports_saelens(run_dir: Path, tmp_
         result = runner.invoke(app, command)
         assert result.exit_code == 2, result.output
         assert message in result.output and result.output.count("\n") == 1
+
+
+def test_run_saebench_calls_each_eval_with_its_own_config_and_collects_table1(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The glue to SAEBench's evaluations, with the evaluations replaced by recorders (they need
+    a GPU, the Hub and the real language model); configs are SAEBench's own classes."""
+    pytest.importorskip("sae_bench.evals.core.main")
+    import importlib
+
+    from hsae.interop.saebench import run_saebench
+
+    calls: dict[str, tuple] = {}
+
+    def recorder(eval_name: str, metrics: dict, subfolder: str | None = None):
+        def run(*args, **kwargs):
+            calls[eval_name] = (args, kwargs)
+            selected = kwargs.get("selected_saes") or args[1]
+            folder = Path(kwargs.get("output_folder") or args[3])
+            for name, sae in selected:
+                assert isinstance(sae, SAEBenchSAE) and sae.dtype == torch.float32
+                path = folder / (subfolder or "") / f"{name}_custom_sae_eval_results.json"
+                write_json(path, {"eval_result_metrics": metrics})
+
+        return run
+
+    modules = {
+        name: importlib.import_module(f"sae_bench.evals.{name}.main")
+        for name in ("core", "absorption", "ravel", "scr_and_tpp", "sparse_probing")
+    }
+    ev = {"reconstruction_quality": {"explained_variance_legacy": 0.6}}
+    monkeypatch.setattr(modules["core"], "multiple_evals", recorder("core", ev))
+    absorbed = {"mean": {"mean_absorption_fraction_score": 0.25}}
+    monkeypatch.setattr(modules["absorption"], "run_eval", recorder("absorption", absorbed))
+    ravel = {"ravel": {"disentanglement_score": 0.5}}
+    monkeypatch.setattr(modules["ravel"], "run_eval", recorder("ravel", ravel))
+    scr = {"scr_metrics": {"scr_metric_threshold_20": 0.1}}
+    monkeypatch.setattr(modules["scr_and_tpp"], "run_eval", recorder("scr", scr, "scr"))
+    probing = {"sae": {"sae_top_5_test_accuracy": 0.8}}
+    monkeypatch.setattr(modules["sparse_probing"], "run_eval", recorder("probing", probing))
+
+    out = tmp_path / "saebench"
+    table = run_saebench(run_dir, out, levels=[2], device="cpu", llm_dtype="float32")
+    assert sorted(calls) == [
+        "absorption",
+        "core",
+        "probing",
+        "ravel",
+        "scr",
+    ]  # no key: no autointerp
+    config = calls["absorption"][0][0]
+    assert isinstance(config, modules["absorption"].AbsorptionEvalConfig)
+    assert (config.model_name, config.llm_dtype) == ("gpt2", "float32")
+    assert calls["scr"][0][0].perform_scr is True
+    row = table["hsae"]["hsae_level_2_32"]
+    assert row == {
+        "explained_variance_legacy": 0.6,
+        "absorption": 0.75,
+        "autointerp": None,
+        "ravel": 0.5,
+        "scr_20": 0.1,
+        "sparse_probing_top5": 0.8,
+    }
+    assert sorted(table["baseline"]) == ["baseline_level_2_32"]
+    assert json.loads((out / "table1.json").read_text()) == table

@@ -89,11 +89,11 @@ class SAEBenchSAE(nn.Module):
         cfg: SAEBenchConfig,
     ):
         super().__init__()
-        self.W_enc = nn.Parameter(W_enc.detach().clone(), requires_grad=False)
-        self.b_enc = nn.Parameter(b_enc.detach().clone(), requires_grad=False)
-        self.W_dec = nn.Parameter(W_dec.detach().clone(), requires_grad=False)
-        self.b_dec = nn.Parameter(b_dec.detach().clone(), requires_grad=False)
-        self.threshold = nn.Parameter(threshold.detach().clone(), requires_grad=False)
+        self.W_enc = nn.Parameter(W_enc.detach().clone())
+        self.b_enc = nn.Parameter(b_enc.detach().clone())
+        self.W_dec = nn.Parameter(W_dec.detach().clone())
+        self.b_dec = nn.Parameter(b_dec.detach().clone())
+        self.threshold = nn.Parameter(threshold.detach().clone())
         self.cfg = cfg
         self.device: torch.device = self.W_enc.device
         self.dtype: torch.dtype = self.W_enc.dtype
