@@ -263,6 +263,13 @@ def test_malformed_saelens_folders_are_refused_in_one_line(tmp_path: Path) -> No
         ) as e:
             read_saelens(folder)
         assert "\n" not in str(e.value)
+    broken = variant("broken", weights, cfg)
+    (broken / "sae_weights.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(InteropError, match="not a readable safetensors file"):
+        read_saelens(broken)
+    (broken / "cfg.json").write_text("{architecture: jumprelu")
+    with pytest.raises(InteropError, match="is not valid JSON"):
+        read_saelens(broken)
     (tmp_path / "empty").mkdir()
     with pytest.raises(InteropError, match="missing cfg.json"):
         forest_from_saelens([tmp_path / "empty"])
