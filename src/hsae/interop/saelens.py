@@ -135,8 +135,10 @@ def _from_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _from_run_config(config: dict[str, Any]) -> dict[str, Any]:
+    from hsae.activations.models import EMBEDDED_MODEL
+
     return {
-        "model_name": config.get("model"),
+        "model_name": config.get("model") or EMBEDDED_MODEL,
         "layer": config.get("layer"),
         "context_size": config.get("context_length"),
         "prepend_bos": True,
