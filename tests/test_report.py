@@ -25,7 +25,7 @@ from hsae.report import (
     render_html,
     save_labels,
 )
-from hsae.report.explorer import RowSource, forest_view
+from hsae.report.explorer import LevelStats, RowSource, forest_view
 from hsae.report.html import embed_json
 from hsae.runs import Run, RunConfig
 
@@ -100,11 +100,15 @@ def _dense_codes(run: Run, rows: int) -> list[torch.Tensor]:
     return model.encode(source.gather(np.arange(rows)))
 
 
-def test_top_contexts_frequencies_and_p_parent_match_brute_force(run: Run, data: dict) -> None:
+def test_top_contexts_frequencies_and_p_parent_match_brute_force(
+    run: Run, data: dict, tokenizer: Any
+) -> None:
     scanned = data["meta"]["tokens_scanned"]
     assert scanned == run.cache().n_tokens("train")
     codes = _dense_codes(run, scanned)
     model = run.load("hsae")
+    info = run.cache().token_info("train")
+    strings = {t: tokenizer.decode([int(t)]) for t in np.unique(info.token_ids)}
     checked = 0
     for key, feature in data["features"].items():
         level, index = feature["level"], feature["index"]
@@ -116,13 +120,30 @@ def test_top_contexts_frequencies_and_p_parent_match_brute_force(run: Run, data:
         got = torch.tensor([ctx["a"][ctx["at"]] for ctx in shown])
         torch.testing.assert_close(got, expected, atol=2e-3, rtol=1e-3)
         for ctx in shown:  # the shaded window is the feature's activation on each token
-            assert column[ctx["row"]] == pytest.approx(ctx["a"][ctx["at"]], abs=2e-3)
+            window = np.arange(len(ctx["t"])) + ctx["row"] - ctx["at"]
+            assert len(set(info.context_ids[window])) == 1  # never crosses a context
+            tokens = [data["tokens"][t] for t in ctx["t"]]
+            assert tokens == [strings[t] for t in info.token_ids[window]]
+            torch.testing.assert_close(torch.tensor(ctx["a"]), column[window], atol=2e-3, rtol=1e-3)
         if feature["parent"] is not None:
             parent = int(model.parents(level - 1)[index])
             both = ((column > 0) & (codes[level - 1][:, parent] > 0)).sum()
             assert feature["p_parent"] == pytest.approx(float(both) / feature["fires"], abs=1e-3)
         checked += 1
     assert checked == data["meta"]["shown_features"] > 0
+
+
+def test_weighted_samples_are_proportional_to_activation() -> None:
+    stats = LevelStats(n_features=20_000, top_k=1, n_samples=1)
+    acts = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]).repeat(20_000, 1).T.contiguous()
+    tokens = torch.zeros(5, dtype=torch.long)
+    generator = torch.Generator().manual_seed(0)
+    stats.add(acts, torch.arange(5), tokens, 1, generator, None, None)
+    share = torch.bincount(stats.sample_rows[0], minlength=5).double() / 20_000
+    torch.testing.assert_close(
+        share, torch.tensor([0, 0.1, 0.2, 0.3, 0.4]).double(), atol=0.015, rtol=0
+    )
+    assert (stats.top_rows[0] == 4).all() and (stats.fires == 4).all()
 
 
 def test_top_tokens_and_sampled_contexts(run: Run, data: dict) -> None:
@@ -154,10 +175,22 @@ def test_forest_is_truncated_to_whole_largest_trees(run: Run, data: dict) -> Non
     assert sizes == sorted(sizes, reverse=True)
     deepest = max(f["level"] for f in features.values())
     assert deepest == len(meta["level_sizes"]) - 1
+    groups = data["projection"]["groups"]
+    siblings = [features[g["feature"]] for g in groups if g["role"] == "sibling"]
+    unrelated = [features[g["feature"]] for g in groups if g["role"] == "unrelated"]
+    assert len(siblings) >= 2 and len({f["parent"] for f in siblings}) == 1
+    assert len(unrelated) == 1 and unrelated[0]["level"] == siblings[0]["level"]
+    assert _root(features, unrelated[0]) != _root(features, siblings[0])
     model = run.load("hsae")
     freq = [np.ones(size) for size in model.config.level_sizes]
     whole = forest_view(model, freq, max_features=10**6, max_children=10**6)
     assert not whole.truncated and len(whole.shown) == meta["total_features"]
+
+
+def _root(features: dict[str, Any], feature: dict[str, Any]) -> dict[str, Any]:
+    while feature["parent"] is not None:
+        feature = features[feature["parent"]]
+    return feature
 
 
 def test_labels_are_shown_and_bad_labels_refused(run: Run, data: dict, tmp_path: Path) -> None:
@@ -189,19 +222,32 @@ def test_json_block_cannot_close_the_script() -> None:
 def test_cli_writes_report_and_plots(run: Run, tmp_path: Path) -> None:
     out = tmp_path / "page.html"
     args = ["report", str(run.folder), "--out", str(out), "--max-features", "40"]
-    result = CliRunner().invoke(app, args)  # default projection: UMAP (umap-learn installed)
+    result = CliRunner().invoke(app, [*args, "--projection", "pca"])
     assert result.exit_code == 0, result.output
     assert "of 224 features" in result.output
     html = out.read_text(encoding="utf-8")
-    block = html.split('<script id="report-data" type="application/json">')[1]
-    embedded = json.loads(block.split("</script>")[0])
-    assert embedded["projection"]["method"] == "umap"
+    embedded = _embedded(html)
+    assert embedded["projection"]["method"] == "pca"
     assert embedded["meta"]["shown_features"] <= 40
     assert 'type="application/json"' in html and "http://" not in html.replace(
         "http://www.w3.org/2000/svg", ""
     )
     for name in ("hierarchy.png", "levels.png", "projection.png"):
         assert (run.folder / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow  # numba compiles UMAP on first use: about 30 s
+def test_default_projection_is_umap(run: Run, tokenizer: Any) -> None:
+    data = build_report_data(run, ReportSettings(max_features=40), tokenizer=tokenizer)
+    projection = data["projection"]
+    assert projection["method"] == "umap" and projection["note"] == ""
+    groups = {g for _, _, g in projection["points"]}
+    assert groups == set(range(len(projection["groups"])))
+
+
+def _embedded(html: str) -> dict[str, Any]:
+    block = html.split('<script id="report-data" type="application/json">')[1]
+    return json.loads(block.split("</script>")[0])
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, run: Run) -> None:

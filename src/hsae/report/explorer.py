@@ -371,7 +371,10 @@ def build_report_data(run: Any, settings: ReportSettings, tokenizer: Any = None)
     view = forest_view(model, frequency, settings.max_features, settings.max_children)
     labels = load_labels(run.folder)
     features, contexts, token_ids = _features(model, source, info, stats, view, settings, vocab)
-    tokenizer = tokenizer if tokenizer is not None else cache._load_tokenizer()
+    if tokenizer is None:
+        from hsae.activations.models import load_tokenizer
+
+        tokenizer = load_tokenizer(cache.manifest["model"]["name"])
     strings = [tokenizer.decode([int(token)]) for token in token_ids]
     _attach_labels(features, labels, settings.which)
     data = {
@@ -616,6 +619,7 @@ def _projection_features(
         ]
         if not strangers:
             continue
+        strangers.sort(key=lambda k: feature_key(level + 1, k) not in features)  # shown first
         groups = [("sibling", k) for k in kids[:5]] + [("unrelated", strangers[0])]
         return groups, level + 1
     return None

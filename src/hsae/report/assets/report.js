@@ -215,7 +215,11 @@
     const q = query.trim();
     if (!q) return results([]);
     let m = /^(?:L)?(\d+)\s*[:#]\s*(\d+)$/i.exec(q);
-    if (m) return go(m[1] + ":" + m[2]);
+    if (m) {
+      const key = m[1] + ":" + m[2];
+      if (key in F) results([[key, "feature"]]);
+      return go(key);
+    }
     if (/^\d+$/.test(q)) {
       const hits = Object.keys(F).filter((k) => F[k].index === Number(q)).map((k) => [k, ""]);
       return results(hits, hits.length ? "" : "no feature #" + q + " among the features shown");
