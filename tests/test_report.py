@@ -187,6 +187,24 @@ def test_forest_is_truncated_to_whole_largest_trees(run: Run, data: dict) -> Non
     assert not whole.truncated and len(whole.shown) == meta["total_features"]
 
 
+def test_baseline_without_metrics_or_projection(run: Run, tokenizer: Any, tmp_path: Path) -> None:
+    bare = Run.create(tmp_path / "bare", RunConfig(**SETTINGS))
+    for part in ("activations", "hsae", "baseline"):
+        (bare.folder / part).symlink_to(run.folder / part, target_is_directory=True)
+    settings = ReportSettings(which="baseline", projection="none", max_features=30)
+    data = build_report_data(bare, settings, tokenizer=tokenizer)
+    assert data["metrics"] is None and data["projection"] is None
+    assert data["meta"]["which"] == "baseline" and 0 < data["meta"]["shown_features"] <= 30
+    baseline = run.load("baseline")
+    for key, feature in data["features"].items():
+        if feature["parent"] is not None:
+            parent = int(baseline.parents(feature["level"] - 1)[feature["index"]])
+            assert feature["parent"] == f"{feature['level'] - 1}:{parent}", key
+    with pytest.raises(ReportError, match="no trained baseline"):
+        (bare.folder / "baseline").unlink()
+        build_report_data(bare, settings, tokenizer=tokenizer)
+
+
 def _root(features: dict[str, Any], feature: dict[str, Any]) -> dict[str, Any]:
     while feature["parent"] is not None:
         feature = features[feature["parent"]]
