@@ -364,12 +364,12 @@ def build_report_data(run: Any, settings: ReportSettings, tokenizer: Any = None)
     cache = run.cache()
     if cache.n_tokens(settings.split) == 0:
         raise ReportError(f"{run.folder}: the activation cache has no {settings.split} tokens")
+    labels, metrics = load_labels(run.folder), _metrics(run.folder)  # refuse bad files early
     source = RowSource(cache, settings.split)
     info = cache.token_info(settings.split)
     stats, scanned, vocab = scan(model, source, info.token_ids, settings)
     frequency = [(s.fires.double() / max(scanned, 1)).numpy() for s in stats]
     view = forest_view(model, frequency, settings.max_features, settings.max_children)
-    labels = load_labels(run.folder)
     features, contexts, token_ids = _features(model, source, info, stats, view, settings, vocab)
     if tokenizer is None:
         from hsae.activations.models import load_tokenizer
@@ -383,7 +383,7 @@ def build_report_data(run: Any, settings: ReportSettings, tokenizer: Any = None)
         "features": features,
         "contexts": contexts,
         "tokens": strings,
-        "metrics": _metrics(run.folder),
+        "metrics": metrics,
         "projection": projection(model, source, stats, view, features, settings),
         "labels": {"judge": labels.get("judge")},
     }
