@@ -32,24 +32,28 @@ class Variant:
     settings: dict[str, Any]
 
 
-def variants(rho: float, r: float) -> list[Variant]:
-    chosen = {"rho": rho, "perturbation_rate": r}
+def variants(rho: float, r: float, similarity: str) -> list[Variant]:
+    """Baseline, the chosen HSAE, the paper's defaults, ablations and sweeps (no duplicates)."""
+
+    def hsae_at(rho_value: float, r_value: float) -> dict[str, Any]:
+        return {"rho": rho_value, "perturbation_rate": r_value, "similarity": similarity}
+
     rows = [
-        Variant("baseline (independent, post-hoc forest)", {"mode": "independent"}),
-        Variant(f"HSAE (rho={rho}, r={r})", chosen),
-        Variant("HSAE paper defaults (rho=0.01, r=0.05)", {"rho": 0.01, "perturbation_rate": 0.05}),
-        Variant("ablation: no constraint (rho=0)", {"rho": 0.0, "perturbation_rate": r}),
-        Variant("ablation: no perturbation (r=0)", {"rho": rho, "perturbation_rate": 0.0}),
+        Variant(
+            "baseline (independent, post-hoc forest)",
+            {"mode": "independent", "similarity": similarity},
+        ),
+        Variant(f"HSAE (rho={rho}, r={r})", hsae_at(rho, r)),
+        Variant("HSAE at the paper's rho=0.01, r=0.05", hsae_at(0.01, 0.05)),
+        Variant("ablation: no constraint (rho=0)", hsae_at(0.0, r)),
+        Variant("ablation: no perturbation (r=0)", hsae_at(rho, 0.0)),
     ]
-    for sweep_rho in (0.03, 0.1, 0.3):
-        if sweep_rho != rho:
-            rows.append(
-                Variant(f"sweep rho={sweep_rho}", {"rho": sweep_rho, "perturbation_rate": r})
-            )
-    for sweep_r in (0.1, 0.2):
-        if sweep_r != r:
-            rows.append(Variant(f"sweep r={sweep_r}", {"rho": rho, "perturbation_rate": sweep_r}))
-    return rows
+    rows += [Variant(f"sweep rho={v}", hsae_at(v, r)) for v in (0.01, 0.03, 0.1, 0.3)]
+    rows += [Variant(f"sweep r={v}", hsae_at(rho, v)) for v in (0.0, 0.05, 0.1, 0.2)]
+    unique: dict[str, Variant] = {}
+    for row in rows:
+        unique.setdefault(json.dumps(row.settings, sort_keys=True), row)
+    return list(unique.values())
 
 
 def run_variant(
@@ -105,12 +109,14 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, sizes: lis
         )
     command = (
         f"python benchmarks/synthetic_forest.py --tokens {args.tokens} --rho {args.rho} "
-        f"--r {args.r} --target-l0 {args.target_l0} --lr {args.lr} --seed {args.seed}"
+        f"--r {args.r} --similarity {args.similarity} --target-l0 {args.target_l0} "
+        f"--lr {args.lr} --seed {args.seed}"
     )
     return "\n".join(
         [
             f"Level sizes {sizes}, d = {args.d}, {args.tokens:,} training tokens, batch "
-            f"{args.batch}, target L0 {args.target_l0}, held-out {args.heldout:,} tokens.",
+            f"{args.batch}, target L0 {args.target_l0}, forest similarity {args.similarity}, "
+            f"held-out {args.heldout:,} tokens.",
             "",
             *lines,
             "",
@@ -133,6 +139,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rho", type=float, default=0.01)
     parser.add_argument("--r", type=float, default=0.05)
+    parser.add_argument("--similarity", default="decoder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", help="run only variants whose name starts so")
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
@@ -144,7 +151,7 @@ def main() -> None:
     pool = forest.sample(min(args.tokens, 1_000_000) + args.heldout, generator)
     train, heldout = pool[: -args.heldout], pool[-args.heldout :]
     results = []
-    for variant in variants(args.rho, args.r):
+    for variant in variants(args.rho, args.r, args.similarity):
         if args.only and not any(variant.name.startswith(prefix) for prefix in args.only):
             continue
         row = run_variant(variant, forest, train, heldout, args)
