@@ -274,6 +274,13 @@ def test_cli_errors_are_one_line(tmp_path: Path, run: Run) -> None:
     result = CliRunner().invoke(app, ["report", str(run.folder), "--projection", "tsne"])
     assert result.exit_code == 2 and "projection must be" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    bad = Run.create(tmp_path / "bad", RunConfig(**SETTINGS))
+    for part in ("activations", "hsae"):
+        (bad.folder / part).symlink_to(run.folder / part, target_is_directory=True)
+    (bad.folder / "labels.json").write_text('{"hsae": {"0:1": 5}}')
+    result = CliRunner().invoke(app, ["report", str(bad.folder)])
+    assert result.exit_code == 2 and "label of 0:1 must be a string" in result.output
+    assert not (bad.folder / "report.html").exists()
 
 
 # --------------------------------------------------------------------------- the browser
