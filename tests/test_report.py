@@ -372,15 +372,18 @@ def test_browser_shows_hostile_corpus_text_as_text(data: dict, tmp_path: Path) -
     hostile["tokens"].extend([XSS_SCRIPT, XSS_IMG])
     ctx["t"][0], ctx["t"][-1] = len(hostile["tokens"]) - 2, len(hostile["tokens"]) - 1
     root["label"] = XSS_IMG
+    hostile["metrics"], hostile["projection"] = None, None  # the page copes without both
     path = tmp_path / "hostile.html"
     path.write_text(render_html(hostile), encoding="utf-8")
 
     def actions(page):
         text = page.inner_text("#detail")
-        return text, page.evaluate("window.__pwned"), page.locator("img").count()
+        notes = page.inner_text("#metrics-note") + page.inner_text("#projection-note")
+        return text, page.evaluate("window.__pwned"), page.locator("img").count(), notes
 
     result = _open(path, actions)
-    text, pwned, images = result["outcome"]
+    text, pwned, images, notes = result["outcome"]
+    assert "No metrics.json" in notes and "Projection disabled" in notes
     assert XSS_SCRIPT in text and XSS_IMG in text
     assert pwned is None and images == 0
     assert result["dialogs"] == [] and result["problems"] == []
