@@ -146,6 +146,30 @@ def test_weighted_samples_are_proportional_to_activation() -> None:
     assert (stats.top_rows[0] == 4).all() and (stats.fires == 4).all()
 
 
+class _ShardedCache:
+    """Three shards of 5, 1 and 7 rows; row r holds the value r in every column."""
+
+    d_model = 3
+
+    def __init__(self) -> None:
+        self.rows = [np.arange(0, 5), np.arange(5, 6), np.arange(6, 13)]
+
+    def shards(self, split: str) -> list[dict[str, Any]]:
+        return [{"index": i, "n_tokens": len(r)} for i, r in enumerate(self.rows)]
+
+    def open_shard(self, shard: dict[str, Any]) -> tuple[np.ndarray, None]:
+        return np.repeat(self.rows[shard["index"]][:, None], 3, 1).astype(np.float16), None
+
+
+def test_rows_are_read_and_gathered_across_shards() -> None:
+    source = RowSource(_ShardedCache(), "train")
+    chunks = list(source.chunks(limit=11, size=4))
+    assert [start for start, _ in chunks] == [0, 4, 5, 6, 10]
+    assert torch.cat([block[:, 0] for _, block in chunks]).tolist() == list(range(11))
+    wanted = np.array([12, 0, 5, 4, 6, 5])
+    assert source.gather(wanted)[:, 2].tolist() == wanted.tolist()
+
+
 def test_top_tokens_and_sampled_contexts(run: Run, data: dict) -> None:
     scanned = data["meta"]["tokens_scanned"]
     codes = _dense_codes(run, scanned)
