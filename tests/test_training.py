@@ -191,3 +191,15 @@ def test_hierarchy_metrics_on_known_firing() -> None:
     # parent fires 3 times: child 0 once (1/3), child 1 once (1/3)
     assert metrics.p_child_given_parent == pytest.approx(1 / 3)
     assert metrics.n_parents == 1 and metrics.n_pairs == 2
+
+
+def test_requested_logging_backend_must_be_installed() -> None:
+    import importlib.util
+
+    from hsae.runs import RunConfig
+
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match="pip install tensorboard"):
+            RunConfig(tensorboard=True)
+    else:
+        assert RunConfig(tensorboard=True).tensorboard

@@ -30,7 +30,14 @@ from hsae.config import ConfigError, HSAEConfig
 from hsae.io import read_json, write_json, write_text
 from hsae.model import HSAE, load_hsae
 from hsae.model.hsae import CONFIG_FILE
-from hsae.training import StepLog, Trainer
+from hsae.training import Trainer
+from hsae.training.logging import (
+    combine,
+    jsonl_sink,
+    missing_backends,
+    tensorboard_sink,
+    wandb_sink,
+)
 
 RUN_FILE = "run.json"
 WHICH = ("hsae", "baseline")
@@ -72,6 +79,10 @@ class RunConfig(BaseModel):
     """Held-out activations used for the metrics."""
     splice_contexts: int = Field(16, ge=0)
     """Contexts of held-out text for the spliced CE loss (0 skips it)."""
+    tensorboard: bool = False
+    """Also log training to TensorBoard (RUN/tensorboard; needs the tensorboard package)."""
+    wandb_project: str | None = None
+    """Also log training to this Weights & Biases project (needs the wandb package)."""
     device: str = "auto"
     """"auto" (CUDA when available), "cpu", "cuda", "cuda:N"."""
     seed: int = Field(0, ge=0)
@@ -86,6 +97,9 @@ class RunConfig(BaseModel):
             text = str(item["msg"]).removeprefix("Value error, ")
             raise ConfigError(f"invalid run configuration: {field}: {text}") from None
         self.hsae_config(d_in=1)  # refuse bad HSAE settings now, not after the harvest
+        missing = missing_backends(self.tensorboard, self.wandb_project is not None)
+        if missing:
+            raise ConfigError("invalid run configuration: logging needs " + ", ".join(missing))
 
     @field_validator("hsae")
     @classmethod
@@ -263,7 +277,7 @@ class Run:
         model = trainer.fit(
             progress=progress,
             log_every=self.config.log_every,
-            on_log=_log_writer(self.log_path(which)),
+            on_log=self._log_sink(which, config),
             checkpoint_dir=checkpoint,
             checkpoint_every=self.config.checkpoint_every,
         )
@@ -306,6 +320,15 @@ class Run:
         layer = int(cache.manifest["layer"])
         batches = heldout_context_batches(cache, lm, self.config.splice_contexts)
         return lm.model, decoder_layers(lm.model)[layer], batches
+
+    def _log_sink(self, which: Which, config: HSAEConfig) -> Any:
+        sinks = [jsonl_sink(self.log_path(which))]
+        if self.config.tensorboard:
+            sinks.append(tensorboard_sink(self.folder / "tensorboard", which))
+        if self.config.wandb_project:
+            tag = f"{self.folder.name}-{which}"
+            sinks.append(wandb_sink(self.config.wandb_project, tag, config.model_dump()))
+        return combine(sinks)
 
     def load(self, which: Which) -> HSAE:
         if not self.trained(which):
@@ -358,17 +381,6 @@ def _summary_markdown(run: Run, table: str) -> str:
 def _describe_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str:
     keys = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     return ", ".join(f"{k}: {saved.get(k)!r} vs {wanted.get(k)!r}" for k in keys[:4])
-
-
-def _log_writer(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(log: StepLog) -> None:
-        # Appending a whole line is atomic enough: a torn last line is dropped on resume.
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(log.as_dict()) + "\n")
-
-    return write
 
 
 def _truncate_log(path: Path, step: int) -> None:
