@@ -108,6 +108,8 @@ def train(
     seed: int = typer.Option(None, help="random seed"),
     device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="skip the independent SAEs"),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="also log to TensorBoard"),
+    wandb_project: str = typer.Option(None, help="also log to this W&B project"),
 ) -> None:
     """Harvest (if needed), then train the HSAE and its independent baseline in a run folder."""
     from hsae.runs import Run, RunConfig, load_run_config_file
@@ -119,6 +121,8 @@ def train(
         "harvest_tokens": tokens,
         "seed": seed,
         "device": device,
+        "tensorboard": tensorboard or None,
+        "wandb_project": wandb_project,
     }
     hsae_settings = {
         "train_tokens": train_tokens,
