@@ -35,11 +35,11 @@ from hsae.activations import (  # noqa: E402
 LAYER = 4
 SETTINGS = {
     "layer": LAYER,
-    "tokens": 4096,  # 3072 train rows = 12 full shards: the split boundary is a shard boundary
+    "tokens": 2048,  # 1280 train rows = 5 full shards: the split boundary is a shard boundary
     "context_length": 32,
     "batch_size": 8,
     "shard_tokens": 256,  # 8 x 31 = 248 rows per batch: shards end mid-batch
-    "heldout_fraction": 0.25,
+    "heldout_fraction": 0.375,
 }
 KILL_SCRIPT = """
 import json, sys
@@ -94,8 +94,8 @@ def test_cache_shape_tokens_and_bos_excluded(cache, lm):
     manifest = cache.manifest
     assert manifest["layer"] == LAYER and manifest["d_model"] == 640
     assert manifest["model"]["name"] == "gemma-3-270m" and cache.complete
-    assert (cache.n_tokens("train"), cache.n_tokens("heldout")) == (3072, 1024)
-    assert cache.all_activations("train").shape == (3072, 640)
+    assert (cache.n_tokens("train"), cache.n_tokens("heldout")) == (1280, 768)
+    assert cache.all_activations("train").shape == (1280, 640)
     for split in ("train", "heldout"):
         info = cache.token_info(split)
         assert info.positions.min() >= 1, "BOS position must be excluded"
