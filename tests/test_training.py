@@ -54,10 +54,12 @@ def test_bad_configuration_is_refused_with_one_message(override: dict, field: st
 def test_defaults_follow_the_method_page() -> None:
     config = HSAEConfig(d_in=2304)
     assert config.level_sizes == [2048, 4096, 8192, 16384]
-    assert (config.rho, config.perturbation_rate, config.unassigned_quantile) == (0.01, 0.05, 0.2)
+    assert (config.perturbation_rate, config.unassigned_quantile) == (0.05, 0.2)
     assert (config.adam_beta1, config.adam_beta2, config.batch_size) == (0.0, 0.995, 1024)
     assert (config.l0_ema_momentum, config.l0_decay_rate, config.target_l0) == (0.999, 0.001, 50)
-    assert config.similarity == "encoder" and config.tree == "partial"
+    assert config.tree == "partial"
+    # Our defaults where the paper's do not reach its result at small scale (docs/synthetic.md).
+    assert (config.rho, config.bandwidth, config.similarity) == (0.3, 0.3, "decoder")
     assert HSAEConfig.from_json(config.to_json()) == config
 
 
