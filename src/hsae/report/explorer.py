@@ -146,8 +146,9 @@ class LevelStats:
         self.sample_rows = torch.full((n_samples, n_features), -1, dtype=torch.long)
         self.fires = torch.zeros(n_features, dtype=torch.long)
         self.with_parent = torch.zeros(n_features, dtype=torch.long)
-        self.token_keys: list[Tensor] = []
-        self.token_counts: list[Tensor] = []
+        self.token_keys = torch.zeros(0, dtype=torch.long)  # feature * vocab + token, unique
+        self.token_counts = torch.zeros(0, dtype=torch.long)
+        self.pending_keys: list[Tensor] = []  # not yet counted (one sort for many chunks)
 
     def add(
         self,
@@ -160,7 +161,7 @@ class LevelStats:
         parents: Tensor | None,
     ) -> None:
         active = acts > 0
-        self.fires += active.sum(0)
+        self.fires += torch.count_nonzero(active, dim=0)
         self.top_values, self.top_rows = _merge_topk(self.top_values, self.top_rows, acts, rows)
         uniform = torch.rand(acts.shape, generator=generator).clamp_(1e-12, 1 - 1e-7)
         keys = torch.where(active, uniform.log_() / acts.clamp(min=1e-12), -torch.inf)
@@ -170,26 +171,25 @@ class LevelStats:
         if parent_active is not None and parents is not None:
             has_parent = parents >= 0
             both = active & parent_active[:, parents.clamp(min=0)] & has_parent
-            self.with_parent += both.sum(0)
+            self.with_parent += torch.count_nonzero(both, dim=0)
         row, feature = active.nonzero(as_tuple=True)
-        keys_here, counts = torch.unique(feature * vocab + tokens[row], return_counts=True)
-        self.token_keys.append(keys_here)
-        self.token_counts.append(counts)
-        if sum(k.numel() for k in self.token_keys) > 2_000_000:
-            self._compact_tokens()
+        self.pending_keys.append(feature * vocab + tokens[row])
+        if sum(k.numel() for k in self.pending_keys) > 8_000_000:
+            self._count_tokens()
 
-    def _compact_tokens(self) -> None:
-        keys, inverse = torch.unique(torch.cat(self.token_keys), return_inverse=True)
+    def _count_tokens(self) -> None:
+        pending = torch.cat(self.pending_keys) if self.pending_keys else self.token_keys[:0]
+        merged = torch.cat([self.token_keys, pending])
+        keys, inverse = torch.unique(merged, return_inverse=True)
         counts = torch.zeros(keys.numel(), dtype=torch.long)
-        counts.index_add_(0, inverse, torch.cat(self.token_counts))
-        self.token_keys, self.token_counts = [keys], [counts]
+        weights = torch.cat([self.token_counts, torch.ones_like(pending)])
+        counts.index_add_(0, inverse, weights)
+        self.token_keys, self.token_counts, self.pending_keys = keys, counts, []
 
     def top_tokens(self, vocab: int, n: int) -> dict[int, list[tuple[int, int]]]:
         """Feature -> its ``n`` most frequent (token id, count), most frequent first."""
-        if not self.token_keys:
-            return {}
-        self._compact_tokens()
-        keys, counts = self.token_keys[0], self.token_counts[0]
+        self._count_tokens()
+        keys, counts = self.token_keys, self.token_counts
         order = torch.argsort(counts, descending=True, stable=True)
         keys, counts = keys[order], counts[order]
         features = keys // vocab
