@@ -72,6 +72,9 @@ def run_variant(
         lr=args.lr,
         l0_ema_momentum=0.99,
         l0_decay_rate=0.005,
+        # The controller settings docs/synthetic.md was measured with.
+        sparsity_init=0.1 * forest.spec.d / args.target_l0,
+        sparsity_adjust=0.01,
         seed=args.seed,
         **variant.settings,
     )

@@ -83,7 +83,7 @@ class HSAEConfig(BaseModel):
     """Momentum of the L0 EMA the controller watches."""
     l0_decay_rate: float = 0.001
     """eta of the desired trajectory dL0 = -eta (L0 - target), per step."""
-    sparsity_adjust: float = 0.01
+    sparsity_adjust: float = 0.03
     """Multiplicative step of the controller: lambda *= (1 +- sparsity_adjust) each step."""
 
     # --- optimisation ----------------------------------------------------------------------
@@ -241,9 +241,11 @@ class HSAEConfig(BaseModel):
     def initial_sparsity_weight(self) -> float:
         if self.sparsity_init is not None:
             return self.sparsity_init
-        # Reconstruction error is O(d_in) for activations of mean norm sqrt(d_in); this makes
-        # the L0 penalty at the target a tenth of the total variance.
-        return 0.1 * self.d_in / self.target_l0
+        # Reconstruction error is O(d_in) for activations of mean norm sqrt(d_in); this puts
+        # the L0 penalty at the target at 1% of the total variance. Larger starts pushed the
+        # thresholds of real (Gemma) activations far past the target before the controller
+        # could react, leaving a quarter of the features dead.
+        return 0.01 * self.d_in / self.target_l0
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
