@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (if needed) and installs hsae with the given extras. Sourced by demo.sh/test.sh.
+# Creates .venv (if needed) and installs hsae (with the extras named in $1). Used by demo.sh/test.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3}"
@@ -11,4 +11,8 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[${1:-dev}]"
+if [ -n "${1:-}" ]; then
+  .venv/bin/python -m pip install -q -e ".[$1]"
+else
+  .venv/bin/python -m pip install -q -e .
+fi
