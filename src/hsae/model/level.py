@@ -95,12 +95,14 @@ class JumpReLULevel(nn.Module):
         support entry (active or in the threshold band) its gradient.
         """
         n_tokens = codes.acts.shape[0]
-        if not fused or codes.values.numel() > kernels.DENSE_DECODE_DENSITY * codes.acts.numel():
+        selected = None if columns is None else columns[codes.cols]
+        n_selected = codes.values.numel() if selected is None else int(selected.sum())
+        if not fused or n_selected > kernels.DENSE_DECODE_DENSITY * codes.acts.numel():
             acts = codes.acts if columns is None else codes.acts * columns
             return acts @ self.W_dec
-        if columns is None:
+        if selected is None:
             return decode_support(codes.values, codes.rows, codes.cols, self.W_dec, n_tokens)
-        entries = columns[codes.cols].nonzero(as_tuple=True)[0]
+        entries = selected.nonzero(as_tuple=True)[0]
         values = codes.values.index_select(0, entries)
         rows, cols = codes.rows[entries], codes.cols[entries]
         return decode_support(values, rows, cols, self.W_dec, n_tokens)
