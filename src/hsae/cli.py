@@ -203,7 +203,9 @@ def demo(
         results = run.evaluate()
         from hsae.report import build_report
 
+        report_started = time.perf_counter()
         page = build_report(run.folder).html
+        run.record_stage_time("report", time.perf_counter() - report_started)
     except _user_errors() as error:
         raise _fail(error) from None
     from hsae.evaluation.suite import comparison_table

@@ -194,6 +194,8 @@ class Run:
                     f"continue it with --resume {root} or choose another --out"
                 )
         run = cls(root, config)
+        if record.exists():  # same settings: continue the run, keeping its stage times
+            run.timings = dict(read_json(record).get("timings", {}))
         run._write_record()
         return run
 
@@ -239,6 +241,10 @@ class Run:
         return ["hsae", "baseline"] if self.config.baseline else ["hsae"]
 
     # --- stages ----------------------------------------------------------------------------
+    def record_stage_time(self, stage: str, seconds: float) -> None:
+        """Add ``seconds`` to a stage's time in run.json and timings.json."""
+        self._timed(stage, seconds)
+
     def _timed(self, stage: str, seconds: float) -> None:
         self.timings[stage] = round(self.timings.get(stage, 0.0) + seconds, 2)
         self._write_record()
