@@ -109,3 +109,10 @@ def test_eval_of_untrained_run_is_refused(tmp_path: Path) -> None:
     run = Run.create(tmp_path / "r", RunConfig(**SETTINGS))
     with pytest.raises(RunError, match="no harvested activations"):
         run.evaluate()
+
+
+def test_reopening_a_run_with_the_same_settings_keeps_its_stage_times(finished_run: Run) -> None:
+    before = json.loads((finished_run.folder / "run.json").read_text())["timings"]
+    again = Run.create(finished_run.folder, RunConfig(**SETTINGS))
+    assert again.timings == before and "train_hsae" in before
+    assert again.trained("hsae") and again.trained("baseline")
