@@ -43,7 +43,9 @@ def parent_children_constraint(
         return parent_codes.acts.new_zeros(())
     with_children = has_children(parent_index, n_parents)
     parent_weights = parent_decoder.pow(2).sum(-1) * with_children
-    parent_energy = (parent_codes.values.pow(2) * parent_weights[parent_codes.cols]).sum()
+    parent_energy = (
+        parent_codes.values.pow(2) * parent_weights.index_select(0, parent_codes.cols)
+    ).sum()
 
     entries = (parent_index[child_codes.cols] >= 0).nonzero(as_tuple=True)[0]
     cols = child_codes.cols[entries]
@@ -54,7 +56,7 @@ def parent_children_constraint(
     cross = (
         parent_values
         * child_values
-        * _child_parent_dots(child_decoder, parent_decoder, parent_index)[cols]
+        * _child_parent_dots(child_decoder, parent_decoder, parent_index).index_select(0, cols)
     ).sum()
     child_norms = child_decoder.pow(2).sum(-1).index_select(0, cols)
     child_energy = (child_values.pow(2) * child_norms).sum()
@@ -95,7 +97,7 @@ def _co_active_sibling_products(
     pair_keys, which = torch.unique(low * decoder.shape[0] + high, return_inverse=True)
     u, v = pair_keys // decoder.shape[0], pair_keys % decoder.shape[0]
     dots = (decoder.index_select(0, u) * decoder.index_select(0, v)).sum(-1)
-    return (a_first * a_second * dots[which]).sum()
+    return (a_first * a_second * dots.index_select(0, which)).sum()
 
 
 def _pairs_within_groups(sorted_groups: Tensor) -> tuple[Tensor, Tensor]:
