@@ -407,9 +407,3 @@ def _truncate_log(path: Path, step: int) -> None:
         if record.get("step", math.inf) <= step:
             kept.append(line)
     write_text(path, "".join(f"{line}\n" for line in kept))
-
-
-def device_of(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from hsae.evaluation.hierarchy import HierarchyMetrics, PairCounts, summarise
 from hsae.model import HSAE
+from hsae.model.hsae import centred_energy, per_token_variance_explained
 
 DENSE_RATE = 0.1
 
@@ -61,8 +62,9 @@ class _LevelAccumulator:
 
     def add(self, x: Tensor, x_hat: Tensor, active: Tensor) -> None:
         sq_error = (x - x_hat).pow(2).sum(-1)
-        centred = (x - x.mean(0)).pow(2).sum(-1).clamp(min=1e-8)
-        self.explained_total += float((1.0 - sq_error / centred).sum())
+        self.explained_total += float(
+            per_token_variance_explained(sq_error, centred_energy(x)).sum()
+        )
         self.sq_error_total += float(sq_error.sum())
         self.active_total += int(active.sum())
         self.fires += active.sum(0).cpu()

@@ -119,7 +119,7 @@ class HSAE(nn.Module):
         cfg = self.config
         fused = cfg.sparse_kernels
         codes = [level.encode_for_training(x, cfg.bandwidth, fused) for level in self.levels]
-        centred_energy = (x - x.mean(0)).pow(2).sum(-1)
+        energy = centred_energy(x)
         zero = x.new_zeros(())
         total, aux_total, constraint = zero, zero, zero
         mses, l0s, explained, fired, active_masks = [], [], [], [], []
@@ -131,7 +131,7 @@ class HSAE(nn.Module):
             total = total + mse + sparsity_weights[index] * l0
             mses.append(mse.detach())
             l0s.append(l0.detach())
-            explained.append(_variance_explained(sq_error.detach(), centred_energy))
+            explained.append(per_token_variance_explained(sq_error.detach(), energy).mean())
             active = codes[index].pre > level.threshold.detach()
             fired.append(active.any(0))
             if keep_active:
@@ -240,6 +240,15 @@ def load_hsae(path: str | Path, device: str | torch.device = "cpu") -> HSAE:
     return model.to(device)
 
 
-def _variance_explained(sq_error: Tensor, centred_energy: Tensor) -> Tensor:
-    """SAEBench legacy: mean over tokens of 1 - ||x - x_hat||^2 / ||x - batch_mean||^2."""
-    return (1.0 - sq_error / centred_energy.clamp(min=1e-8)).mean()
+def centred_energy(x: Tensor) -> Tensor:
+    """||x - batch_mean(x)||^2 per token: the denominator of variance explained."""
+    return (x - x.mean(0)).pow(2).sum(-1)
+
+
+def per_token_variance_explained(sq_error: Tensor, energy: Tensor) -> Tensor:
+    """SAEBench legacy, per token: 1 - ||x - x_hat||^2 / ||x - batch_mean(x)||^2.
+
+    ``sq_error`` is ||x - x_hat||^2 and ``energy`` is :func:`centred_energy` of the batch;
+    average the result for the batch's value.
+    """
+    return 1.0 - sq_error / energy.clamp(min=1e-8)

@@ -29,6 +29,14 @@ def rectangle_band(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     return (pre - threshold).abs() < (bandwidth / 2)
 
 
+def threshold_pseudo_gradient(
+    grad_acts: Tensor, pre: Tensor, threshold: Tensor, bandwidth: float
+) -> Tensor:
+    """dL/d theta through a = JumpReLU_theta(pre): sum over tokens of dL/da * -(theta/eps) K."""
+    band = rectangle_band(pre, threshold, bandwidth)
+    return -(threshold / bandwidth) * (grad_acts * band).sum(0)
+
+
 class JumpReLU(Function):
     """a = pre * H(pre - theta); d a / d pre = H(pre - theta), d a / d theta = -(theta/eps) K."""
 
@@ -44,8 +52,7 @@ class JumpReLU(Function):
         grad_pre = grad_out * (pre > threshold) if ctx.needs_input_grad[0] else None
         grad_threshold = None
         if ctx.needs_input_grad[1]:
-            band = rectangle_band(pre, threshold, ctx.bandwidth)
-            grad_threshold = -(threshold / ctx.bandwidth) * (grad_out * band).sum(0)
+            grad_threshold = threshold_pseudo_gradient(grad_out, pre, threshold, ctx.bandwidth)
         return grad_pre, grad_threshold, None
 
 
@@ -103,8 +110,7 @@ class _FusedJumpReLUEncode(Function):
         grad_b_dec = -(W_enc @ grad_b_enc) if ctx.needs_input_grad[3] else None
         grad_threshold = None
         if ctx.needs_input_grad[4]:
-            band = rectangle_band(pre, threshold, ctx.bandwidth)
-            grad_threshold = -(threshold / ctx.bandwidth) * (grad_acts * band).sum(0)
+            grad_threshold = threshold_pseudo_gradient(grad_acts, pre, threshold, ctx.bandwidth)
         grad_b_enc_out = grad_b_enc if ctx.needs_input_grad[2] else None
         return grad_x, grad_W_enc, grad_b_enc_out, grad_b_dec, grad_threshold, None
 
