@@ -27,25 +27,8 @@ from hsae.report import (
 )
 from hsae.report.explorer import LevelStats, RowSource, forest_view
 from hsae.report.html import embed_json
-from hsae.runs import Run, RunConfig
+from hsae.runs import Run
 
-SETTINGS = {
-    "harvest_tokens": 2048,
-    "context_length": 32,
-    "harvest_batch_size": 8,
-    "heldout_fraction": 0.15,
-    "eval_tokens": 256,
-    "splice_contexts": 0,
-    "checkpoint_every": 50,
-    "log_every": 4,
-    "hsae": {
-        "level_sizes": [32, 64, 128],
-        "target_l0": 4,
-        "train_tokens": 256 * 12,
-        "batch_size": 256,
-        "update_interval": 4,
-    },
-}
 REPORT = ReportSettings(projection="pca", max_features=80, chunk_size=500)
 XSS_SCRIPT = "<script>alert(1)</script>"
 XSS_IMG = '"><img src=x onerror="window.__pwned=1">'
@@ -65,20 +48,15 @@ needs_chromium = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Run:
-    run = Run.create(tmp_path_factory.mktemp("report") / "run", RunConfig(**SETTINGS))
-    run.harvest(progress=False)
-    for which in run.wanted_models():
-        run.train(which, progress=False)
-    run.evaluate(splice=False)
+def run(small_run: Run) -> Run:
     save_labels(
-        run.folder,
+        small_run.folder,
         {
             "hsae": {"0:0": "first root"},
             "auto": {"hsae": {f"0:{i}": {"label": f"judged {i}"} for i in range(32)}},
         },
     )
-    return run
+    return small_run
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +190,7 @@ def test_forest_is_truncated_to_whole_largest_trees(run: Run, data: dict) -> Non
 
 
 def test_baseline_without_metrics_or_projection(run: Run, tokenizer: Any, tmp_path: Path) -> None:
-    bare = Run.create(tmp_path / "bare", RunConfig(**SETTINGS))
+    bare = Run.create(tmp_path / "bare", run.config)
     for part in ("activations", "hsae", "baseline"):
         (bare.folder / part).symlink_to(run.folder / part, target_is_directory=True)
     settings = ReportSettings(which="baseline", projection="none", max_features=30)
@@ -298,7 +276,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, run: Run) -> None:
     result = CliRunner().invoke(app, ["report", str(run.folder), "--projection", "tsne"])
     assert result.exit_code == 2 and "projection must be" in result.output
     assert len(result.output.strip().splitlines()) == 1
-    bad = Run.create(tmp_path / "bad", RunConfig(**SETTINGS))
+    bad = Run.create(tmp_path / "bad", run.config)
     for part in ("activations", "hsae"):
         (bad.folder / part).symlink_to(run.folder / part, target_is_directory=True)
     (bad.folder / "labels.json").write_text('{"hsae": {"0:1": 5}}')

@@ -13,33 +13,10 @@ from hsae.cli import app
 from hsae.runs import Run, RunConfig, RunError
 from hsae.training.checkpoint import CheckpointError
 
-SETTINGS = {
-    "harvest_tokens": 2048,
-    "context_length": 32,
-    "harvest_batch_size": 8,
-    "heldout_fraction": 0.15,
-    "eval_tokens": 256,
-    "splice_contexts": 1,
-    "checkpoint_every": 5,
-    "log_every": 4,
-    "hsae": {
-        "level_sizes": [32, 64, 128],
-        "target_l0": 4,
-        "train_tokens": 256 * 12,
-        "batch_size": 256,
-        "update_interval": 4,
-    },
-}
 
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Run:
-    run = Run.create(tmp_path_factory.mktemp("runs") / "run", RunConfig(**SETTINGS))
-    run.harvest(progress=False)
-    for which in run.wanted_models():
-        run.train(which, progress=False)
-    run.evaluate()
-    return run
+@pytest.fixture
+def finished_run(small_run: Run) -> Run:
+    return small_run
 
 
 def test_run_writes_models_metrics_and_summary(finished_run: Run) -> None:
@@ -69,7 +46,9 @@ def test_run_writes_models_metrics_and_summary(finished_run: Run) -> None:
 def test_folder_of_another_run_is_refused_untouched(finished_run: Run) -> None:
     record = (finished_run.folder / "run.json").read_bytes()
     with pytest.raises(RunError, match="layer"):
-        Run.create(finished_run.folder, RunConfig(**(SETTINGS | {"layer": 2})))
+        Run.create(
+            finished_run.folder, RunConfig(**(finished_run.config.model_dump() | {"layer": 2}))
+        )
     assert (finished_run.folder / "run.json").read_bytes() == record
 
 
@@ -95,7 +74,7 @@ def test_cli_resume_takes_no_other_settings(finished_run: Run) -> None:
 
 
 def test_corrupt_checkpoint_is_refused(tmp_path: Path, finished_run: Run) -> None:
-    run = Run.create(tmp_path / "r", RunConfig(**SETTINGS))
+    run = Run.create(tmp_path / "r", finished_run.config)
     (run.folder / "activations").symlink_to(finished_run.activations_dir, target_is_directory=True)
     checkpoint = run.checkpoint_dir("hsae")
     checkpoint.mkdir(parents=True)
@@ -106,13 +85,13 @@ def test_corrupt_checkpoint_is_refused(tmp_path: Path, finished_run: Run) -> Non
 
 
 def test_eval_of_untrained_run_is_refused(tmp_path: Path) -> None:
-    run = Run.create(tmp_path / "r", RunConfig(**SETTINGS))
+    run = Run.create(tmp_path / "r", RunConfig())
     with pytest.raises(RunError, match="no harvested activations"):
         run.evaluate()
 
 
 def test_reopening_a_run_with_the_same_settings_keeps_its_stage_times(finished_run: Run) -> None:
     before = json.loads((finished_run.folder / "run.json").read_text())["timings"]
-    again = Run.create(finished_run.folder, RunConfig(**SETTINGS))
+    again = Run.create(finished_run.folder, finished_run.config)
     assert again.timings == before and "train_hsae" in before
     assert again.trained("hsae") and again.trained("baseline")
