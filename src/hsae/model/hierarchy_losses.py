@@ -119,8 +119,9 @@ def sample_perturbation(
     parent_index: Tensor, n_parents: int, rate: float, generator: torch.Generator | None = None
 ) -> Tensor:
     """s_p ~ Bernoulli(rate) for every parent with children; parents without children: False."""
-    draws = torch.rand(n_parents, generator=generator, device=parent_index.device) < rate
-    return draws & has_children(parent_index, n_parents)
+    # Drawn on the CPU so one seeded generator reproduces a run on any device.
+    draws = torch.rand(n_parents, generator=generator) < rate
+    return draws.to(parent_index.device) & has_children(parent_index, n_parents)
 
 
 def perturbed_reconstruction(

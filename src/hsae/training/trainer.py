@@ -198,8 +198,8 @@ class Trainer:
             return None
         draws = [
             sample_perturbation(
-                self.model.parents(level).cpu(), size, cfg.perturbation_rate, self.generator
-            ).to(self.device)
+                self.model.parents(level), size, cfg.perturbation_rate, self.generator
+            )
             for level, size in enumerate(cfg.level_sizes[:-1])
         ]
         return draws + [torch.zeros(cfg.level_sizes[-1], dtype=torch.bool, device=self.device)]
