@@ -359,19 +359,11 @@ def heldout_context_batches(
         rows = info.context_ids == context
         order = info.positions[rows].argsort()
         contexts.append(torch.as_tensor(info.token_ids[rows][order], dtype=torch.long))
-    bos = lm.bos_token_id
+    from hsae.activations.prompts import pad_prompts
+
     batches = []
     for start in range(0, len(contexts), batch_size):
-        group = contexts[start : start + batch_size]
-        prefix = 1 if bos is not None else 0
-        length = prefix + max(len(tokens) for tokens in group)
-        ids = torch.full((len(group), length), lm.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(group), length), dtype=torch.long)
-        for row, tokens in enumerate(group):
-            if bos is not None:
-                ids[row, 0] = bos
-            ids[row, prefix : prefix + len(tokens)] = tokens
-            mask[row, : prefix + len(tokens)] = 1
+        ids, mask, prefix = pad_prompts(contexts[start : start + batch_size], lm)
         keep = mask.bool()
         keep[:, :prefix] = False
         batches.append((ids.to(lm.device), mask.to(lm.device), keep.to(lm.device)))
