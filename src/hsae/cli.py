@@ -337,5 +337,46 @@ def saebench(
     typer.echo(table1_markdown(table))
 
 
+def _parse_values(option: str, text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{option}: expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+@app.command()
+def ablate(
+    run_dir: str = typer.Argument(..., help="a run folder with harvested activations"),
+    out: str = typer.Option(None, help="ablation folder, resumed if it exists [RUN_DIR/ablations]"),
+    variants: str = typer.Option(
+        "all", help="comma-separated groups (all, core, tree, similarity, rho, r) or variant names"
+    ),
+    train_tokens: int = typer.Option(None, help="tokens each variant trains on [the run's]"),
+    rho_sweep: str = typer.Option("0.03,0.1,0.3,1", help="constraint weights of the rho sweep"),
+    r_sweep: str = typer.Option("0,0.02,0.05,0.1,0.2", help="perturbation rates of the r sweep"),
+) -> None:
+    """Train the paper's ablations on a run's activations; write one table and Figure 8."""
+    from pathlib import Path
+
+    from hsae.ablations import AblationSettings, markdown_table
+    from hsae.ablations import ablate as run_ablations
+
+    try:
+        settings = AblationSettings(
+            variants=tuple(v for v in variants.replace(" ", "").split(",") if v),
+            train_tokens=train_tokens,
+            rho_sweep=_parse_values("--rho-sweep", rho_sweep),
+            r_sweep=_parse_values("--r-sweep", r_sweep),
+        )
+        results = run_ablations(run_dir, out, settings)
+    except _user_errors() as error:
+        raise _fail(error) from None
+    typer.echo(markdown_table(results))
+    folder = Path(results["out"])
+    typer.echo(f"wrote {folder / 'ablations.json'}, ablations.md and figure8.png")
+
+
 if __name__ == "__main__":
     app()
