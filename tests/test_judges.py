@@ -157,7 +157,7 @@ def test_the_budget_stops_requests_at_the_limit() -> None:
 def test_the_key_is_sent_but_never_stored(tmp_path: Path) -> None:
     with StubServer(lambda body, n: f"my key is {SECRET}") as server:
         client = JudgeClient(_settings(server, api_key=SECRET, cache_dir=tmp_path / "cache"))
-        client.complete_many(_prompts(2), progress=False)
+        batch = client.complete_many(_prompts(2), progress=False)
         plain = JudgeClient(_settings(server))
         plain.complete(PROMPT)
     assert server.requests[0].headers["Authorization"] == f"Bearer {SECRET}"
@@ -166,6 +166,7 @@ def test_the_key_is_sent_but_never_stored(tmp_path: Path) -> None:
         if file.is_file():
             assert SECRET not in file.read_text()
     assert SECRET not in repr(client)
+    assert all(c.text == "my key is ***" for c in batch.completions)
 
 
 # --------------------------------------------------------------------------- parsers

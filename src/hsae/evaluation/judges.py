@@ -140,23 +140,25 @@ class FeatureContexts:
     def shown_rows(self, feature: Feature) -> np.ndarray:
         """The ``n_top`` highest rows, then up to ``n_sampled`` weighted draws not among them."""
         top = self.top_rows(feature)[: self.settings.n_top]
-        extra = [r for r in self.sampled_rows(feature) if r not in set(top.tolist())]
+        taken = set(top.tolist())
+        extra = [r for r in self.sampled_rows(feature).tolist() if r not in taken]
         return np.concatenate([top, np.asarray(extra[: self.settings.n_sampled], np.int64)])
 
     def spare_rows(self, feature: Feature, n_top: int, n_sampled: int) -> np.ndarray:
-        """Activating rows not shown, from contexts none of the shown rows comes from."""
+        """Activating rows not shown (``n_top`` next-highest, ``n_sampled`` further weighted
+        draws), each from a context that no shown or already picked row comes from."""
         shown = self.shown_rows(feature)
+        taken = set(shown.tolist())
         used = set(self.info.context_ids[shown].tolist())
-        top = self.top_rows(feature)[self.settings.n_top :]
-        picked = self._fresh(top, used, n_top)
-        used |= set(self.info.context_ids[picked].tolist())
-        drawn = [r for r in self.sampled_rows(feature) if r not in set(shown.tolist())]
-        picked += self._fresh(np.asarray(drawn, np.int64), used, n_sampled)
+        picked = self._fresh(self.top_rows(feature)[self.settings.n_top :].tolist(), used, n_top)
+        drawn = [r for r in self.sampled_rows(feature).tolist() if r not in taken]
+        picked += self._fresh(drawn, used, n_sampled)
         return np.asarray(picked, dtype=np.int64)
 
-    def _fresh(self, rows: np.ndarray, used: set[int], n: int) -> list[int]:
+    def _fresh(self, rows: list[int], used: set[int], n: int) -> list[int]:
+        """The first ``n`` rows whose context is not in ``used`` (which grows with each pick)."""
         picked: list[int] = []
-        for row in rows.tolist():
+        for row in rows:
             context = int(self.info.context_ids[row])
             if len(picked) < n and context not in used:
                 picked.append(row)
@@ -170,7 +172,7 @@ class FeatureContexts:
         for _ in range(4):
             size = min(self.scanned, 8 * max(n, 1))
             candidates = rng.choice(self.scanned, size=size, replace=False)
-            activations, same = self._window_activations(feature[0], feature[1], candidates)
+            _, same, activations = self._windows(feature, candidates)
             quiet = candidates[~np.any((activations > 0) & same, axis=1)]
             found += [int(r) for r in quiet if int(r) not in found]
             if len(found) >= n:
@@ -181,13 +183,7 @@ class FeatureContexts:
         """One line of text per row, the feature's active tokens marked when ``mark``."""
         if len(rows) == 0:
             return []
-        windows, same = context_windows(
-            np.asarray(rows, np.int64),
-            self.info.context_ids,
-            self.settings.context_before,
-            self.settings.context_after,
-        )
-        activations, _ = self._window_activations(feature[0], feature[1], rows)
+        windows, same, activations = self._windows(feature, np.asarray(rows, np.int64))
         lines = []
         for window, keep, acts in zip(windows, same, activations, strict=True):
             tokens = self.info.token_ids[window[keep]].tolist()
@@ -195,25 +191,20 @@ class FeatureContexts:
             lines.append(self._text(tokens, active.tolist()))
         return lines
 
-    def _window_activations(
-        self, level: int, index: int, rows: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _windows(
+        self, feature: Feature, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Excerpt rows around each row, the same-context mask, and the feature's activations."""
         windows, same = context_windows(
-            np.asarray(rows, np.int64),
-            self.info.context_ids,
-            self.settings.context_before,
-            self.settings.context_after,
+            rows, self.info.context_ids, self.settings.context_before, self.settings.context_after
         )
         flat = windows.reshape(-1)
+        level, index = feature
+        features = np.full(flat.size, index, dtype=np.int64)
         values = window_activations(
-            self.model,
-            self.source,
-            level,
-            flat,
-            np.full(flat.size, index, dtype=np.int64),
-            self.settings.chunk_size,
+            self.model, self.source, level, flat, features, self.settings.chunk_size
         )
-        return values.reshape(windows.shape), same
+        return windows, same, values.reshape(windows.shape)
 
     def _text(self, tokens: list[int], active: list[bool]) -> str:
         parts: list[str] = []
@@ -349,7 +340,7 @@ def parse_explanation(reply: str | None) -> str | None:
 
 
 _ANSWER = re.compile(r"answer\s*[:\-]\s*(.*)", re.IGNORECASE)
-_BARE_ANSWER = re.compile(r"^[\s\d,;.and]*$|^\s*none\W*$", re.IGNORECASE)
+_BARE_ANSWER = re.compile(r"^(?:[\s\d,;.]|\band\b)*$|^\s*none\W*$", re.IGNORECASE)
 
 
 def parse_detection(reply: str | None, n_items: int) -> set[int] | None:

@@ -421,7 +421,7 @@ class JudgeClient:
             tokens = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
         with self._lock:
             self.usage.tokens += tokens
-        return (text if isinstance(text, str) else ""), tokens
+        return self._redact(text if isinstance(text, str) else ""), tokens
 
     def _redact(self, text: str) -> str:
         key = self.settings.api_key
@@ -459,7 +459,7 @@ class JudgeClient:
             "model": self.settings.model,
             "params": params,
             "messages": [self._redact_message(m) for m in messages],
-            "text": self._redact(text),
+            "text": text,
             "tokens": tokens,
         }
         write_json(path, entry)
