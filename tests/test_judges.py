@@ -64,6 +64,10 @@ def test_settings_come_from_the_environment_and_never_show_the_key() -> None:
         JudgeSettings.from_env(env | {"HSAE_JUDGE_CONCURRENCY": "many"})
     with pytest.raises(JudgeError, match="no judge endpoint"):
         JudgeSettings.from_env({"HSAE_JUDGE_MODEL": "m"})
+    with pytest.raises(JudgeError, match="HSAE_JUDGE_MODEL"):
+        JudgeSettings.from_env({"HSAE_JUDGE_BASE_URL": "http://localhost:1/v1"})
+    given = JudgeSettings.from_env({"HSAE_JUDGE_BASE_URL": "http://localhost:1/v1"}, model="x")
+    assert given.model == "x" and given.api_key is None
 
 
 # --------------------------------------------------------------------------- the client

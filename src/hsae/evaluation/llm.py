@@ -117,13 +117,14 @@ class JudgeSettings:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> JudgeSettings:
         """Settings from ``HSAE_JUDGE_*`` variables (see docs/judges.md); keywords override."""
         env = os.environ if env is None else env
-        ok, reason = judge_available(env)
-        if not ok and not {"base_url", "model"} <= set(overrides):
-            raise JudgeError(reason, fatal=True)
+        endpoint_set = _first(env, *_URL_ENV, *_KEY_ENV) is not None or "base_url" in overrides
+        model = overrides.get("model", _first(env, "HSAE_JUDGE_MODEL"))
+        if not endpoint_set or not model:
+            raise JudgeError(_missing(endpoint_set), fatal=True)
         values: dict[str, Any] = {
             "base_url": _base_url(env),
             "model": _first(env, "HSAE_JUDGE_MODEL"),
-            "api_key": _first(env, "HSAE_JUDGE_API_KEY", "OPENAI_API_KEY"),
+            "api_key": _first(env, *_KEY_ENV),
             "cache_dir": _cache_dir(env),
         }
         for name, key, kind in _NUMERIC_ENV:
@@ -155,16 +156,23 @@ def judge_available(env: Mapping[str, str] | None = None) -> tuple[bool, str]:
     """(True, where) when an endpoint and a model are configured, else (False, what is missing)."""
     env = os.environ if env is None else env
     model = _first(env, "HSAE_JUDGE_MODEL")
-    has_url = _first(env, "HSAE_JUDGE_BASE_URL", "OPENAI_BASE_URL") is not None
-    has_key = _first(env, "HSAE_JUDGE_API_KEY", "OPENAI_API_KEY") is not None
-    if not (has_url or has_key):
-        return False, (
+    endpoint_set = _first(env, *_URL_ENV, *_KEY_ENV) is not None
+    if not endpoint_set or model is None:
+        return False, _missing(endpoint_set)
+    return True, f"judge {model} at {_public_url(_base_url(env))}"
+
+
+_URL_ENV = ("HSAE_JUDGE_BASE_URL", "OPENAI_BASE_URL")
+_KEY_ENV = ("HSAE_JUDGE_API_KEY", "OPENAI_API_KEY")
+
+
+def _missing(endpoint_set: bool) -> str:
+    if not endpoint_set:
+        return (
             "no judge endpoint configured: set HSAE_JUDGE_BASE_URL (any OpenAI-compatible "
             "server) or HSAE_JUDGE_API_KEY / OPENAI_API_KEY (api.openai.com)"
         )
-    if model is None:
-        return False, "no judge model configured: set HSAE_JUDGE_MODEL"
-    return True, f"judge {model} at {_public_url(_base_url(env))}"
+    return "no judge model configured: set HSAE_JUDGE_MODEL"
 
 
 def _first(env: Mapping[str, str], *names: str) -> str | None:
@@ -176,7 +184,7 @@ def _first(env: Mapping[str, str], *names: str) -> str | None:
 
 
 def _base_url(env: Mapping[str, str]) -> str:
-    url = _first(env, "HSAE_JUDGE_BASE_URL", "OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    url = _first(env, *_URL_ENV) or DEFAULT_BASE_URL
     return url.rstrip("/")
 
 
