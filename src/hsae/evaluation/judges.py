@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -667,7 +668,7 @@ def _means(scored: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def write_auto_labels(
     run: Any, which: Which, features: Sequence[dict[str, Any]], client: JudgeClient
-) -> Any:
+) -> Path:
     """Merge the explanations into RUN/labels.json under ``auto.<which>`` (human labels kept;
     score: balanced accuracy) and record the judge's endpoint and model; return the path."""
     labels = load_labels(run.folder)
