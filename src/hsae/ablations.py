@@ -84,11 +84,14 @@ class AblationSettings:
         select_variants(self)  # unknown names are refused now, before any work
 
 
+REFERENCE_VARIANT = Variant(REFERENCE, "core", "hsae")
+
+
 def catalogue(rho_sweep: Sequence[float], r_sweep: Sequence[float]) -> list[Variant]:
     """Every variant in table order; the first of several that coincide names their folder."""
     variants = [
         Variant("baseline", "core", "baseline"),
-        Variant(REFERENCE, "core", "hsae"),
+        REFERENCE_VARIANT,
         Variant("no_constraint", "core", "hsae", {"rho": 0.0}),
         Variant("no_perturbation", "core", "hsae", {"perturbation_rate": 0.0}),
     ]
@@ -144,14 +147,12 @@ def plan(run: Run, settings: AblationSettings) -> list[Planned]:
     train_tokens = settings.train_tokens or _run_train_tokens(run, cache)
     first_of: dict[str, str] = {}
     for variant in catalogue(settings.rho_sweep, settings.r_sweep):
-        config = variant_run_config(run.config, variant, train_tokens)
-        resolved = config.hsae_config(cache.d_model, _mode(variant.which), cache.scale)
+        _, resolved = resolve(run, cache, variant, train_tokens)
         first_of.setdefault(fingerprint(resolved), variant.name)
     own_models = _run_models(run)
     planned = []
     for variant in select_variants(settings):
-        config = variant_run_config(run.config, variant, train_tokens)
-        resolved = config.hsae_config(cache.d_model, _mode(variant.which), cache.scale)
+        config, resolved = resolve(run, cache, variant, train_tokens)
         key = fingerprint(resolved)
         planned.append(Planned(variant, config, resolved, first_of[key], own_models.get(key)))
     _refuse_forestless(planned)
@@ -171,19 +172,27 @@ def _refuse_forestless(planned: list[Planned]) -> None:
             )
 
 
-def variant_run_config(base: RunConfig, variant: Variant, train_tokens: int) -> RunConfig:
-    """The run's settings with the variant's overrides and training length (no extra logging)."""
-    hsae = base.hsae | variant.overrides | {"train_tokens": train_tokens}
-    values = base.model_dump() | {"hsae": hsae, "tensorboard": False, "wandb_project": None}
-    return RunConfig(**values)
+def resolve(
+    run: Run, cache: Any, variant: Variant, train_tokens: int
+) -> tuple[RunConfig, HSAEConfig]:
+    """The variant's run settings (the run's, its overrides, the training length, no extra
+    logging) and the HSAE configuration they resolve to on the run's activations."""
+    hsae = run.config.hsae | variant.overrides | {"train_tokens": train_tokens}
+    values = run.config.model_dump() | {"hsae": hsae, "tensorboard": False, "wandb_project": None}
+    config = RunConfig(**values)
+    return config, config.hsae_config(cache.d_model, _mode(variant.which), cache.scale)
 
 
-def fingerprint(config: HSAEConfig) -> str:
-    """The settings that decide what a model learns, as a comparable string."""
+def comparable(config: HSAEConfig) -> dict[str, Any]:
+    """The settings that decide what a model learns (not the device)."""
     values = config.model_dump()
     for name in _NOT_COMPARED:
         values.pop(name, None)
-    return json.dumps(values, sort_keys=True)
+    return values
+
+
+def fingerprint(config: HSAEConfig) -> str:
+    return json.dumps(comparable(config), sort_keys=True)
 
 
 def _mode(which: Which) -> str:
@@ -263,8 +272,8 @@ def _refuse_other_settings(sub_run: Run, which: Which, wanted: HSAEConfig) -> No
         return  # unfinished: the checkpoint's own fingerprint check guards a resume
     saved = HSAEConfig(**read_json(path)["config"])
     if fingerprint(saved) != fingerprint(wanted):
-        old, new = saved.model_dump(), wanted.model_dump()
-        differing = [k for k in new if k not in _NOT_COMPARED and old.get(k) != new[k]]
+        old, new = comparable(saved), comparable(wanted)
+        differing = [key for key in new if old.get(key) != new[key]]
         shown = ", ".join(f"{k}: {old.get(k)!r} vs {new[k]!r}" for k in differing[:4])
         raise RunError(
             f"{sub_run.folder} holds a model trained with other settings ({shown}); "
@@ -294,13 +303,13 @@ def ablate(
     if heldout.shape[0] == 0:
         raise RunError(f"{run.folder}: the activation cache has no held-out tokens")
     evaluations = _evaluate_all(trained, heldout, progress)
-    reference = _reference_config(planned, run)
+    _, reference = resolve(run, run.cache(), REFERENCE_VARIANT, planned[0].config.train_tokens)
     results = {
         "run": str(run.folder),
         "out": str(target),
         "train_tokens": planned[0].config.train_tokens,
         "heldout_tokens": int(heldout.shape[0]),
-        "reference": _comparable(reference),
+        "reference": comparable(reference),
         "variants": [
             _variant_record(entry, trained[entry.folder], evaluations[entry.folder], reference)
             for entry in planned
@@ -323,24 +332,10 @@ def _evaluate_all(
     return evaluations
 
 
-def _reference_config(planned: list[Planned], run: Run) -> HSAEConfig:
-    variant = next(v for v in catalogue((), ()) if v.name == REFERENCE)
-    cache = run.cache()
-    config = variant_run_config(run.config, variant, planned[0].config.train_tokens)
-    return config.hsae_config(cache.d_model, "hsae", cache.scale)
-
-
-def _comparable(config: HSAEConfig) -> dict[str, Any]:
-    values = config.model_dump()
-    for name in _NOT_COMPARED:
-        values.pop(name, None)
-    return values
-
-
 def _variant_record(
     entry: Planned, trained: Trained, evaluation: dict[str, Any], reference: HSAEConfig
 ) -> dict[str, Any]:
-    mine, theirs = _comparable(entry.config), _comparable(reference)
+    mine, theirs = comparable(entry.config), comparable(reference)
     levels = [
         {key: level[key] for key in ("level", "l0", "variance_explained", "dead_fraction")}
         for level in evaluation["levels"]
