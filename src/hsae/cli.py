@@ -168,20 +168,46 @@ def _default_run_folder() -> str:
 @app.command("eval")
 def evaluate_run(
     run_dir: str = typer.Argument(..., help="a run folder written by hsae train or hsae demo"),
-    no_lm: bool = typer.Option(False, "--no-lm", help="skip the spliced language-model loss"),
+    no_lm: bool = typer.Option(False, "--no-lm", help="never load the language model"),
+    suite: str = typer.Option("standard", help="standard | full (every part possible here)"),
+    parts: str = typer.Option(None, help="full-suite parts to attempt, comma-separated [all]"),
+    judge_pairs: int = typer.Option(50, help="parent-child pairs per model for the LLM judge"),
+    judge_features: int = typer.Option(30, help="features per model for LLM autointerp"),
+    judge_max_requests: int = typer.Option(None, help="cap on judge HTTP requests [env/none]"),
+    hf_probing_dataset: str = typer.Option(
+        "fancyzhx/ag_news", help="labelled HF dataset for online sparse probing"
+    ),
 ) -> None:
-    """Evaluate a run's HSAE and baseline on held-out activations; write metrics.json."""
-    from hsae.evaluation.suite import comparison_table
+    """Evaluate a run's HSAE and baseline on held-out activations; write metrics.json.
+
+    --suite full adds absorption, sparse probing, taxonomy alignment, LLM judges (when
+    HSAE_JUDGE_* is set) and SAEBench (GPU), and says which parts were skipped and why.
+    """
+    from hsae.evaluation.suite import FULL_PARTS, SuiteSettings, comparison_table, full_suite_table
     from hsae.runs import Run
 
     try:
+        settings = SuiteSettings(
+            parts=tuple(p for p in parts.split(",") if p) if parts else FULL_PARTS,
+            judge_pairs=judge_pairs,
+            judge_features=judge_features,
+            judge_max_requests=judge_max_requests,
+            hf_probing_dataset=hf_probing_dataset,
+        )
+    except ValueError as error:
+        raise _fail(error) from None
+    try:
         run = Run.open(run_dir)
-        results = run.evaluate(splice=not no_lm)
+        results = run.evaluate(splice=not no_lm, suite=suite, suite_settings=settings)
     except _user_errors() as error:
         raise _fail(error) from None
     names = [n for n in ("hsae", "baseline") if n in results]
     typer.echo(comparison_table(results, names))
+    if "suite" in results:
+        typer.echo("\n" + full_suite_table(results, names))
     typer.echo(f"\nwrote {run.folder / 'metrics.json'} and {run.folder / 'summary.md'}")
+    if results.get("suite", {}).get("failed"):
+        raise typer.Exit(code=1)
 
 
 @app.command()

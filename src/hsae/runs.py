@@ -17,6 +17,7 @@ where a killed run stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -296,10 +297,29 @@ class Run:
         self._timed(f"train_{which}", time.perf_counter() - start)
         return model
 
-    def evaluate(self, splice: bool = True) -> dict[str, Any]:
-        """Evaluate the trained models side by side; write metrics.json and summary.md."""
-        from hsae.evaluation.suite import comparison_table, evaluate_models
+    def evaluate(
+        self,
+        splice: bool = True,
+        suite: str = "standard",
+        suite_settings: Any = None,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Evaluate the trained models side by side; write metrics.json and summary.md.
 
+        ``suite="full"`` adds every part of :func:`hsae.evaluation.suite.run_full_suite` this
+        environment can run (metrics.json is rewritten after each part); ``splice=False``
+        keeps the language model out of it entirely.
+        """
+        from hsae.evaluation.suite import (
+            SUITES,
+            SuiteInputs,
+            SuiteSettings,
+            evaluate_models,
+            run_full_suite,
+        )
+
+        if suite not in SUITES:
+            raise RunError(f"suite must be one of {list(SUITES)}, got {suite!r}")
         cache = self.cache()
         names = [which for which in self.wanted_models() if self.trained(which)]
         if "hsae" not in names:
@@ -309,25 +329,46 @@ class Run:
         if heldout.shape[0] == 0:
             raise RunError(f"{self.folder}: the activation cache has no held-out tokens")
         start = time.perf_counter()
+        language_model = functools.cache(self._language_model)
         splice_inputs = None
         if splice and self.config.splice_contexts > 0:
-            splice_inputs = self._splice_inputs(cache)
+            splice_inputs = self._splice_inputs(cache, language_model())
         results = evaluate_models(models, heldout, splice_inputs)
         results["run"] = {
             "model": cache.manifest.get("model"),
             "layer": cache.manifest.get("layer"),
         }
-        write_json(self.folder / "metrics.json", results)
-        table = comparison_table(results, names)
-        write_text(self.folder / "summary.md", _summary_markdown(self, table))
+        self._write_metrics(results, names)
+        if suite == "full":
+            inputs = SuiteInputs(
+                run=self,
+                models=models,
+                layer=int(cache.manifest["layer"]),
+                load_lm=language_model if splice else None,
+                settings=suite_settings or SuiteSettings(seed=self.config.seed),
+                progress=progress,
+            )
+            run_full_suite(inputs, results, on_part_done=lambda r: self._write_metrics(r, names))
         self._timed("evaluate", time.perf_counter() - start)
         return results
 
-    def _splice_inputs(self, cache: Any) -> tuple[Any, torch.nn.Module, list[Any]]:
+    def _write_metrics(self, results: dict[str, Any], names: list[str]) -> None:
+        from hsae.evaluation.suite import comparison_table, full_suite_table
+
+        write_json(self.folder / "metrics.json", results)
+        tables = comparison_table(results, names)
+        if "suite" in results:
+            tables += "\n\n" + full_suite_table(results, names)
+        write_text(self.folder / "summary.md", _summary_markdown(self, tables))
+
+    def _language_model(self) -> Any:
         from hsae.activations import load_language_model
+
+        return load_language_model(self.config.model)
+
+    def _splice_inputs(self, cache: Any, lm: Any) -> tuple[Any, torch.nn.Module, list[Any]]:
         from hsae.activations.models import decoder_layers
 
-        lm = load_language_model(self.config.model)
         layer = int(cache.manifest["layer"])
         batches = heldout_context_batches(cache, lm, self.config.splice_contexts)
         return lm.model, decoder_layers(lm.model)[layer], batches

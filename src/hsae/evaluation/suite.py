@@ -1,15 +1,22 @@
-"""The standard evaluation of a run's models: quality, hierarchy and spliced LM loss, as JSON.
+"""What an evaluation of a run's models runs, and how its results are laid out as JSON.
 
-The result has, for each model name (``"hsae"``, ``"baseline"``), ``"levels"`` (per level:
-``l0``, ``variance_explained``, ``dead_fraction``, ``dense_fraction``, ``mse``, and when the
-language model is available ``ce_loss_recovered`` and ``kl``) and ``"hierarchy"``
-(``hamming_per_1k``, ``hamming_normalised``, ``p_parent_given_child``,
-``p_child_given_parent``, and per level pair).
+The *standard* suite (:func:`evaluate_models`) has, for each model name (``"hsae"``,
+``"baseline"``), ``"levels"`` (per level: ``l0``, ``variance_explained``, ``dead_fraction``,
+``dense_fraction``, ``mse``, and when the language model is available ``ce_loss_recovered``
+and ``kl``) and ``"hierarchy"`` (``hamming_per_1k``, ``hamming_normalised``,
+``p_parent_given_child``, ``p_child_given_parent``, and per level pair).
+
+The *full* suite (:func:`run_full_suite`) adds, each under its own top-level key, every part
+that this environment can run: ``absorption``, ``sparse_probing`` (WordNet categories),
+``sparse_probing_hf`` (a labelled Hugging Face dataset), ``taxonomy``, ``judges`` and
+``saebench``; ``suite`` says which parts ran, which were skipped and why, and which failed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -84,3 +91,365 @@ def _fmt(value: float | int) -> str:
     if isinstance(value, int):
         return str(value)
     return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+# --------------------------------------------------------------------------- the full suite
+
+SUITES = ("standard", "full")
+FULL_PARTS = (
+    "absorption",
+    "sparse_probing",
+    "taxonomy",
+    "sparse_probing_hf",
+    "judges",
+    "saebench",
+)
+DEFAULT_HF_PROBING = "fancyzhx/ag_news"
+
+
+@dataclass(frozen=True)
+class SuiteSettings:
+    """What ``hsae eval --suite full`` runs beyond the standard metrics, and how much of it."""
+
+    parts: tuple[str, ...] = FULL_PARTS
+    """Parts to attempt (each is still skipped when this environment cannot run it)."""
+    judge_pairs: int = 50
+    """Parent-child pairs per model shown to the hierarchy judge."""
+    judge_features: int = 30
+    """Features per model explained and scored by the autointerp judge."""
+    judge_max_requests: int | None = None
+    """Cap on judge HTTP requests (cache hits are free); None keeps HSAE_JUDGE_MAX_REQUESTS."""
+    hf_probing_dataset: str = DEFAULT_HF_PROBING
+    """Labelled Hugging Face dataset "NAME[:CONFIG][@SPLIT]" for the online probing part."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.parts) - set(FULL_PARTS))
+        if unknown:
+            raise ValueError(f"unknown suite part(s) {unknown}; choose from {list(FULL_PARTS)}")
+        for name in ("judge_pairs", "judge_features"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.judge_max_requests is not None and self.judge_max_requests < 0:
+            raise ValueError(f"judge_max_requests must be >= 0, got {self.judge_max_requests}")
+
+
+class SkipPartError(Exception):
+    """This environment cannot run a suite part; the message says why, in one line."""
+
+
+@dataclass
+class SuiteInputs:
+    """What the parts share: the run, its models, and a language model loaded at most once."""
+
+    run: Any
+    models: dict[str, HSAE]
+    layer: int
+    load_lm: Callable[[], Any] | None
+    """None when the language model must not be used (``--no-lm``)."""
+    settings: SuiteSettings
+    progress: bool = True
+    _lexicon: Any = None
+
+    def lm(self) -> Any:
+        if self.load_lm is None:
+            raise SkipPartError("needs the language model, and --no-lm was given")
+        return self.load_lm()
+
+    def lexicon(self) -> Any:
+        from hsae.evaluation.lexicon import prepare_lexicon
+
+        if self._lexicon is None:
+            self._lexicon = prepare_lexicon(self.lm(), self.layer, progress=self.progress)
+        return self._lexicon
+
+
+def _absorption(inputs: SuiteInputs) -> dict[str, Any]:
+    from hsae.evaluation.absorption import absorption_metrics, prepare_absorption
+
+    data = prepare_absorption(inputs.lm(), inputs.layer, progress=inputs.progress)
+    return {name: absorption_metrics(model, data) for name, model in inputs.models.items()}
+
+
+def _sparse_probing(inputs: SuiteInputs) -> dict[str, Any]:
+    from hsae.evaluation.probing import sparse_probing
+
+    return sparse_probing(inputs.models, inputs.lexicon(), progress=inputs.progress)
+
+
+def _taxonomy(inputs: SuiteInputs) -> dict[str, Any]:
+    from hsae.evaluation.taxonomy import taxonomy_alignment
+
+    return taxonomy_alignment(inputs.models, inputs.lexicon(), progress=inputs.progress)
+
+
+def _sparse_probing_hf(inputs: SuiteInputs) -> dict[str, Any]:
+    import importlib.util
+    import os
+
+    from hsae.evaluation.lexicon import hf_contexts, prepare_contexts
+    from hsae.evaluation.probing import sparse_probing
+
+    if importlib.util.find_spec("datasets") is None:
+        raise SkipPartError("needs the optional `datasets` package (pip install 'hsae[datasets]')")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise SkipPartError("the Hugging Face Hub is switched off (HF_HUB_OFFLINE)")
+    lm = inputs.lm()
+    spec = inputs.settings.hf_probing_dataset
+    try:
+        contexts = hf_contexts(spec, seed=inputs.settings.seed)
+    except Exception as error:  # datasets raises its own error types when the Hub is away
+        if not _hub_unreachable(error):
+            raise
+        raise SkipPartError(f"could not read {spec} from the Hub: {_first_line(error)}") from None
+    data = prepare_contexts(lm, inputs.layer, contexts, progress=inputs.progress)
+    return {"dataset": spec} | sparse_probing(inputs.models, data, progress=inputs.progress)
+
+
+def _hub_unreachable(error: Exception) -> bool:
+    text = f"{type(error).__name__} {error}".lower()
+    return isinstance(error, ConnectionError) or any(
+        word in text for word in ("connect", "offline", "resolve", "timed out", "network")
+    )
+
+
+def _judges(inputs: SuiteInputs) -> dict[str, Any]:
+    from hsae.evaluation.judges import judge_run
+    from hsae.evaluation.llm import JudgeClient, JudgeSettings, judge_available
+
+    available, reason = judge_available()
+    if not available:
+        raise SkipPartError(reason)
+    overrides: dict[str, Any] = {}
+    if inputs.settings.judge_max_requests is not None:
+        overrides["max_requests"] = inputs.settings.judge_max_requests
+    client = JudgeClient(JudgeSettings.from_env(**overrides))
+    try:
+        return judge_run(
+            inputs.run,
+            client,
+            n_pairs=inputs.settings.judge_pairs,
+            n_features=inputs.settings.judge_features,
+            seed=inputs.settings.seed,
+            models=[name for name in inputs.models if name in ("hsae", "baseline")],
+            progress=inputs.progress,
+        )
+    finally:
+        client.close()
+
+
+def _saebench(inputs: SuiteInputs) -> dict[str, Any]:
+    import importlib.util
+
+    from hsae.interop.saebench import run_saebench
+
+    if importlib.util.find_spec("sae_bench") is None:
+        raise SkipPartError("needs the sae-bench package (see docs/interop.md); or: hsae saebench")
+    if not torch.cuda.is_available():
+        raise SkipPartError("SAEBench's evaluations need a CUDA GPU; run `hsae saebench` on one")
+    folder = inputs.run.folder
+    return run_saebench(folder, folder / "saebench", evals=_saebench_evals())
+
+
+def _saebench_evals() -> list[str]:
+    import os
+
+    from hsae.interop.saebench import TABLE1_EVALS
+
+    has_key = bool(os.environ.get("OPENAI_API_KEY"))
+    return [name for name in TABLE1_EVALS if name != "autointerp" or has_key]
+
+
+_PART_RUNNERS: dict[str, Callable[[SuiteInputs], dict[str, Any]]] = {
+    "absorption": _absorption,
+    "sparse_probing": _sparse_probing,
+    "taxonomy": _taxonomy,
+    "sparse_probing_hf": _sparse_probing_hf,
+    "judges": _judges,
+    "saebench": _saebench,
+}
+
+
+def run_full_suite(
+    inputs: SuiteInputs,
+    results: dict[str, Any],
+    on_part_done: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run every wanted part that this environment allows, adding each part's result to
+    ``results`` under its name and the outcome of every part under ``results["suite"]``.
+
+    A part that cannot run here is skipped with its reason; one that fails is recorded as
+    failed with the error's first line, and the others still run. ``on_part_done`` sees
+    ``results`` after each part (the run uses it to save metrics.json as it goes).
+    """
+    status: dict[str, Any] = {"suite": "full", "ran": [], "skipped": {}, "failed": {}}
+    status["seconds"] = {}
+    results["suite"] = status
+    for part in inputs.settings.parts:
+        started = time.perf_counter()
+        try:
+            results[part] = _PART_RUNNERS[part](inputs)
+            status["ran"].append(part)
+        except SkipPartError as reason:
+            status["skipped"][part] = str(reason)
+        except _part_errors() as error:
+            status["failed"][part] = f"{type(error).__name__}: {_first_line(error)}"
+        status["seconds"][part] = round(time.perf_counter() - started, 2)
+        if on_part_done is not None:
+            on_part_done(results)
+    return results
+
+
+def _part_errors() -> tuple[type[Exception], ...]:
+    from hsae.activations.models import HarvestError
+    from hsae.evaluation.absorption import AbsorptionError
+    from hsae.evaluation.judges import JudgeInputError
+    from hsae.evaluation.lexicon import LexiconError
+    from hsae.evaluation.llm import JudgeError
+    from hsae.evaluation.probing import ProbingError
+    from hsae.evaluation.taxonomy import TaxonomyError
+
+    return (
+        HarvestError,
+        AbsorptionError,
+        LexiconError,
+        ProbingError,
+        TaxonomyError,
+        JudgeError,
+        JudgeInputError,
+        OSError,
+        RuntimeError,
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# --------------------------------------------------------------------------- full-suite table
+
+
+def full_suite_table(results: dict[str, Any], names: list[str]) -> str:
+    """A Markdown table of the full suite's headline numbers, then what was skipped or failed."""
+    header = "| metric | " + " | ".join(names) + " |"
+    lines = [header, "|" + " --- |" * (len(names) + 1)]
+    for label, values in _suite_rows(results, names):
+        lines.append(f"| {label} | " + " | ".join(_cell(v) for v in values) + " |")
+    status = results.get("suite", {})
+    for part, reason in status.get("skipped", {}).items():
+        lines.append(f"\nskipped {part}: {reason}")
+    for part, reason in status.get("failed", {}).items():
+        lines.append(f"\nFAILED {part}: {reason}")
+    return "\n".join(lines)
+
+
+Row = tuple[str, list[Any]]
+
+
+def _suite_rows(results: dict[str, Any], names: list[str]) -> list[Row]:
+    rows: list[Row] = []
+    rows += _absorption_rows(results.get("absorption"), names)
+    rows += _probing_rows(results.get("sparse_probing"), names, "sparse probing (WordNet)")
+    hf = results.get("sparse_probing_hf")
+    rows += _probing_rows(hf, names, f"sparse probing ({hf['dataset']})" if hf else "")
+    rows += _taxonomy_rows(results.get("taxonomy"), names)
+    rows += _judge_rows(results.get("judges"), names)
+    return rows
+
+
+def _absorption_rows(part: dict[str, Any] | None, names: list[str]) -> list[Row]:
+    if not part:
+        return []
+    rows = []
+    for level in range(len(part[names[0]]["levels"])):
+        score = [part[n]["levels"][level]["score"] for n in names]
+        full = [part[n]["levels"][level]["full_absorption_rate"] for n in names]
+        rows.append((f"level {level} absorption, 1 - mean fraction (higher is better)", score))
+        rows.append((f"level {level} full-absorption rate (lower is better)", full))
+    return rows
+
+
+def _probing_rows(part: dict[str, Any] | None, names: list[str], title: str) -> list[Row]:
+    if not part:
+        return []
+    raw = part["raw"]
+    rows: list[Row] = [
+        (
+            f"{title}: raw activations, top-5 dims / all dims",
+            [_pair(raw, "top_5", "all")] * len(names),
+        )
+    ]
+    for level in range(len(part[names[0]]["levels"])):
+        entries = [part[n]["levels"][level] for n in names]
+        rows.append(
+            (
+                f"{title}: level {level} top-1 / top-5 accuracy",
+                [_pair(e, "top_1", "top_5") for e in entries],
+            )
+        )
+    return rows
+
+
+def _pair(entry: dict[str, Any], first: str, second: str) -> str:
+    a, b = entry.get(f"{first}_accuracy"), entry.get(f"{second}_accuracy")
+    return f"{_cell(a)} / {_cell(b)}"
+
+
+def _taxonomy_rows(part: dict[str, Any] | None, names: list[str]) -> list[Row]:
+    if not part:
+        return []
+    rows: list[Row] = []
+    for index, pair in enumerate(part[names[0]]["pairs"]):
+        level = pair["parent_level"]
+        cells = [_precision_cell(part[n]["pairs"][index]) for n in names]
+        rows.append(
+            (f"taxonomy: links {level}->{level + 1}, hypernym precision [95% CI] (random)", cells)
+        )
+    cells = [_precision_cell(part[n]["all_pairs"]) for n in names]
+    rows.append(("taxonomy: all links, hypernym precision [95% CI] (random)", cells))
+    return rows
+
+
+def _precision_cell(entry: dict[str, Any]) -> str:
+    ours, chance = entry["hypernym"], entry["random_hypernym"]
+    if ours["precision"] is None:
+        return f"n/a ({entry['evaluated']} links)"
+    return (
+        f"{ours['precision']:.3f} [{ours['low']:.3f}, {ours['high']:.3f}] "
+        f"({_cell(chance['precision'])}; n={entry['evaluated']})"
+    )
+
+
+def _judge_rows(part: dict[str, Any] | None, names: list[str]) -> list[Row]:
+    if not part:
+        return []
+    judged = [n for n in names if n in part]
+    if not judged:
+        return []
+    hierarchy = [part[n]["hierarchy"] if n in part else None for n in names]
+    autointerp = [part[n].get("autointerp") if n in part else None for n in names]
+    return [
+        (
+            "hierarchy judge: Yes rate (pairs parsed)",
+            [_judge_cell(h, "yes_rate", "n_parsed") for h in hierarchy],
+        ),
+        (
+            "autointerp: balanced accuracy (features scored)",
+            [_judge_cell(a, "balanced_accuracy", "n_scored") for a in autointerp],
+        ),
+    ]
+
+
+def _judge_cell(entry: dict[str, Any] | None, key: str, count: str) -> str:
+    if entry is None:
+        return "n/a"
+    return f"{_cell(entry.get(key))} ({entry.get(count, 0)})"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return _fmt(value)
+    return str(value)
