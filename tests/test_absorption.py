@@ -168,6 +168,27 @@ def test_level_without_absorption_scores_one():
     assert result["full_absorption_rate"] == 0.0
 
 
+def test_decoder_bias_is_taken_off_only_when_asked():
+    codes, decoder, data = _synthetic_letters(absorbed_test=8, partial_test=0)
+    offset = 5.0 * torch.eye(D)[0]
+    shifted = dataclasses.replace(
+        data,
+        train_x=data.train_x + offset,
+        test_x=data.test_x + offset,
+        probe_bias=data.probe_bias - data.probe_weight @ offset,
+    )
+    plain = level_absorption(codes["train"], codes["test"], decoder, data)
+    taken_off = level_absorption(
+        codes["train"], codes["test"], decoder, shifted, AbsorptionCriteria(), offset
+    )
+    for key in ("absorption_fraction", "full_absorption_rate"):
+        assert taken_off["per_letter"]["a"][key] == pytest.approx(plain["per_letter"]["a"][key])
+    assert plain["per_letter"]["a"]["absorption_fraction"] == pytest.approx(0.2, abs=0.01)
+    # Left in (SAEBench), the offset inflates the probe projection past the absorber's 40%.
+    raw = level_absorption(codes["train"], codes["test"], decoder, shifted)
+    assert raw["per_letter"]["a"]["absorption_fraction"] < 0.05
+
+
 def test_absorption_metrics_through_a_built_jumprelu_sae():
     """An HSAE whose single level encodes the synthetic words exactly (main latent silenced by
     the token directions), fed raw activations 1/scale larger than its own units."""

@@ -51,7 +51,7 @@ class AbsorptionError(ValueError):
 class AbsorptionSettings:
     """The language-model side: vocabulary, prompts, split and ground-truth probe."""
 
-    n_words: int = 2000
+    n_words: int = 3000
     """Words sampled from the pool (all of them when the pool is smaller)."""
     vocab_pool: int | None = 20000
     """Candidates kept before sampling: the lowest token ids (roughly the most frequent
@@ -65,7 +65,7 @@ class AbsorptionSettings:
     template: str = "{word} has the first letter:"
     """One example; each in-context example is followed by its answer (" D")."""
     separator: str = "\n"
-    probe_c: float = 100.0
+    probe_c: float = 10.0
     """Inverse L2 strength of the ground-truth probe (on centred activations of unit mean
     norm)."""
     seed: int = 0
@@ -113,6 +113,10 @@ class AbsorptionCriteria:
     projection_share: float = 0.4
     """Absorbers must carry at least this share of the word's probe projection."""
     full_absorption_cos: float = 0.025
+    subtract_decoder_bias: bool = False
+    """False (SAEBench): project the raw x on the probe. True: project x - b_dec, the part the
+    latents reconstruct, so the constant offset b_dec . p (it differs per letter) does not
+    shift the thresholds (docs/absorption.md)."""
 
     def __post_init__(self) -> None:
         _require(self.max_k >= 1, f"max_k must be >= 1, got {self.max_k}")
@@ -512,9 +516,11 @@ def level_absorption(
     decoder: Tensor,
     data: AbsorptionData,
     criteria: AbsorptionCriteria | None = None,
+    decoder_bias: Tensor | None = None,
 ) -> dict[str, Any]:
     """Absorption of one SAE given its codes on ``data``'s words and its decoder (rows in the
-    raw activation units per unit code). Means are over letters (SAEBench)."""
+    raw activation units per unit code). ``decoder_bias`` (raw units), when given, is taken
+    off the activations before they are projected on the probe. Means are over letters."""
     criteria = criteria or AbsorptionCriteria()
     letters = scored_letters(data, criteria)
     if not letters:
@@ -532,6 +538,7 @@ def level_absorption(
         criteria,
     )
     positive = data.probe_logits(data.test_x) > 0
+    explained = data.test_x if decoder_bias is None else data.test_x - decoder_bias
     per_letter = {}
     for letter in letters:
         rows = ((data.test_labels == letter) & positive[:, letter]).nonzero().squeeze(1)
@@ -540,7 +547,7 @@ def level_absorption(
         words = word_absorption(
             test_codes[rows],
             decoder,
-            data.test_x[rows],
+            explained[rows],
             data.probe_weight[letter],
             main[letter].latents,
             criteria,
@@ -601,10 +608,14 @@ def absorption_metrics(
         )
     levels = []
     for level in tqdm(range(model.n_levels), desc="absorption", unit="level", disable=not progress):
-        decoder = model.levels[level].W_dec.detach().float().cpu() / model.scale
+        parameters = model.levels[level]
+        decoder = parameters.W_dec.detach().float().cpu() / model.scale
+        bias = parameters.b_dec.detach().float().cpu() / model.scale
         train_codes = encode_words(model, data.train_x, level)
         test_codes = encode_words(model, data.test_x, level)
-        result = level_absorption(train_codes, test_codes, decoder, data, criteria)
+        if not criteria.subtract_decoder_bias:
+            bias = None
+        result = level_absorption(train_codes, test_codes, decoder, data, criteria, bias)
         levels.append({"level": level, **result})
     return {
         "layer": data.layer,
