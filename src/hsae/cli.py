@@ -177,6 +177,8 @@ def evaluate_run(
     hf_probing_dataset: str = typer.Option(
         "fancyzhx/ag_news", help="labelled HF dataset for online sparse probing"
     ),
+    absorption_words: int = typer.Option(2000, help="single-token words for absorption"),
+    contexts_per_category: int = typer.Option(200, help="WordNet contexts per category"),
 ) -> None:
     """Evaluate a run's HSAE and baseline on held-out activations; write metrics.json.
 
@@ -193,6 +195,8 @@ def evaluate_run(
             judge_features=judge_features,
             judge_max_requests=judge_max_requests,
             hf_probing_dataset=hf_probing_dataset,
+            absorption_words=absorption_words,
+            contexts_per_category=contexts_per_category,
         )
     except ValueError as error:
         raise _fail(error) from None

@@ -121,13 +121,17 @@ class SuiteSettings:
     """Cap on judge HTTP requests (cache hits are free); None keeps HSAE_JUDGE_MAX_REQUESTS."""
     hf_probing_dataset: str = DEFAULT_HF_PROBING
     """Labelled Hugging Face dataset "NAME[:CONFIG][@SPLIT]" for the online probing part."""
+    absorption_words: int = 2000
+    """Single-token words the first-letter absorption metric samples."""
+    contexts_per_category: int = 200
+    """WordNet noun contexts per lexicographer category (sparse probing, taxonomy)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.parts) - set(FULL_PARTS))
         if unknown:
             raise ValueError(f"unknown suite part(s) {unknown}; choose from {list(FULL_PARTS)}")
-        for name in ("judge_pairs", "judge_features"):
+        for name in ("judge_pairs", "judge_features", "absorption_words", "contexts_per_category"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.judge_max_requests is not None and self.judge_max_requests < 0:
@@ -157,17 +161,33 @@ class SuiteInputs:
         return self.load_lm()
 
     def lexicon(self) -> Any:
-        from hsae.evaluation.lexicon import prepare_lexicon
+        from hsae.evaluation.lexicon import LexiconSettings, prepare_lexicon
 
         if self._lexicon is None:
-            self._lexicon = prepare_lexicon(self.lm(), self.layer, progress=self.progress)
+            per_class = self.settings.contexts_per_category
+            settings = LexiconSettings(
+                per_class=per_class, min_per_class=min(50, per_class), seed=self.settings.seed
+            )
+            self._lexicon = prepare_lexicon(
+                self.lm(), self.layer, settings=settings, progress=self.progress
+            )
         return self._lexicon
 
 
 def _absorption(inputs: SuiteInputs) -> dict[str, Any]:
-    from hsae.evaluation.absorption import absorption_metrics, prepare_absorption
+    from hsae.evaluation.absorption import (
+        AbsorptionSettings,
+        absorption_metrics,
+        prepare_absorption,
+    )
 
-    data = prepare_absorption(inputs.lm(), inputs.layer, progress=inputs.progress)
+    words = inputs.settings.absorption_words
+    settings = AbsorptionSettings(
+        n_words=words, min_words_per_letter=min(20, max(2, words // 50)), seed=inputs.settings.seed
+    )
+    data = prepare_absorption(
+        inputs.lm(), inputs.layer, settings=settings, progress=inputs.progress
+    )
     return {name: absorption_metrics(model, data) for name, model in inputs.models.items()}
 
 
