@@ -34,7 +34,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hsae.activations.corpora import NounSynset, load_noun_taxonomy, open_corpus
+from hsae.activations.corpora import (
+    NounSynset,
+    _parse_hf_spec,
+    load_noun_taxonomy,
+    open_corpus,
+)
 from hsae.activations.models import HarvestError, LanguageModel
 from hsae.activations.prompts import activations_at, encode_prompts
 from hsae.model import HSAE
@@ -203,24 +208,24 @@ def hf_contexts(
     label_field: str = "label",
     per_class: int = 200,
     scan: int = 20000,
+    max_chars: int = 1000,
     seed: int = 0,
 ) -> list[LabelledContext]:
     """Labelled texts from a Hugging Face dataset "NAME[:CONFIG][@SPLIT]" (needs the network and
-    the optional ``datasets`` package): the first ``scan`` records, then at most ``per_class``
-    per label chosen with ``seed``. Texts are read at their last token (SAEBench mean-pools over
-    the tokens instead)."""
+    the optional ``datasets`` package): the first ``scan`` records, cut to ``max_chars``, then at
+    most ``per_class`` per label chosen with ``seed``. Texts are read at their last token
+    (SAEBench mean-pools over the tokens instead)."""
     try:
         import datasets
     except ImportError as exc:
         raise LexiconError("hf_contexts needs the optional `datasets` package") from exc
-    name, _, split = spec.partition("@")
-    name, _, config = name.partition(":")
-    stream = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    name, config, split = _parse_hf_spec(spec)
+    stream = datasets.load_dataset(name, config, split=split, streaming=True)
     by_label: dict[str, list[str]] = defaultdict(list)
     for record in stream.take(scan):
         text, label = record.get(text_field), record.get(label_field)
         if isinstance(text, str) and text.strip() and label is not None:
-            by_label[str(label)].append(text)
+            by_label[str(label)].append(text[:max_chars])
     if not by_label:
         raise LexiconError(f"{spec}: no records with fields {text_field!r} and {label_field!r}")
     rng = random.Random(seed)
@@ -235,7 +240,9 @@ def hf_contexts(
 # --------------------------------------------------------------------------- activations
 
 
-def locate(lm: LanguageModel, contexts: Sequence[LabelledContext]) -> tuple[list, list, list]:
+def locate(
+    lm: LanguageModel, contexts: Sequence[LabelledContext]
+) -> tuple[list[list[int]], list[int], list[int]]:
     """Token ids, read positions and indices of the contexts whose prefix tokenises as a prefix
     of their text (others are left out: a token straddles the boundary)."""
     for i, context in enumerate(contexts):
