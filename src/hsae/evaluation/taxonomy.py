@@ -14,7 +14,7 @@ This module owns the matching of features to WordNet synsets and the agreement o
 * Agreement of a link (parent p at level l, child c at level l+1, both with a synset):
   "hypernym" when p's synset is c's synset or one of its WordNet ancestors; "lexname" when both
   synsets share a lexicographer category. Precision is the agreeing share of those links, with a
-  Wilson score interval.
+  Wilson score interval; ``same_synset_fraction`` says how many agree only by sharing a synset.
 * Random reference: each evaluated child is paired with a uniformly drawn level-l feature that
   has a synset (``random_draws`` times); the mean precision and the central ``confidence``
   interval over draws.
