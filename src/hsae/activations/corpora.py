@@ -187,7 +187,8 @@ def _iter_parquet(path: Path, column: str = "text") -> Iterator[str]:
         yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str) and t.strip())
 
 
-def _parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """(name, config or None, split) of a dataset spec "NAME[:CONFIG][@SPLIT]" (split: train)."""
     name, _, split = spec.partition("@")
     name, _, config = name.partition(":")
     return name, config or None, split or "train"
@@ -200,7 +201,7 @@ def _iter_hf_dataset(spec: str, field: str = "text") -> Iterator[str]:
         raise CorpusError(
             f"dataset {spec!r} needs the optional `datasets` package (pip install 'hsae[datasets]')"
         ) from exc
-    name, config, split = _parse_hf_spec(spec)
+    name, config, split = parse_hf_spec(spec)
     try:
         stream = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as exc:

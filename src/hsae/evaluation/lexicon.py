@@ -36,9 +36,9 @@ from torch import Tensor
 
 from hsae.activations.corpora import (
     NounSynset,
-    _parse_hf_spec,
     load_noun_taxonomy,
     open_corpus,
+    parse_hf_spec,
 )
 from hsae.activations.models import HarvestError, LanguageModel
 from hsae.activations.prompts import activations_at, encode_prompts
@@ -219,7 +219,7 @@ def hf_contexts(
         import datasets
     except ImportError as exc:
         raise LexiconError("hf_contexts needs the optional `datasets` package") from exc
-    name, config, split = _parse_hf_spec(spec)
+    name, config, split = parse_hf_spec(spec)
     stream = datasets.load_dataset(name, config, split=split, streaming=True)
     by_label: dict[str, list[str]] = defaultdict(list)
     for record in stream.take(scan):
