@@ -574,6 +574,7 @@ def _summarise_level(
         "n_features": n_features,
         "score": 1.0 - mean_fraction,
         "mean_absorption_fraction": mean_fraction,
+        "std_absorption_fraction": float(np.std(fractions, ddof=1)) if len(fractions) > 1 else 0.0,
         "full_absorption_rate": float(np.mean(full)),
         "letters": len(per_letter),
         "reliable": len(per_letter) >= criteria.min_letters,
