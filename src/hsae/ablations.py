@@ -402,7 +402,7 @@ def _fmt(value: float | None, digits: int) -> str:
 
 
 def write_figure8(results: dict[str, Any], path: Path) -> Path:
-    """Variance explained against Hamming for each sweep value, the baseline marked."""
+    """Variance explained against Hamming for each sweep value, baseline and reference marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -410,36 +410,23 @@ def write_figure8(results: dict[str, Any], path: Path) -> Path:
 
     records = results["variants"]
     figure, axis = plt.subplots(figsize=(5.5, 4.2))
-    for group, colour, symbol in (("rho", "#1f6fd1", "rho"), ("r", "#2ca02c", "r")):
-        points = sorted(
-            (float(r["name"].split("=", 1)[1]), r) for r in records if r["group"] == group
-        )
-        if not points:
-            continue
-        xs = [r["hierarchy"]["hamming_per_1k"] for _, r in points]
-        ys = [r["mean_variance_explained"] for _, r in points]
-        axis.plot(xs, ys, "o-", color=colour, label=f"{symbol} sweep", markersize=5)
-        for (value, _), x, y in zip(points, xs, ys, strict=True):
-            axis.annotate(
-                f"{symbol}={value:g}",
-                (x, y),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=7,
-                color=colour,
-            )
-    for name, marker, colour in (("baseline", "*", "#f08c2e"), (REFERENCE, "s", "#d62728")):
+    for group, colour, below in (("rho", "#1f6fd1", False), ("r", "#2ca02c", True)):
+        _plot_sweep(axis, [r for r in records if r["group"] == group], group, colour, below)
+    reference = results["reference"]
+    for name, marker, colour, size, label in (
+        ("baseline", "*", "#f08c2e", 140, "baseline"),
+        (
+            REFERENCE,
+            "s",
+            "#d62728",
+            50,
+            f"hsae (rho={reference['rho']:g}, r={reference['perturbation_rate']:g})",
+        ),
+    ):
         record = next((r for r in records if r["name"] == name), None)
         if record is not None:
-            axis.scatter(
-                record["hierarchy"]["hamming_per_1k"],
-                record["mean_variance_explained"],
-                marker=marker,
-                s=140 if marker == "*" else 50,
-                color=colour,
-                label=name,
-                zorder=3,
-            )
+            x, y = _point(record)
+            axis.scatter(x, y, marker=marker, s=size, color=colour, label=label, zorder=3)
     axis.set_xlabel("Hamming per 1k tokens (lower is better)")
     axis.set_ylabel("mean variance explained over levels")
     axis.set_title("Figure 8: reconstruction vs hierarchy consistency", fontsize=10)
@@ -450,6 +437,33 @@ def write_figure8(results: dict[str, Any], path: Path) -> Path:
     finally:
         plt.close(figure)
     return path
+
+
+def _point(record: dict[str, Any]) -> tuple[float, float]:
+    hamming = record["hierarchy"]["hamming_per_1k"]
+    return (math.nan if hamming is None else hamming), record["mean_variance_explained"]
+
+
+def _plot_sweep(
+    axis: Any, records: list[dict[str, Any]], symbol: str, colour: str, below: bool
+) -> None:
+    """One line through a sweep's points in value order, each labelled except the reference."""
+    if not records:
+        return
+    records = sorted(records, key=lambda r: float(r["name"].split("=", 1)[1]))
+    xs, ys = zip(*(_point(r) for r in records), strict=True)
+    axis.plot(xs, ys, "o-", color=colour, label=f"{symbol} sweep", markersize=5)
+    for record, x, y in zip(records, xs, ys, strict=True):
+        if record["differs"]:  # the reference point carries the legend's label instead
+            offset = (4, -10) if below else (4, 4)
+            axis.annotate(
+                record["name"],
+                (x, y),
+                textcoords="offset points",
+                xytext=offset,
+                fontsize=7,
+                color=colour,
+            )
 
 
 def _unique(values: Sequence[float]) -> list[float]:
