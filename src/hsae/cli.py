@@ -177,7 +177,7 @@ def evaluate_run(
     hf_probing_dataset: str = typer.Option(
         "fancyzhx/ag_news", help="labelled HF dataset for online sparse probing"
     ),
-    absorption_words: int = typer.Option(2000, help="single-token words for absorption"),
+    absorption_words: int = typer.Option(3000, help="single-token words for absorption"),
     contexts_per_category: int = typer.Option(200, help="WordNet contexts per category"),
 ) -> None:
     """Evaluate a run's HSAE and baseline on held-out activations; write metrics.json.

@@ -121,7 +121,7 @@ class SuiteSettings:
     """Cap on judge HTTP requests (cache hits are free); None keeps HSAE_JUDGE_MAX_REQUESTS."""
     hf_probing_dataset: str = DEFAULT_HF_PROBING
     """Labelled Hugging Face dataset "NAME[:CONFIG][@SPLIT]" for the online probing part."""
-    absorption_words: int = 2000
+    absorption_words: int = 3000
     """Single-token words the first-letter absorption metric samples."""
     contexts_per_category: int = 200
     """WordNet noun contexts per lexicographer category (sparse probing, taxonomy)."""
@@ -155,9 +155,12 @@ class SuiteInputs:
     progress: bool = True
     _lexicon: Any = None
 
-    def lm(self) -> Any:
+    def require_lm(self) -> None:
         if self.load_lm is None:
             raise SkipPartError("needs the language model, and --no-lm was given")
+
+    def lm(self) -> Any:
+        self.require_lm()
         return self.load_lm()
 
     def lexicon(self) -> Any:
@@ -210,11 +213,11 @@ def _sparse_probing_hf(inputs: SuiteInputs) -> dict[str, Any]:
     from hsae.evaluation.lexicon import hf_contexts, prepare_contexts
     from hsae.evaluation.probing import sparse_probing
 
+    inputs.require_lm()
     if importlib.util.find_spec("datasets") is None:
         raise SkipPartError("needs the optional `datasets` package (pip install 'hsae[datasets]')")
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise SkipPartError("the Hugging Face Hub is switched off (HF_HUB_OFFLINE)")
-    lm = inputs.lm()
     spec = inputs.settings.hf_probing_dataset
     try:
         contexts = hf_contexts(spec, seed=inputs.settings.seed)
@@ -222,7 +225,7 @@ def _sparse_probing_hf(inputs: SuiteInputs) -> dict[str, Any]:
         if not _hub_unreachable(error):
             raise
         raise SkipPartError(f"could not read {spec} from the Hub: {_first_line(error)}") from None
-    data = prepare_contexts(lm, inputs.layer, contexts, progress=inputs.progress)
+    data = prepare_contexts(inputs.lm(), inputs.layer, contexts, progress=inputs.progress)
     return {"dataset": spec} | sparse_probing(inputs.models, data, progress=inputs.progress)
 
 
