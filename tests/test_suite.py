@@ -103,3 +103,14 @@ def test_the_language_model_parts_on_a_small_run(run_copy: Path) -> None:
         assert len(metrics["taxonomy"][which]["pairs"]) == 2
     assert metrics["sparse_probing"]["raw"]["all_accuracy"] > 0.7
     assert "taxonomy: all links" in output and "absorption" in output
+
+    from hsae.report.explorer import ReportSettings, build_report_data
+    from hsae.report.plots import write_plots
+
+    page = build_report_data(Run.open(run_copy), ReportSettings(projection="none"))
+    charts = page["metrics"]["hsae"]
+    assert charts["absorption"] == [
+        level["score"] for level in metrics["absorption"]["hsae"]["levels"]
+    ]
+    assert len(charts["probing_top5"]) == 3 and len(charts["taxonomy"]) == 2
+    assert run_copy / "plots" / "suite.png" in write_plots(page, run_copy / "plots")

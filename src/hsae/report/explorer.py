@@ -558,7 +558,22 @@ def _metrics(folder: Path) -> dict[str, Any] | None:
             "variance_explained": [
                 level.get("variance_explained") for level in entry.get("levels", [])
             ],
-        }
+        } | _suite_charts(metrics, name)
+    return charts
+
+
+def _suite_charts(metrics: dict[str, Any], name: str) -> dict[str, Any]:
+    """Per-level numbers of the full suite's parts (hsae eval --suite full), where present."""
+    charts: dict[str, Any] = {}
+    absorption = (metrics.get("absorption") or {}).get(name)
+    if absorption:
+        charts["absorption"] = [level.get("score") for level in absorption["levels"]]
+    probing = (metrics.get("sparse_probing") or {}).get(name)
+    if probing:
+        charts["probing_top5"] = [level.get("top_5_accuracy") for level in probing["levels"]]
+    taxonomy = (metrics.get("taxonomy") or {}).get(name)
+    if taxonomy:
+        charts["taxonomy"] = [pair["hypernym"]["precision"] for pair in taxonomy["pairs"]]
     return charts
 
 

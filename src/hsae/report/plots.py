@@ -21,6 +21,13 @@ HIERARCHY = (
 )
 
 
+SUITE_CHARTS = (
+    ("absorption", "Absorption: 1 - mean fraction\n(higher is better)"),
+    ("probing_top5", "Sparse probing top-5 accuracy\n(WordNet categories)"),
+    ("taxonomy", "Links agreeing with WordNet hypernymy\n(precision)"),
+)
+
+
 def write_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
     """Write the PNGs the data allows (no metrics: no metric plots); return their paths."""
     import matplotlib
@@ -32,6 +39,9 @@ def write_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
     if metrics and "hsae" in metrics:
         written.append(_save(_hierarchy_figure(metrics), out / "hierarchy.png"))
         written.append(_save(_levels_figure(metrics), out / "levels.png"))
+        suite = [key for key, _ in SUITE_CHARTS if metrics["hsae"].get(key)]
+        if suite:
+            written.append(_save(_suite_figure(metrics, suite), out / "suite.png"))
     projection = data.get("projection")
     if projection and projection.get("points"):
         written.append(_save(_projection_figure(projection), out / "projection.png"))
@@ -64,21 +74,37 @@ def _hierarchy_figure(metrics: dict[str, Any]) -> Any:
 
 
 def _levels_figure(metrics: dict[str, Any]) -> Any:
+    charts = [("l0", "L0 per level"), ("variance_explained", "Variance explained per level")]
+    return _per_level_figure(metrics, charts)
+
+
+def _suite_figure(metrics: dict[str, Any], keys: list[str]) -> Any:
+    charts = [(key, title) for key, title in SUITE_CHARTS if key in keys]
+    return _per_level_figure(metrics, charts)
+
+
+def _per_level_figure(metrics: dict[str, Any], charts: list[tuple[str, str]]) -> Any:
+    """One grouped bar chart per (key, title): a bar per model at every level (every level
+    pair for "taxonomy")."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     names = list(metrics)
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for axis, key, title in (
-        (axes[0], "l0", "L0 per level"),
-        (axes[1], "variance_explained", "Variance explained per level"),
-    ):
+    figure, axes = plt.subplots(1, len(charts), figsize=(4.5 * len(charts), 3.2), squeeze=False)
+    for axis, (key, title) in zip(axes[0], charts, strict=True):
         levels = np.arange(len(metrics["hsae"][key]))
         width = 0.8 / len(names)
         for k, name in enumerate(names):
-            values = [_number(v) for v in metrics[name][key]]
-            axis.bar(levels + k * width, values, width, label=name, color=COLOURS.get(name))
-        axis.set_xticks(levels + width * (len(names) - 1) / 2, [f"L{i}" for i in levels])
+            values = [_number(v) for v in metrics[name].get(key) or []]
+            axis.bar(
+                levels[: len(values)] + k * width,
+                values,
+                width,
+                label=name,
+                color=COLOURS.get(name),
+            )
+        ticks = [f"L{i}-L{i + 1}" if key == "taxonomy" else f"L{i}" for i in levels]
+        axis.set_xticks(levels + width * (len(names) - 1) / 2, ticks)
         axis.set_title(title, fontsize=9)
         axis.tick_params(labelsize=8)
         axis.legend(fontsize=8)

@@ -303,6 +303,14 @@
       barChart("L0 per level", levels, series((x) => x.l0)),
       barChart("Variance explained per level", levels, series((x) => x.variance_explained)),
     );
+    const suite = [
+      ["absorption", "Absorption: 1 - mean fraction", levels, "higher is better"],
+      ["probing_top5", "Sparse probing top-5 accuracy", levels, "WordNet categories"],
+      ["taxonomy", "Links agreeing with WordNet", levels.slice(1).map((l, i) => "L" + i + "-" + l), "hypernym precision"],
+    ];
+    for (const [key, title, categories, note] of suite) {
+      if (m.hsae[key]) holder.append(barChart(title, categories, series((x) => x[key] || []), note));
+    }
   }
 
   // --- projection ----------------------------------------------------------------------------
