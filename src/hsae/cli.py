@@ -389,7 +389,7 @@ def ablate(
     variants: str = typer.Option(
         "all", help="comma-separated groups (all, core, tree, similarity, rho, r) or variant names"
     ),
-    train_tokens: int = typer.Option(None, help="tokens each variant trains on [the run's]"),
+    train_tokens: int = typer.Option(None, help="tokens per variant (default: the run's)"),
     rho_sweep: str = typer.Option("0.03,0.1,0.3,1", help="constraint weights of the rho sweep"),
     r_sweep: str = typer.Option("0,0.02,0.05,0.1,0.2", help="perturbation rates of the r sweep"),
 ) -> None:
