@@ -107,7 +107,8 @@ def _per_level_figure(metrics: dict[str, Any], charts: list[tuple[str, str]]) ->
         axis.set_xticks(levels + width * (len(names) - 1) / 2, ticks)
         axis.set_title(title, fontsize=9)
         axis.tick_params(labelsize=8)
-        axis.legend(fontsize=8)
+        axis.margins(y=0.3)  # room above the bars for the legend
+        axis.legend(fontsize=8, loc="upper right")
     figure.tight_layout()
     return figure
 
