@@ -104,6 +104,16 @@ def test_the_language_model_parts_on_a_small_run(run_copy: Path) -> None:
     assert metrics["sparse_probing"]["raw"]["all_accuracy"] > 0.7
     assert "taxonomy: all links" in output and "absorption" in output
 
+    # the language-model side was saved: a rerun without the language model gives the same
+    cached = sorted(p.name.split("-")[0] for p in (run_copy / "eval_cache").iterdir())
+    assert cached == ["absorption", "lexicon"]
+    code, output = _eval(str(run_copy), *args, "--contexts-per-category", "40", "--no-lm")
+    assert code == 0, output
+    again = json.loads((run_copy / "metrics.json").read_text())
+    assert again["suite"]["ran"] == parts.split(",")
+    for part in parts.split(","):
+        assert again[part] == metrics[part]
+
     from hsae.report.explorer import ReportSettings, build_report_data
     from hsae.report.plots import write_plots
 

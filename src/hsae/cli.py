@@ -177,6 +177,8 @@ def evaluate_run(
     hf_probing_dataset: str = typer.Option(
         "fancyzhx/ag_news", help="labelled HF dataset for online sparse probing"
     ),
+    hf_text_field: str = typer.Option("text", help="text column of that dataset"),
+    hf_label_field: str = typer.Option("label", help="label column of that dataset"),
     absorption_words: int = typer.Option(3000, help="single-token words for absorption"),
     contexts_per_category: int = typer.Option(200, help="WordNet contexts per category"),
 ) -> None:
@@ -195,6 +197,8 @@ def evaluate_run(
             judge_features=judge_features,
             judge_max_requests=judge_max_requests,
             hf_probing_dataset=hf_probing_dataset,
+            hf_text_field=hf_text_field,
+            hf_label_field=hf_label_field,
             absorption_words=absorption_words,
             contexts_per_category=contexts_per_category,
         )

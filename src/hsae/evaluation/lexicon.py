@@ -29,9 +29,11 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from hsae.activations.corpora import (
@@ -42,6 +44,7 @@ from hsae.activations.corpora import (
 )
 from hsae.activations.models import HarvestError, LanguageModel
 from hsae.activations.prompts import activations_at, encode_prompts
+from hsae.io import read_json, write_json, write_safetensors
 from hsae.model import HSAE
 
 DEFAULT_TEMPLATE = "{gloss}: {lemma}"
@@ -106,6 +109,37 @@ class LexiconData:
     @property
     def synset_ids(self) -> list[str]:
         return [context.synset_id for context in self.contexts]
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``lexicon_data.safetensors`` then ``lexicon_data.json`` (its presence marks a
+        complete save) into ``folder``."""
+        folder = Path(folder)
+        tensors = {"activations": self.activations.contiguous(), "labels": self.labels}
+        write_safetensors(folder / "lexicon_data.safetensors", tensors)
+        meta = {
+            "class_names": list(self.class_names),
+            "contexts": [asdict(context) for context in self.contexts],
+            "layer": self.layer,
+            "dropped": self.dropped,
+        }
+        write_json(folder / "lexicon_data.json", meta)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> LexiconData:
+        folder = Path(folder)
+        if not (folder / "lexicon_data.json").is_file():
+            raise LexiconError(f"{folder} holds no lexicon_data.json")
+        meta = read_json(folder / "lexicon_data.json")
+        tensors = load_file(str(folder / "lexicon_data.safetensors"))
+        return cls(
+            activations=tensors["activations"],
+            labels=tensors["labels"],
+            class_names=tuple(meta["class_names"]),
+            contexts=tuple(LabelledContext(**context) for context in meta["contexts"]),
+            layer=int(meta["layer"]),
+            dropped=int(meta["dropped"]),
+        )
 
     def describe(self) -> dict[str, object]:
         """Sizes for a JSON report: contexts, per-class counts, layer, dropped."""

@@ -14,9 +14,12 @@ that this environment can run: ``absorption``, ``sparse_probing`` (WordNet categ
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,6 +124,10 @@ class SuiteSettings:
     """Cap on judge HTTP requests (cache hits are free); None keeps HSAE_JUDGE_MAX_REQUESTS."""
     hf_probing_dataset: str = DEFAULT_HF_PROBING
     """Labelled Hugging Face dataset "NAME[:CONFIG][@SPLIT]" for the online probing part."""
+    hf_text_field: str = "text"
+    """Its text column (SAEBench's bias_in_bios: "hard_text")."""
+    hf_label_field: str = "label"
+    """Its label column (bias_in_bios: "profession")."""
     absorption_words: int = 3000
     """Single-token words the first-letter absorption metric samples."""
     contexts_per_category: int = 200
@@ -164,21 +171,53 @@ class SuiteInputs:
         return self.load_lm()
 
     def lexicon(self) -> Any:
-        from hsae.evaluation.lexicon import LexiconSettings, prepare_lexicon
+        from hsae.evaluation.lexicon import LexiconData, LexiconSettings, prepare_lexicon
 
         if self._lexicon is None:
             per_class = self.settings.contexts_per_category
             settings = LexiconSettings(
                 per_class=per_class, min_per_class=min(50, per_class), seed=self.settings.seed
             )
-            self._lexicon = prepare_lexicon(
-                self.lm(), self.layer, settings=settings, progress=self.progress
+            self._lexicon = self.prepared(
+                "lexicon",
+                settings,
+                lambda: prepare_lexicon(
+                    self.lm(), self.layer, settings=settings, progress=self.progress
+                ),
+                LexiconData.load,
             )
         return self._lexicon
+
+    def prepared(
+        self, kind: str, settings: Any, prepare: Callable[[], Any], load: Callable[[Path], Any]
+    ) -> Any:
+        """The language-model side of a part (``prepare()``), saved under
+        RUN/eval_cache/KIND-KEY so that a rerun with the same model, layer and settings loads it
+        instead of running the language model again (even with ``--no-lm``)."""
+        folder = self.run.folder / "eval_cache" / f"{kind}-{self._key(kind, settings)}"
+        try:
+            return load(folder)
+        except Exception:  # absent, or left unreadable by a crash: prepare it again
+            pass
+        self.require_lm()
+        data = prepare()
+        data.save(folder)
+        return data
+
+    def _key(self, kind: str, settings: Any) -> str:
+        identity = {
+            "kind": kind,
+            "model": self.run.config.model,
+            "layer": self.layer,
+            "settings": asdict(settings),
+        }
+        text = json.dumps(identity, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _absorption(inputs: SuiteInputs) -> dict[str, Any]:
     from hsae.evaluation.absorption import (
+        AbsorptionData,
         AbsorptionSettings,
         absorption_metrics,
         prepare_absorption,
@@ -188,8 +227,13 @@ def _absorption(inputs: SuiteInputs) -> dict[str, Any]:
     settings = AbsorptionSettings(
         n_words=words, min_words_per_letter=min(20, max(2, words // 50)), seed=inputs.settings.seed
     )
-    data = prepare_absorption(
-        inputs.lm(), inputs.layer, settings=settings, progress=inputs.progress
+    data = inputs.prepared(
+        "absorption",
+        settings,
+        lambda: prepare_absorption(
+            inputs.lm(), inputs.layer, settings=settings, progress=inputs.progress
+        ),
+        AbsorptionData.load,
     )
     return {name: absorption_metrics(model, data) for name, model in inputs.models.items()}
 
@@ -220,7 +264,12 @@ def _sparse_probing_hf(inputs: SuiteInputs) -> dict[str, Any]:
         raise SkipPartError("the Hugging Face Hub is switched off (HF_HUB_OFFLINE)")
     spec = inputs.settings.hf_probing_dataset
     try:
-        contexts = hf_contexts(spec, seed=inputs.settings.seed)
+        contexts = hf_contexts(
+            spec,
+            text_field=inputs.settings.hf_text_field,
+            label_field=inputs.settings.hf_label_field,
+            seed=inputs.settings.seed,
+        )
     except Exception as error:  # datasets raises its own error types when the Hub is away
         if not _hub_unreachable(error):
             raise
