@@ -16,6 +16,7 @@ from hsae.config import HSAEConfig
 from hsae.evaluation.lexicon import (
     LabelledContext,
     LexiconData,
+    LexiconError,
     LexiconSettings,
     exact_noun_lines,
     level_codes,
@@ -214,3 +215,22 @@ def test_lexicon_and_both_metrics_on_the_language_model(lm):
     assert len(probing["m"]["levels"]) == 2 and len(probing["tasks"]) == 3
     assert alignment["contexts"] == 19 and len(alignment["m"]["pairs"]) == 1
     assert sum(len(c) for c in level_codes(model, data.activations, batch_size=5)) == 38
+
+
+def test_lexicon_data_round_trips_through_its_files(tmp_path) -> None:
+    contexts = tuple(
+        LabelledContext(f"gloss {i}: word{i}", f"gloss {i}: word{i}", label, f"n{i:08d}", "w")
+        for i, label in enumerate(["noun.animal", "noun.food", "noun.animal"])
+    )
+    data = LexiconData(torch.randn(3, 8), torch.tensor([0, 1, 0]), ("a", "b"), contexts, 4, 2)
+    loaded = LexiconData.load(data.save(tmp_path / "lexicon"))
+    assert torch.equal(loaded.activations, data.activations)
+    assert torch.equal(loaded.labels, data.labels)
+    assert (loaded.class_names, loaded.contexts, loaded.layer, loaded.dropped) == (
+        data.class_names,
+        data.contexts,
+        4,
+        2,
+    )
+    with pytest.raises(LexiconError, match="no lexicon_data.json"):
+        LexiconData.load(tmp_path / "missing")
