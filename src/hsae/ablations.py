@@ -37,7 +37,7 @@ from hsae.config import ConfigError, HSAEConfig
 from hsae.io import read_json, write_json, write_text, write_with
 from hsae.model import load_hsae
 from hsae.model.hsae import CONFIG_FILE
-from hsae.runs import RUN_FILE, Run, RunConfig, RunError, Which
+from hsae.runs import Run, RunConfig, RunError, Which
 
 GROUPS = ("core", "tree", "similarity", "rho", "r")
 TREES = ("partial", "full", "binary", "fixed")
@@ -214,21 +214,6 @@ def _run_models(run: Run) -> dict[str, Path]:
 
 
 # --- training -------------------------------------------------------------------------------
-class _SharedCacheRun(Run):
-    """A run folder that trains on another run's activation cache instead of its own."""
-
-    def __init__(self, folder: str | Path, config: RunConfig, cache_dir: Path):
-        super().__init__(folder, config)
-        self._cache_dir = cache_dir
-        record = self.folder / RUN_FILE
-        if record.is_file():
-            self.timings = dict(read_json(record).get("timings", {}))
-
-    @property
-    def activations_dir(self) -> Path:
-        return self._cache_dir
-
-
 @dataclass
 class Trained:
     """Where a distinct configuration's model is and how long it took to train."""
@@ -259,7 +244,8 @@ def _train_one(run: Run, out: Path, entry: Planned, progress: bool) -> Trained:
         seconds = _run_timings(run).get(f"train_{which}")
         return Trained(entry.reused, seconds, reused_from_run=True)
     folder = out / "variants" / entry.folder
-    sub_run = _SharedCacheRun(folder, entry.run_config, run.activations_dir)
+    sub_run = Run(folder, entry.run_config, activations_dir=run.activations_dir)
+    sub_run.timings = sub_run.recorded_timings()
     _refuse_other_settings(sub_run, which, entry.config)
     sub_run.train(which, progress=progress)
     return Trained(sub_run.model_dir(which), sub_run.timings.get(f"train_{which}"), False)
@@ -282,8 +268,7 @@ def _refuse_other_settings(sub_run: Run, which: Which, wanted: HSAEConfig) -> No
 
 
 def _run_timings(run: Run) -> dict[str, float]:
-    path = run.folder / "timings.json"
-    return run.timings | (read_json(path) if path.is_file() else {})
+    return run.timings | run.recorded_timings()
 
 
 # --- evaluation and outputs ---------------------------------------------------------------

@@ -175,10 +175,15 @@ def load_run_config_file(path: str | Path) -> dict[str, Any]:
 class Run:
     """A run folder and the stages that fill it."""
 
-    def __init__(self, folder: str | Path, config: RunConfig):
+    def __init__(
+        self, folder: str | Path, config: RunConfig, activations_dir: str | Path | None = None
+    ):
+        """``activations_dir``: train on another run's activation cache instead of this
+        folder's own (the ablations share one cache among many run folders)."""
         self.folder = Path(folder)
         self.config = config
         self.timings: dict[str, float] = {}
+        self._activations_dir = Path(activations_dir) if activations_dir is not None else None
 
     # --- opening ------------------------------------------------------------------------
     @classmethod
@@ -224,7 +229,17 @@ class Run:
     # --- paths ---------------------------------------------------------------------------
     @property
     def activations_dir(self) -> Path:
-        return self.folder / "activations"
+        return self._activations_dir or self.folder / "activations"
+
+    def recorded_timings(self) -> dict[str, float]:
+        """Stage times saved in the folder (run.json, timings.json) by earlier sessions."""
+        saved: dict[str, float] = {}
+        for name in (RUN_FILE, "timings.json"):
+            path = self.folder / name
+            if path.is_file():
+                payload = read_json(path)
+                saved |= payload.get("timings", {}) if name == RUN_FILE else payload
+        return saved
 
     def model_dir(self, which: Which) -> Path:
         return self.folder / which
