@@ -84,3 +84,26 @@ def write_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
             np.save(handle, array, allow_pickle=False)
 
     write_with(path, _save)
+
+
+def write_bundle(
+    folder: str | os.PathLike[str], name: str, tensors: dict[str, torch.Tensor], meta: Any
+) -> Path:
+    """Write ``NAME.safetensors`` then ``NAME.json`` into ``folder``; the JSON is written last,
+    so its presence marks a complete bundle."""
+    root = Path(folder)
+    write_safetensors(root / f"{name}.safetensors", tensors)
+    write_json(root / f"{name}.json", meta)
+    return root
+
+
+def read_bundle(
+    folder: str | os.PathLike[str], name: str
+) -> tuple[dict[str, torch.Tensor], Any] | None:
+    """The tensors and JSON of a bundle written by :func:`write_bundle`; None when incomplete."""
+    root = Path(folder)
+    if not (root / f"{name}.json").is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(root / f"{name}.safetensors")), read_json(root / f"{name}.json")

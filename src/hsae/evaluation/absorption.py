@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from torch import Tensor
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 
 from hsae.activations.models import LanguageModel, model_description, validate_layer
 from hsae.activations.prompts import activations_at, encode_prompts
-from hsae.io import read_json, write_json, write_safetensors
+from hsae.io import read_bundle, write_bundle
 from hsae.model import HSAE
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -40,6 +39,7 @@ SILENT = 1e-8
 """A main latent whose code is below this is silent (full absorption needs all of them silent)."""
 
 # Word-start markers of SentencePiece ("▁dog") and byte-level BPE ("Ġdog") vocabularies.
+BUNDLE = "absorption_data"
 _WORD_TOKEN = re.compile(r"^[\u2581\u0120]([a-z]+)$")
 
 
@@ -166,13 +166,7 @@ class AbsorptionData:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``absorption_data.safetensors`` and ``absorption_data.json`` into ``folder``."""
-        folder = Path(folder)
-        tensors = {
-            name: getattr(self, name)
-            for name in ("train_x", "test_x", "train_labels", "test_labels")
-        }
-        tensors |= {"probe_weight": self.probe_weight, "probe_bias": self.probe_bias}
-        write_safetensors(folder / "absorption_data.safetensors", tensors)
+        names = ("train_x", "test_x", "train_labels", "test_labels", "probe_weight", "probe_bias")
         meta = {
             "layer": self.layer,
             "letters": self.letters,
@@ -183,16 +177,14 @@ class AbsorptionData:
             "settings": asdict(self.settings),
             "model": self.model,
         }
-        write_json(folder / "absorption_data.json", meta)
-        return folder
+        return write_bundle(folder, BUNDLE, {name: getattr(self, name) for name in names}, meta)
 
     @classmethod
     def load(cls, folder: str | Path) -> AbsorptionData:
-        folder = Path(folder)
-        if not (folder / "absorption_data.json").is_file():
-            raise AbsorptionError(f"{folder} holds no absorption_data.json")
-        meta = read_json(folder / "absorption_data.json")
-        tensors = load_file(str(folder / "absorption_data.safetensors"))
+        bundle = read_bundle(folder, BUNDLE)
+        if bundle is None:
+            raise AbsorptionError(f"{folder} holds no {BUNDLE}.json")
+        tensors, meta = bundle
         meta["settings"] = AbsorptionSettings(**meta["settings"])
         return cls(**meta, **tensors)
 

@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from hsae.activations.corpora import (
@@ -44,10 +43,11 @@ from hsae.activations.corpora import (
 )
 from hsae.activations.models import HarvestError, LanguageModel
 from hsae.activations.prompts import activations_at, encode_prompts
-from hsae.io import read_json, write_json, write_safetensors
+from hsae.io import read_bundle, write_bundle
 from hsae.model import HSAE
 
 DEFAULT_TEMPLATE = "{gloss}: {lemma}"
+BUNDLE = "lexicon_data"
 
 
 class LexiconError(ValueError):
@@ -111,27 +111,22 @@ class LexiconData:
         return [context.synset_id for context in self.contexts]
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``lexicon_data.safetensors`` then ``lexicon_data.json`` (its presence marks a
-        complete save) into ``folder``."""
-        folder = Path(folder)
-        tensors = {"activations": self.activations.contiguous(), "labels": self.labels}
-        write_safetensors(folder / "lexicon_data.safetensors", tensors)
+        """Write ``lexicon_data.safetensors`` and ``lexicon_data.json`` into ``folder``."""
+        tensors = {"activations": self.activations, "labels": self.labels}
         meta = {
             "class_names": list(self.class_names),
             "contexts": [asdict(context) for context in self.contexts],
             "layer": self.layer,
             "dropped": self.dropped,
         }
-        write_json(folder / "lexicon_data.json", meta)
-        return folder
+        return write_bundle(folder, BUNDLE, tensors, meta)
 
     @classmethod
     def load(cls, folder: str | Path) -> LexiconData:
-        folder = Path(folder)
-        if not (folder / "lexicon_data.json").is_file():
-            raise LexiconError(f"{folder} holds no lexicon_data.json")
-        meta = read_json(folder / "lexicon_data.json")
-        tensors = load_file(str(folder / "lexicon_data.safetensors"))
+        bundle = read_bundle(folder, BUNDLE)
+        if bundle is None:
+            raise LexiconError(f"{folder} holds no {BUNDLE}.json")
+        tensors, meta = bundle
         return cls(
             activations=tensors["activations"],
             labels=tensors["labels"],
