@@ -124,3 +124,33 @@ def test_the_language_model_parts_on_a_small_run(run_copy: Path) -> None:
     ]
     assert len(charts["probing_top5"]) == 3 and len(charts["taxonomy"]) == 2
     assert run_copy / "plots" / "suite.png" in write_plots(page, run_copy / "plots")
+
+
+def test_probing_on_a_labelled_dataset_folder(run_copy: Path, tmp_path: Path) -> None:
+    """The Hugging Face probing part reads any `datasets` source: here a local JSONL folder."""
+    pytest.importorskip("datasets")
+    subjects = {
+        "animal": ["cat", "dog", "horse", "sparrow", "tiger", "rabbit", "whale", "frog"],
+        "finance": ["bond", "loan", "stock", "dividend", "mortgage", "budget", "tax", "invoice"],
+    }
+    verbs = ["saw", "liked", "talked about", "wrote about", "asked about", "remembered"]
+    folder = tmp_path / "labelled"
+    folder.mkdir()
+    lines = [
+        json.dumps({"sentence": f"My neighbour {verb} the {word} again.", "topic": topic})
+        for topic, words in subjects.items()
+        for word in words
+        for verb in verbs[:4]
+    ]
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["--parts", "sparse_probing_hf", "--hf-probing-dataset", str(folder)]
+    fields = ["--hf-text-field", "sentence", "--hf-label-field", "topic"]
+    code, output = _eval(str(run_copy), "--suite", "full", *args, *fields)
+    assert code == 0, output
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    assert metrics["suite"]["ran"] == ["sparse_probing_hf"]
+    part = metrics["sparse_probing_hf"]
+    assert part["dataset"] == str(folder)
+    assert part["raw"]["all_accuracy"] >= 0.9  # the topic word is the object of every sentence
+    assert len(part["hsae"]["levels"]) == 3
+    assert f"sparse probing ({folder})" in output

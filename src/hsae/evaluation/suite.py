@@ -123,7 +123,8 @@ class SuiteSettings:
     judge_max_requests: int | None = None
     """Cap on judge HTTP requests (cache hits are free); None keeps HSAE_JUDGE_MAX_REQUESTS."""
     hf_probing_dataset: str = DEFAULT_HF_PROBING
-    """Labelled Hugging Face dataset "NAME[:CONFIG][@SPLIT]" for the online probing part."""
+    """Labelled Hugging Face dataset "NAME[:CONFIG][@SPLIT]" for the online probing part, or a
+    local folder of JSONL/CSV/Parquet files with the same columns (works offline)."""
     hf_text_field: str = "text"
     """Its text column (SAEBench's bias_in_bios: "hard_text")."""
     hf_label_field: str = "label"
@@ -254,15 +255,18 @@ def _sparse_probing_hf(inputs: SuiteInputs) -> dict[str, Any]:
     import importlib.util
     import os
 
+    from hsae.activations.corpora import parse_hf_spec
     from hsae.evaluation.lexicon import hf_contexts, prepare_contexts
     from hsae.evaluation.probing import sparse_probing
 
     inputs.require_lm()
     if importlib.util.find_spec("datasets") is None:
         raise SkipPartError("needs the optional `datasets` package (pip install 'hsae[datasets]')")
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise SkipPartError("the Hugging Face Hub is switched off (HF_HUB_OFFLINE)")
     spec = inputs.settings.hf_probing_dataset
+    local = Path(parse_hf_spec(spec)[0]).exists()  # a folder of JSONL/CSV/Parquet files
+    offline = "1" in (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE"))
+    if offline and not local:
+        raise SkipPartError("the Hugging Face Hub is switched off (HF_HUB_OFFLINE)")
     try:
         contexts = hf_contexts(
             spec,
