@@ -9,6 +9,7 @@ app = typer.Typer(
     help="Train Hierarchical Sparse Autoencoders and explore their feature forest.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # help texts show defaults as "[...]", which rich would eat as markup
 )
 
 
