@@ -241,19 +241,18 @@ def train_all(
 def _train_one(run: Run, out: Path, entry: Planned, progress: bool) -> Trained:
     which = entry.variant.which
     if entry.reused is not None:
-        seconds = _run_timings(run).get(f"train_{which}")
+        seconds = run.timings.get(f"train_{which}")
         return Trained(entry.reused, seconds, reused_from_run=True)
     folder = out / "variants" / entry.folder
-    sub_run = Run(folder, entry.run_config, activations_dir=run.activations_dir)
-    sub_run.timings = sub_run.recorded_timings()
-    _refuse_other_settings(sub_run, which, entry.config)
+    _refuse_other_settings(folder, which, entry.config)
+    sub_run = Run.create(folder, entry.run_config, activations_dir=run.activations_dir)
     sub_run.train(which, progress=progress)
     return Trained(sub_run.model_dir(which), sub_run.timings.get(f"train_{which}"), False)
 
 
-def _refuse_other_settings(sub_run: Run, which: Which, wanted: HSAEConfig) -> None:
+def _refuse_other_settings(folder: Path, which: Which, wanted: HSAEConfig) -> None:
     """A finished variant folder must hold a model of exactly these settings."""
-    path = sub_run.model_dir(which) / CONFIG_FILE
+    path = folder / which / CONFIG_FILE
     if not path.is_file():
         return  # unfinished: the checkpoint's own fingerprint check guards a resume
     saved = HSAEConfig(**read_json(path)["config"])
@@ -262,13 +261,9 @@ def _refuse_other_settings(sub_run: Run, which: Which, wanted: HSAEConfig) -> No
         differing = [key for key in new if old.get(key) != new[key]]
         shown = ", ".join(f"{k}: {old.get(k)!r} vs {new[k]!r}" for k in differing[:4])
         raise RunError(
-            f"{sub_run.folder} holds a model trained with other settings ({shown}); "
+            f"{folder} holds a model trained with other settings ({shown}); "
             "choose another --out or the original settings"
         )
-
-
-def _run_timings(run: Run) -> dict[str, float]:
-    return run.timings | run.recorded_timings()
 
 
 # --- evaluation and outputs ---------------------------------------------------------------

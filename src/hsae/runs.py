@@ -187,7 +187,9 @@ class Run:
 
     # --- opening ------------------------------------------------------------------------
     @classmethod
-    def create(cls, folder: str | Path, config: RunConfig) -> Run:
+    def create(
+        cls, folder: str | Path, config: RunConfig, activations_dir: str | Path | None = None
+    ) -> Run:
         """Start a new run; refuse a folder that already holds another run."""
         root = Path(folder)
         record = root / RUN_FILE
@@ -199,7 +201,7 @@ class Run:
                     f"({_describe_difference(existing, config.model_dump())}); "
                     f"continue it with --resume {root} or choose another --out"
                 )
-        run = cls(root, config)
+        run = cls(root, config, activations_dir)
         if record.exists():  # same settings: continue the run, keeping its stage times
             run.timings = dict(read_json(record).get("timings", {}))
         run._write_record()
@@ -230,16 +232,6 @@ class Run:
     @property
     def activations_dir(self) -> Path:
         return self._activations_dir or self.folder / "activations"
-
-    def recorded_timings(self) -> dict[str, float]:
-        """Stage times saved in the folder (run.json, timings.json) by earlier sessions."""
-        saved: dict[str, float] = {}
-        for name in (RUN_FILE, "timings.json"):
-            path = self.folder / name
-            if path.is_file():
-                payload = read_json(path)
-                saved |= payload.get("timings", {}) if name == RUN_FILE else payload
-        return saved
 
     def model_dir(self, which: Which) -> Path:
         return self.folder / which
