@@ -19,7 +19,6 @@ from hsae.evaluation.lexicon import (
     LexiconError,
     LexiconSettings,
     exact_noun_lines,
-    level_codes,
     locate,
     prepare_contexts,
     render,
@@ -214,7 +213,9 @@ def test_lexicon_and_both_metrics_on_the_language_model(lm):
     json.dumps([probing, alignment])
     assert len(probing["m"]["levels"]) == 2 and len(probing["tasks"]) == 3
     assert alignment["contexts"] == 19 and len(alignment["m"]["pairs"]) == 1
-    assert sum(len(c) for c in level_codes(model, data.activations, batch_size=5)) == 38
+    batched = model.encode_in_batches(data.activations, batch_size=5)
+    for level, codes in enumerate(model.encode(data.activations)):
+        torch.testing.assert_close(batched[level], codes)
 
 
 def test_lexicon_data_round_trips_through_its_files(tmp_path) -> None:

@@ -577,15 +577,6 @@ def _summarise_level(
 
 
 @torch.no_grad()
-def encode_words(model: HSAE, x: Tensor, level: int, batch_size: int = 4096) -> Tensor:
-    """[n, n_features] codes of raw activations ``x`` at ``level`` (CPU, float32)."""
-    parts = [
-        model.encode_level(x[i : i + batch_size], level).float().cpu()
-        for i in range(0, len(x), batch_size)
-    ]
-    return torch.cat(parts)
-
-
 def absorption_metrics(
     model: HSAE,
     data: AbsorptionData,
@@ -599,16 +590,18 @@ def absorption_metrics(
             f"the model reads {model.config.d_in}-dim activations, the data has "
             f"{data.train_x.shape[1]}"
         )
+    train_codes = model.encode_in_batches(data.train_x)
+    test_codes = model.encode_in_batches(data.test_x)
     levels = []
     for level in tqdm(range(model.n_levels), desc="absorption", unit="level", disable=not progress):
         parameters = model.levels[level]
         decoder = parameters.W_dec.detach().float().cpu() / model.scale
         bias = parameters.b_dec.detach().float().cpu() / model.scale
-        train_codes = encode_words(model, data.train_x, level)
-        test_codes = encode_words(model, data.test_x, level)
         if not criteria.subtract_decoder_bias:
             bias = None
-        result = level_absorption(train_codes, test_codes, decoder, data, criteria, bias)
+        result = level_absorption(
+            train_codes[level].float(), test_codes[level].float(), decoder, data, criteria, bias
+        )
         levels.append({"level": level, **result})
     return {
         "layer": data.layer,

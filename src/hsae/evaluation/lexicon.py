@@ -44,7 +44,6 @@ from hsae.activations.corpora import (
 from hsae.activations.models import HarvestError, LanguageModel
 from hsae.activations.prompts import activations_at, encode_prompts
 from hsae.io import read_bundle, write_bundle
-from hsae.model import HSAE
 
 DEFAULT_TEMPLATE = "{gloss}: {lemma}"
 BUNDLE = "lexicon_data"
@@ -318,12 +317,3 @@ def prepare_lexicon(
     settings = settings or LexiconSettings()
     contexts = wordnet_contexts(settings)
     return prepare_contexts(lm, layer, contexts, batch_size=settings.batch_size, progress=progress)
-
-
-def level_codes(model: HSAE, activations: Tensor, batch_size: int = 4096) -> list[Tensor]:
-    """Per-level codes [n, n_l] (on the CPU) of raw ``activations``, encoded in batches."""
-    chunks = [
-        model.encode(activations[i : i + batch_size])
-        for i in range(0, len(activations), batch_size)
-    ]
-    return [torch.cat([chunk[level].cpu() for chunk in chunks]) for level in range(model.n_levels)]

@@ -28,7 +28,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hsae.evaluation.lexicon import LexiconData, level_codes
+from hsae.evaluation.lexicon import LexiconData
 from hsae.model import HSAE
 
 
@@ -190,7 +190,7 @@ def sparse_probing(
     bar.update(1)
     for name, model in models.items():
         levels = []
-        for codes in level_codes(model, data.activations):
+        for codes in model.encode_in_batches(data.activations):
             levels.append(probe_features(codes.float().cpu(), tasks, settings))
             bar.update(1)
         results[name] = {"levels": levels}

@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hsae.activations.corpora import NounSynset, load_noun_taxonomy
-from hsae.evaluation.lexicon import LexiconData, level_codes
+from hsae.evaluation.lexicon import LexiconData
 from hsae.model import HSAE
 
 FEATURE_CHUNK = 4096
@@ -359,6 +359,6 @@ def taxonomy_alignment(
         "settings": asdict(settings),
     }
     for name, model in tqdm(models.items(), desc="taxonomy", disable=not progress):
-        codes = level_codes(model, data.activations)
+        codes = model.encode_in_batches(data.activations)
         results[name] = alignment_from_codes(codes, model.forest(), index, settings)
     return results

@@ -99,6 +99,15 @@ class HSAE(nn.Module):
         return self.levels[level].decode(codes.float()) / self.activation_scale
 
     @torch.no_grad()
+    def encode_in_batches(self, x: Tensor, batch_size: int = 4096) -> list[Tensor]:
+        """Per-level activations [n, n_l], on the CPU, of raw ``x`` of any length, encoded
+        ``batch_size`` rows at a time (what evaluations on thousands of prompts need)."""
+        chunks = [self.encode(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        return [
+            torch.cat([chunk[level].cpu() for chunk in chunks]) for level in range(self.n_levels)
+        ]
+
+    @torch.no_grad()
     def reconstruct(self, x: Tensor) -> list[Tensor]:
         return [self.decode(codes, level) for level, codes in enumerate(self.encode(x))]
 
