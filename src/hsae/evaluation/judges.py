@@ -383,11 +383,11 @@ def eligible_pairs(contexts: FeatureContexts) -> list[tuple[Feature, Feature]]:
     pairs = []
     for level, links in enumerate(contexts.model.forest(), start=1):
         parents = links.cpu().numpy()
-        child_fires, parent_fires = contexts.fires(level), contexts.fires(level - 1)
-        for child in np.flatnonzero(parents >= 0).tolist():
-            parent = int(parents[child])
-            if child_fires[child] > 0 and parent_fires[parent] > 0:
-                pairs.append(((level - 1, parent), (level, child)))
+        children = np.flatnonzero(parents >= 0)
+        both_fire = (contexts.fires(level)[children] > 0) & (
+            contexts.fires(level - 1)[parents[children]] > 0
+        )
+        pairs += [((level - 1, int(parents[c])), (level, int(c))) for c in children[both_fire]]
     return pairs
 
 
