@@ -34,9 +34,10 @@ import torch
 from tqdm.auto import tqdm
 
 from hsae.config import ConfigError, HSAEConfig
-from hsae.io import read_json, write_json, write_text, write_with
+from hsae.io import read_json, write_json, write_text
 from hsae.model import load_hsae
 from hsae.model.hsae import CONFIG_FILE
+from hsae.report.plots import save_figure
 from hsae.runs import Run, RunConfig, RunError, Which
 
 GROUPS = ("core", "tree", "similarity", "rho", "r")
@@ -412,11 +413,7 @@ def write_figure8(results: dict[str, Any], path: Path) -> Path:
     axis.set_title("Figure 8: reconstruction vs hierarchy consistency", fontsize=10)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    try:
-        write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=150))
-    finally:
-        plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def _point(record: dict[str, Any]) -> tuple[float, float]:

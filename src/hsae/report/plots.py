@@ -37,18 +37,19 @@ def write_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
     written = []
     metrics = data.get("metrics")
     if metrics and "hsae" in metrics:
-        written.append(_save(_hierarchy_figure(metrics), out / "hierarchy.png"))
-        written.append(_save(_levels_figure(metrics), out / "levels.png"))
+        written.append(save_figure(_hierarchy_figure(metrics), out / "hierarchy.png"))
+        written.append(save_figure(_levels_figure(metrics), out / "levels.png"))
         suite = [key for key, _ in SUITE_CHARTS if metrics["hsae"].get(key)]
         if suite:
-            written.append(_save(_suite_figure(metrics, suite), out / "suite.png"))
+            written.append(save_figure(_suite_figure(metrics, suite), out / "suite.png"))
     projection = data.get("projection")
     if projection and projection.get("points"):
-        written.append(_save(_projection_figure(projection), out / "projection.png"))
+        written.append(save_figure(_projection_figure(projection), out / "projection.png"))
     return written
 
 
-def _save(figure: Any, path: Path) -> Path:
+def save_figure(figure: Any, path: Path) -> Path:
+    """Write ``figure`` as a PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
     try:
