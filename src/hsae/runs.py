@@ -22,7 +22,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -39,6 +39,9 @@ from hsae.training.logging import (
     tensorboard_sink,
     wandb_sink,
 )
+
+if TYPE_CHECKING:
+    from hsae.evaluation.suite import SuiteSettings
 
 RUN_FILE = "run.json"
 WHICH = ("hsae", "baseline")
@@ -308,7 +311,7 @@ class Run:
         self,
         splice: bool = True,
         suite: str = "standard",
-        suite_settings: Any = None,
+        suite_settings: SuiteSettings | None = None,
         progress: bool = True,
     ) -> dict[str, Any]:
         """Evaluate the trained models side by side; write metrics.json and summary.md.

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -28,6 +28,9 @@ from torch import Tensor
 from hsae.evaluation.quality import evaluate
 from hsae.evaluation.splice import SpliceResult, spliced_losses
 from hsae.model import HSAE
+
+if TYPE_CHECKING:
+    from hsae.runs import Run
 
 
 def evaluate_models(
@@ -154,7 +157,7 @@ class SkipPartError(Exception):
 class SuiteInputs:
     """What the parts share: the run, its models, and a language model loaded at most once."""
 
-    run: Any
+    run: Run
     models: dict[str, HSAE]
     layer: int
     load_lm: Callable[[], Any] | None
