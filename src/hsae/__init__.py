@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from hsae.config import ConfigError, HSAEConfig
+from hsae.errors import HSAEError
 from hsae.model import HSAE, load_hsae
 from hsae.model.hsae import CONFIG_FILE
 from hsae.training import train
 
 __version__ = "0.1.0"
 
-__all__ = ["HSAE", "ConfigError", "HSAEConfig", "load", "train", "__version__"]
+__all__ = ["HSAE", "ConfigError", "HSAEConfig", "HSAEError", "load", "train", "__version__"]
 
 
 def load(path: str | Path, which: str = "hsae", device: str | torch.device = "cpu") -> HSAE:

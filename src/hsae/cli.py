@@ -35,7 +35,7 @@ def harvest(
     overwrite: bool = typer.Option(False, "--overwrite", help="delete an existing cache first"),
 ) -> None:
     """Harvest residual-stream activations into a sharded, resumable on-disk cache."""
-    from hsae.activations import HarvestConfig, HarvestError
+    from hsae.activations import HarvestConfig
     from hsae.activations import harvest as run_harvest
 
     try:
@@ -53,9 +53,8 @@ def harvest(
             device=device,
         )
         cache = run_harvest(config, out, overwrite=overwrite)
-    except HarvestError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from None
+    except _user_errors() as error:
+        raise _fail(error) from None
     typer.echo(
         f"{cache.root}: {cache.n_tokens('train')} train + {cache.n_tokens('heldout')} held-out "
         f"activations, d_model {cache.d_model}, layer {cache.manifest['layer']}, "
@@ -69,13 +68,10 @@ def _fail(error: Exception) -> typer.Exit:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from hsae.activations import HarvestError
-    from hsae.config import ConfigError
-    from hsae.runs import RunError
-    from hsae.training import NonFiniteLossError
-    from hsae.training.checkpoint import CheckpointError
+    """What the command line reports in one line: the package's errors (``hsae.errors``)."""
+    from hsae.errors import HSAEError
 
-    return (ConfigError, RunError, HarvestError, CheckpointError, NonFiniteLossError)
+    return (HSAEError,)
 
 
 def _parse_sizes(text: str | None) -> list[int] | None:
@@ -270,7 +266,7 @@ def report(
     no_plots: bool = typer.Option(False, "--no-plots", help="skip RUN_DIR/plots/*.png"),
 ) -> None:
     """Write the feature-forest explorer (one self-contained HTML file) and PNG charts."""
-    from hsae.report import LabelsError, ReportError, ReportSettings, build_report
+    from hsae.report import ReportSettings, build_report
 
     try:
         settings = ReportSettings(
@@ -281,7 +277,7 @@ def report(
             projection=projection,
         )
         result = build_report(run_dir, settings, out=out, plots=not no_plots)
-    except (*_user_errors(), ReportError, LabelsError) as error:
+    except _user_errors() as error:
         raise _fail(error) from None
     meta = result.meta
     typer.echo(
@@ -300,7 +296,7 @@ def export_run(
     model_name: str = typer.Option(None, help="model name for SAELens/SAEBench [the run's]"),
 ) -> None:
     """Export a run: each level as a SAELens JumpReLU SAE, or one shareable run archive."""
-    from hsae.interop import InteropError, export_archive, export_saelens
+    from hsae.interop import export_archive, export_saelens
 
     if format not in ("saelens", "archive"):
         raise _fail(ValueError(f"--format must be 'saelens' or 'archive', got {format!r}"))
@@ -309,7 +305,7 @@ def export_run(
             typer.echo(f"wrote {export_archive(run_dir, out)}")
             return
         written = export_saelens(run_dir, out, model_name)
-    except (*_user_errors(), InteropError) as error:
+    except _user_errors() as error:
         raise _fail(error) from None
     for which, folders in written.items():
         typer.echo(f"{which}: {len(folders)} SAELens SAEs + forest.json in {folders[0].parent}")
@@ -326,14 +322,14 @@ def import_saelens(
     """Build an HSAE and its post-hoc forest from SAELens JumpReLU SAEs of growing size."""
     from pathlib import Path
 
-    from hsae.interop import InteropError, forest_from_saelens
+    from hsae.interop import forest_from_saelens
     from hsae.model.hsae import CONFIG_FILE
 
     if (Path(out) / CONFIG_FILE).exists():
         raise _fail(ValueError(f"{out} already holds a saved model; choose another --out"))
     try:
         model = forest_from_saelens(folders, similarity, scale, tree=tree)
-    except (*_user_errors(), InteropError) as error:
+    except _user_errors() as error:
         raise _fail(error) from None
     model.save(out)
     linked = sum(int((links >= 0).sum()) for links in model.forest())
@@ -357,7 +353,6 @@ def saebench(
     """Run SAEBench's Table 1 evaluations on a run's HSAE and baseline (GPU, sae-bench)."""
     from pathlib import Path
 
-    from hsae.interop import InteropError
     from hsae.interop.saebench import run_saebench, table1_markdown
 
     try:
@@ -373,7 +368,7 @@ def saebench(
             llm_dtype=llm_dtype,
             api_key=api_key,
         )
-    except (*_user_errors(), InteropError, OSError) as error:
+    except (*_user_errors(), OSError) as error:
         raise _fail(error) from None
     typer.echo(table1_markdown(table))
 

@@ -13,12 +13,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from hsae.errors import HSAEError
+
 Similarity = Literal["encoder", "decoder", "coactivation"]
 TreeVariant = Literal["partial", "full", "binary", "fixed"]
 Mode = Literal["hsae", "independent"]
 
 
-class ConfigError(ValueError):
+class ConfigError(HSAEError, ValueError):
     """A configuration value is outside its allowed range; the message names the field."""
 
 

@@ -28,6 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hsae.config import ConfigError, HSAEConfig
+from hsae.errors import HSAEError
 from hsae.io import read_json, write_json, write_text
 from hsae.model import HSAE, load_hsae
 from hsae.model.hsae import CONFIG_FILE
@@ -48,7 +49,7 @@ WHICH = ("hsae", "baseline")
 Which = Literal["hsae", "baseline"]
 
 
-class RunError(RuntimeError):
+class RunError(HSAEError, RuntimeError):
     """A run folder cannot be used as asked (wrong model or layer, missing stage, ...)."""
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from hsae.errors import HSAEError
 from hsae.io import write_json, write_safetensors, write_with
 
 EMBEDDED_MODEL = "gemma-3-270m"
@@ -23,7 +24,7 @@ CACHE_ENV = "HSAE_CACHE_DIR"
 _WEIGHTS = "model.safetensors"
 
 
-class HarvestError(ValueError):
+class HarvestError(HSAEError, ValueError):
     """Bad input to activation harvesting (model, layer, corpus, output path, cache contents)."""
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from hsae.activations.models import LanguageModel, model_description, validate_layer
 from hsae.activations.prompts import activations_at, encode_prompts
+from hsae.errors import HSAEError
 from hsae.io import read_bundle, write_bundle
 from hsae.model import HSAE
 
@@ -43,7 +44,7 @@ BUNDLE = "absorption_data"
 _WORD_TOKEN = re.compile(r"^[\u2581\u0120]([a-z]+)$")
 
 
-class AbsorptionError(ValueError):
+class AbsorptionError(HSAEError, ValueError):
     """Invalid absorption settings, or data the metric cannot be computed on."""
 
 

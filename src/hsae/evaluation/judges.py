@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from hsae.errors import HSAEError
 from hsae.evaluation.llm import Batch, JudgeClient, Message
 from hsae.report.explorer import (
     ReportSettings,
@@ -47,7 +48,7 @@ Feature = tuple[int, int]
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
 
 
-class JudgeInputError(ValueError):
+class JudgeInputError(HSAEError, ValueError):
     """A judge cannot run on this run as asked (untrained model, nothing fires, bad setting)."""
 
 

@@ -43,13 +43,14 @@ from hsae.activations.corpora import (
 )
 from hsae.activations.models import HarvestError, LanguageModel
 from hsae.activations.prompts import activations_at, encode_prompts
+from hsae.errors import HSAEError
 from hsae.io import read_bundle, write_bundle
 
 DEFAULT_TEMPLATE = "{gloss}: {lemma}"
 BUNDLE = "lexicon_data"
 
 
-class LexiconError(ValueError):
+class LexiconError(HSAEError, ValueError):
     """Bad settings or data for the labelled contexts (unknown class, template, too few items)."""
 
 

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from tqdm.auto import tqdm
 
+from hsae.errors import HSAEError
 from hsae.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ _RETRY_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
 _OFF = {"", "0", "off", "none", "false", "no"}
 
 
-class JudgeError(RuntimeError):
+class JudgeError(HSAEError, RuntimeError):
     """The judge endpoint cannot be used (not configured, refused, kept failing)."""
 
     def __init__(self, message: str, fatal: bool = False) -> None:

@@ -28,11 +28,12 @@ from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hsae.errors import HSAEError
 from hsae.evaluation.lexicon import LexiconData
 from hsae.model import HSAE
 
 
-class ProbingError(ValueError):
+class ProbingError(HSAEError, ValueError):
     """Bad settings or data for sparse probing."""
 
 

@@ -33,13 +33,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hsae.activations.corpora import NounSynset, load_noun_taxonomy
+from hsae.errors import HSAEError
 from hsae.evaluation.lexicon import LexiconData
 from hsae.model import HSAE
 
 FEATURE_CHUNK = 4096
 
 
-class TaxonomyError(ValueError):
+class TaxonomyError(HSAEError, ValueError):
     """Bad settings or data for taxonomy alignment."""
 
 

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from hsae.config import HSAEConfig
+from hsae.errors import HSAEError
 from hsae.io import read_json, write_json, write_safetensors
 from hsae.model import HSAE, load_hsae
 from hsae.model import forest as forest_ops
@@ -48,7 +49,7 @@ MIN_THRESHOLD = torch.finfo(torch.float32).tiny
 """Thresholds <= 0 become this: with the ReLU SAELens applies, both give relu(pre)."""
 
 
-class InteropError(ValueError):
+class InteropError(HSAEError, ValueError):
     """A folder cannot be exported or imported as asked; the message names file and problem."""
 
 

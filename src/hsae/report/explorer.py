@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hsae.errors import HSAEError
 from hsae.io import read_json
 from hsae.model import HSAE
 from hsae.report.labels import load_labels
@@ -28,7 +29,7 @@ from hsae.report.labels import load_labels
 Projection = Literal["auto", "umap", "pca", "none"]
 
 
-class ReportError(ValueError):
+class ReportError(HSAEError, ValueError):
     """The report cannot be built as asked (bad setting, missing stage, unreadable labels)."""
 
 

@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from hsae.errors import HSAEError
 from hsae.io import write_json
 
 LABELS_FILE = "labels.json"
@@ -28,7 +29,7 @@ _KEY = re.compile(r"^\d+:\d+$")
 _SECTIONS = ("hsae", "baseline", "auto", "judge")
 
 
-class LabelsError(ValueError):
+class LabelsError(HSAEError, ValueError):
     """labels.json exists but does not have the documented shape."""
 
 

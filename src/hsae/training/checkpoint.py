@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from hsae.errors import HSAEError
 from hsae.io import write_json
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ TRAINER_FILE = "trainer.json"
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HSAEError, RuntimeError):
     """A checkpoint is missing, corrupt, or belongs to a different run."""
 
 

@@ -11,12 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hsae.errors import HSAEError
 from hsae.training.trainer import StepLog
 
 LogSink = Callable[[StepLog], None]
 
 
-class LoggingSetupError(RuntimeError):
+class LoggingSetupError(HSAEError, RuntimeError):
     """An optional logging backend was requested but cannot be used."""
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hsae.config import HSAEConfig
+from hsae.errors import HSAEError
 from hsae.model import HSAE, TrainingLoss
 from hsae.model.forest import CoactivationTracker, rebuild_forest
 from hsae.model.hierarchy_losses import sample_perturbation
@@ -31,7 +32,7 @@ from hsae.training.sparsity import AdaptiveSparsity
 SCALE_ESTIMATION_TOKENS = 16_384
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(HSAEError, RuntimeError):
     """Training produced NaN or inf; the message names the step."""
 
 
