@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import typer
 
 app = typer.Typer(
@@ -63,15 +65,35 @@ def harvest(
 
 
 def _fail(error: Exception) -> typer.Exit:
-    typer.echo(f"error: {error}", err=True)
+    """Print ``error`` as one line on stderr (on a fresh line, after any progress bar)."""
+    _close_progress_bars()
+    typer.echo(f"error: {_one_line(error)}", err=True)
     return typer.Exit(code=2)
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """What the command line reports in one line: the package's errors (``hsae.errors``)."""
+def _one_line(error: Exception) -> str:
     from hsae.errors import HSAEError
 
-    return (HSAEError,)
+    if isinstance(error, OSError) and not isinstance(error, HSAEError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror}"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _close_progress_bars() -> None:
+    """Close live tqdm bars: each ends its line, so the error starts on a fresh one."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What the command line reports in one line: the package's errors (``hsae.errors``) and
+    the operating system's refusals (no space, no permission, a path that cannot exist)."""
+    from hsae.errors import HSAEError
+
+    return (HSAEError, OSError)
 
 
 def _parse_sizes(text: str | None) -> list[int] | None:
@@ -135,24 +157,31 @@ def train(
     }
     given = {k: v for k, v in run_settings.items() if v is not None}
     given_hsae = {k: v for k, v in hsae_settings.items() if v is not None}
-    try:
-        if resume is not None:
-            if given or given_hsae or config_file or no_baseline or out:
-                raise _fail(ValueError("--resume takes no other settings: the run keeps its own"))
-            run = Run.open(resume)
-        else:
-            values = load_run_config_file(config_file) if config_file else {}
-            values |= given
-            values["hsae"] = dict(values.get("hsae", {})) | given_hsae
-            if no_baseline:
-                values["baseline"] = False
-            run = Run.create(out or _default_run_folder(), RunConfig(**values))
-        typer.echo(f"run folder: {run.folder}")
-        run.harvest()
-        for which in run.wanted_models():
-            run.train(which)
-    except _user_errors() as error:
-        raise _fail(error) from None
+    with ExitStack() as held:
+        try:
+            if resume is not None:
+                if given or given_hsae or config_file or no_baseline or out:
+                    raise _fail(
+                        ValueError("--resume takes no other settings: the run keeps its own")
+                    )
+                run = Run.open(resume)
+                held.enter_context(run.lock("hsae train --resume"))
+            else:
+                values = load_run_config_file(config_file) if config_file else {}
+                values |= given
+                values["hsae"] = dict(values.get("hsae", {})) | given_hsae
+                if no_baseline:
+                    values["baseline"] = False
+                config = RunConfig(**values)
+                folder = out or _default_run_folder()
+                held.enter_context(Run.claim(folder, "hsae train"))
+                run = Run.create(folder, config)
+            typer.echo(f"run folder: {run.folder}")
+            run.harvest()
+            for which in run.wanted_models():
+                run.train(which)
+        except _user_errors() as error:
+            raise _fail(error) from None
     typer.echo(f"trained models are in {run.folder}; evaluate with: hsae eval {run.folder}")
 
 
@@ -229,8 +258,11 @@ def demo(
     if suite not in SUITES:
         raise _fail(ValueError(f"--suite must be one of {list(SUITES)}, got {suite!r}"))
     started = time.perf_counter()
+    held = ExitStack()
     try:
-        run = Run.create(out, demo_config())
+        config = demo_config()
+        held.enter_context(Run.claim(out, "hsae demo"))
+        run = Run.create(out, config)
         typer.echo(f"run folder: {run.folder}")
         run.harvest()
         for which in run.wanted_models():
@@ -243,6 +275,8 @@ def demo(
         run.record_stage_time("report", time.perf_counter() - report_started)
     except _user_errors() as error:
         raise _fail(error) from None
+    finally:
+        held.close()
     from hsae.evaluation.suite import comparison_table, full_suite_table
 
     typer.echo(comparison_table(results, ["hsae", "baseline"]))

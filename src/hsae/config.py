@@ -11,7 +11,14 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from hsae.errors import HSAEError
 
@@ -121,6 +128,21 @@ class HSAEConfig(BaseModel):
             raise ConfigError(_format_validation_error(error)) from None
 
     # --- validation ----------------------------------------------------------------------
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool(cls, value, info)
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        from hsae.devices import device_problem
+
+        problem = device_problem(value, check_available=False)  # checked again where it is used
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
     @field_validator("d_in", "batch_size", "coactivation_every")
     @classmethod
     def _positive_int(cls, value: int) -> int:
@@ -255,6 +277,18 @@ class HSAEConfig(BaseModel):
     @classmethod
     def from_json(cls, text: str) -> HSAEConfig:
         return cls(**json.loads(text))
+
+
+def refuse_bool(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """Pydantic reads True as 1: refuse a boolean given for a field (or list item) that is not
+    a boolean, so ``batch_size=True`` is an error rather than a batch of one token."""
+    field = model.model_fields.get(info.field_name or "")
+    if field is None or field.annotation is bool:
+        return value
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(item, bool) for item in items):
+        raise ValueError(f"expected a number, not a boolean: {value!r}")
+    return value
 
 
 def _format_validation_error(error: ValidationError) -> str:

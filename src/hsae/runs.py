@@ -20,16 +20,27 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
-from hsae.config import ConfigError, HSAEConfig
+from hsae.config import ConfigError, HSAEConfig, refuse_bool
 from hsae.errors import HSAEError
-from hsae.io import read_json, write_json, write_text
+from hsae.io import write_json, write_text
+from hsae.locking import LOCK_FILE, FolderInUseError, folder_lock
 from hsae.model import HSAE, load_hsae
 from hsae.model.hsae import CONFIG_FILE
 from hsae.training import Trainer
@@ -51,6 +62,10 @@ Which = Literal["hsae", "baseline"]
 
 class RunError(HSAEError, RuntimeError):
     """A run folder cannot be used as asked (wrong model or layer, missing stage, ...)."""
+
+
+class RunInUseError(RunError):
+    """Another process holds the run folder's lock (it is training, harvesting, ...)."""
 
 
 class RunConfig(BaseModel):
@@ -105,6 +120,11 @@ class RunConfig(BaseModel):
         missing = missing_backends(self.tensorboard, self.wandb_project is not None)
         if missing:
             raise ConfigError("invalid run configuration: logging needs " + ", ".join(missing))
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool(cls, value, info)
 
     @field_validator("hsae")
     @classmethod
@@ -166,14 +186,77 @@ def load_run_config_file(path: str | Path) -> dict[str, Any]:
 
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"config file {file} does not exist")
+        raise ConfigError(f"config file {file} does not exist or is not a file")
     try:
-        values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {file} is not UTF-8 text") from None
+    except OSError as error:
+        raise ConfigError(f"config file {file} is not readable: {error.strerror}") from None
+    try:
+        values = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {file} is not valid YAML: {error}") from None
+        raise ConfigError(f"config file {_yaml_problem(file, error)}") from None
+    if values is None:
+        values = {}
     if not isinstance(values, dict):
-        raise ConfigError(f"config file {file} must hold a mapping of settings")
+        raise ConfigError(
+            f"config file {file} must hold a mapping of settings, got {type(values).__name__}"
+        )
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config file {file}: setting names must be text, got {key!r}")
+        if key == "hsae" and not isinstance(value, dict):
+            raise ConfigError(
+                f"config file {file}: hsae: must be a mapping of HSAE settings, got {value!r}"
+            )
+    for key in values.get("hsae", {}):
+        if not isinstance(key, str):
+            raise ConfigError(f"config file {file}: hsae: setting names must be text, got {key!r}")
     return values
+
+
+def _yaml_problem(file: Path, error: Exception) -> str:
+    """One line for a YAML error: file, line, column and the problem (PyYAML prints seven)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or type(error).__name__
+    where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(file)
+    context = getattr(error, "context", None)
+    detail = f"{problem} ({context})" if context else problem
+    return f"{where}: invalid YAML: {' '.join(str(detail).split())}"
+
+
+def prepare_run_folder(folder: str | Path) -> Path:
+    """Check that ``folder`` can hold a run and create it; nothing is written when it cannot.
+
+    Refused: a path that is (or lies below) a regular file, a folder that cannot be created or
+    written, and an existing folder that holds other files but no run.
+    """
+    root = Path(folder)
+    if root.exists() and not root.is_dir():
+        raise RunError(f"run folder {root} exists and is not a folder")
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RunError(f"cannot create run folder {root}: {probe} is a file, not a folder")
+    if root.is_dir() and not (root / RUN_FILE).is_file():
+        others = sorted(p.name for p in root.iterdir() if p.name != LOCK_FILE)
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise RunError(
+                f"{root} holds other files ({shown}) and no run ({RUN_FILE}); "
+                "choose a new or empty folder for --out"
+            )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RunError(f"cannot create run folder {root}: {probe} is not writable")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe_file = root / LOCK_FILE
+        probe_file.touch(exist_ok=True)
+    except OSError as error:
+        raise RunError(f"cannot create run folder {root}: {error.strerror or error}") from None
+    return root
 
 
 class Run:
@@ -194,22 +277,41 @@ class Run:
     def create(
         cls, folder: str | Path, config: RunConfig, activations_dir: str | Path | None = None
     ) -> Run:
-        """Start a new run; refuse a folder that already holds another run."""
+        """Start a new run; refuse a folder that already holds another run.
+
+        Checked before anything is written: the device exists here, the folder can be created
+        and holds no other files, and no other process holds the folder's lock."""
+        from hsae.activations import open_corpus
+        from hsae.devices import parse_device
+
         root = Path(folder)
-        record = root / RUN_FILE
-        if record.exists():
-            existing = read_json(record).get("config", {})
-            if existing != config.model_dump():
+        parse_device(config.device)
+        open_corpus(config.dataset)  # a missing or unreadable dataset is refused now
+        with Run.claim(root, "create the run"):
+            record = root / RUN_FILE
+            existing = _read_record(record) if record.exists() else None
+            if existing is not None and not _has_work(root):
+                existing = None  # nothing done yet (e.g. a refused start): take the new settings
+            if existing is not None and existing.get("config", {}) != config.model_dump():
                 raise RunError(
                     f"{root} already holds a run with other settings "
-                    f"({_describe_difference(existing, config.model_dump())}); "
+                    f"({_describe_difference(existing.get('config', {}), config.model_dump())}); "
                     f"continue it with --resume {root} or choose another --out"
                 )
-        run = cls(root, config, activations_dir)
-        if record.exists():  # same settings: continue the run, keeping its stage times
-            run.timings = dict(read_json(record).get("timings", {}))
-        run._write_record()
+            run = cls(root, config, activations_dir)
+            if existing is not None:  # same settings: continue the run, keeping its stage times
+                run.timings = dict(existing.get("timings", {}))
+            run._write_record()
         return run
+
+    @staticmethod
+    @contextmanager
+    def claim(folder: str | Path, purpose: str) -> Iterator[Path]:
+        """Check and create a run folder, then hold its lock for the block (one writer per
+        run folder; see :meth:`lock`)."""
+        root = prepare_run_folder(folder)
+        with _locked(root, purpose):
+            yield root
 
     @classmethod
     def open(cls, folder: str | Path) -> Run:
@@ -218,19 +320,28 @@ class Run:
         record = root / RUN_FILE
         if not record.is_file():
             raise RunError(f"{root} is not a run folder (no {RUN_FILE})")
+        payload = _read_record(record)
         try:
-            payload = json.loads(record.read_text(encoding="utf-8"))
             config = RunConfig(**payload["config"])
-        except (json.JSONDecodeError, KeyError) as error:
-            raise RunError(f"{record} is corrupt: {error}") from None
+        except (KeyError, TypeError) as error:
+            raise RunError(f"{record} is corrupt: {error!r}") from None
         run = cls(root, config)
         run.timings = dict(payload.get("timings", {}))
         return run
 
+    @contextmanager
+    def lock(self, purpose: str) -> Iterator[None]:
+        """Hold the run folder's lock (``RUN/.lock``) for the block: a second process that
+        tries to write the run is refused at once with a :class:`RunError` naming the folder
+        and the holder's pid. Re-entrant within a process; released when the process dies."""
+        with _locked(self.folder, purpose):
+            yield
+
     def _write_record(self, **extra: Any) -> None:
-        previous = read_json(self.folder / RUN_FILE) if (self.folder / RUN_FILE).exists() else {}
+        path = self.folder / RUN_FILE
+        previous = _read_record(path) if path.exists() else {}
         payload = previous | {"config": self.config.model_dump(), "timings": self.timings} | extra
-        write_json(self.folder / RUN_FILE, payload)
+        write_json(path, payload)
 
     # --- paths ---------------------------------------------------------------------------
     @property
@@ -252,61 +363,133 @@ class Run:
     def wanted_models(self) -> list[Which]:
         return ["hsae", "baseline"] if self.config.baseline else ["hsae"]
 
+    def unfinished_models(self) -> dict[str, str]:
+        """The wanted models without a saved model, each with what is known of it."""
+        from hsae.training.checkpoint import read_trainer_record
+
+        found = {}
+        for which in self.wanted_models():
+            if self.trained(which):
+                continue
+            checkpoint = self.checkpoint_dir(which)
+            if (checkpoint / "trainer.json").is_file():
+                try:
+                    step = int(read_trainer_record(checkpoint)["step"])
+                    found[which] = f"still training (checkpoint at step {step})"
+                except (HSAEError, KeyError, TypeError, ValueError):
+                    found[which] = "still training (checkpoint unreadable)"
+            else:
+                found[which] = "not trained yet"
+        return found
+
     # --- stages ----------------------------------------------------------------------------
     def record_stage_time(self, stage: str, seconds: float) -> None:
         """Add ``seconds`` to a stage's time in run.json and timings.json."""
         self._timed(stage, seconds)
 
     def _timed(self, stage: str, seconds: float) -> None:
-        self.timings[stage] = round(self.timings.get(stage, 0.0) + seconds, 2)
-        self._write_record()
-        write_json(self.folder / "timings.json", self.timings)
+        with self.lock("record stage times"):
+            self.timings[stage] = round(self.timings.get(stage, 0.0) + seconds, 2)
+            self._write_record()
+            write_json(self.folder / "timings.json", self.timings)
+
+    @contextmanager
+    def _stage_clock(self, stage: str, every: float = 2.0) -> Iterator[Callable[[], None]]:
+        """Time a stage across launches: yields ``tick``, which adds the time since the last
+        tick to the stage's total at most every ``every`` seconds, and adds the rest when the
+        block ends, however it ends. A killed launch loses at most ``every`` seconds."""
+        last = time.perf_counter()
+
+        def tick(force: bool = False) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            if force or now - last >= every:
+                self._timed(stage, now - last)
+                last = now
+
+        try:
+            yield tick
+        finally:
+            tick(force=True)
 
     def harvest(self, progress: bool = True) -> Any:
-        """Fill (or resume) the activation cache."""
+        """Fill (or resume) the activation cache; refuse a cache harvested with other settings."""
         from hsae.activations import ActivationCache, harvest
+        from hsae.activations.cache import read_manifest
 
         manifest = self.activations_dir / "manifest.json"
-        if manifest.is_file() and read_json(manifest).get("status") == "complete":
+        with self.lock("harvest"):
+            if manifest.is_file() and read_manifest(self.activations_dir).get("status") == (
+                "complete"
+            ):
+                return self.cache()
+            with self._stage_clock("harvest") as tick:
+                harvest(
+                    self.config.harvest_config(),
+                    self.activations_dir,
+                    progress=progress,
+                    on_progress=tick,
+                )
             return ActivationCache(self.activations_dir)
-        start = time.perf_counter()
-        cache = harvest(self.config.harvest_config(), self.activations_dir, progress=progress)
-        self._timed("harvest", time.perf_counter() - start)
-        return cache
 
     def cache(self) -> Any:
+        """The run's activation cache, once checked against the run's settings."""
         from hsae.activations import ActivationCache
+        from hsae.activations.cache import read_manifest
+        from hsae.activations.harvest import check_manifest_matches
 
         if not (self.activations_dir / "manifest.json").is_file():
             raise RunError(f"{self.folder} has no harvested activations yet; run the harvest first")
+        manifest = read_manifest(self.activations_dir)
+        check_manifest_matches(
+            manifest,
+            self.config.harvest_config(),
+            self.activations_dir,
+            advice="it is not this run's cache: move it away or use another run folder",
+        )
+        if manifest.get("status") != "complete":
+            raise RunError(
+                f"{self.folder}: the activation cache is incomplete; finish the harvest with "
+                f"hsae train --resume {self.folder}"
+            )
         return ActivationCache(self.activations_dir)
 
     def train(self, which: Which, progress: bool = True) -> HSAE:
         """Train (or resume training) one of the run's models and save it."""
-        if self.trained(which):
-            return load_hsae(self.model_dir(which))
-        cache = self.cache()
-        mode = "hsae" if which == "hsae" else "independent"
-        config = self.config.hsae_config(cache.d_model, mode, cache.scale)
-        reader = cache.reader(config.batch_size, split="train", seed=self.config.seed, loop=True)
-        trainer = Trainer(config, reader)
-        checkpoint = self.checkpoint_dir(which)
-        if (checkpoint / "trainer.json").is_file() or checkpoint.with_name(
-            f".{checkpoint.name}.old"
-        ).exists():
-            trainer.resume(checkpoint)
+        with self.lock(f"train {which}"):
+            if self.trained(which):
+                return load_hsae(self.model_dir(which))
+            cache = self.cache()
+            mode = "hsae" if which == "hsae" else "independent"
+            config = self.config.hsae_config(cache.d_model, mode, cache.scale)
+            reader = cache.reader(
+                config.batch_size, split="train", seed=self.config.seed, loop=True
+            )
+            trainer = Trainer(config, reader)
+            checkpoint = self.checkpoint_dir(which)
+            if (checkpoint / "trainer.json").is_file() or checkpoint.with_name(
+                f".{checkpoint.name}.old"
+            ).exists():
+                trainer.resume(checkpoint)
+            # The log keeps the steps the resumed state has (none without a checkpoint), so a
+            # step is never logged twice.
             _truncate_log(self.log_path(which), trainer.step)
-        start = time.perf_counter()
-        model = trainer.fit(
-            progress=progress,
-            log_every=self.config.log_every,
-            on_log=self._log_sink(which, config),
-            checkpoint_dir=checkpoint,
-            checkpoint_every=self.config.checkpoint_every,
-        )
-        model.save(self.model_dir(which))
-        self._timed(f"train_{which}", time.perf_counter() - start)
-        return model
+            sink = self._log_sink(which, config)
+            with self._stage_clock(f"train_{which}") as tick:
+
+                def on_log(log: Any) -> None:
+                    sink(log)
+                    tick()
+
+                model = trainer.fit(
+                    progress=progress,
+                    log_every=self.config.log_every,
+                    on_log=on_log,
+                    checkpoint_dir=checkpoint,
+                    checkpoint_every=self.config.checkpoint_every,
+                )
+                model.save(self.model_dir(which))
+            return model
 
     def evaluate(
         self,
@@ -321,20 +504,44 @@ class Run:
         environment can run (metrics.json is rewritten after each part); ``splice=False``
         keeps the language model out of it entirely.
         """
+        from hsae.evaluation.suite import SUITES
+
+        if suite not in SUITES:
+            raise RunError(f"suite must be one of {list(SUITES)}, got {suite!r}")
+        try:
+            with self.lock("evaluate"):
+                return self._evaluate(splice, suite, suite_settings, progress)
+        except RunInUseError:
+            pending = self.unfinished_models()
+            state = "; ".join(f"{k}: {v}" for k, v in pending.items()) or "models trained"
+            raise RunError(
+                f"cannot evaluate {self.folder} now: another hsae process holds it "
+                f"({_holder(self.folder)}; {state}); evaluate once it has finished"
+            ) from None
+
+    def _evaluate(
+        self,
+        splice: bool,
+        suite: str,
+        suite_settings: SuiteSettings | None,
+        progress: bool,
+    ) -> dict[str, Any]:
         from hsae.evaluation.suite import (
-            SUITES,
             SuiteInputs,
             SuiteSettings,
             evaluate_models,
             run_full_suite,
         )
 
-        if suite not in SUITES:
-            raise RunError(f"suite must be one of {list(SUITES)}, got {suite!r}")
         cache = self.cache()
-        names = [which for which in self.wanted_models() if self.trained(which)]
-        if "hsae" not in names:
-            raise RunError(f"{self.folder} has no trained HSAE yet; train it first")
+        pending = self.unfinished_models()
+        if pending:
+            state = "; ".join(f"{which} is {what}" for which, what in pending.items())
+            raise RunError(
+                f"cannot evaluate {self.folder}: {state}; finish it with "
+                f"hsae train --resume {self.folder}"
+            )
+        names = list(self.wanted_models())
         models = {name: self.load(name) for name in names}
         heldout = cache.all_activations("heldout")[: self.config.eval_tokens]
         if heldout.shape[0] == 0:
@@ -451,3 +658,39 @@ def _truncate_log(path: Path, step: int) -> None:
         if record.get("step", math.inf) <= step:
             kept.append(line)
     write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+@contextmanager
+def _locked(folder: Path, purpose: str) -> Iterator[None]:
+    with ExitStack() as held:
+        try:
+            held.enter_context(folder_lock(folder, purpose))
+        except FolderInUseError:
+            raise RunInUseError(
+                f"{folder} is in use by another hsae process ({_holder(folder)}); one process "
+                "writes a run folder at a time: wait for it to finish or stop it"
+            ) from None
+        yield
+
+
+def _holder(folder: Path) -> str:
+    from hsae.locking import holder_of
+
+    return holder_of(folder) or "pid unknown"
+
+
+def _has_work(root: Path) -> bool:
+    """Whether a run folder holds anything but its record: activations, checkpoints, models."""
+    return any(
+        (root / name).exists() for name in ("activations", "checkpoints", *WHICH, "metrics.json")
+    )
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunError(f"{path} is corrupt or unreadable: {error}") from None
+    if not isinstance(payload, dict):
+        raise RunError(f"{path} is corrupt: expected a JSON object")
+    return payload

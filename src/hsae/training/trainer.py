@@ -19,13 +19,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hsae.config import HSAEConfig
+from hsae.config import ConfigError, HSAEConfig
+from hsae.devices import parse_device
 from hsae.errors import HSAEError
 from hsae.model import HSAE, TrainingLoss
 from hsae.model.forest import CoactivationTracker, rebuild_forest
 from hsae.model.hierarchy_losses import sample_perturbation
 from hsae.training.checkpoint import load_checkpoint, save_checkpoint
-from hsae.training.data import as_batches
+from hsae.training.data import ActivationDataError, as_batches, check_batch
 from hsae.training.schedule import warmup_cosine
 from hsae.training.sparsity import AdaptiveSparsity
 
@@ -57,16 +58,15 @@ class StepLog:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The device of ``config.device``; a device this machine lacks is a ConfigError."""
+    return parse_device(name)
 
 
 def estimate_activation_scale(sample: Tensor) -> float:
     """Constant c with mean ||c x|| = sqrt(d) over ``sample`` [N, d]."""
     mean_norm = float(sample.float().norm(dim=1).mean())
     if not math.isfinite(mean_norm) or mean_norm <= 0:
-        raise ValueError(
+        raise ActivationDataError(
             "cannot estimate the activation scale: activations are all zero or not finite"
         )
     return math.sqrt(sample.shape[1]) / mean_norm
@@ -155,10 +155,11 @@ class Trainer:
         try:
             batch = next(self.batches)
         except StopIteration:
-            raise ValueError(
+            raise ActivationDataError(
                 f"the activation stream ran out after {self.tokens_drawn} tokens; "
                 f"train_tokens asks for {self.config.train_tokens}"
             ) from None
+        check_batch(batch, self.config.d_in)
         self.tokens_drawn += batch.shape[0]
         return batch
 
@@ -330,17 +331,8 @@ def train(
     epoch after epoch until ``config.train_tokens`` tokens have been seen, or any iterable of
     [n, d_in] tensors.
     """
-    _check_width(config, activations)
-    batches = as_batches(activations, config.batch_size, config.seed)
+    if not isinstance(config, HSAEConfig):
+        raise ConfigError(f"config must be an HSAEConfig, got {type(config).__name__}")
+    batches = as_batches(activations, config.batch_size, config.seed, config.d_in)
     trainer = Trainer(config, batches)
     return trainer.fit(progress=progress, on_log=on_log)
-
-
-def _check_width(config: HSAEConfig, activations: Tensor | Iterable[Tensor]) -> None:
-    if isinstance(activations, Tensor) and (
-        activations.ndim != 2 or activations.shape[1] != config.d_in
-    ):
-        raise ValueError(
-            f"activations have shape {tuple(activations.shape)}; expected [N, {config.d_in}] "
-            "(d_in of the config)"
-        )
