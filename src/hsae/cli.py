@@ -96,13 +96,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (HSAEError, OSError)
 
 
-def _parse_sizes(text: str | None) -> list[int] | None:
+def _parse_sizes(text: str | None, option: str = "--level-sizes") -> list[int] | None:
     if text is None:
         return None
     try:
         return [int(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+        raise _fail(
+            ValueError(f"{option}: expected comma-separated integers, got {text!r}")
+        ) from None
 
 
 @app.command()
@@ -174,8 +176,9 @@ def train(
                     values["baseline"] = False
                 config = RunConfig(**values)
                 folder = out or _default_run_folder()
-                held.enter_context(Run.claim(folder, "hsae train"))
+                held.enter_context(Run.claim(folder, "hsae train", config))
                 run = Run.create(folder, config)
+            run.check_cache()
             typer.echo(f"run folder: {run.folder}")
             run.harvest()
             for which in run.wanted_models():
@@ -261,7 +264,7 @@ def demo(
     held = ExitStack()
     try:
         config = demo_config()
-        held.enter_context(Run.claim(out, "hsae demo"))
+        held.enter_context(Run.claim(out, "hsae demo", config))
         run = Run.create(out, config)
         typer.echo(f"run folder: {run.folder}")
         run.harvest()
@@ -396,7 +399,7 @@ def saebench(
             out or str(Path(run_dir) / "saebench"),
             evals=[name for name in evals.split(",") if name],
             model_name=model_name,
-            levels=_parse_sizes(levels),
+            levels=_parse_sizes(levels, "--levels"),
             device=device,
             llm_batch_size=llm_batch_size,
             llm_dtype=llm_dtype,
@@ -411,8 +414,8 @@ def _parse_values(option: str, text: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.replace(" ", "").split(",") if part)
     except ValueError:
-        raise typer.BadParameter(
-            f"{option}: expected comma-separated numbers, got {text!r}"
+        raise _fail(
+            ValueError(f"{option}: expected comma-separated numbers, got {text!r}")
         ) from None
 
 

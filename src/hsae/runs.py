@@ -116,7 +116,12 @@ class RunConfig(BaseModel):
             field = ".".join(str(p) for p in item["loc"]) or "run"
             text = str(item["msg"]).removeprefix("Value error, ")
             raise ConfigError(f"invalid run configuration: {field}: {text}") from None
-        self.hsae_config(d_in=1)  # refuse bad HSAE settings now, not after the harvest
+        try:
+            self.hsae_config(d_in=1)  # refuse bad HSAE settings now, not after the harvest
+        except ConfigError as error:
+            field = str(error).removeprefix("invalid HSAE configuration: ")
+            field = field if field.startswith(("seed:", "device:")) else f"hsae.{field}"
+            raise ConfigError(f"invalid run configuration: {field}") from None
         missing = missing_backends(self.tensorboard, self.wandb_project is not None)
         if missing:
             raise ConfigError("invalid run configuration: logging needs " + ", ".join(missing))
@@ -226,6 +231,16 @@ def _yaml_problem(file: Path, error: Exception) -> str:
     return f"{where}: invalid YAML: {' '.join(str(detail).split())}"
 
 
+def check_run_config(config: RunConfig) -> None:
+    """What a run needs from this machine, checked before anything is written: the device
+    exists and a local dataset is there and readable (UTF-8 text, known file type)."""
+    from hsae.activations import open_corpus
+    from hsae.devices import parse_device
+
+    parse_device(config.device)
+    open_corpus(config.dataset)
+
+
 def prepare_run_folder(folder: str | Path) -> Path:
     """Check that ``folder`` can hold a run and create it; nothing is written when it cannot.
 
@@ -281,13 +296,8 @@ class Run:
 
         Checked before anything is written: the device exists here, the folder can be created
         and holds no other files, and no other process holds the folder's lock."""
-        from hsae.activations import open_corpus
-        from hsae.devices import parse_device
-
         root = Path(folder)
-        parse_device(config.device)
-        open_corpus(config.dataset)  # a missing or unreadable dataset is refused now
-        with Run.claim(root, "create the run"):
+        with Run.claim(root, "create the run", config):
             record = root / RUN_FILE
             existing = _read_record(record) if record.exists() else None
             if existing is not None and not _has_work(root):
@@ -306,9 +316,12 @@ class Run:
 
     @staticmethod
     @contextmanager
-    def claim(folder: str | Path, purpose: str) -> Iterator[Path]:
-        """Check and create a run folder, then hold its lock for the block (one writer per
-        run folder; see :meth:`lock`)."""
+    def claim(folder: str | Path, purpose: str, config: RunConfig | None = None) -> Iterator[Path]:
+        """Check ``config`` (its device exists here, its dataset is readable), check and
+        create the run folder, then hold its lock for the block (one writer per run folder;
+        see :meth:`lock`). Nothing is written when a check fails."""
+        if config is not None:
+            check_run_config(config)
         root = prepare_run_folder(folder)
         with _locked(root, purpose):
             yield root
@@ -415,14 +428,11 @@ class Run:
     def harvest(self, progress: bool = True) -> Any:
         """Fill (or resume) the activation cache; refuse a cache harvested with other settings."""
         from hsae.activations import ActivationCache, harvest
-        from hsae.activations.cache import read_manifest
 
-        manifest = self.activations_dir / "manifest.json"
         with self.lock("harvest"):
-            if manifest.is_file() and read_manifest(self.activations_dir).get("status") == (
-                "complete"
-            ):
-                return self.cache()
+            manifest = self.check_cache()
+            if manifest is not None and manifest.get("status") == "complete":
+                return ActivationCache(self.activations_dir)
             with self._stage_clock("harvest") as tick:
                 harvest(
                     self.config.harvest_config(),
@@ -432,14 +442,15 @@ class Run:
                 )
             return ActivationCache(self.activations_dir)
 
-    def cache(self) -> Any:
-        """The run's activation cache, once checked against the run's settings."""
-        from hsae.activations import ActivationCache
+    def check_cache(self) -> dict[str, Any] | None:
+        """The manifest of the run's activation cache, once checked against the run's settings
+        (a cache of another model, layer, context length, ... is refused, naming the field);
+        None when nothing is harvested yet."""
         from hsae.activations.cache import read_manifest
         from hsae.activations.harvest import check_manifest_matches
 
         if not (self.activations_dir / "manifest.json").is_file():
-            raise RunError(f"{self.folder} has no harvested activations yet; run the harvest first")
+            return None
         manifest = read_manifest(self.activations_dir)
         check_manifest_matches(
             manifest,
@@ -447,6 +458,15 @@ class Run:
             self.activations_dir,
             advice="it is not this run's cache: move it away or use another run folder",
         )
+        return manifest
+
+    def cache(self) -> Any:
+        """The run's complete activation cache, once checked against the run's settings."""
+        from hsae.activations import ActivationCache
+
+        manifest = self.check_cache()
+        if manifest is None:
+            raise RunError(f"{self.folder} has no harvested activations yet; run the harvest first")
         if manifest.get("status") != "complete":
             raise RunError(
                 f"{self.folder}: the activation cache is incomplete; finish the harvest with "
@@ -642,7 +662,12 @@ def _summary_markdown(run: Run, table: str) -> str:
 
 def _describe_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str:
     keys = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-    return ", ".join(f"{k}: {saved.get(k)!r} vs {wanted.get(k)!r}" for k in keys[:4])
+    return ", ".join(f"{k}: {_short(saved.get(k))} vs {_short(wanted.get(k))}" for k in keys)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -320,7 +320,7 @@ class ContextBuilder:
             yield self._assemble(tokens, docs, next_context)
 
     def _token_chunks(self, documents: Iterable[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Tokenised pieces, in bounded memory: at most ``tokenize_chunk`` texts and about
+        """Tokenised pieces, in bounded memory: at most ``tokenize_chunk`` texts and
         MAX_CALL_CHARS characters per tokenizer call; a document longer than MAX_PIECE_CHARS is
         cut into pieces (before a whitespace where there is one), tokenised as they are needed."""
         texts: list[str] = []
@@ -328,10 +328,13 @@ class ContextBuilder:
         chars = 0
         for doc_index, text in enumerate(documents):
             for piece in _pieces(text + "\n", MAX_PIECE_CHARS):
+                if texts and chars + len(piece) > MAX_CALL_CHARS:
+                    yield self._tokenize(texts, docs)
+                    texts, docs, chars = [], [], 0
                 texts.append(piece)
                 docs.append(doc_index)
                 chars += len(piece)
-                if len(texts) == self.tokenize_chunk or chars >= MAX_CALL_CHARS:
+                if len(texts) == self.tokenize_chunk:
                     yield self._tokenize(texts, docs)
                     texts, docs, chars = [], [], 0
         if texts:
