@@ -222,7 +222,7 @@ CASES = [
     _run(device="banana"),
     _run(frobnicate=1),
     # hsae.train: shapes, widths, dtypes of the activations
-    _train(lambda: torch.randn(1000, 5), "[n, 8]", "wrong-width"),
+    _train(lambda: torch.randn(1000, 5), "[N, 8]", "wrong-width"),
     _train(lambda: torch.randn(1000), "[1000]", "1-D"),
     _train(lambda: torch.randn(10, 100, 8), "[10, 100, 8]", "3-D"),
     _train(lambda: torch.randint(0, 5, (1000, 8)), "int64", "integer-tensor"),

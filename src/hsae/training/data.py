@@ -23,7 +23,7 @@ class ActivationDataError(HSAEError, ValueError):
 def check_batch(batch: object, width: int | None, what: str = "activation batch") -> Tensor:
     """``batch`` itself when it is a 2-D floating-point tensor [n, width]; else a one-line
     :class:`ActivationDataError` saying what was expected."""
-    expected = f"[n, {width}]" if width is not None else "[n, d_in]"
+    expected = f"[N, {width}]" if width is not None else "[N, d_in]"
     if not isinstance(batch, Tensor):
         raise ActivationDataError(
             f"{what} is a {type(batch).__name__}; expected a float tensor {expected}"
