@@ -74,8 +74,11 @@ def comparison_table(results: dict[str, Any], names: list[str]) -> str:
         ("Hamming / union (lower is better)", "hamming_normalised"),
         ("P(parent given child)", "p_parent_given_child"),
         ("P(child given parent)", "p_child_given_parent"),
+        ("parents left out of Hamming (family never fires)", "n_silent_parents"),
     ]
     for label, key in hierarchy_rows:
+        if any(key not in results[n]["hierarchy"] for n in names):
+            continue  # metrics.json written before the row existed
         values = [_fmt(results[n]["hierarchy"][key]) for n in names]
         lines.append(f"| {label} | " + " | ".join(values) + " |")
     n_levels = len(results[names[0]]["levels"])
