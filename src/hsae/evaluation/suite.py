@@ -474,11 +474,14 @@ def _taxonomy_rows(part: dict[str, Any] | None, names: list[str]) -> list[Row]:
         )
     cells = [_precision_cell(part[n]["all_pairs"]) for n in names]
     rows.append(("taxonomy: all links, hypernym precision [95% CI] (random)", cells))
+    if all("strict" in part[n]["all_pairs"] for n in names):
+        cells = [_precision_cell(part[n]["all_pairs"], "strict") for n in names]
+        rows.append(("taxonomy: all links, strict ancestor (not same synset) [95% CI]", cells))
     return rows
 
 
-def _precision_cell(entry: dict[str, Any]) -> str:
-    ours, chance = entry["hypernym"], entry["random_hypernym"]
+def _precision_cell(entry: dict[str, Any], kind: str = "hypernym") -> str:
+    ours, chance = entry[kind], entry[f"random_{kind}"]
     if ours["precision"] is None:
         return f"n/a ({entry['evaluated']} links)"
     return (
