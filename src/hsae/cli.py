@@ -184,12 +184,12 @@ def evaluate_run(
     --suite full adds absorption, sparse probing, taxonomy alignment, LLM judges (when
     HSAE_JUDGE_* is set) and SAEBench (GPU), and says which parts were skipped and why.
     """
-    from hsae.evaluation.suite import FULL_PARTS, SuiteSettings, comparison_table, full_suite_table
+    from hsae.evaluation.suite import SuiteSettings, comparison_table, full_suite_table
     from hsae.runs import Run
 
     try:
         settings = SuiteSettings(
-            parts=tuple(p for p in parts.split(",") if p) if parts else FULL_PARTS,
+            parts=tuple(p for p in parts.split(",") if p) if parts else None,
             judge_pairs=judge_pairs,
             judge_features=judge_features,
             judge_max_requests=judge_max_requests,
@@ -412,6 +412,46 @@ def ablate(
     typer.echo(markdown_table(results))
     folder = Path(results["out"])
     typer.echo(f"wrote {folder / 'ablations.json'}, ablations.md and figure8.png")
+
+
+@app.command()
+def plan(
+    d_model: int = typer.Option(2304, help="activation width (gemma-2-2b: 2304)"),
+    level_sizes: str = typer.Option("2048,4096,8192,16384", help="comma-separated level sizes"),
+    train_tokens: int = typer.Option(100_000_000, help="tokens the model trains on"),
+    harvest_tokens: int = typer.Option(None, help="activations to harvest [= train tokens]"),
+    batch_size: int = typer.Option(1024, help="tokens per step, over all processes"),
+    target_l0: float = typer.Option(50.0, help="target L0 per level"),
+    world_size: int = typer.Option(1, help="training processes (torchrun --nproc-per-node)"),
+    cache_dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
+    cache_dir: str = typer.Option(".", help="where the cache would go (free disk is checked)"),
+    device: str = typer.Option("auto", help="device the step is measured on"),
+    no_measure: bool = typer.Option(False, "--no-measure", help="skip the timed step"),
+    json_out: str = typer.Option(None, "--json", help="also write the plan as JSON here"),
+) -> None:
+    """What a run costs: cache size on disk, memory per process, FLOPs per token, and the wall
+    time from one measured step at full size (plus a FLOP bound on named accelerators)."""
+    from hsae.io import write_json
+    from hsae.plan import PlanInputs, format_plan, make_plan
+
+    try:
+        inputs = PlanInputs(
+            d_model=d_model,
+            level_sizes=_parse_sizes(level_sizes) or [],
+            train_tokens=train_tokens,
+            harvest_tokens=harvest_tokens,
+            batch_size=batch_size,
+            target_l0=target_l0,
+            world_size=world_size,
+            cache_dtype=cache_dtype,
+            cache_dir=cache_dir,
+        )
+        result = make_plan(inputs, device=device, measure=not no_measure)
+    except _user_errors() as error:
+        raise _fail(error) from None
+    typer.echo(format_plan(result))
+    if json_out:
+        write_json(json_out, result.to_dict())
 
 
 if __name__ == "__main__":

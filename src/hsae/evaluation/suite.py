@@ -106,14 +106,6 @@ def _fmt(value: float | int) -> str:
 # --------------------------------------------------------------------------- the full suite
 
 SUITES = ("standard", "full")
-FULL_PARTS = (
-    "absorption",
-    "sparse_probing",
-    "taxonomy",
-    "sparse_probing_hf",
-    "judges",
-    "saebench",
-)
 DEFAULT_HF_PROBING = "fancyzhx/ag_news"
 
 
@@ -121,8 +113,9 @@ DEFAULT_HF_PROBING = "fancyzhx/ag_news"
 class SuiteSettings:
     """What ``hsae eval --suite full`` runs beyond the standard metrics, and how much of it."""
 
-    parts: tuple[str, ...] = FULL_PARTS
-    """Parts to attempt (each is still skipped when this environment cannot run it)."""
+    parts: tuple[str, ...] | None = None
+    """Parts to attempt, in registry order (None: all of :data:`PARTS`); each is still skipped
+    when this environment cannot run it."""
     judge_pairs: int = 50
     """Parent-child pairs per model shown to the hierarchy judge."""
     judge_features: int = 30
@@ -143,7 +136,7 @@ class SuiteSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.parts) - set(FULL_PARTS))
+        unknown = sorted(set(self.parts or ()) - set(FULL_PARTS))
         if unknown:
             raise ValueError(f"unknown suite part(s) {unknown}; choose from {list(FULL_PARTS)}")
         for name in ("judge_pairs", "judge_features", "absorption_words", "contexts_per_category"):
@@ -343,16 +336,6 @@ def _saebench_evals() -> list[str]:
     return [name for name in TABLE1_EVALS if name != "autointerp" or has_key]
 
 
-_PART_RUNNERS: dict[str, Callable[[SuiteInputs], dict[str, Any]]] = {
-    "absorption": _absorption,
-    "sparse_probing": _sparse_probing,
-    "taxonomy": _taxonomy,
-    "sparse_probing_hf": _sparse_probing_hf,
-    "judges": _judges,
-    "saebench": _saebench,
-}
-
-
 def run_full_suite(
     inputs: SuiteInputs,
     results: dict[str, Any],
@@ -368,10 +351,11 @@ def run_full_suite(
     status: dict[str, Any] = {"suite": "full", "ran": [], "skipped": {}, "failed": {}}
     status["seconds"] = {}
     results["suite"] = status
-    for part in inputs.settings.parts:
+    wanted = inputs.settings.parts
+    for part in [name for name in PARTS if wanted is None or name in wanted]:
         started = time.perf_counter()
         try:
-            results[part] = _PART_RUNNERS[part](inputs)
+            results[part] = PARTS[part].run(inputs)
             status["ran"].append(part)
         except SkipPartError as reason:
             status["skipped"][part] = str(reason)
@@ -415,18 +399,13 @@ Row = tuple[str, list[Any]]
 
 def _suite_rows(results: dict[str, Any], names: list[str]) -> list[Row]:
     rows: list[Row] = []
-    rows += _absorption_rows(results.get("absorption"), names)
-    rows += _probing_rows(results.get("sparse_probing"), names, "sparse probing (WordNet)")
-    hf = results.get("sparse_probing_hf")
-    rows += _probing_rows(hf, names, f"sparse probing ({hf['dataset']})" if hf else "")
-    rows += _taxonomy_rows(results.get("taxonomy"), names)
-    rows += _judge_rows(results.get("judges"), names)
+    for part in PARTS.values():
+        if results.get(part.name):
+            rows += part.rows(results[part.name], names)
     return rows
 
 
-def _absorption_rows(part: dict[str, Any] | None, names: list[str]) -> list[Row]:
-    if not part:
-        return []
+def _absorption_rows(part: dict[str, Any], names: list[str]) -> list[Row]:
     rows = []
     for level in range(len(part[names[0]]["levels"])):
         score = [part[n]["levels"][level]["score"] for n in names]
@@ -436,9 +415,7 @@ def _absorption_rows(part: dict[str, Any] | None, names: list[str]) -> list[Row]
     return rows
 
 
-def _probing_rows(part: dict[str, Any] | None, names: list[str], title: str) -> list[Row]:
-    if not part:
-        return []
+def _probing_rows(part: dict[str, Any], names: list[str], title: str) -> list[Row]:
     raw = part["raw"]
     rows: list[Row] = [
         (
@@ -462,9 +439,7 @@ def _pair(entry: dict[str, Any], first: str, second: str) -> str:
     return f"{_cell(a)} / {_cell(b)}"
 
 
-def _taxonomy_rows(part: dict[str, Any] | None, names: list[str]) -> list[Row]:
-    if not part:
-        return []
+def _taxonomy_rows(part: dict[str, Any], names: list[str]) -> list[Row]:
     rows: list[Row] = []
     for index, pair in enumerate(part[names[0]]["pairs"]):
         level = pair["parent_level"]
@@ -490,9 +465,7 @@ def _precision_cell(entry: dict[str, Any], kind: str = "hypernym") -> str:
     )
 
 
-def _judge_rows(part: dict[str, Any] | None, names: list[str]) -> list[Row]:
-    if not part:
-        return []
+def _judge_rows(part: dict[str, Any], names: list[str]) -> list[Row]:
     judged = [n for n in names if n in part]
     if not judged:
         return []
@@ -522,3 +495,112 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return _fmt(value)
     return str(value)
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class SuiteChart:
+    """A per-level bar chart of one part, drawn on the explorer page and in plots/suite.png."""
+
+    key: str
+    title: str
+    note: str
+    values: Callable[[dict[str, Any]], list[Any]]
+    """The bars of one model, from that model's entry in the part's result."""
+    per_pair: bool = False
+    """One bar per pair of adjacent levels (links) instead of one per level."""
+
+
+@dataclass(frozen=True)
+class SuitePart:
+    """One part of the full suite: how it runs, its table rows and its charts.
+
+    Adding a metric to the suite is one module computing it plus one entry in :data:`PARTS`.
+    """
+
+    name: str
+    run: Callable[[SuiteInputs], dict[str, Any]]
+    """Computes the part's result (JSON-able; per model under the model's name), or raises
+    :class:`SkipPartError` when this environment cannot run it."""
+    rows: Callable[[dict[str, Any], list[str]], list[Row]] = lambda part, names: []
+    """Rows of the full-suite table: (label, one cell per model)."""
+    charts: tuple[SuiteChart, ...] = ()
+
+
+PARTS: dict[str, SuitePart] = {
+    part.name: part
+    for part in (
+        SuitePart(
+            "absorption",
+            _absorption,
+            _absorption_rows,
+            (
+                SuiteChart(
+                    "absorption",
+                    "Absorption: 1 - mean fraction",
+                    "higher is better",
+                    lambda entry: [level.get("score") for level in entry["levels"]],
+                ),
+            ),
+        ),
+        SuitePart(
+            "sparse_probing",
+            _sparse_probing,
+            lambda part, names: _probing_rows(part, names, "sparse probing (WordNet)"),
+            (
+                SuiteChart(
+                    "probing_top5",
+                    "Sparse probing top-5 accuracy",
+                    "WordNet categories",
+                    lambda entry: [level.get("top_5_accuracy") for level in entry["levels"]],
+                ),
+            ),
+        ),
+        SuitePart(
+            "taxonomy",
+            _taxonomy,
+            _taxonomy_rows,
+            (
+                SuiteChart(
+                    "taxonomy",
+                    "Links agreeing with WordNet",
+                    "hypernym precision",
+                    lambda entry: [pair["hypernym"]["precision"] for pair in entry["pairs"]],
+                    per_pair=True,
+                ),
+            ),
+        ),
+        SuitePart(
+            "sparse_probing_hf",
+            _sparse_probing_hf,
+            lambda part, names: _probing_rows(part, names, f"sparse probing ({part['dataset']})"),
+        ),
+        SuitePart("judges", _judges, _judge_rows),
+        SuitePart("saebench", _saebench),
+    )
+}
+"""Every part of ``--suite full``, in the order they run."""
+FULL_PARTS = tuple(PARTS)
+
+
+def suite_charts(metrics: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The charts of every part present in ``metrics`` for model ``name``: key, title, note,
+    whether bars are per level pair, and the values (what the explorer and the plots draw)."""
+    charts = []
+    for part in PARTS.values():
+        entry = (metrics.get(part.name) or {}).get(name)
+        if not isinstance(entry, dict):
+            continue
+        for chart in part.charts:
+            charts.append(
+                {
+                    "key": chart.key,
+                    "title": chart.title,
+                    "note": chart.note,
+                    "per_pair": chart.per_pair,
+                    "values": chart.values(entry),
+                }
+            )
+    return charts
