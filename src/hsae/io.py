@@ -276,7 +276,9 @@ def check_output_path(
     return path
 
 
-def run_owning(path: str | os.PathLike[str], runs: Iterable[str | os.PathLike[str]] = ()) -> Path | None:
+def run_owning(
+    path: str | os.PathLike[str], runs: Iterable[str | os.PathLike[str]] = ()
+) -> Path | None:
     """The run folder whose own entry ``path`` is (or lies in, or contains), else None."""
     resolved = Path(path).resolve()
     candidates = [Path(run).resolve() for run in runs]

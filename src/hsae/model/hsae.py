@@ -278,7 +278,9 @@ def load_hsae(path: str | Path, device: str | torch.device = "cpu") -> HSAE:
     try:
         state = load_file(str(weights_path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise ModelFileError(f"{weights_path} is not a readable safetensors file: {error}") from None
+        raise ModelFileError(
+            f"{weights_path} is not a readable safetensors file: {error}"
+        ) from None
     missing = set(model.state_dict()) - set(state)
     if missing:
         raise ModelFileError(f"{weights_path} lacks tensors: {sorted(missing)}")

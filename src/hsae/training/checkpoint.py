@@ -236,7 +236,9 @@ def _load_optimizer(target: Path, record: dict[str, Any]) -> dict[str, Any]:
         state = torch.load(legacy, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
         message = " ".join(str(error).split())[:300]
-        raise CheckpointError(f"checkpoint file {legacy} is unreadable or unsafe: {message}") from None
+        raise CheckpointError(
+            f"checkpoint file {legacy} is unreadable or unsafe: {message}"
+        ) from None
     if not isinstance(state, dict) or not {"state", "param_groups"} <= set(state):
         raise CheckpointError(f"checkpoint file {legacy} does not hold an optimizer state")
     return state

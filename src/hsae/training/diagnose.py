@@ -39,9 +39,7 @@ def _culprits(batch: Tensor, out: TrainingLoss, model: nn.Module) -> list[str]:
     found = []
     bad_rows = (~torch.isfinite(batch)).any(dim=-1)
     if bool(bad_rows.any()):
-        found.append(
-            f"input batch has {int(bad_rows.sum())} of {batch.shape[0]} rows with inf/NaN"
-        )
+        found.append(f"input batch has {int(bad_rows.sum())} of {batch.shape[0]} rows with inf/NaN")
     for name, values in (("mse", out.mse), ("l0", out.l0)):
         for level, value in enumerate(values.tolist()):
             if not _finite(value):
