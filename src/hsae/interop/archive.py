@@ -172,7 +172,7 @@ def _read_manifest(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) ->
     if handle is None:
         raise InteropError(f"{path}: {ARCHIVE_FILE} cannot be read")
     try:
-        manifest = json.loads(handle.read(MAX_MANIFEST_BYTES).decode("utf-8"))
+        manifest = json.loads(handle.read(member.size).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise InteropError(f"{path}: {ARCHIVE_FILE} is not valid JSON: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
