@@ -562,19 +562,23 @@ def test_cleaning_spares_live_writers_and_recent_unknown_files(tmp_path: Path) -
     )
     try:
         live_name = live.stdout.readline().strip()
-        unknown = folder / ".c.json.abcdefgh.tmp"  # an older hsae's mkstemp name
-        unknown.write_text("x")
+        (folder / "c.json").write_text("{}")
+        unknown = folder / ".c.json.abcdefgh.tmp"  # an older hsae's mkstemp name beside c.json
+        users = folder / ".notes.abcdefgh.tmp"  # looks alike, but nothing named notes: a user's
+        for path in (unknown, users):
+            path.write_text("x")
         clean_stale_temporaries(folder, force=True)
-        assert _temporaries(folder) == sorted([live_name, unknown.name])
+        assert _temporaries(folder) == sorted([live_name, unknown.name, users.name])
         two_hours_ago = time.time() - 7200
-        os.utime(unknown, (two_hours_ago, two_hours_ago))
+        for path in (unknown, users):
+            os.utime(path, (two_hours_ago, two_hours_ago))
         clean_stale_temporaries(folder, force=True)
-        assert _temporaries(folder) == [live_name]
+        assert _temporaries(folder) == sorted([live_name, users.name])
     finally:
         live.send_signal(signal.SIGKILL)
         live.wait()
     clean_stale_temporaries(folder, force=True)
-    assert _temporaries(folder) == []
+    assert _temporaries(folder) == [users.name]
 
 
 DIE_DURING_EXPORT = """

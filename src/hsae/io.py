@@ -6,8 +6,9 @@ Also the file-level guarantees shared by every writer (see docs/reliability-file
   ``0o600`` of a bare ``mkstemp``;
 * leftovers: temporary files are named ``.NAME.<host>-<pid>-<random>.tmp`` (staging folders
   ``... .partial``); the first write of a process into a folder removes the ones whose writer
-  is provably gone (same host, process no longer alive) and, for names this rule cannot
-  decide (older versions, other hosts), the ones untouched for :data:`STALE_AFTER_S`;
+  is provably gone (same host, process no longer alive) and, for those this rule cannot
+  decide (another host; an older hsae's ``.NAME.xxxxxxxx.tmp`` beside NAME), the ones
+  untouched for :data:`STALE_AFTER_S`. Nothing else is ever removed;
 * checksums: :func:`sha256_file` is the one checksum of the package;
 * outputs: :func:`check_output_path` refuses to replace an existing file unless asked, and
   never lets anything be written over a run folder's own files.
@@ -61,7 +62,8 @@ _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _TEMP_NAME = re.compile(
     r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.(?P<kind>tmp|partial)$"
 )
-_ANY_TEMP = re.compile(r"^\..+\.(tmp|partial)$")
+_LEGACY_TEMP = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+"""``mkstemp(prefix=".NAME.", suffix=".tmp")``: what hsae's atomic writes were named before."""
 _cleaned: set[Path] = set()
 _cleaned_lock = threading.Lock()
 
@@ -198,7 +200,7 @@ def clean_stale_temporaries(folder: str | os.PathLike[str], force: bool = False)
         return []
     now = time.time()
     for entry in entries:
-        if not _ANY_TEMP.match(entry.name) or not _is_stale(entry, now):
+        if not _is_stale(root, entry, now):
             continue
         path = Path(entry.path)
         try:
@@ -212,11 +214,19 @@ def clean_stale_temporaries(folder: str | os.PathLike[str], force: bool = False)
     return removed
 
 
-def _is_stale(entry: os.DirEntry[str], now: float) -> bool:
+def _is_stale(root: Path, entry: os.DirEntry[str], now: float) -> bool:
+    """Ours and provably abandoned. Anything not named by hsae is never touched; an older
+    hsae's name only beside the file it was written for (``.NAME.xxxxxxxx.tmp`` next to NAME)."""
     named = _TEMP_NAME.match(entry.name)
-    if named and named["host"] == _HOST:
+    if named is not None and named["host"] == _HOST:
         pid = int(named["pid"])
         return pid != os.getpid() and not _alive(pid)
+    if named is None:
+        legacy = _LEGACY_TEMP.match(entry.name)
+        if legacy is None or not (root / legacy["target"]).exists():
+            return False
+        if not entry.is_file(follow_symlinks=False):
+            return False
     try:
         return now - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
     except OSError:
