@@ -264,6 +264,9 @@ def report(
     max_tokens: int = typer.Option(100_000, help="activation rows scanned for contexts"),
     projection: str = typer.Option("auto", help="auto (UMAP if installed) | umap | pca | none"),
     no_plots: bool = typer.Option(False, "--no-plots", help="skip RUN_DIR/plots/*.png"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace an existing --out file (never the run's own files)"
+    ),
 ) -> None:
     """Write the feature-forest explorer (one self-contained HTML file) and PNG charts."""
     from hsae.report import ReportSettings, build_report
@@ -276,7 +279,7 @@ def report(
             max_tokens=max_tokens,
             projection=projection,
         )
-        result = build_report(run_dir, settings, out=out, plots=not no_plots)
+        result = build_report(run_dir, settings, out=out, plots=not no_plots, overwrite=overwrite)
     except _user_errors() as error:
         raise _fail(error) from None
     meta = result.meta
@@ -294,6 +297,9 @@ def export_run(
     out: str = typer.Argument(..., help="folder (saelens) or .tar.gz file (archive) to write"),
     format: str = typer.Option("saelens", "--format", help="saelens | archive"),
     model_name: str = typer.Option(None, help="model name for SAELens/SAEBench [the run's]"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace an existing OUT (never the run's own files)"
+    ),
 ) -> None:
     """Export a run: each level as a SAELens JumpReLU SAE, or one shareable run archive."""
     from hsae.interop import export_archive, export_saelens
@@ -302,9 +308,9 @@ def export_run(
         raise _fail(ValueError(f"--format must be 'saelens' or 'archive', got {format!r}"))
     try:
         if format == "archive":
-            typer.echo(f"wrote {export_archive(run_dir, out)}")
+            typer.echo(f"wrote {export_archive(run_dir, out, overwrite=overwrite)}")
             return
-        written = export_saelens(run_dir, out, model_name)
+        written = export_saelens(run_dir, out, model_name, overwrite=overwrite)
     except _user_errors() as error:
         raise _fail(error) from None
     for which, folders in written.items():
@@ -318,20 +324,20 @@ def import_saelens(
     similarity: str = typer.Option("encoder", help="forest similarity: encoder | decoder"),
     tree: str = typer.Option("partial", help="partial | full | binary"),
     scale: float = typer.Option(1.0, help="activation scale c the HSAE applies to raw inputs"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace the model in an existing --out folder"
+    ),
 ) -> None:
     """Build an HSAE and its post-hoc forest from SAELens JumpReLU SAEs of growing size."""
-    from pathlib import Path
-
     from hsae.interop import forest_from_saelens
-    from hsae.model.hsae import CONFIG_FILE
+    from hsae.interop.saelens import check_model_out, save_model_folder
 
-    if (Path(out) / CONFIG_FILE).exists():
-        raise _fail(ValueError(f"{out} already holds a saved model; choose another --out"))
     try:
+        check_model_out(out, overwrite)  # before the work: the same check as the save
         model = forest_from_saelens(folders, similarity, scale, tree=tree)
+        save_model_folder(model, out, overwrite=overwrite)
     except _user_errors() as error:
         raise _fail(error) from None
-    model.save(out)
     linked = sum(int((links >= 0).sum()) for links in model.forest())
     typer.echo(f"wrote {out}: levels {model.config.level_sizes}, {linked} parent links")
 
@@ -349,6 +355,11 @@ def saebench(
     llm_batch_size: int = typer.Option(32, help="contexts per language-model batch"),
     llm_dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
     api_key_file: str = typer.Option(None, help="OpenAI key file for autointerp [skip it]"),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="let SAEBench run the dataset's own loading code from the Hub (off: refused)",
+    ),
 ) -> None:
     """Run SAEBench's Table 1 evaluations on a run's HSAE and baseline (GPU, sae-bench)."""
     from pathlib import Path
@@ -367,6 +378,7 @@ def saebench(
             llm_batch_size=llm_batch_size,
             llm_dtype=llm_dtype,
             api_key=api_key,
+            trust_remote_code=trust_remote_code,
         )
     except (*_user_errors(), OSError) as error:
         raise _fail(error) from None

@@ -26,6 +26,7 @@ from hsae.model.forest import CoactivationTracker, rebuild_forest
 from hsae.model.hierarchy_losses import sample_perturbation
 from hsae.training.checkpoint import load_checkpoint, save_checkpoint
 from hsae.training.data import as_batches
+from hsae.training.diagnose import non_finite_report
 from hsae.training.schedule import warmup_cosine
 from hsae.training.sparsity import AdaptiveSparsity
 
@@ -123,6 +124,8 @@ class Trainer:
         self.initialised = not initialise_from_data
         self._replay: list[Tensor] = []
         self.tokens_drawn = 0
+        self.last_checkpoint: tuple[Path, int] | None = None
+        """(folder, step) of the last checkpoint written or resumed from."""
 
     # --- set-up -------------------------------------------------------------------------
     def initialise(self) -> None:
@@ -179,8 +182,7 @@ class Trainer:
         )
         if not torch.isfinite(out.total):
             raise NonFiniteLossError(
-                f"loss became {float(out.total)} at step {self.step}; the last good checkpoint "
-                "is kept. Lower lr or check the activations for inf/NaN."
+                non_finite_report(self.step, x, out, self.model, self.last_checkpoint)
             )
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
@@ -269,6 +271,7 @@ class Trainer:
                     on_log(log)
             if checkpoint_dir is not None and self._checkpoint_due(checkpoint_every):
                 save_checkpoint(self, checkpoint_dir)
+                self.last_checkpoint = (Path(checkpoint_dir), self.step)
         bar.close()
         if cfg.mode == "independent" or cfg.n_levels == 1:
             self.build_post_hoc_forest()
@@ -285,6 +288,7 @@ class Trainer:
     def resume(self, checkpoint_dir: str | Path) -> None:
         """Continue from a checkpoint written by :meth:`fit` (same config, same data)."""
         load_checkpoint(self, checkpoint_dir)
+        self.last_checkpoint = (Path(checkpoint_dir), self.step)
 
     def build_post_hoc_forest(self) -> None:
         """The baseline's forest: the same similarity rule, applied once after training."""
