@@ -35,7 +35,7 @@ from hsae.cli import app
 from hsae.io import write_json, write_text
 from hsae.runs import Run, RunConfig
 from hsae.training import NonFiniteLossError, Trainer
-from hsae.training.checkpoint import load_checkpoint, save_checkpoint
+from hsae.training.checkpoint import save_checkpoint
 from hsae.training.data import TensorBatches
 
 D_IN = 16
@@ -130,7 +130,7 @@ def trainer_with_checkpoint(folder: Path) -> Trainer:
     trainer.initialise()
     while trainer.step < 12 or trainer._replay:
         trainer.train_step()
-    save_checkpoint(trainer, folder)
+    save_checkpoint(trainer.state_dict(), folder)
     return trainer
 
 
@@ -149,7 +149,7 @@ def test_bit_flipped_checkpoint_is_refused_naming_the_file(tmp_path: Path, name:
         target = tmp_path / "ckpt" / "optimizer.pt"
     flip_last_byte(target)
     with pytest.raises(HSAEError, match=f"{target.name} is corrupt"):
-        load_checkpoint(fresh_trainer(), tmp_path / "ckpt")
+        fresh_trainer().resume(tmp_path / "ckpt")
 
 
 def test_checkpoint_holds_no_pickle_and_resumes_exactly(tmp_path: Path) -> None:
@@ -160,7 +160,7 @@ def test_checkpoint_holds_no_pickle_and_resumes_exactly(tmp_path: Path) -> None:
         "trainer.json",
     ]
     resumed = fresh_trainer()
-    load_checkpoint(resumed, tmp_path / "ckpt")
+    resumed.resume(tmp_path / "ckpt")
     saved, loaded = original.optimizer.state_dict(), resumed.optimizer.state_dict()
     assert json.dumps(saved["param_groups"]) == json.dumps(loaded["param_groups"])
     for index, values in saved["state"].items():
@@ -184,7 +184,7 @@ def old_format_checkpoint(folder: Path) -> Trainer:
 def test_checkpoint_of_an_earlier_version_still_resumes(tmp_path: Path) -> None:
     original = old_format_checkpoint(tmp_path / "ckpt")
     resumed = fresh_trainer()
-    load_checkpoint(resumed, tmp_path / "ckpt")
+    resumed.resume(tmp_path / "ckpt")
     assert resumed.step == original.step
     for a, b in zip(
         original.model.state_dict().values(), resumed.model.state_dict().values(), strict=True
@@ -204,7 +204,7 @@ def test_pickled_code_in_an_old_optimizer_file_is_refused_not_run(
     old_format_checkpoint(tmp_path / "ckpt")
     torch.save({"state": {}, "param_groups": [], "x": _Payload()}, tmp_path / "ckpt/optimizer.pt")
     with pytest.raises(HSAEError, match="optimizer.pt is unreadable or unsafe") as caught:
-        load_checkpoint(fresh_trainer(), tmp_path / "ckpt")
+        fresh_trainer().resume(tmp_path / "ckpt")
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "PWNED").exists()
 
@@ -220,11 +220,11 @@ def test_checkpoint_missing_tensors_or_record_keys_is_refused_in_one_line(tmp_pa
         record["sha256"]["state.safetensors"] = hashlib.sha256(state_path.read_bytes()).hexdigest()
     (tmp_path / "ckpt" / "trainer.json").write_text(json.dumps(record))
     with pytest.raises(HSAEError, match="state.safetensors lacks tensors: generator"):
-        load_checkpoint(fresh_trainer(), tmp_path / "ckpt")
+        fresh_trainer().resume(tmp_path / "ckpt")
     del record["scheduler"]
     (tmp_path / "ckpt" / "trainer.json").write_text(json.dumps(record))
     with pytest.raises(HSAEError, match="trainer.json is incomplete: no scheduler"):
-        load_checkpoint(fresh_trainer(), tmp_path / "ckpt")
+        fresh_trainer().resume(tmp_path / "ckpt")
 
 
 def test_bit_flipped_or_mixed_model_folder_is_refused(tmp_path: Path) -> None:

@@ -239,7 +239,7 @@ def demo(
         from hsae.report import build_report
 
         report_started = time.perf_counter()
-        page = build_report(run.folder).html
+        page = build_report(run).html
         run.record_stage_time("report", time.perf_counter() - report_started)
     except _user_errors() as error:
         raise _fail(error) from None
@@ -270,6 +270,7 @@ def report(
 ) -> None:
     """Write the feature-forest explorer (one self-contained HTML file) and PNG charts."""
     from hsae.report import ReportSettings, build_report
+    from hsae.runs import Run
 
     try:
         settings = ReportSettings(
@@ -279,7 +280,9 @@ def report(
             max_tokens=max_tokens,
             projection=projection,
         )
-        result = build_report(run_dir, settings, out=out, plots=not no_plots, overwrite=overwrite)
+        result = build_report(
+            Run.open(run_dir), settings, out=out, plots=not no_plots, overwrite=overwrite
+        )
     except _user_errors() as error:
         raise _fail(error) from None
     meta = result.meta

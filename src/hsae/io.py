@@ -35,27 +35,11 @@ import torch
 from safetensors.torch import save_file
 
 from hsae.errors import HSAEError
+from hsae.layout import RUN_FILE, RUN_OWNED
 
 STALE_AFTER_S = 3600.0
 """Temporaries whose writer cannot be identified are removed once untouched this long."""
-RUN_OWNED = (
-    "run.json",
-    "metrics.json",
-    "summary.md",
-    "timings.json",
-    "labels.json",
-    "archive.json",
-    "activations",
-    "hsae",
-    "baseline",
-    "checkpoints",
-    "logs",
-    "tensorboard",
-    "ablations",
-    "saebench",
-)
-"""A run folder's own entries (besides the report): nothing hsae exports may replace them."""
-RUN_MARKER = "run.json"
+RUN_MARKER = RUN_FILE
 
 _CHUNK = 1 << 20
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
@@ -255,9 +239,9 @@ def check_output_path(
     """Refuse an output path before anything is written.
 
     Always refused: a path below a regular file, a file where a folder is wanted (or the
-    reverse), and a run folder's own entries (:data:`RUN_OWNED`) of any run in ``runs`` or of
-    any folder above ``target`` holding ``run.json``. Refused unless ``overwrite``: an existing
-    file, or an existing non-empty folder.
+    reverse), and a run folder's own entries (``hsae.layout.RUN_OWNED``) of any run in
+    ``runs`` or of any folder above ``target`` holding ``run.json``. Refused unless
+    ``overwrite``: an existing file, or an existing non-empty folder.
     """
     path = Path(target)
     for parent in path.absolute().parents:

@@ -40,8 +40,8 @@ from hsae.evaluation.contexts import (
 )
 from hsae.evaluation.llm import Batch, JudgeClient, Message
 from hsae.labels import load_labels, save_labels
+from hsae.layout import Which
 
-Which = Literal["hsae", "baseline"]
 Feature = tuple[int, int]
 """(level, index)."""
 

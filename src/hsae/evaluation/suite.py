@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,10 +28,8 @@ from torch import Tensor
 from hsae.errors import HSAEError
 from hsae.evaluation.quality import evaluate
 from hsae.evaluation.splice import SpliceResult, spliced_losses
+from hsae.layout import MODEL_NAMES, RunLayout, RunView
 from hsae.model import HSAE
-
-if TYPE_CHECKING:
-    from hsae.runs import Run
 
 
 def evaluate_models(
@@ -154,7 +152,7 @@ class SkipPartError(Exception):
 class SuiteInputs:
     """What the parts share: the run, its models, and a language model loaded at most once."""
 
-    run: Run
+    run: RunView
     models: dict[str, HSAE]
     layer: int
     load_lm: Callable[[], Any] | None
@@ -195,7 +193,7 @@ class SuiteInputs:
         """The language-model side of a part (``prepare()``), saved under
         RUN/eval_cache/KIND-KEY so that a rerun with the same model, layer and settings loads it
         instead of running the language model again (even with ``--no-lm``)."""
-        folder = self.run.folder / "eval_cache" / f"{kind}-{self._key(kind, settings)}"
+        folder = RunLayout(self.run.folder).eval_cache / f"{kind}-{self._key(kind, settings)}"
         try:
             return load(folder)
         except Exception:  # absent, or left unreadable by a crash: prepare it again
@@ -307,7 +305,7 @@ def _judges(inputs: SuiteInputs) -> dict[str, Any]:
             n_pairs=inputs.settings.judge_pairs,
             n_features=inputs.settings.judge_features,
             seed=inputs.settings.seed,
-            models=[name for name in inputs.models if name in ("hsae", "baseline")],
+            models=[name for name in inputs.models if name in MODEL_NAMES],
             progress=inputs.progress,
         )
     finally:

@@ -30,13 +30,24 @@ from hsae.io import (
     sha256_file,
     staging_folder,
 )
+from hsae.layout import (
+    ARCHIVE_RECORD,
+    LOGS_DIR,
+    METRICS_FILE,
+    MODEL_NAMES,
+    PLOTS_DIR,
+    REPORT_FILE,
+    RUN_FILE,
+    SUMMARY_FILE,
+    TIMINGS_FILE,
+)
 from hsae.model.hsae import CONFIG_FILE
 
 ARCHIVE_FORMAT = "hsae-run-archive"
 ARCHIVE_FORMAT_VERSION = 1
-ARCHIVE_FILE = "archive.json"
-CARRIED_FILES = ("run.json", "metrics.json", "summary.md", "timings.json", "report.html")
-CARRIED_FOLDERS = ("hsae", "baseline", "logs", "plots", "report")
+ARCHIVE_FILE = ARCHIVE_RECORD
+CARRIED_FILES = (RUN_FILE, METRICS_FILE, SUMMARY_FILE, TIMINGS_FILE, REPORT_FILE)
+CARRIED_FOLDERS = (*MODEL_NAMES, LOGS_DIR, PLOTS_DIR, "report")
 MAX_MANIFEST_BYTES = 16 << 20
 """archive.json lists a few hundred files; a larger one is refused unread."""
 MAX_MEMBERS = 100_000

@@ -38,6 +38,7 @@ from hsae.io import (
     write_json,
     write_safetensors,
 )
+from hsae.layout import ACTIVATIONS_DIR, ARCHIVE_RECORD, CACHE_MANIFEST, MODEL_NAMES, RUN_FILE
 from hsae.model import HSAE, load_hsae
 from hsae.model import forest as forest_ops
 from hsae.model.hsae import CONFIG_FILE
@@ -53,7 +54,6 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 MAX_CFG_BYTES = 1 << 20
 """A SAELens ``cfg.json`` is a few kB; a larger one is refused unread."""
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
-WHICH = ("hsae", "baseline")
 MIN_THRESHOLD = torch.finfo(torch.float32).tiny
 """Thresholds <= 0 become this: with the ReLU SAELens applies, both give relu(pre)."""
 
@@ -109,13 +109,13 @@ class SAELensWeights:
 def run_provenance(run_dir: str | Path, model_name: str | None = None) -> Provenance:
     """Provenance of a run folder (or an extracted run archive); ``model_name`` overrides."""
     folder = Path(run_dir)
-    manifest_path = folder / "activations" / "manifest.json"
-    archive_path = folder / "archive.json"
+    manifest_path = folder / ACTIVATIONS_DIR / CACHE_MANIFEST
+    archive_path = folder / ARCHIVE_RECORD
     if manifest_path.is_file():
         values = _from_manifest(_read_json_object(manifest_path))
     elif archive_path.is_file():
         values = dict(_read_json_object(archive_path).get("provenance") or {})
-    elif (folder / "run.json").is_file():
+    elif (folder / RUN_FILE).is_file():
         values = _from_run_config(_read_json_object(folder / "run.json").get("config") or {})
     else:
         raise InteropError(f"{folder} is not a run folder (no run.json, manifest or archive.json)")
@@ -206,7 +206,7 @@ def trained_models(run_dir: str | Path) -> list[str]:
     folder = Path(run_dir)
     if not folder.is_dir():
         raise InteropError(f"{folder} does not exist or is not a folder")
-    models = [which for which in WHICH if (folder / which / CONFIG_FILE).is_file()]
+    models = [which for which in MODEL_NAMES if (folder / which / CONFIG_FILE).is_file()]
     if not models:
         raise InteropError(f"{folder} holds no trained model (no hsae/{CONFIG_FILE})")
     return models

@@ -33,6 +33,7 @@ from hsae.evaluation.contexts import (
 from hsae.evaluation.suite import suite_charts
 from hsae.io import read_json
 from hsae.labels import load_labels
+from hsae.layout import MODEL_NAMES, RunLayout, RunView
 from hsae.model import HSAE
 
 Projection = Literal["auto", "umap", "pca", "none"]
@@ -187,7 +188,9 @@ def _tree_nodes(
 # --------------------------------------------------------------------------- assembling
 
 
-def build_report_data(run: Any, settings: ReportSettings, tokenizer: Any = None) -> dict[str, Any]:
+def build_report_data(
+    run: RunView, settings: ReportSettings, tokenizer: Any = None
+) -> dict[str, Any]:
     """Everything the page shows, as a JSON-able dict (see docs/report.md for the fields)."""
     started = time.perf_counter()
     if not run.trained(settings.which):
@@ -368,7 +371,7 @@ def _meta(
 
 
 def _metrics(folder: Path) -> dict[str, Any] | None:
-    path = Path(folder) / "metrics.json"
+    path = RunLayout(Path(folder)).metrics
     if not path.is_file():
         return None
     try:
@@ -376,7 +379,7 @@ def _metrics(folder: Path) -> dict[str, Any] | None:
     except ValueError as error:
         raise ReportError(f"{path} is not valid JSON: {error}") from None
     charts: dict[str, Any] = {}
-    for name in ("hsae", "baseline"):
+    for name in MODEL_NAMES:
         entry = metrics.get(name)
         if not isinstance(entry, dict):
             continue

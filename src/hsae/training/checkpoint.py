@@ -24,8 +24,9 @@ import json
 import os
 import pickle
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -33,9 +34,6 @@ from safetensors.torch import load_file, save_file
 
 from hsae.errors import HSAEError
 from hsae.io import sha256_file, write_json
-
-if TYPE_CHECKING:
-    from hsae.training.trainer import Trainer
 
 STATE_FILE = "state.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -49,27 +47,21 @@ class CheckpointError(HSAEError, RuntimeError):
     """A checkpoint is missing, corrupt, or belongs to a different run."""
 
 
-def config_fingerprint(trainer: Trainer) -> dict[str, Any]:
-    """The settings a checkpoint must agree on to be resumed (not device or logging)."""
-    values = trainer.config.model_dump()
-    values.pop("device", None)
-    return values
+@dataclass
+class TrainerState:
+    """Everything a trainer needs to continue bit-for-bit (``Trainer.state_dict()``)."""
+
+    tensors: dict[str, torch.Tensor]
+    """Model weights and forest (``model.*``), controllers, counters, generator state."""
+    optimizer: dict[str, Any]
+    """The optimizer's ``state_dict()``."""
+    record: dict[str, Any]
+    """JSON-able: step, forest updates, tokens drawn, scheduler and data position, and the
+    ``config`` fingerprint a checkpoint must agree on to be resumed."""
 
 
-def _state_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
-    tensors = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
-    tensors |= trainer.sparsity.state_tensors()
-    for level, counter in enumerate(trainer.tokens_since_fired):
-        tensors[f"tokens_since_fired.{level}"] = counter
-    if trainer.coactivation is not None:
-        tensors |= trainer.coactivation.state_tensors()
-    tensors["generator"] = trainer.generator.get_state()
-    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
+def optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
     """An optimizer's state dict split into tensors (``state.<param>.<key>``) and JSON."""
-    state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, values in state["state"].items():
@@ -97,33 +89,25 @@ def optimizer_state(tensors: dict[str, torch.Tensor], record: Any) -> dict[str, 
     return {"state": state, "param_groups": groups}
 
 
-def _trainer_record(trainer: Trainer) -> dict[str, Any]:
-    data_state = trainer.batches.state_dict() if hasattr(trainer.batches, "state_dict") else None
-    return {
-        "version": CHECKPOINT_VERSION,
-        "step": trainer.step,
-        "forest_updates": trainer.forest_updates,
-        "tokens_drawn": trainer.tokens_drawn,
-        "scheduler": trainer.scheduler.state_dict(),
-        "data": data_state,
-        "config": config_fingerprint(trainer),
-    }
-
-
-def save_checkpoint(trainer: Trainer, folder: str | Path) -> Path:
-    """Write ``trainer``'s full state to ``folder`` atomically (replacing an older one)."""
+def save_checkpoint(state: TrainerState, folder: str | Path) -> Path:
+    """Write a trainer's state to ``folder`` atomically (replacing an older one)."""
     target = Path(folder)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    save_file(_state_tensors(trainer), str(staging / STATE_FILE))
-    adam_tensors, adam_record = optimizer_tensors(trainer.optimizer)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.tensors.items()}
+    save_file(tensors, str(staging / STATE_FILE))
+    adam_tensors, adam_record = optimizer_tensors(state.optimizer)
     save_file(adam_tensors, str(staging / OPTIMIZER_FILE))
-    record = _trainer_record(trainer) | {
-        "optimizer": adam_record,
-        "sha256": {name: sha256_file(staging / name) for name in (STATE_FILE, OPTIMIZER_FILE)},
-    }
+    record = (
+        {"version": CHECKPOINT_VERSION}
+        | state.record
+        | {
+            "optimizer": adam_record,
+            "sha256": {name: sha256_file(staging / name) for name in (STATE_FILE, OPTIMIZER_FILE)},
+        }
+    )
     write_json(staging / TRAINER_FILE, record)
     previous = target.with_name(f".{target.name}.old")
     shutil.rmtree(previous, ignore_errors=True)
@@ -184,12 +168,13 @@ def verify_checkpoint(folder: str | Path, record: dict[str, Any]) -> None:
             )
 
 
-def load_checkpoint(trainer: Trainer, folder: str | Path) -> None:
-    """Restore ``trainer`` from ``folder``; refuse checkpoints of a differently configured run,
-    with a corrupt or missing file, or lacking a piece of the trainer's state."""
+def load_checkpoint(folder: str | Path, like: TrainerState) -> TrainerState:
+    """The state saved in ``folder``, checked against ``like`` (the state of the trainer that
+    will resume): refuse a checkpoint of a differently configured run, a corrupt or missing
+    file, or one lacking a tensor ``like`` has."""
     target = Path(folder)
     record = read_trainer_record(target)
-    mismatched = _differences(record.get("config", {}), config_fingerprint(trainer))
+    mismatched = _differences(record.get("config", {}), like.record.get("config", {}))
     if mismatched:
         raise CheckpointError(
             f"checkpoint {target} was written by a run with different settings ({mismatched}); "
@@ -197,18 +182,11 @@ def load_checkpoint(trainer: Trainer, folder: str | Path) -> None:
         )
     verify_checkpoint(target, record)
     tensors = _load_tensors(target / STATE_FILE)
-    missing = sorted(set(_state_tensors(trainer)) - set(tensors))
+    missing = sorted(set(like.tensors) - set(tensors))
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint file {target / STATE_FILE} lacks tensors: {shown}")
-    optimizer = _load_optimizer(target, record)
-    try:
-        _apply(trainer, tensors, optimizer, record)
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
-        message = " ".join(str(error).split())
-        raise CheckpointError(
-            f"checkpoint {target} does not fit this trainer: {type(error).__name__}: {message}"
-        ) from None
+    return TrainerState(tensors, _load_optimizer(target, record), record)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -242,33 +220,6 @@ def _load_optimizer(target: Path, record: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(state, dict) or not {"state", "param_groups"} <= set(state):
         raise CheckpointError(f"checkpoint file {legacy} does not hold an optimizer state")
     return state
-
-
-def _apply(
-    trainer: Trainer,
-    tensors: dict[str, torch.Tensor],
-    optimizer: dict[str, Any],
-    record: dict[str, Any],
-) -> None:
-    model_state = {
-        k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")
-    }
-    trainer.model.load_state_dict(model_state)
-    trainer.sparsity.load_state_tensors(tensors)
-    trainer.sparsity.started = bool(int(tensors["sparsity.started"]))
-    for level, counter in enumerate(trainer.tokens_since_fired):
-        counter.copy_(tensors[f"tokens_since_fired.{level}"])
-    if trainer.coactivation is not None:
-        trainer.coactivation.load_state_tensors(tensors)
-    trainer.generator.set_state(tensors["generator"])
-    trainer.optimizer.load_state_dict(optimizer)
-    trainer.scheduler.load_state_dict(record["scheduler"])
-    if record.get("data") is not None and hasattr(trainer.batches, "load_state_dict"):
-        trainer.batches.load_state_dict(record["data"])
-    trainer.step = int(record["step"])
-    trainer.forest_updates = int(record["forest_updates"])
-    trainer.tokens_drawn = int(record["tokens_drawn"])
-    trainer.initialised = True
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
