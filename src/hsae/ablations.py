@@ -35,10 +35,11 @@ from tqdm.auto import tqdm
 
 from hsae.config import ConfigError, HSAEConfig
 from hsae.io import read_json, write_json, write_text
+from hsae.layout import MODEL_NAMES, Which
 from hsae.model import load_hsae
 from hsae.model.hsae import CONFIG_FILE
 from hsae.report.plots import save_figure
-from hsae.runs import Run, RunConfig, RunError, Which
+from hsae.runs import Run, RunConfig, RunError
 
 GROUPS = ("core", "tree", "similarity", "rho", "r")
 TREES = ("partial", "full", "binary", "fixed")
@@ -156,21 +157,7 @@ def plan(run: Run, settings: AblationSettings) -> list[Planned]:
         config, resolved = resolve(run, cache, variant, train_tokens)
         key = fingerprint(resolved)
         planned.append(Planned(variant, config, resolved, first_of[key], own_models.get(key)))
-    _refuse_forestless(planned)
     return planned
-
-
-def _refuse_forestless(planned: list[Planned]) -> None:
-    """An HSAE trained for fewer steps than one forest rebuild never gets a forest."""
-    for entry in planned:
-        config = entry.config
-        if config.mode == "hsae" and config.total_steps <= config.forest_update_interval:
-            needed = (config.forest_update_interval + 1) * config.batch_size
-            raise ConfigError(
-                f"train_tokens: {config.train_tokens} gives {config.total_steps} steps, no more "
-                f"than the forest update interval ({config.forest_update_interval}), so the HSAE "
-                f"variants would never build a forest; allowed: at least {needed}"
-            )
 
 
 def resolve(
@@ -207,7 +194,7 @@ def _run_train_tokens(run: Run, cache: Any) -> int:
 def _run_models(run: Run) -> dict[str, Path]:
     """The run's trained models by fingerprint of their saved settings."""
     found = {}
-    for which in ("hsae", "baseline"):
+    for which in MODEL_NAMES:
         path = run.model_dir(which) / CONFIG_FILE
         if path.is_file():
             found[fingerprint(HSAEConfig(**read_json(path)["config"]))] = run.model_dir(which)

@@ -377,19 +377,18 @@ class Run:
         return ["hsae", "baseline"] if self.config.baseline else ["hsae"]
 
     def unfinished_models(self) -> dict[str, str]:
-        """The wanted models without a saved model, each with what is known of it."""
-        from hsae.training.checkpoint import read_trainer_record
-
+        """The wanted models without a saved model, each with what is known of it: "still
+        training (checkpoint at step N)" when a checkpoint exists, else "not trained yet"."""
         found = {}
         for which in self.wanted_models():
             if self.trained(which):
                 continue
-            checkpoint = self.checkpoint_dir(which)
-            if (checkpoint / "trainer.json").is_file():
+            record = self.checkpoint_dir(which) / "trainer.json"
+            if record.is_file():
                 try:
-                    step = int(read_trainer_record(checkpoint)["step"])
+                    step = int(json.loads(record.read_text(encoding="utf-8"))["step"])
                     found[which] = f"still training (checkpoint at step {step})"
-                except (HSAEError, KeyError, TypeError, ValueError):
+                except (OSError, ValueError, KeyError, TypeError):
                     found[which] = "still training (checkpoint unreadable)"
             else:
                 found[which] = "not trained yet"

@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from hsae.config import HSAEConfig
-from hsae.io import write_json, write_safetensors
+from hsae.errors import HSAEError
+from hsae.io import sha256_file, write_json, write_safetensors
 from hsae.model import forest as forest_ops
 from hsae.model.hierarchy_losses import parent_children_constraint, perturbed_reconstruction
 from hsae.model.level import JumpReLULevel, LevelCodes
@@ -25,6 +28,16 @@ from hsae.model.level import JumpReLULevel, LevelCodes
 WEIGHTS_FILE = "hsae.safetensors"
 CONFIG_FILE = "hsae_config.json"
 FORMAT_VERSION = 1
+MAX_CONFIG_BYTES = 1 << 20
+"""A saved model's config file is a few kB; anything above this is refused unread."""
+
+
+class ModelFileError(HSAEError, ValueError):
+    """A saved model folder is missing a file, or a file is corrupt; the message names it."""
+
+
+class ModelNotFoundError(ModelFileError, FileNotFoundError):
+    """No saved model where one was expected."""
 
 
 @dataclass
@@ -119,11 +132,16 @@ class HSAE(nn.Module):
         substituted: list[Tensor] | None = None,
         dead: list[Tensor] | None = None,
         keep_active: bool = False,
+        exact_metrics: bool = True,
     ) -> TrainingLoss:
         """Loss on a batch ``x`` already in scaled units.
 
         ``substituted[l]`` flags the level-l parents replaced by their children this step
         (None: no perturbation); ``dead[l]`` flags level-l features the auxiliary loss revives.
+        The loss uses the perturbed reconstructions; the reported ``mse`` and
+        ``variance_explained`` are those of the model itself (unperturbed), which costs one
+        more decode of each perturbed level; ``exact_metrics=False`` skips it and reports the
+        perturbed ones (the trainer does so on steps it does not log).
         """
         cfg = self.config
         fused = cfg.sparse_kernels
@@ -133,14 +151,30 @@ class HSAE(nn.Module):
         total, aux_total, constraint = zero, zero, zero
         mses, l0s, explained, fired, active_masks = [], [], [], [], []
         for index, level in enumerate(self.levels):
-            recon = self._level_reconstruction(index, codes, substituted, fused)
+            perturbed = self._perturbs(index, substituted)
+            if perturbed:
+                recon = perturbed_reconstruction(
+                    level,
+                    codes[index],
+                    self.levels[index + 1],
+                    codes[index + 1],
+                    self.parents(index),
+                    substituted[index],  # type: ignore[index]
+                    fused,
+                )
+            else:
+                recon = self._plain_reconstruction(index, codes, fused)
             sq_error = (recon - x).pow(2).sum(-1)
-            mse = sq_error.mean()
             l0 = level.l0(codes[index], cfg.bandwidth)
-            total = total + mse + sparsity_weights[index] * l0
-            mses.append(mse.detach())
+            total = total + sq_error.mean() + sparsity_weights[index] * l0
+            if perturbed and exact_metrics:
+                with torch.no_grad():
+                    own_error = (self._plain_reconstruction(index, codes, fused) - x).pow(2).sum(-1)
+            else:
+                own_error = sq_error.detach()
+            mses.append(own_error.mean())
             l0s.append(l0.detach())
-            explained.append(per_token_variance_explained(sq_error.detach(), energy).mean())
+            explained.append(per_token_variance_explained(own_error, energy).mean())
             active = codes[index].pre > level.threshold.detach()
             fired.append(active.any(0))
             if keep_active:
@@ -163,26 +197,15 @@ class HSAE(nn.Module):
             active=active_masks,
         )
 
-    def _level_reconstruction(
-        self,
-        index: int,
-        codes: list[LevelCodes],
-        substituted: list[Tensor] | None,
-        fused: bool,
-    ) -> Tensor:
-        level = self.levels[index]
-        own = codes[index]
-        if substituted is None or index == self.n_levels - 1 or not bool(substituted[index].any()):
-            return level.decode_columns(own, None, fused) + level.b_dec
-        return perturbed_reconstruction(
-            level,
-            own,
-            self.levels[index + 1],
-            codes[index + 1],
-            self.parents(index),
-            substituted[index],
-            fused,
+    def _perturbs(self, index: int, substituted: list[Tensor] | None) -> bool:
+        """Whether level ``index`` swaps some parents for their children this step."""
+        return (
+            substituted is not None and index < self.n_levels - 1 and bool(substituted[index].any())
         )
+
+    def _plain_reconstruction(self, index: int, codes: list[LevelCodes], fused: bool) -> Tensor:
+        level = self.levels[index]
+        return level.decode_columns(codes[index], None, fused) + level.b_dec
 
     def _constraint(self, codes: list[LevelCodes]) -> Tensor:
         total = codes[0].acts.new_zeros(())
@@ -217,7 +240,11 @@ class HSAE(nn.Module):
 
     # --- persistence ---------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write ``hsae.safetensors`` (weights, forest, scale) and ``hsae_config.json``."""
+        """Write ``hsae.safetensors`` (weights, forest, scale) and ``hsae_config.json``.
+
+        The config is written last and records the weights' sha256, so :func:`load_hsae`
+        detects a corrupt file, or weights and config from two different saves.
+        """
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name: tensor for name, tensor in self.state_dict().items()}
@@ -225,28 +252,75 @@ class HSAE(nn.Module):
         write_safetensors(folder / WEIGHTS_FILE, tensors, metadata)
         write_json(
             folder / CONFIG_FILE,
-            {"format_version": FORMAT_VERSION, "config": self.config.model_dump()},
+            {
+                "format_version": FORMAT_VERSION,
+                "config": self.config.model_dump(),
+                "sha256": {WEIGHTS_FILE: sha256_file(folder / WEIGHTS_FILE)},
+            },
         )
         return folder
 
 
 def load_hsae(path: str | Path, device: str | torch.device = "cpu") -> HSAE:
-    """Load a model written by :meth:`HSAE.save` (exact round trip)."""
+    """Load a model written by :meth:`HSAE.save` (exact round trip).
+
+    Raises :class:`ModelFileError` naming the file when a file is missing, unreadable, corrupt
+    (sha256 mismatch) or inconsistent. Folders saved before checksums were recorded load
+    without the check.
+    """
     folder = Path(path)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for required in (config_path, weights_path):
         if not required.is_file():
-            raise FileNotFoundError(f"no saved HSAE at {folder}: missing {required.name}")
-    payload = json.loads(config_path.read_text(encoding="utf-8"))
-    config = HSAEConfig(**payload["config"])
+            raise ModelNotFoundError(f"no saved HSAE at {folder}: missing {required.name}")
+    payload = _read_config_file(config_path)
+    try:
+        config = HSAEConfig(**payload["config"])
+    except (KeyError, TypeError, HSAEError) as error:
+        raise ModelFileError(f"{config_path}: not a valid saved HSAE config: {error}") from None
+    expected = payload.get("sha256", {}).get(WEIGHTS_FILE)
+    if expected is not None and sha256_file(weights_path) != expected:
+        raise ModelFileError(
+            f"{weights_path} is corrupt or was replaced (sha256 differs from the one recorded "
+            f"in {CONFIG_FILE}); save the model again or restore the file"
+        )
     model = HSAE(config)
-    state = load_file(str(weights_path), device=str(device))
+    try:
+        state = load_file(str(weights_path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise ModelFileError(
+            f"{weights_path} is not a readable safetensors file: {error}"
+        ) from None
     missing = set(model.state_dict()) - set(state)
     if missing:
-        raise ValueError(f"{weights_path} lacks tensors: {sorted(missing)}")
-    model.load_state_dict(state)
-    forest_ops.validate_forest(model.forest(), config.level_sizes)
+        raise ModelFileError(f"{weights_path} lacks tensors: {sorted(missing)}")
+    try:
+        model.load_state_dict(state)
+        forest_ops.validate_forest(model.forest(), config.level_sizes)
+    except (RuntimeError, ValueError) as error:
+        message = str(error).replace("\n", " ").strip()
+        raise ModelFileError(f"{weights_path} does not match {CONFIG_FILE}: {message}") from None
     return model.to(device)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ModelFileError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes; not a model config")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ModelFileError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
+        raise ModelFileError(f"{path} is not a saved HSAE config (no 'config' object)")
+    version = payload.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: format_version {version!r} is not one this hsae reads ({FORMAT_VERSION})"
+        )
+    checksums = payload.get("sha256", {})
+    if not isinstance(checksums, dict):
+        raise ModelFileError(f"{path}: 'sha256' must be an object of file checksums")
+    return payload
 
 
 def centred_energy(x: Tensor) -> Tensor:
