@@ -406,6 +406,7 @@ CASES = [
     Case("eval-while-locked", "pid", ["eval", "{w}/run", "--no-lm"], setup=_hold_lock),
     # hsae report / export / ablate / demo
     Case("report-not-a-run", "run.json", ["report", "{w}/cache"]),
+    Case("report-while-locked", "pid", ["report", "{w}/run"], setup=_hold_lock),
     Case("report-which", "which", ["report", "{w}/run", "--which", "bogus"]),
     Case("report-max-features", "max_features", ["report", "{w}/run", "--max-features", "0"]),
     Case("report-projection", "projection", ["report", "{w}/run", "--projection", "bogus"]),

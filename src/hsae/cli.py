@@ -317,9 +317,9 @@ def report(
             max_tokens=max_tokens,
             projection=projection,
         )
-        result = build_report(
-            Run.open(run_dir), settings, out=out, plots=not no_plots, overwrite=overwrite
-        )
+        run = Run.open(run_dir)
+        with run.lock("hsae report"):  # one writer per run folder (docs/reliability.md)
+            result = build_report(run, settings, out=out, plots=not no_plots, overwrite=overwrite)
     except _user_errors() as error:
         raise _fail(error) from None
     meta = result.meta
