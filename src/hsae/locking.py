@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - Windows
 
 LOCK_FILE = ".lock"
 
-_held: dict[str, tuple[int, int]] = {}  # resolved folder -> (file descriptor, depth)
+_held: dict[str, tuple[int, list[str]]] = {}  # resolved folder -> (descriptor, purposes)
 _guard = threading.Lock()
 
 
@@ -49,30 +49,35 @@ def holder_of(folder: str | os.PathLike[str]) -> str:
 @contextmanager
 def folder_lock(folder: str | os.PathLike[str], purpose: str) -> Iterator[None]:
     """Hold the exclusive lock of an existing ``folder`` for the block; raise
-    :class:`FolderInUseError` at once (no waiting) when another process holds it."""
+    :class:`FolderInUseError` at once (no waiting) when another process holds it. The lock
+    file names the innermost purpose (a command, then the stage it is in)."""
     root = Path(folder)
     key = str(root.resolve())
     with _guard:
-        if key in _held:
-            fd, depth = _held[key]
-            _held[key] = (fd, depth + 1)
-            reentered = True
-        else:
-            reentered = False
-    if not reentered:
+        entry = _held.get(key)
+        if entry is not None:
+            entry[1].append(purpose)
+            _describe(entry[0], purpose)
+    if entry is None:
         fd = _acquire(root, purpose)
         with _guard:
-            _held[key] = (fd, 1)
+            _held[key] = (fd, [purpose])
     try:
         yield
     finally:
         with _guard:
-            fd, depth = _held[key]
-            if depth > 1:
-                _held[key] = (fd, depth - 1)
+            fd, purposes = _held[key]
+            purposes.pop()
+            if purposes:
+                _describe(fd, purposes[-1])
             else:
                 del _held[key]
                 _release(fd)
+
+
+def _describe(fd: int, purpose: str) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}: {purpose}\n".encode(), 0)
 
 
 def _acquire(root: Path, purpose: str) -> int:
@@ -87,8 +92,7 @@ def _acquire(root: Path, purpose: str) -> int:
     except OSError:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()}: {purpose}\n".encode(), 0)
+    _describe(fd, purpose)
     return fd
 
 
