@@ -13,6 +13,7 @@ from hsae.model.hierarchy_losses import (
     perturbed_reconstruction,
     sample_perturbation,
 )
+from hsae.model.hsae import LossWeights
 
 D = 12
 SIZES = [6, 12, 24]
@@ -128,7 +129,8 @@ def test_fused_kernels_match_dense_reference(monkeypatch, force_sparse_backward:
             for i in range(len(SIZES) - 1)
         ] + [torch.zeros(SIZES[-1], dtype=torch.bool)]
         dead = [torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.3 for n in SIZES]
-        out = model.training_loss(x, torch.tensor([0.5, 0.7, 0.9]), substituted, dead)
+        weights = LossWeights(torch.tensor([0.5, 0.7, 0.9]), rho=0.3, aux=1 / 32)
+        out = model.training_loss(x, weights, substituted, dead)
         out.total.backward()
         results.append((out, _grads(model)))
     (fast, fast_grads), (slow, slow_grads) = results
@@ -233,3 +235,29 @@ def test_rebuild_picks_most_similar_encoder_parent() -> None:
     child_units = torch.nn.functional.normalize(model.levels[1].W_enc.t(), dim=1)
     brute = (child_units @ parent_units.t()).argmax(1)
     assert torch.equal(links[0], brute)
+
+
+def test_model_keeps_its_architecture_and_the_trainer_its_settings(tmp_path) -> None:
+    from hsae.config import ArchitectureConfig
+    from hsae.model.hsae import saved_training_config
+    from hsae.training import Trainer
+    from hsae.training.data import TensorBatches
+
+    config = HSAEConfig(
+        d_in=D, level_sizes=SIZES, target_l0=3, train_tokens=32 * 40, batch_size=32, rho=0.7, seed=3
+    )
+    model = HSAE(config)
+    assert type(model.config) is ArchitectureConfig
+    assert set(model.config.model_dump()) == set(ArchitectureConfig.model_fields)
+    assert not hasattr(model.config, "rho")  # loss weights reach the loss only as LossWeights
+    # Same seed, same initial weights, whichever config the model is built from.
+    again = HSAE(config.architecture(), seed=3)
+    assert torch.equal(model.levels[0].W_dec, again.levels[0].W_dec)
+    model.save(tmp_path / "bare")
+    assert saved_training_config(tmp_path / "bare") is None
+    trainer = Trainer(config, TensorBatches(torch.randn(512, D), 32))
+    trained = trainer.fit(progress=False)
+    trained.save(tmp_path / "trained")
+    assert saved_training_config(tmp_path / "trained") == config
+    loaded = load_hsae(tmp_path / "trained")
+    assert loaded.config == config.architecture() and loaded.training_config == config

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from hsae.config import HSAEConfig
+from hsae.config import ArchitectureConfig, HSAEConfig
 from hsae.errors import HSAEError
 from hsae.io import sha256_file, write_json, write_safetensors
 from hsae.model import forest as forest_ops
@@ -27,7 +27,7 @@ from hsae.model.level import JumpReLULevel, LevelCodes
 
 WEIGHTS_FILE = "hsae.safetensors"
 CONFIG_FILE = "hsae_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_CONFIG_BYTES = 1 << 20
 """A saved model's config file is a few kB; anything above this is refused unread."""
 
@@ -38,6 +38,18 @@ class ModelFileError(HSAEError, ValueError):
 
 class ModelNotFoundError(ModelFileError, FileNotFoundError):
     """No saved model where one was expected."""
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The weights of the loss's terms, all in one place (the trainer owns their values)."""
+
+    sparsity: Tensor
+    """[L] lambda_l of each level's L0 penalty (the sparsity controller's current values)."""
+    rho: float = 0.0
+    """Weight of the parent-children constraint (used when the model is an HSAE)."""
+    aux: float = 0.0
+    """Weight of the dead-feature auxiliary loss."""
 
 
 @dataclass
@@ -62,10 +74,20 @@ class TrainingLoss:
 class HSAE(nn.Module):
     """Hierarchical sparse autoencoder: levels of growing size and a forest between them."""
 
-    def __init__(self, config: HSAEConfig):
+    def __init__(self, config: ArchitectureConfig, seed: int | None = None):
+        """Levels of ``config`` with random decoder directions drawn with ``seed``.
+
+        ``config`` may be a full :class:`HSAEConfig`: the model keeps only its architecture,
+        and its ``seed`` is used when ``seed`` is None.
+        """
         super().__init__()
+        if isinstance(config, HSAEConfig):
+            seed = config.seed if seed is None else seed
+            config = config.architecture()
         self.config = config
-        generator = torch.Generator().manual_seed(config.seed)
+        self.training_config: HSAEConfig | None = None
+        """How the model was trained, when known (set by the trainer, saved with the model)."""
+        generator = torch.Generator().manual_seed(0 if seed is None else seed)
         self.levels = nn.ModuleList(
             JumpReLULevel(config.d_in, size, generator) for size in config.level_sizes
         )
@@ -128,13 +150,13 @@ class HSAE(nn.Module):
     def training_loss(
         self,
         x: Tensor,
-        sparsity_weights: Tensor,
+        weights: LossWeights,
         substituted: list[Tensor] | None = None,
         dead: list[Tensor] | None = None,
         keep_active: bool = False,
         exact_metrics: bool = True,
     ) -> TrainingLoss:
-        """Loss on a batch ``x`` already in scaled units.
+        """Loss on a batch ``x`` already in scaled units, weighted by ``weights``.
 
         ``substituted[l]`` flags the level-l parents replaced by their children this step
         (None: no perturbation); ``dead[l]`` flags level-l features the auxiliary loss revives.
@@ -166,7 +188,7 @@ class HSAE(nn.Module):
                 recon = self._plain_reconstruction(index, codes, fused)
             sq_error = (recon - x).pow(2).sum(-1)
             l0 = level.l0(codes[index], cfg.bandwidth)
-            total = total + sq_error.mean() + sparsity_weights[index] * l0
+            total = total + sq_error.mean() + weights.sparsity[index] * l0
             if perturbed and exact_metrics:
                 with torch.no_grad():
                     own_error = (self._plain_reconstruction(index, codes, fused) - x).pow(2).sum(-1)
@@ -179,13 +201,13 @@ class HSAE(nn.Module):
             fired.append(active.any(0))
             if keep_active:
                 active_masks.append(active)
-            if dead is not None and cfg.aux_coefficient > 0 and bool(dead[index].any()):
+            if dead is not None and weights.aux > 0 and bool(dead[index].any()):
                 aux = self._dead_feature_loss(level, x, (x - recon).detach(), dead[index])
-                total = total + cfg.aux_coefficient * aux
+                total = total + weights.aux * aux
                 aux_total = aux_total + aux.detach()
-        if cfg.uses_hierarchy_losses and cfg.rho > 0:
+        if cfg.uses_hierarchy_losses and weights.rho > 0:
             constraint = self._constraint(codes)
-            total = total + cfg.rho * constraint
+            total = total + weights.rho * constraint
         return TrainingLoss(
             total=total,
             mse=torch.stack(mses),
@@ -255,6 +277,9 @@ class HSAE(nn.Module):
             {
                 "format_version": FORMAT_VERSION,
                 "config": self.config.model_dump(),
+                "training": (
+                    None if self.training_config is None else self.training_config.model_dump()
+                ),
                 "sha256": {WEIGHTS_FILE: sha256_file(folder / WEIGHTS_FILE)},
             },
         )
@@ -275,7 +300,8 @@ def load_hsae(path: str | Path, device: str | torch.device = "cpu") -> HSAE:
             raise ModelNotFoundError(f"no saved HSAE at {folder}: missing {required.name}")
     payload = _read_config_file(config_path)
     try:
-        config = HSAEConfig(**payload["config"])
+        config = ArchitectureConfig(**_architecture_values(payload["config"]))
+        training = read_training_config(payload)
     except (KeyError, TypeError, HSAEError) as error:
         raise ModelFileError(f"{config_path}: not a valid saved HSAE config: {error}") from None
     expected = payload.get("sha256", {}).get(WEIGHTS_FILE)
@@ -285,6 +311,7 @@ def load_hsae(path: str | Path, device: str | torch.device = "cpu") -> HSAE:
             f"in {CONFIG_FILE}); save the model again or restore the file"
         )
     model = HSAE(config)
+    model.training_config = training
     try:
         state = load_file(str(weights_path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
@@ -301,6 +328,26 @@ def load_hsae(path: str | Path, device: str | torch.device = "cpu") -> HSAE:
         message = str(error).replace("\n", " ").strip()
         raise ModelFileError(f"{weights_path} does not match {CONFIG_FILE}: {message}") from None
     return model.to(device)
+
+
+def _architecture_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The architecture's fields of a saved config (format 1 saved every training setting)."""
+    return {k: v for k, v in values.items() if k in ArchitectureConfig.model_fields}
+
+
+def read_training_config(payload: dict[str, Any]) -> HSAEConfig | None:
+    """How a saved model was trained, from its parsed ``hsae_config.json`` (None: unknown).
+    Format 1 files kept every setting under ``config``; format 2 keeps them under
+    ``training`` beside the architecture."""
+    if payload.get("format_version", 1) == 1:
+        return HSAEConfig(**payload["config"])
+    training = payload.get("training")
+    return None if training is None else HSAEConfig(**training)
+
+
+def saved_training_config(folder: str | Path) -> HSAEConfig | None:
+    """:func:`read_training_config` of the model saved in ``folder``."""
+    return read_training_config(_read_config_file(Path(folder) / CONFIG_FILE))
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from hsae.errors import HSAEError
 from hsae.model import HSAE, TrainingLoss
 from hsae.model.forest import CoactivationTracker, rebuild_forest
 from hsae.model.hierarchy_losses import sample_perturbation
+from hsae.model.hsae import LossWeights
 from hsae.training.checkpoint import (
     CheckpointError,
     TrainerState,
@@ -96,6 +97,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.batches = batches
         self.model = (model or HSAE(config)).to(self.device)
+        self.model.training_config = config
         self.optimizer = torch.optim.Adam(
             _parameter_groups(self.model, config),
             lr=config.lr,
@@ -179,7 +181,7 @@ class Trainer:
         dead = self._dead_masks()
         out = self.model.training_loss(
             x,
-            self.sparsity.weights,
+            LossWeights(self.sparsity.weights, self.config.rho, self.config.aux_coefficient),
             substituted,
             dead,
             keep_active=self._tracks_coactivation_now(),
