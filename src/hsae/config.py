@@ -42,10 +42,18 @@ class HSAEConfig(BaseModel):
     """Dictionary size of each level, strictly increasing (paper: 2048 ... 16384)."""
     mode: Mode = "hsae"
     """"hsae", or "independent" for the baseline (no constraint, no perturbation)."""
+    level: str = "jumprelu"
+    """Architecture of every level (docs/method.md, "Level kinds"): "jumprelu" (learned
+    per-feature thresholds, lambda * L0 steered to target_l0 by the sparsity controller),
+    "topk" (each token keeps its k = round(target_l0) largest activations; no penalty, no
+    controller) or "batchtopk" (the batch keeps its k x batch largest, k = target_l0 per token
+    on average; inference uses a learned threshold). Kinds are registered in
+    hsae.model.levels.LEVEL_KINDS."""
 
     # --- loss -----------------------------------------------------------------------------
     target_l0: float = 50.0
-    """L0 the sparsity controller steers every level to (at most the smallest level size)."""
+    """L0 every level aims at (at most the smallest level size): the sparsity controller's
+    target for "jumprelu" levels, k = round(target_l0) for "topk", the mean k for "batchtopk"."""
     rho: float = 0.3
     """Weight of the parent-children constraint (>= 0). Paper: 0.01 over ~100k steps; short
     runs need more weight to shape the features in time (docs/synthetic.md)."""
@@ -127,6 +135,16 @@ class HSAEConfig(BaseModel):
     def _positive_int(cls, value: int) -> int:
         if value < 1:
             raise ValueError("must be a positive integer (>= 1)")
+        return value
+
+    @field_validator("level")
+    @classmethod
+    def _known_level_kind(cls, value: str) -> str:
+        from hsae.model.levels import LEVEL_KINDS  # the registry; imported when first checked
+
+        if value not in LEVEL_KINDS:
+            choices = ", ".join(repr(name) for name in LEVEL_KINDS)
+            raise ValueError(f"must be one of {choices}, got {value!r}")
         return value
 
     @field_validator("train_tokens")
