@@ -285,3 +285,17 @@ def test_resumed_run_matches_uninterrupted_run(kind: str, tmp_path: Path) -> Non
         reference.state_dict().items(), model.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_run_settings_and_cli_take_the_level_kind(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hsae.cli import app
+    from hsae.runs import RunConfig
+
+    run = RunConfig(hsae={"level_sizes": [8, 16], "target_l0": 4, "level": "batchtopk"})
+    assert run.hsae_config(d_in=16).level == "batchtopk"
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r"), "--level", "relu"])
+    assert result.exit_code == 2
+    assert "level" in result.output and "'topk'" in result.output
+    assert not (tmp_path / "r").exists()
