@@ -156,3 +156,13 @@ class Level(nn.Module):
 def entries_of(mask: Tensor) -> tuple[Tensor, Tensor]:
     """(rows, cols) of the True entries of a [batch, n] mask, rows sorted."""
     return mask.nonzero(as_tuple=True)
+
+
+def __getattr__(name: str) -> Any:
+    # ``from hsae.model.level import JumpReLULevel`` keeps working (the class moved to
+    # hsae.model.levels.jumprelu); imported lazily because that module imports this one.
+    if name == "JumpReLULevel":
+        from hsae.model.levels.jumprelu import JumpReLULevel
+
+        return JumpReLULevel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
