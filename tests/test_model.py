@@ -19,10 +19,14 @@ D = 12
 SIZES = [6, 12, 24]
 
 
+KINDS = ["jumprelu", "topk", "batchtopk"]
+
+
 def tiny_model(
-    bandwidth: float = 0.4, sparse: bool = True, seed: int = 0
+    bandwidth: float = 0.4, sparse: bool = True, seed: int = 0, kind: str = "jumprelu"
 ) -> tuple[HSAE, torch.Tensor]:
     config = HSAEConfig(
+        level=kind,
         d_in=D,
         level_sizes=SIZES,
         target_l0=3,
@@ -61,9 +65,10 @@ def _grads(model: HSAE) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("level", [0, 1])
-def test_constraint_matches_naive_value_and_gradients(level: int) -> None:
-    model, x = tiny_model()
+def test_constraint_matches_naive_value_and_gradients(level: int, kind: str) -> None:
+    model, x = tiny_model(kind=kind)
     bandwidth = model.config.bandwidth
     parent = model.levels[level].encode_for_training(x, bandwidth, fused=False)
     child = model.levels[level + 1].encode_for_training(x, bandwidth, fused=False)
@@ -87,8 +92,13 @@ def test_constraint_matches_naive_value_and_gradients(level: int) -> None:
     assert fast_grads.keys() == slow_grads.keys()
     for name in slow_grads:
         torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-5)
-    # The band below threshold must reach the thresholds (the estimator's whole point).
-    assert slow_grads[f"levels.{level + 1}.log_threshold"].abs().sum() > 0
+    if kind == "jumprelu":
+        # The band below threshold must reach the thresholds (the estimator's whole point).
+        assert slow_grads[f"levels.{level + 1}.log_threshold"].abs().sum() > 0
+    else:
+        # TopK kinds: the gradient reaches the encoder through the selected latents only.
+        assert slow_grads[f"levels.{level + 1}.W_enc"].abs().sum() > 0
+        assert child.rows.numel() == int((child.acts > 0).sum())
 
 
 def test_constraint_is_zero_when_children_sum_to_parent() -> None:
@@ -114,16 +124,19 @@ def test_constraint_is_zero_when_children_sum_to_parent() -> None:
     assert value.item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
     "force_sparse_backward", [False, True], ids=["dense-paths", "sparse-paths"]
 )
-def test_fused_kernels_match_dense_reference(monkeypatch, force_sparse_backward: bool) -> None:
+def test_fused_kernels_match_dense_reference(
+    monkeypatch, force_sparse_backward: bool, kind: str
+) -> None:
     if force_sparse_backward:
         monkeypatch.setattr(kernels, "SPARSE_BACKWARD_MAX_DENSITY", 1.0)
         monkeypatch.setattr(kernels, "DENSE_DECODE_DENSITY", 1.0)
     results = []
     for sparse in (True, False):
-        model, x = tiny_model(sparse=sparse)
+        model, x = tiny_model(sparse=sparse, kind=kind)
         substituted = [
             sample_perturbation(model.parents(i), SIZES[i], 0.5, torch.Generator().manual_seed(i))
             for i in range(len(SIZES) - 1)
@@ -171,8 +184,9 @@ def test_perturbation_rate_and_only_parents_with_children() -> None:
     assert sample_perturbation(links, 4, 0.0, generator).sum() == 0
 
 
-def test_perturbed_reconstruction_substitutes_children_for_parents() -> None:
-    model, x = tiny_model()
+@pytest.mark.parametrize("kind", KINDS)
+def test_perturbed_reconstruction_substitutes_children_for_parents(kind: str) -> None:
+    model, x = tiny_model(kind=kind)
     parent_level, child_level = model.levels[0], model.levels[1]
     with torch.no_grad():
         parent = parent_level.encode_for_training(x, 0.4, fused=True)

@@ -56,8 +56,16 @@ class ArchitectureConfig(_Settings):
     """Dictionary size of each level, strictly increasing (paper: 2048 ... 16384)."""
     mode: Mode = "hsae"
     """"hsae", or "independent" for the baseline (no constraint, no perturbation)."""
+    level: str = "jumprelu"
+    """Architecture of every level (docs/method.md, "Level kinds"): "jumprelu" (learned
+    per-feature thresholds, lambda * L0 steered to target_l0 by the sparsity controller),
+    "topk" (each token keeps its k = round(target_l0) largest activations; no penalty, no
+    controller) or "batchtopk" (the batch keeps its k x batch largest, k = target_l0 per token
+    on average; inference uses a learned threshold). Kinds are registered in
+    hsae.model.levels.LEVEL_KINDS."""
     target_l0: float = 50.0
-    """L0 the sparsity controller steers every level to (at most the smallest level size)."""
+    """L0 every level aims at (at most the smallest level size): the sparsity controller's
+    target for "jumprelu" levels, k = round(target_l0) for "topk", the mean k for "batchtopk"."""
     bandwidth: float = 0.3
     """Width eps of the rectangle kernel of the JumpReLU straight-through estimator, in the
     units of the scaled activations (mean norm sqrt(d_in), so active latents are O(1-10)).
@@ -84,6 +92,16 @@ class ArchitectureConfig(_Settings):
         if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
             raise ValueError(f"sizes must be strictly increasing, got {sizes}")
         return sizes
+
+    @field_validator("level")
+    @classmethod
+    def _known_level_kind(cls, value: str) -> str:
+        from hsae.model.levels import LEVEL_KINDS  # the registry; imported when first checked
+
+        if value not in LEVEL_KINDS:
+            choices = ", ".join(repr(name) for name in LEVEL_KINDS)
+            raise ValueError(f"must be one of {choices}, got {value!r}")
+        return value
 
     @field_validator("bandwidth", "target_l0")
     @classmethod

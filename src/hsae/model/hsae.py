@@ -1,7 +1,9 @@
-"""The HSAE: L JumpReLU levels, the forest linking them, the training loss, save and load.
+"""The HSAE: L levels, the forest linking them, the training loss, save and load.
 
+The levels are of one kind (``HSAEConfig.level``, built through ``hsae.model.levels.LEVEL_KINDS``).
 The training objective (``hsae-method.md`` section 2) is assembled in :meth:`HSAE.training_loss`:
-sum over levels of reconstruction error + lambda_l * L0_l, plus rho times the parent-children
+sum over levels of reconstruction error + lambda_l * L0_l (only for kinds trained with a sparsity
+penalty, e.g. JumpReLU; TopK kinds fix their L0 themselves), plus rho times the parent-children
 constraint, plus the auxiliary loss that revives dead features. ``mode="independent"`` (the
 baseline) drops the constraint and the perturbation, so the levels train independently.
 """
@@ -23,7 +25,8 @@ from hsae.errors import HSAEError
 from hsae.io import sha256_file, write_json, write_safetensors
 from hsae.model import forest as forest_ops
 from hsae.model.hierarchy_losses import parent_children_constraint, perturbed_reconstruction
-from hsae.model.level import JumpReLULevel, LevelCodes
+from hsae.model.level import Level, LevelCodes
+from hsae.model.levels import LEVEL_KINDS
 
 WEIGHTS_FILE = "hsae.safetensors"
 CONFIG_FILE = "hsae_config.json"
@@ -88,8 +91,9 @@ class HSAE(nn.Module):
         self.training_config: HSAEConfig | None = None
         """How the model was trained, when known (set by the trainer, saved with the model)."""
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
-        self.levels = nn.ModuleList(
-            JumpReLULevel(config.d_in, size, generator) for size in config.level_sizes
+        kind = LEVEL_KINDS[config.level]
+        self.levels: nn.ModuleList = nn.ModuleList(
+            kind(config.d_in, size, generator, config.target_l0) for size in config.level_sizes
         )
         for level, links in enumerate(forest_ops.empty_forest(config.level_sizes)):
             self.register_buffer(f"parents_{level}", links)
@@ -187,17 +191,20 @@ class HSAE(nn.Module):
             else:
                 recon = self._plain_reconstruction(index, codes, fused)
             sq_error = (recon - x).pow(2).sum(-1)
-            l0 = level.l0(codes[index], cfg.bandwidth)
-            total = total + sq_error.mean() + weights.sparsity[index] * l0
+            if level.uses_sparsity_controller:
+                penalty = level.sparsity_loss(codes[index], cfg.bandwidth)
+                total = total + sq_error.mean() + weights.sparsity[index] * penalty
+            else:
+                total = total + sq_error.mean()
             if perturbed and exact_metrics:
                 with torch.no_grad():
                     own_error = (self._plain_reconstruction(index, codes, fused) - x).pow(2).sum(-1)
             else:
                 own_error = sq_error.detach()
             mses.append(own_error.mean())
-            l0s.append(l0.detach())
+            l0s.append(level.l0(codes[index]))
             explained.append(per_token_variance_explained(own_error, energy).mean())
-            active = codes[index].pre > level.threshold.detach()
+            active = level.active(codes[index])
             fired.append(active.any(0))
             if keep_active:
                 active_masks.append(active)
@@ -241,9 +248,7 @@ class HSAE(nn.Module):
             )
         return total
 
-    def _dead_feature_loss(
-        self, level: JumpReLULevel, x: Tensor, residual: Tensor, dead: Tensor
-    ) -> Tensor:
+    def _dead_feature_loss(self, level: Level, x: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
         """AuxK-style revival: the top dead latents (by ReLU pre-activation) fit the residual."""
         dead_index = dead.nonzero(as_tuple=True)[0]
         k = min(max(1, self.config.d_in // 2), dead_index.numel())

@@ -117,6 +117,12 @@ class Trainer:
             config.adaptive_sparsity,
             self.device,
         )
+        self._controlled = torch.tensor(
+            [float(level.uses_sparsity_controller) for level in self.model.levels],
+            device=self.device,
+        )
+        """1 for levels trained with lambda * L0 under the controller, 0 for TopK kinds."""
+        self._controls_sparsity = bool(self._controlled.any())
         self.tokens_since_fired = [
             torch.zeros(size, dtype=torch.long, device=self.device) for size in config.level_sizes
         ]
@@ -196,7 +202,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.model.normalise_decoders()
-        self.sparsity.update(out.l0)
+        if self._controls_sparsity:
+            self.sparsity.update(out.l0)
         self._count_firing(out.fired, x.shape[0])
         if self.coactivation is not None and out.active:
             self.coactivation.update(out.active)
@@ -365,7 +372,7 @@ class Trainer:
             mse=out.mse.tolist(),
             l0=out.l0.tolist(),
             variance_explained=out.variance_explained.tolist(),
-            sparsity_weight=self.sparsity.weights.tolist(),
+            sparsity_weight=(self.sparsity.weights * self._controlled).tolist(),
             constraint=float(out.constraint),
             aux=float(out.aux),
             dead_fraction=[float((c >= window).float().mean()) for c in self.tokens_since_fired],
@@ -373,7 +380,7 @@ class Trainer:
 
 
 def _parameter_groups(model: HSAE, config: HSAEConfig) -> list[dict[str, Any]]:
-    thresholds = [level.log_threshold for level in model.levels]
+    thresholds = [p for level in model.levels for p in level.threshold_parameters()]
     threshold_ids = {id(p) for p in thresholds}
     others = [p for p in model.parameters() if id(p) not in threshold_ids]
     return [
