@@ -24,6 +24,7 @@ from hsae.interop.saelens import (
 )
 from hsae.model import LEVEL_KINDS, BatchTopKLevel, JumpReLULevel, TopKLevel, load_hsae
 from hsae.model import forest as forest_ops
+from hsae.model.hsae import LossWeights
 from hsae.model.levels import batchtopk
 from hsae.model.levels.topk import TopKLevel as TopKLevelFromFile
 
@@ -123,8 +124,8 @@ def test_topk_kinds_have_no_sparsity_penalty_but_jumprelu_does() -> None:
         model = HSAE(HSAEConfig(**BASE, level=kind))
         for level in model.levels:
             level.initialise_from_data(x, 4)
-        low = model.training_loss(x, torch.zeros(3)).total
-        high = model.training_loss(x, torch.full((3,), 100.0)).total
+        low = model.training_loss(x, LossWeights(torch.zeros(3))).total
+        high = model.training_loss(x, LossWeights(torch.full((3,), 100.0))).total
         assert (float(high) > float(low) + 1.0) == (kind == "jumprelu"), kind
 
 

@@ -40,7 +40,7 @@ from hsae.layout import (
     SUMMARY_FILE,
     TIMINGS_FILE,
 )
-from hsae.model.hsae import CONFIG_FILE, saved_training_config
+from hsae.model.hsae import CONFIG_FILE, saved_activation_scale
 
 ARCHIVE_FORMAT = "hsae-run-archive"
 ARCHIVE_FORMAT_VERSION = 1
@@ -95,8 +95,7 @@ def _archive_manifest(folder: Path, files: list[str]) -> dict[str, Any]:
     from hsae import __version__
 
     provenance = run_provenance(folder).as_dict()
-    training = saved_training_config(folder / "hsae")
-    provenance["activation_scale"] = None if training is None else training.activation_scale
+    provenance["activation_scale"] = saved_activation_scale(folder / "hsae")
     return {
         "format": ARCHIVE_FORMAT,
         "format_version": ARCHIVE_FORMAT_VERSION,

@@ -427,7 +427,8 @@ def forest_from_saelens(
         )
     saes = [read_saelens(folder) for folder in folders]
     model = _assemble(saes, activation_scale, fold_decoder_norms, similarity=similarity, **config)
-    cfg = model.config
+    cfg = model.training_config
+    assert cfg is not None  # _assemble records the settings it was given
     links = forest_ops.rebuild_forest(
         list(model.levels),
         cfg.similarity,
@@ -479,6 +480,7 @@ def _assemble(
         d_in=saes[0].d_in, level_sizes=sizes, activation_scale=activation_scale, **settings
     )
     model = HSAE(config)
+    model.training_config = config  # the settings for building its forest or training on
     with torch.no_grad():
         for index, sae in enumerate(saes):
             imported = level_from_saelens(sae, activation_scale, fold)

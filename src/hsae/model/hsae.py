@@ -355,6 +355,14 @@ def saved_training_config(folder: str | Path) -> HSAEConfig | None:
     return read_training_config(_read_config_file(Path(folder) / CONFIG_FILE))
 
 
+def saved_activation_scale(folder: str | Path) -> float:
+    """The activation scale c of the model saved in ``folder``, read without loading it."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as weights:
+        return float(weights.get_tensor("activation_scale"))
+
+
 def _read_config_file(path: Path) -> dict[str, Any]:
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ModelFileError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes; not a model config")

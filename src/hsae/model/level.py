@@ -156,4 +156,3 @@ class Level(nn.Module):
 def entries_of(mask: Tensor) -> tuple[Tensor, Tensor]:
     """(rows, cols) of the True entries of a [batch, n] mask, rows sorted."""
     return mask.nonzero(as_tuple=True)
-

@@ -333,7 +333,8 @@ class Trainer:
             "config": config,
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        return TrainerState(tensors, self.optimizer.state_dict(), record)
+        optional = frozenset({"sparsity.smoothed"})  # checkpoints before its introduction
+        return TrainerState(tensors, self.optimizer.state_dict(), record, optional)
 
     def load_state_dict(self, state: TrainerState) -> None:
         """Restore what :meth:`state_dict` returned (e.g. read back by ``load_checkpoint``)."""
