@@ -93,3 +93,11 @@ def test_bad_nodes_and_inputs_are_refused(model: HSAE) -> None:
         model.forest_table(frequencies=[[0.1, 0.2]])
     with pytest.raises(HSAEError, match=r"frequencies\[1\] must hold 4 values"):
         model.forest_table(frequencies=[[0, 0], [0], [0] * 5])
+
+
+def test_children_without_arguments_stays_the_module_method(model: HSAE) -> None:
+    assert list(model.children()) == [model.levels]  # what nn.Module.to/apply/... walk
+    moved = model.to(torch.float64)
+    assert moved.levels[0].W_dec.dtype == torch.float64
+    with pytest.raises(HSAEError, match="needs both"):
+        model.children(0)

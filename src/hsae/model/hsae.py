@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 from safetensors.torch import load_file
@@ -115,8 +115,20 @@ class HSAE(nn.Module):
         return [self.decode(codes, level) for level, codes in enumerate(self.encode(x))]
 
     # --- walking the forest (hsae.model.navigation) ----------------------------------------
-    def children(self, level: int, index: int) -> Tensor:
-        """Indices in ``level + 1`` of the children of feature ``index`` of ``level``."""
+    @overload
+    def children(self) -> Iterator[nn.Module]: ...
+
+    @overload
+    def children(self, level: int, index: int) -> Tensor: ...
+
+    def children(self, level: int | None = None, index: int | None = None) -> Any:
+        """Indices in ``level + 1`` of the children of feature ``index`` of ``level`` (a
+        LongTensor). Without arguments, ``nn.Module.children()``: the submodules, as PyTorch
+        itself calls it."""
+        if level is None and index is None:
+            return super().children()
+        if level is None or index is None:
+            raise navigation.NavigationError("children(level, index) needs both arguments")
         return navigation.children(self.forest(), self.config.level_sizes, level, index)
 
     def ancestors(self, level: int, index: int) -> list[tuple[int, int]]:
