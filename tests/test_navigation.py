@@ -101,3 +101,54 @@ def test_children_without_arguments_stays_the_module_method(model: HSAE) -> None
     assert moved.levels[0].W_dec.dtype == torch.float64
     with pytest.raises(HSAEError, match="needs both"):
         model.children(0)
+
+
+# --------------------------------------------------------------------------- top contexts
+
+
+def test_top_contexts_are_the_highest_activations_with_their_windows(small_run) -> None:
+    model = small_run.load("hsae")
+    cache = small_run.cache()
+    acts = cache.all_activations("train")
+    codes = model.encode_level(acts, 1)
+    feature = int((codes > 0).sum(0).argmax())  # a feature that fires often
+    k = 6
+    contexts = small_run.top_contexts(1, feature, k=k, before=5, after=2, chunk_size=100)
+    assert len(contexts) == k
+    expected = codes[:, feature].topk(k)
+    assert [c["row"] for c in contexts] == expected.indices.tolist()
+    values = [c["activation"] for c in contexts]
+    assert values == sorted(values, reverse=True)
+    assert values == pytest.approx(expected.values.tolist(), rel=1e-5)
+    info = cache.token_info("train")
+    for context in contexts:
+        row, at = context["row"], context["position"]
+        assert context["activations"][at] == pytest.approx(context["activation"], rel=1e-5)
+        assert context["token_ids"][at] == int(info.token_ids[row])
+        assert len(context["tokens"]) == len(context["token_ids"]) == len(context["activations"])
+        assert len(context["token_ids"]) <= 8 and at <= 5
+        first = row - at  # the window's rows, all in the row's context
+        window = codes[first : first + len(context["token_ids"]), feature]
+        assert context["activations"] == pytest.approx(window.tolist(), rel=1e-5, abs=1e-6)
+        assert set(info.context_ids[first : first + len(context["token_ids"])]) == {
+            info.context_ids[row]
+        }
+        assert context["text"] == "".join(context["tokens"])
+
+
+def test_top_contexts_of_a_silent_feature_and_bad_requests(small_run) -> None:
+    from hsae.explore import ExploreError, feature_contexts
+
+    model = small_run.load("hsae")
+    codes = model.encode_level(small_run.cache().all_activations("train"), 2)
+    silent = (codes > 0).sum(0) == 0
+    both = feature_contexts(small_run, 2, [0, 1], k=3)
+    assert set(both) == {0, 1}
+    if bool(silent.any()):
+        assert small_run.top_contexts(2, int(silent.nonzero()[0]), k=3) == []
+    with pytest.raises(ExploreError, match=r"feature index of level 2 must lie in \[0, 127\]"):
+        small_run.top_contexts(2, 128)
+    with pytest.raises(ExploreError, match="k must be an integer >= 1"):
+        small_run.top_contexts(0, 0, k=0)
+    with pytest.raises(ExploreError, match="split must be"):
+        small_run.top_contexts(0, 0, split="test")
