@@ -22,8 +22,10 @@ from hsae.steering import (
     greedy_continuation,
     logit_effect,
     logit_lens_scores,
+    max_activations,
     prompt_ids,
     spliced,
+    steer_run,
     steered,
     steering_plan,
     zero,
@@ -195,15 +197,17 @@ def test_steered_generation_follows_cached_generate(lm: LanguageModel, setup: tu
 def test_bad_requests_are_refused(lm: LanguageModel, setup: tuple[HSAE, int]):
     model, layer = setup
     with pytest.raises(SteeringError, match=r"feature index of level 0 must lie in \[0, 31\]"):
-        steering_plan(model, 0, 32)
+        steering_plan(model, 0, 32, 1.0)
     with pytest.raises(SteeringError, match=r"level must lie in \[0, 2\], got 3"):
-        steering_plan(model, 3, 0)
+        steering_plan(model, 3, 0, 1.0)
     with pytest.raises(SteeringError, match="last level"):
-        steering_plan(model, 2, 0, children=True)
+        steering_plan(model, 2, 0, 1.0, children=True)
+    with pytest.raises(SteeringError, match="no strength given for feature 0:1"):
+        steering_plan(model, 0, 1, {(0, 2): 1.0})
     leaves = [i for i in range(32) if model.children(0, i).numel() == 0]
     if leaves:
         with pytest.raises(SteeringError, match="has no children in level 1"):
-            steering_plan(model, 0, leaves[0], children=True)
+            steering_plan(model, 0, leaves[0], 1.0, children=True)
     with pytest.raises(SteeringError, match="layer must lie"), steered(lm, model, 99, []):
         pass
     with pytest.raises(HSAEError, match="level must lie"), spliced(lm, model, 5, layer):
@@ -226,7 +230,8 @@ def test_cli_steer_prints_clean_parent_and_children(small_run: Run):
     print(result.output)
     lines = result.output[result.output.index("prompt: ") :].splitlines()
     labels = [line.split(" | ")[0].strip() for line in lines if " | " in line]
-    assert labels == ["clean", f"0:{parent} parent"] + [f"1:{kid} child" for kid in kids]
+    expected = ["clean", f"0:{parent} parent"] + [f"1:{kid} child" for kid in kids]
+    assert labels == ["clean"] + [f"{name} +30" for name in expected[1:]]
     bad = CliRunner().invoke(
         app, ["steer", str(small_run.folder), "--feature", "0:99", "--prompt", "x"]
     )
@@ -237,3 +242,21 @@ def test_cli_steer_prints_clean_parent_and_children(small_run: Run):
         app, ["steer", str(small_run.folder), "--feature", "zero", "--prompt", "x"]
     )
     assert malformed.exit_code == 2
+
+
+def test_default_strength_is_each_features_heldout_maximum(lm: LanguageModel, small_run: Run):
+    model = small_run.load("hsae")
+    parent = max(range(32), key=lambda i: model.children(0, i).numel())
+    lines = steer_run(
+        small_run.folder, 0, parent, "A cat", children=True, max_new_tokens=1, lm=lm, lens_k=2
+    )
+    heldout = small_run.cache().all_activations("heldout")[: small_run.config.eval_tokens]
+    codes = model.encode(heldout)
+    assert [line.role for line in lines] == ["clean", "feature"] + ["child"] * (len(lines) - 2)
+    for line in lines[1:]:
+        edit = line.edits[0]
+        assert edit.value == pytest.approx(float(codes[edit.level][:, edit.feature].max()))
+        assert line.lens is not None and len(line.lens["promoted"]) == 2
+    assert max_activations(model, heldout, [(0, parent)], batch_size=7) == {
+        (0, parent): pytest.approx(float(codes[0][:, parent].max()))
+    }

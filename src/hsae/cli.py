@@ -419,7 +419,9 @@ def steer(
     run_dir: str = typer.Argument(..., help="a run folder with a trained model"),
     feature: str = typer.Option(..., help="the feature to steer with, as LEVEL:INDEX"),
     prompt: str = typer.Option(..., help="text to continue"),
-    strength: float = typer.Option(None, help="activation added [sqrt(d_model): ~1 residual norm]"),
+    strength: float = typer.Option(
+        None, help="activation added to each feature [its own held-out maximum]"
+    ),
     children: bool = typer.Option(False, "--children", help="also steer with each child"),
     max_new_tokens: int = typer.Option(24, help="greedy tokens generated per line"),
     which: str = typer.Option("hsae", help="hsae | baseline: whose features"),

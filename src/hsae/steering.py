@@ -17,8 +17,10 @@ row), and the edits follow the same rule: ``add(level, i, s)`` adds ``s * d_i / 
 the feature's activation rose by ``s``), ``clamp(level, i, v)`` adds ``(v - a_i) * d_i / scale``
 (``a_i`` encoded from the incoming residual) and ``zero(level, i)`` subtracts
 ``a_i * d_i / scale``. Several edits act on the same incoming residual and their changes add
-up. The raw residual's mean norm is ``sqrt(d_model) / scale``, so a strength of
-``sqrt(d_model)`` moves it by about one typical residual norm.
+up. How much is a lot: a strength near the feature's own largest activation is already a strong
+push (on Gemma 3 270M's middle layer a few times that breaks the text), far below the
+residual's mean norm (``sqrt(d_model)`` in these units); :func:`max_activations` measures it,
+and ``hsae steer`` uses it as the default strength of each feature.
 
 :func:`logit_effect` is the report-time view of a feature's direction: the tokens whose logits
 the direction raises and lowers most when put straight through the final norm and the LM head
@@ -28,7 +30,7 @@ the direction raises and lowers most when put straight through the final norm an
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -44,6 +46,7 @@ from hsae.model import HSAE
 from hsae.model.navigation import check_node
 
 Mode = Literal["add", "clamp", "zero"]
+Strength = float | Mapping[tuple[int, int], float]
 
 
 class SteeringError(HSAEError, ValueError):
@@ -274,14 +277,12 @@ def steering_plan(
     model: HSAE,
     level: int,
     feature: int,
-    strength: float | None = None,
+    strength: Strength,
     children: bool = False,
 ) -> list[tuple[str, str, list[Edit]]]:
     """(label, role, edits) of each line of :func:`compare_steering`, validated."""
     check_node(model.config.level_sizes, level, feature, SteeringError)
-    value = float(model.config.d_in) ** 0.5 if strength is None else float(strength)
-    steps: list[tuple[str, str, list[Edit]]] = [("clean", "clean", [])]
-    steps.append((f"{level}:{feature}", "feature", [add(level, feature, value)]))
+    nodes = [(level, feature)]
     if children:
         if level == model.n_levels - 1:
             raise SteeringError(
@@ -290,8 +291,32 @@ def steering_plan(
         kids = model.children(level, feature).tolist()
         if not kids:
             raise SteeringError(f"feature {level}:{feature} has no children in level {level + 1}")
-        steps += [(f"{level + 1}:{kid}", "child", [add(level + 1, kid, value)]) for kid in kids]
+        nodes += [(level + 1, kid) for kid in kids]
+    steps: list[tuple[str, str, list[Edit]]] = [("clean", "clean", [])]
+    for n, (lv, index) in enumerate(nodes):
+        value = strength if isinstance(strength, int | float) else strength.get((lv, index))
+        if value is None:
+            raise SteeringError(f"no strength given for feature {lv}:{index}")
+        role = "feature" if n == 0 else "child"
+        steps.append((f"{lv}:{index}", role, [add(lv, index, float(value))]))
     return steps
+
+
+def max_activations(
+    model: HSAE, x: Tensor, nodes: Sequence[tuple[int, int]], batch_size: int = 4096
+) -> dict[tuple[int, int], float]:
+    """Each node's largest activation on raw activations ``x`` [n, d_in] (0.0 if it never
+    fires there): the natural size of a steering strength for that feature."""
+    levels = sorted({level for level, _ in nodes})
+    best: dict[tuple[int, int], float] = {}
+    for level in levels:
+        picked = torch.tensor([i for lv, i in nodes if lv == level], dtype=torch.long)
+        top = torch.zeros(len(picked))
+        for start in range(0, x.shape[0], batch_size):
+            acts = model.encode_level(x[start : start + batch_size], level).cpu()[:, picked]
+            top = torch.maximum(top, acts.max(0).values)
+        best |= {(level, int(i)): float(v) for i, v in zip(picked, top, strict=True)}
+    return best
 
 
 def compare_steering(
@@ -301,16 +326,17 @@ def compare_steering(
     prompt: str,
     level: int,
     feature: int,
-    strength: float | None = None,
+    strength: Strength,
     children: bool = False,
     max_new_tokens: int = 24,
     lens_k: int = 0,
 ) -> list[Continuation]:
     """Greedy continuations of ``prompt``: clean, with ``strength`` of the feature added, and
-    (``children=True``) with the same strength of each of its children in the next level.
+    (``children=True``) with ``strength`` of each of its children in the next level.
 
-    ``strength`` None: ``sqrt(d_in)``, about one typical residual norm (see the module notes).
-    ``lens_k`` > 0 also gives each steered feature's top ``lens_k`` :func:`logit_effect`.
+    ``strength``: one value for every feature, or a mapping (level, index) -> value (e.g.
+    :func:`max_activations`). ``lens_k`` > 0 also gives each steered feature's top
+    ``lens_k`` :func:`logit_effect`.
     """
     steps = steering_plan(model, level, feature, strength, children)
     results = []
@@ -398,10 +424,12 @@ def format_comparison(prompt: str, lines: Sequence[Continuation], which: str = "
         else line.label
         for line in lines
     ]
+    names = [
+        f"{name} +{line.edits[0].value:.3g}" if line.edits else name
+        for name, line in zip(names, lines, strict=True)
+    ]
     width = max(len(name) for name in names)
-    strengths = {edit.value for line in lines for edit in line.edits}
-    strength = f", strength {strengths.pop():.4g}" if len(strengths) == 1 else ""
-    out = [f"prompt: {prompt!r} ({which}{strength}; greedy continuations)"]
+    out = [f"prompt: {prompt!r} ({which}; greedy continuations; +S: strength added)"]
     out += [f"{name:<{width}} | {line.text!r}" for name, line in zip(names, lines, strict=True)]
     for line in lines:
         if line.lens:
@@ -424,17 +452,26 @@ def steer_run(
     lens_k: int = 0,
 ) -> list[Continuation]:
     """:func:`compare_steering` on a run folder's model, at the run's layer, with the run's
-    language model (loaded by its settings unless ``lm`` is given)."""
+    language model (loaded by its settings unless ``lm`` is given). ``strength`` None: each
+    feature at its own largest activation on the run's held-out activations."""
     from hsae.runs import WHICH, Run
 
     if which not in WHICH:
         raise SteeringError(f"which must be one of {list(WHICH)}, got {which!r}")
-    run = Run.open(run_dir)
-    model = run.load(which)  # type: ignore[arg-type]
-    steering_plan(model, level, feature, strength, children)  # refuse bad requests before loading
     if max_new_tokens < 1:
         raise SteeringError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    layer = int(run.cache().manifest["layer"])
+    run = Run.open(run_dir)
+    model = run.load(which)  # type: ignore[arg-type]
+    plan = steering_plan(model, level, feature, 0.0, children)  # refuse bad requests first
+    cache = run.cache()
+    layer = int(cache.manifest["layer"])
+    chosen: Strength
+    if strength is None:
+        nodes = [(edits[0].level, edits[0].feature) for _, _, edits in plan if edits]
+        heldout = cache.all_activations("heldout")[: run.config.eval_tokens]
+        chosen = max_activations(model, heldout, nodes)
+    else:
+        chosen = float(strength)
     if lm is None:
         from hsae.activations import load_language_model
 
@@ -442,5 +479,5 @@ def steer_run(
         lm = load_language_model(run.config.model, device=device)
     model = model.to(lm.device)
     return compare_steering(
-        lm, model, layer, prompt, level, feature, strength, children, max_new_tokens, lens_k
+        lm, model, layer, prompt, level, feature, chosen, children, max_new_tokens, lens_k
     )
