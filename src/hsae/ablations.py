@@ -35,10 +35,11 @@ from tqdm.auto import tqdm
 
 from hsae.config import ConfigError, HSAEConfig
 from hsae.io import read_json, write_json, write_text
+from hsae.layout import MODEL_NAMES, Which
 from hsae.model import load_hsae
 from hsae.model.hsae import CONFIG_FILE
 from hsae.report.plots import save_figure
-from hsae.runs import Run, RunConfig, RunError, Which
+from hsae.runs import Run, RunConfig, RunError
 
 GROUPS = ("core", "tree", "similarity", "rho", "r")
 TREES = ("partial", "full", "binary", "fixed")
@@ -193,7 +194,7 @@ def _run_train_tokens(run: Run, cache: Any) -> int:
 def _run_models(run: Run) -> dict[str, Path]:
     """The run's trained models by fingerprint of their saved settings."""
     found = {}
-    for which in ("hsae", "baseline"):
+    for which in MODEL_NAMES:
         path = run.model_dir(which) / CONFIG_FILE
         if path.is_file():
             found[fingerprint(HSAEConfig(**read_json(path)["config"]))] = run.model_dir(which)

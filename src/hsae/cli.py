@@ -184,12 +184,12 @@ def evaluate_run(
     --suite full adds absorption, sparse probing, taxonomy alignment, LLM judges (when
     HSAE_JUDGE_* is set) and SAEBench (GPU), and says which parts were skipped and why.
     """
-    from hsae.evaluation.suite import FULL_PARTS, SuiteSettings, comparison_table, full_suite_table
+    from hsae.evaluation.suite import SuiteSettings, comparison_table, full_suite_table
     from hsae.runs import Run
 
     try:
         settings = SuiteSettings(
-            parts=tuple(p for p in parts.split(",") if p) if parts else FULL_PARTS,
+            parts=tuple(p for p in parts.split(",") if p) if parts else None,
             judge_pairs=judge_pairs,
             judge_features=judge_features,
             judge_max_requests=judge_max_requests,
@@ -239,7 +239,7 @@ def demo(
         from hsae.report import build_report
 
         report_started = time.perf_counter()
-        page = build_report(run.folder).html
+        page = build_report(run).html
         run.record_stage_time("report", time.perf_counter() - report_started)
     except _user_errors() as error:
         raise _fail(error) from None
@@ -264,9 +264,13 @@ def report(
     max_tokens: int = typer.Option(100_000, help="activation rows scanned for contexts"),
     projection: str = typer.Option("auto", help="auto (UMAP if installed) | umap | pca | none"),
     no_plots: bool = typer.Option(False, "--no-plots", help="skip RUN_DIR/plots/*.png"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace an existing --out file (never the run's own files)"
+    ),
 ) -> None:
     """Write the feature-forest explorer (one self-contained HTML file) and PNG charts."""
     from hsae.report import ReportSettings, build_report
+    from hsae.runs import Run
 
     try:
         settings = ReportSettings(
@@ -276,7 +280,9 @@ def report(
             max_tokens=max_tokens,
             projection=projection,
         )
-        result = build_report(run_dir, settings, out=out, plots=not no_plots)
+        result = build_report(
+            Run.open(run_dir), settings, out=out, plots=not no_plots, overwrite=overwrite
+        )
     except _user_errors() as error:
         raise _fail(error) from None
     meta = result.meta
@@ -294,6 +300,9 @@ def export_run(
     out: str = typer.Argument(..., help="folder (saelens) or .tar.gz file (archive) to write"),
     format: str = typer.Option("saelens", "--format", help="saelens | archive"),
     model_name: str = typer.Option(None, help="model name for SAELens/SAEBench [the run's]"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace an existing OUT (never the run's own files)"
+    ),
 ) -> None:
     """Export a run: each level as a SAELens JumpReLU SAE, or one shareable run archive."""
     from hsae.interop import export_archive, export_saelens
@@ -302,9 +311,9 @@ def export_run(
         raise _fail(ValueError(f"--format must be 'saelens' or 'archive', got {format!r}"))
     try:
         if format == "archive":
-            typer.echo(f"wrote {export_archive(run_dir, out)}")
+            typer.echo(f"wrote {export_archive(run_dir, out, overwrite=overwrite)}")
             return
-        written = export_saelens(run_dir, out, model_name)
+        written = export_saelens(run_dir, out, model_name, overwrite=overwrite)
     except _user_errors() as error:
         raise _fail(error) from None
     for which, folders in written.items():
@@ -318,20 +327,20 @@ def import_saelens(
     similarity: str = typer.Option("encoder", help="forest similarity: encoder | decoder"),
     tree: str = typer.Option("partial", help="partial | full | binary"),
     scale: float = typer.Option(1.0, help="activation scale c the HSAE applies to raw inputs"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace the model in an existing --out folder"
+    ),
 ) -> None:
     """Build an HSAE and its post-hoc forest from SAELens JumpReLU SAEs of growing size."""
-    from pathlib import Path
-
     from hsae.interop import forest_from_saelens
-    from hsae.model.hsae import CONFIG_FILE
+    from hsae.interop.saelens import check_model_out, save_model_folder
 
-    if (Path(out) / CONFIG_FILE).exists():
-        raise _fail(ValueError(f"{out} already holds a saved model; choose another --out"))
     try:
+        check_model_out(out, overwrite)  # before the work: the same check as the save
         model = forest_from_saelens(folders, similarity, scale, tree=tree)
+        save_model_folder(model, out, overwrite=overwrite)
     except _user_errors() as error:
         raise _fail(error) from None
-    model.save(out)
     linked = sum(int((links >= 0).sum()) for links in model.forest())
     typer.echo(f"wrote {out}: levels {model.config.level_sizes}, {linked} parent links")
 
@@ -349,6 +358,11 @@ def saebench(
     llm_batch_size: int = typer.Option(32, help="contexts per language-model batch"),
     llm_dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
     api_key_file: str = typer.Option(None, help="OpenAI key file for autointerp [skip it]"),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="let SAEBench run the dataset's own loading code from the Hub (off: refused)",
+    ),
 ) -> None:
     """Run SAEBench's Table 1 evaluations on a run's HSAE and baseline (GPU, sae-bench)."""
     from pathlib import Path
@@ -367,6 +381,7 @@ def saebench(
             llm_batch_size=llm_batch_size,
             llm_dtype=llm_dtype,
             api_key=api_key,
+            trust_remote_code=trust_remote_code,
         )
     except (*_user_errors(), OSError) as error:
         raise _fail(error) from None
@@ -412,6 +427,46 @@ def ablate(
     typer.echo(markdown_table(results))
     folder = Path(results["out"])
     typer.echo(f"wrote {folder / 'ablations.json'}, ablations.md and figure8.png")
+
+
+@app.command()
+def plan(
+    d_model: int = typer.Option(2304, help="activation width (gemma-2-2b: 2304)"),
+    level_sizes: str = typer.Option("2048,4096,8192,16384", help="comma-separated level sizes"),
+    train_tokens: int = typer.Option(100_000_000, help="tokens the model trains on"),
+    harvest_tokens: int = typer.Option(None, help="activations to harvest [= train tokens]"),
+    batch_size: int = typer.Option(1024, help="tokens per step, over all processes"),
+    target_l0: float = typer.Option(50.0, help="target L0 per level"),
+    world_size: int = typer.Option(1, help="training processes (torchrun --nproc-per-node)"),
+    cache_dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
+    cache_dir: str = typer.Option(".", help="where the cache would go (free disk is checked)"),
+    device: str = typer.Option("auto", help="device the step is measured on"),
+    no_measure: bool = typer.Option(False, "--no-measure", help="skip the timed step"),
+    json_out: str = typer.Option(None, "--json", help="also write the plan as JSON here"),
+) -> None:
+    """What a run costs: cache size on disk, memory per process, FLOPs per token, and the wall
+    time from one measured step at full size (plus a FLOP bound on named accelerators)."""
+    from hsae.io import write_json
+    from hsae.plan import PlanInputs, format_plan, make_plan
+
+    try:
+        inputs = PlanInputs(
+            d_model=d_model,
+            level_sizes=_parse_sizes(level_sizes) or [],
+            train_tokens=train_tokens,
+            harvest_tokens=harvest_tokens,
+            batch_size=batch_size,
+            target_l0=target_l0,
+            world_size=world_size,
+            cache_dtype=cache_dtype,
+            cache_dir=cache_dir,
+        )
+        result = make_plan(inputs, device=device, measure=not no_measure)
+    except _user_errors() as error:
+        raise _fail(error) from None
+    typer.echo(format_plan(result))
+    if json_out:
+        write_json(json_out, result.to_dict())
 
 
 @app.command()

@@ -66,7 +66,9 @@ class SAEBenchConfig:
     device: str = "cpu"
     model_from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)
     dataset_path: str = ""
-    dataset_trust_remote_code: bool = True
+    dataset_trust_remote_code: bool = False
+    """Off unless asked for (``trust_remote_code=True``): SAEBench would run the dataset's own
+    Python from the Hub."""
     seqpos_slice: tuple[int | None, ...] = (None,)
     training_tokens: int = -100_000
     sae_lens_training_version: str | None = None
@@ -101,8 +103,11 @@ class SAEBenchSAE(nn.Module):
         self.cfg.device = str(self.device)
 
     @classmethod
-    def from_hsae(cls, model: HSAE, level: int, provenance: Provenance) -> SAEBenchSAE:
-        """Level ``level`` of ``model``, float32 on CPU (move it with ``.to``)."""
+    def from_hsae(
+        cls, model: HSAE, level: int, provenance: Provenance, trust_remote_code: bool = False
+    ) -> SAEBenchSAE:
+        """Level ``level`` of ``model``, float32 on CPU (move it with ``.to``);
+        ``trust_remote_code`` fills the cfg's ``dataset_trust_remote_code``."""
         if not 0 <= level < model.n_levels:
             raise InteropError(f"level must lie in [0, {model.n_levels - 1}], got {level}")
         c = model.activation_scale.detach().double().cpu()
@@ -119,6 +124,7 @@ class SAEBenchSAE(nn.Module):
             context_size=provenance.context_size,
             prepend_bos=provenance.prepend_bos,
             dataset_path=provenance.dataset_path,
+            dataset_trust_remote_code=trust_remote_code,
         )
         return cls(
             W_enc.float(),
@@ -160,9 +166,11 @@ def saebench_saes(
     run_dir: str | Path,
     model_name: str | None = None,
     levels: Sequence[int] | None = None,
+    trust_remote_code: bool = False,
 ) -> list[tuple[str, SAEBenchSAE]]:
     """SAEBench's ``selected_saes`` for a run: ``("{which}_level_{l}_{d_sae}", sae)`` pairs for
-    the HSAE and, when trained, the baseline (``levels``: which levels; None: all)."""
+    the HSAE and, when trained, the baseline (``levels``: which levels; None: all).
+    ``trust_remote_code``: let SAEBench run a dataset's loading script (off by default)."""
     folder = Path(run_dir)
     models = trained_models(folder)
     provenance = run_provenance(folder, model_name)
@@ -170,7 +178,7 @@ def saebench_saes(
     for which in models:
         model = load_hsae(folder / which)
         for level in range(model.n_levels) if levels is None else levels:
-            sae = SAEBenchSAE.from_hsae(model, level, provenance)
+            sae = SAEBenchSAE.from_hsae(model, level, provenance, trust_remote_code)
             selected.append((f"{which}_level_{level}_{sae.cfg.d_sae}", sae))
     return selected
 
@@ -185,16 +193,19 @@ def run_saebench(
     llm_batch_size: int = 32,
     llm_dtype: str = "bfloat16",
     api_key: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, dict[str, dict[str, float | None]]]:
     """Run SAEBench's evaluations on a run's levels (needs ``pip install sae-bench``, a GPU, the
     language model and datasets from the Hub; autointerp needs an OpenAI key, and is skipped
-    without one) and return :func:`table1` of the results under ``out`` (also ``table1.json``)."""
+    without one) and return :func:`table1` of the results under ``out`` (also ``table1.json``).
+    ``trust_remote_code=True`` lets SAEBench run a dataset's own loading code from the Hub;
+    it is off unless asked for."""
     unknown = sorted(set(evals) - set(TABLE1_EVALS))
     if unknown:
         raise InteropError(f"unknown SAEBench eval(s) {unknown}; choose from {TABLE1_EVALS}")
     if importlib.util.find_spec("sae_bench") is None:
         raise InteropError("SAEBench is not installed here; pip install sae-bench (see interop.md)")
-    selected = saebench_saes(run_dir, model_name, levels)
+    selected = saebench_saes(run_dir, model_name, levels, trust_remote_code)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(llm_dtype, torch.float32)
     selected = [(name, sae.to(device=device, dtype=dtype)) for name, sae in selected]
     name = selected[0][1].cfg.model_name

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any, overload
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from hsae.config import HSAEConfig
-from hsae.io import write_json, write_safetensors
+from hsae.errors import HSAEError
+from hsae.io import sha256_file, write_json, write_safetensors
 from hsae.model import forest as forest_ops
 from hsae.model import navigation
 from hsae.model.hierarchy_losses import parent_children_constraint, perturbed_reconstruction
@@ -28,6 +30,16 @@ from hsae.model.level import JumpReLULevel, LevelCodes
 WEIGHTS_FILE = "hsae.safetensors"
 CONFIG_FILE = "hsae_config.json"
 FORMAT_VERSION = 1
+MAX_CONFIG_BYTES = 1 << 20
+"""A saved model's config file is a few kB; anything above this is refused unread."""
+
+
+class ModelFileError(HSAEError, ValueError):
+    """A saved model folder is missing a file, or a file is corrupt; the message names it."""
+
+
+class ModelNotFoundError(ModelFileError, FileNotFoundError):
+    """No saved model where one was expected."""
 
 
 @dataclass
@@ -270,7 +282,11 @@ class HSAE(nn.Module):
 
     # --- persistence ---------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write ``hsae.safetensors`` (weights, forest, scale) and ``hsae_config.json``."""
+        """Write ``hsae.safetensors`` (weights, forest, scale) and ``hsae_config.json``.
+
+        The config is written last and records the weights' sha256, so :func:`load_hsae`
+        detects a corrupt file, or weights and config from two different saves.
+        """
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name: tensor for name, tensor in self.state_dict().items()}
@@ -278,28 +294,75 @@ class HSAE(nn.Module):
         write_safetensors(folder / WEIGHTS_FILE, tensors, metadata)
         write_json(
             folder / CONFIG_FILE,
-            {"format_version": FORMAT_VERSION, "config": self.config.model_dump()},
+            {
+                "format_version": FORMAT_VERSION,
+                "config": self.config.model_dump(),
+                "sha256": {WEIGHTS_FILE: sha256_file(folder / WEIGHTS_FILE)},
+            },
         )
         return folder
 
 
 def load_hsae(path: str | Path, device: str | torch.device = "cpu") -> HSAE:
-    """Load a model written by :meth:`HSAE.save` (exact round trip)."""
+    """Load a model written by :meth:`HSAE.save` (exact round trip).
+
+    Raises :class:`ModelFileError` naming the file when a file is missing, unreadable, corrupt
+    (sha256 mismatch) or inconsistent. Folders saved before checksums were recorded load
+    without the check.
+    """
     folder = Path(path)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for required in (config_path, weights_path):
         if not required.is_file():
-            raise FileNotFoundError(f"no saved HSAE at {folder}: missing {required.name}")
-    payload = json.loads(config_path.read_text(encoding="utf-8"))
-    config = HSAEConfig(**payload["config"])
+            raise ModelNotFoundError(f"no saved HSAE at {folder}: missing {required.name}")
+    payload = _read_config_file(config_path)
+    try:
+        config = HSAEConfig(**payload["config"])
+    except (KeyError, TypeError, HSAEError) as error:
+        raise ModelFileError(f"{config_path}: not a valid saved HSAE config: {error}") from None
+    expected = payload.get("sha256", {}).get(WEIGHTS_FILE)
+    if expected is not None and sha256_file(weights_path) != expected:
+        raise ModelFileError(
+            f"{weights_path} is corrupt or was replaced (sha256 differs from the one recorded "
+            f"in {CONFIG_FILE}); save the model again or restore the file"
+        )
     model = HSAE(config)
-    state = load_file(str(weights_path), device=str(device))
+    try:
+        state = load_file(str(weights_path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise ModelFileError(
+            f"{weights_path} is not a readable safetensors file: {error}"
+        ) from None
     missing = set(model.state_dict()) - set(state)
     if missing:
-        raise ValueError(f"{weights_path} lacks tensors: {sorted(missing)}")
-    model.load_state_dict(state)
-    forest_ops.validate_forest(model.forest(), config.level_sizes)
+        raise ModelFileError(f"{weights_path} lacks tensors: {sorted(missing)}")
+    try:
+        model.load_state_dict(state)
+        forest_ops.validate_forest(model.forest(), config.level_sizes)
+    except (RuntimeError, ValueError) as error:
+        message = str(error).replace("\n", " ").strip()
+        raise ModelFileError(f"{weights_path} does not match {CONFIG_FILE}: {message}") from None
     return model.to(device)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ModelFileError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes; not a model config")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ModelFileError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
+        raise ModelFileError(f"{path} is not a saved HSAE config (no 'config' object)")
+    version = payload.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: format_version {version!r} is not one this hsae reads ({FORMAT_VERSION})"
+        )
+    checksums = payload.get("sha256", {})
+    if not isinstance(checksums, dict):
+        raise ModelFileError(f"{path}: 'sha256' must be an object of file checksums")
+    return payload
 
 
 def centred_energy(x: Tensor) -> Tensor:

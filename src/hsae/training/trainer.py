@@ -24,8 +24,14 @@ from hsae.errors import HSAEError
 from hsae.model import HSAE, TrainingLoss
 from hsae.model.forest import CoactivationTracker, rebuild_forest
 from hsae.model.hierarchy_losses import sample_perturbation
-from hsae.training.checkpoint import load_checkpoint, save_checkpoint
+from hsae.training.checkpoint import (
+    CheckpointError,
+    TrainerState,
+    load_checkpoint,
+    save_checkpoint,
+)
 from hsae.training.data import as_batches
+from hsae.training.diagnose import non_finite_report
 from hsae.training.schedule import warmup_cosine
 from hsae.training.sparsity import AdaptiveSparsity
 
@@ -123,6 +129,8 @@ class Trainer:
         self.initialised = not initialise_from_data
         self._replay: list[Tensor] = []
         self.tokens_drawn = 0
+        self.last_checkpoint: tuple[Path, int] | None = None
+        """(folder, step) of the last checkpoint written or resumed from."""
 
     # --- set-up -------------------------------------------------------------------------
     def initialise(self) -> None:
@@ -179,8 +187,7 @@ class Trainer:
         )
         if not torch.isfinite(out.total):
             raise NonFiniteLossError(
-                f"loss became {float(out.total)} at step {self.step}; the last good checkpoint "
-                "is kept. Lower lr or check the activations for inf/NaN."
+                non_finite_report(self.step, x, out, self.model, self.last_checkpoint)
             )
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
@@ -268,7 +275,8 @@ class Trainer:
                 if on_log is not None:
                     on_log(log)
             if checkpoint_dir is not None and self._checkpoint_due(checkpoint_every):
-                save_checkpoint(self, checkpoint_dir)
+                save_checkpoint(self.state_dict(), checkpoint_dir)
+                self.last_checkpoint = (Path(checkpoint_dir), self.step)
         bar.close()
         if cfg.mode == "independent" or cfg.n_levels == 1:
             self.build_post_hoc_forest()
@@ -284,7 +292,61 @@ class Trainer:
 
     def resume(self, checkpoint_dir: str | Path) -> None:
         """Continue from a checkpoint written by :meth:`fit` (same config, same data)."""
-        load_checkpoint(self, checkpoint_dir)
+        state = load_checkpoint(checkpoint_dir, like=self.state_dict())
+        try:
+            self.load_state_dict(state)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+            message = " ".join(str(error).split())
+            raise CheckpointError(
+                f"checkpoint {checkpoint_dir} does not fit this trainer: "
+                f"{type(error).__name__}: {message}"
+            ) from None
+        self.last_checkpoint = (Path(checkpoint_dir), self.step)
+
+    # --- state ------------------------------------------------------------------------------
+    def state_dict(self) -> TrainerState:
+        """Everything needed to continue bit-for-bit: tensors, optimizer, counters, position."""
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors |= self.sparsity.state_tensors()
+        for level, counter in enumerate(self.tokens_since_fired):
+            tensors[f"tokens_since_fired.{level}"] = counter
+        if self.coactivation is not None:
+            tensors |= self.coactivation.state_tensors()
+        tensors["generator"] = self.generator.get_state()
+        config = self.config.model_dump()
+        config.pop("device", None)  # a run may resume on another device
+        record = {
+            "step": self.step,
+            "forest_updates": self.forest_updates,
+            "tokens_drawn": self.tokens_drawn,
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.batches.state_dict() if hasattr(self.batches, "state_dict") else None,
+            "config": config,
+        }
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        return TrainerState(tensors, self.optimizer.state_dict(), record)
+
+    def load_state_dict(self, state: TrainerState) -> None:
+        """Restore what :meth:`state_dict` returned (e.g. read back by ``load_checkpoint``)."""
+        tensors, record = state.tensors, state.record
+        model_state = {
+            k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")
+        }
+        self.model.load_state_dict(model_state)
+        self.sparsity.load_state_tensors(tensors)
+        for level, counter in enumerate(self.tokens_since_fired):
+            counter.copy_(tensors[f"tokens_since_fired.{level}"])
+        if self.coactivation is not None:
+            self.coactivation.load_state_tensors(tensors)
+        self.generator.set_state(tensors["generator"])
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(record["scheduler"])
+        if record.get("data") is not None and hasattr(self.batches, "load_state_dict"):
+            self.batches.load_state_dict(record["data"])
+        self.step = int(record["step"])
+        self.forest_updates = int(record["forest_updates"])
+        self.tokens_drawn = int(record["tokens_drawn"])
+        self.initialised = True
 
     def build_post_hoc_forest(self) -> None:
         """The baseline's forest: the same similarity rule, applied once after training."""
