@@ -6,8 +6,8 @@ What the HTML explorer (``hsae report``) shows for one node, without building th
     for ctx in run.top_contexts(level=0, index=12, k=5):
         print(f"{ctx['activation']:.2f}", ctx["text"])
 
-The scan and the context windows are those of :mod:`hsae.report.explorer` (the same rows,
-windows and per-token activations the report embeds).
+The row source and the context windows are those of :mod:`hsae.evaluation.contexts` (the
+same rows, windows and per-token activations the report embeds).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from hsae.errors import HSAEError
+from hsae.evaluation.contexts import RowSource, context_windows, window_activations
 from hsae.model.navigation import check_node
-from hsae.report.explorer import RowSource, context_windows, window_activations
 
 
 class ExploreError(HSAEError, ValueError):
