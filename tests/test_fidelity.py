@@ -14,6 +14,7 @@ from hsae.config import ConfigError, HSAEConfig
 from hsae.evaluation import hierarchy_metrics
 from hsae.model import HSAE
 from hsae.model.forest import CoactivationTracker, rebuild_forest
+from hsae.model.hsae import LossWeights
 from hsae.training import Trainer
 from hsae.training.data import TensorBatches
 from hsae.training.sparsity import AdaptiveSparsity
@@ -225,7 +226,7 @@ def test_reported_variance_explained_is_unperturbed() -> None:
     model.set_parents(1, torch.arange(32) % 16)
     substituted = [torch.ones(8, dtype=torch.bool), torch.ones(16, dtype=torch.bool)]
     substituted.append(torch.zeros(32, dtype=torch.bool))
-    weights = torch.ones(3)
+    weights = LossWeights(torch.ones(3), rho=config.rho, aux=config.aux_coefficient)
     plain = model.training_loss(x, weights)
     perturbed = model.training_loss(x, weights, substituted)
     torch.testing.assert_close(perturbed.variance_explained, plain.variance_explained)
@@ -288,8 +289,9 @@ def test_dead_feature_loss_moves_only_dead_features_towards_the_residual() -> No
         level.initialise_from_data(x, 4)
     dead = [torch.zeros(n, dtype=torch.bool) for n in config.level_sizes]
     dead[1][[2, 7]] = True
-    alive_only = model.training_loss(x, torch.ones(3), dead=None)
-    with_dead = model.training_loss(x, torch.ones(3), dead=dead)
+    weights = LossWeights(torch.ones(3), rho=config.rho, aux=config.aux_coefficient)
+    alive_only = model.training_loss(x, weights, dead=None)
+    with_dead = model.training_loss(x, weights, dead=dead)
     assert float(alive_only.aux) == 0.0 and float(with_dead.aux) > 0.0
     (with_dead.total - alive_only.total).backward()
     grad = model.levels[1].W_dec.grad
