@@ -471,5 +471,33 @@ def plan(
         write_json(json_out, result.to_dict())
 
 
+@app.command()
+def steer(
+    run_dir: str = typer.Argument(..., help="a run folder with a trained model"),
+    feature: str = typer.Option(..., help="the feature to steer with, as LEVEL:INDEX"),
+    prompt: str = typer.Option(..., help="text to continue"),
+    strength: float = typer.Option(
+        None, help="activation added to each feature [its own held-out maximum]"
+    ),
+    children: bool = typer.Option(False, "--children", help="also steer with each child"),
+    max_new_tokens: int = typer.Option(24, help="greedy tokens generated per line"),
+    which: str = typer.Option("hsae", help="hsae | baseline: whose features"),
+    lens: int = typer.Option(
+        5, help="tokens each feature promotes/suppresses via the head (0: off)"
+    ),
+) -> None:
+    """Greedy continuations of a prompt: clean, steered by a feature and by each child."""
+    from hsae.steering import format_comparison, parse_feature, steer_run
+
+    try:
+        level, index = parse_feature(feature)
+        lines = steer_run(
+            run_dir, level, index, prompt, strength, children, max_new_tokens, which, lens_k=lens
+        )
+    except _user_errors() as error:
+        raise _fail(error) from None
+    typer.echo(format_comparison(prompt, lines, which))
+
+
 if __name__ == "__main__":
     app()

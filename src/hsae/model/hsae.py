@@ -11,9 +11,10 @@ baseline) drops the constraint and the perturbation, so the levels train indepen
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 from safetensors import SafetensorError
@@ -24,6 +25,7 @@ from hsae.config import ArchitectureConfig, HSAEConfig
 from hsae.errors import HSAEError
 from hsae.io import sha256_file, write_json, write_safetensors
 from hsae.model import forest as forest_ops
+from hsae.model import navigation
 from hsae.model.hierarchy_losses import parent_children_constraint, perturbed_reconstruction
 from hsae.model.level import Level, LevelCodes
 from hsae.model.levels import LEVEL_KINDS
@@ -149,6 +151,46 @@ class HSAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> list[Tensor]:
         return [self.decode(codes, level) for level, codes in enumerate(self.encode(x))]
+
+    # --- walking the forest (hsae.model.navigation) ----------------------------------------
+    @overload
+    def children(self) -> Iterator[nn.Module]: ...
+
+    @overload
+    def children(self, level: int, index: int) -> Tensor: ...
+
+    def children(self, level: int | None = None, index: int | None = None) -> Any:
+        """Indices in ``level + 1`` of the children of feature ``index`` of ``level`` (a
+        LongTensor). Without arguments, ``nn.Module.children()``: the submodules, as PyTorch
+        itself calls it."""
+        if level is None and index is None:
+            return super().children()
+        if level is None or index is None:
+            raise navigation.NavigationError("children(level, index) needs both arguments")
+        return navigation.children(self.forest(), self.config.level_sizes, level, index)
+
+    def ancestors(self, level: int, index: int) -> list[tuple[int, int]]:
+        """(level, index) of the feature's parent, grandparent, ... up to its root."""
+        return navigation.ancestors(self.forest(), self.config.level_sizes, level, index)
+
+    def subtree(self, level: int, index: int) -> list[tuple[int, int]]:
+        """(level, index) of the feature and all its descendants, breadth first."""
+        return navigation.subtree(self.forest(), self.config.level_sizes, level, index)
+
+    def roots(self) -> list[tuple[int, int]]:
+        """(level, index) of every tree's root: level 0 and the unassigned deeper features."""
+        return navigation.roots(self.forest(), self.config.level_sizes)
+
+    def nodes(self) -> Iterator[tuple[int, int]]:
+        """Every (level, index) once, tree by tree, each tree depth first."""
+        return navigation.walk(self.forest(), self.config.level_sizes)
+
+    def forest_table(
+        self, frequencies: Sequence[Any] | None = None, labels: Mapping[Any, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """One dict per feature (level, feature, parent, n_children, frequency, label):
+        ``pandas.DataFrame(model.forest_table())``; see :func:`navigation.forest_table`."""
+        return navigation.forest_table(self.forest(), self.config.level_sizes, frequencies, labels)
 
     # --- training -------------------------------------------------------------------------
     def training_loss(
