@@ -119,6 +119,7 @@ def train(
     train_tokens: int = typer.Option(None, help="tokens each model trains on"),
     level_sizes: str = typer.Option(None, help="comma-separated sizes, e.g. 256,512,1024,2048"),
     target_l0: float = typer.Option(None, help="L0 the sparsity controller steers to"),
+    level: str = typer.Option(None, help="level kind: jumprelu | topk | batchtopk"),
     rho: float = typer.Option(None, help="weight of the parent-children constraint"),
     r: float = typer.Option(None, "--r", help="parent/children perturbation rate"),
     update_interval: int = typer.Option(None, help="steps between forest rebuilds"),
@@ -149,6 +150,7 @@ def train(
         "train_tokens": train_tokens,
         "level_sizes": _parse_sizes(level_sizes),
         "target_l0": target_l0,
+        "level": level,
         "rho": rho,
         "perturbation_rate": r,
         "update_interval": update_interval,
@@ -504,6 +506,34 @@ def plan(
     typer.echo(format_plan(result))
     if json_out:
         write_json(json_out, result.to_dict())
+
+
+@app.command()
+def steer(
+    run_dir: str = typer.Argument(..., help="a run folder with a trained model"),
+    feature: str = typer.Option(..., help="the feature to steer with, as LEVEL:INDEX"),
+    prompt: str = typer.Option(..., help="text to continue"),
+    strength: float = typer.Option(
+        None, help="activation added to each feature [its own held-out maximum]"
+    ),
+    children: bool = typer.Option(False, "--children", help="also steer with each child"),
+    max_new_tokens: int = typer.Option(24, help="greedy tokens generated per line"),
+    which: str = typer.Option("hsae", help="hsae | baseline: whose features"),
+    lens: int = typer.Option(
+        5, help="tokens each feature promotes/suppresses via the head (0: off)"
+    ),
+) -> None:
+    """Greedy continuations of a prompt: clean, steered by a feature and by each child."""
+    from hsae.steering import format_comparison, parse_feature, steer_run
+
+    try:
+        level, index = parse_feature(feature)
+        lines = steer_run(
+            run_dir, level, index, prompt, strength, children, max_new_tokens, which, lens_k=lens
+        )
+    except _user_errors() as error:
+        raise _fail(error) from None
+    typer.echo(format_comparison(prompt, lines, which))
 
 
 if __name__ == "__main__":

@@ -624,6 +624,15 @@ class Run:
             raise RunError(f"{self.folder} has no trained {which} model yet")
         return load_hsae(self.model_dir(which))
 
+    def top_contexts(
+        self, level: int, index: int, k: int = 10, which: Which = "hsae", **options: Any
+    ) -> list[dict[str, Any]]:
+        """The ``k`` highest-activating contexts of feature ``level:index``, decoded, with
+        per-token activations (:func:`hsae.explore.top_contexts`)."""
+        from hsae.explore import top_contexts
+
+        return top_contexts(self, level, index, k, which, **options)
+
 
 def heldout_context_batches(
     cache: Any, lm: Any, n_contexts: int, batch_size: int = 4

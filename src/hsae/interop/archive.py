@@ -26,7 +26,6 @@ from hsae.io import (
     atomic_path,
     check_output_path,
     current_umask,
-    read_json,
     sha256_file,
     staging_folder,
 )
@@ -41,7 +40,7 @@ from hsae.layout import (
     SUMMARY_FILE,
     TIMINGS_FILE,
 )
-from hsae.model.hsae import CONFIG_FILE
+from hsae.model.hsae import CONFIG_FILE, saved_activation_scale
 
 ARCHIVE_FORMAT = "hsae-run-archive"
 ARCHIVE_FORMAT_VERSION = 1
@@ -96,8 +95,7 @@ def _archive_manifest(folder: Path, files: list[str]) -> dict[str, Any]:
     from hsae import __version__
 
     provenance = run_provenance(folder).as_dict()
-    model_config = read_json(folder / "hsae" / CONFIG_FILE).get("config", {})
-    provenance["activation_scale"] = model_config.get("activation_scale")
+    provenance["activation_scale"] = saved_activation_scale(folder / "hsae")
     return {
         "format": ARCHIVE_FORMAT,
         "format_version": ARCHIVE_FORMAT_VERSION,

@@ -13,7 +13,9 @@ rewritten with its codes in raw units: with scale c, pre_raw = pre / c, threshol
 b_dec_raw = b_dec / c, W_enc and W_dec unchanged; b_dec is folded into the encoder bias
 (b_enc_raw = b_enc / c - b_dec_raw W_enc) exactly as in SAEBench's own ``JumpReluSAE``, whose
 state dict this module's matches. Codes are the HSAE's codes divided by c; active sets and
-reconstructions are the HSAE's.
+reconstructions are the HSAE's. A "batchtopk" level is presented as JumpReLU with its learned
+inference threshold; a "topk" level as threshold 0 followed by each token's top k
+(``architecture="topk"``).
 """
 
 from __future__ import annotations
@@ -89,8 +91,11 @@ class SAEBenchSAE(nn.Module):
         b_dec: Tensor,
         threshold: Tensor,
         cfg: SAEBenchConfig,
+        k: int | None = None,
     ):
+        """``k``: keep only each token's k largest activations (a TopK level; threshold 0)."""
         super().__init__()
+        self.k = k
         self.W_enc = nn.Parameter(W_enc.detach().clone())
         self.b_enc = nn.Parameter(b_enc.detach().clone())
         self.W_dec = nn.Parameter(W_dec.detach().clone())
@@ -112,6 +117,9 @@ class SAEBenchSAE(nn.Module):
             raise InteropError(f"level must lie in [0, {model.n_levels - 1}], got {level}")
         c = model.activation_scale.detach().double().cpu()
         part = model.levels[level]
+        exported = part.export_tensors()
+        k = part.saelens_fields().get("k") if part.saelens_architecture == "topk" else None
+        threshold = exported.get("threshold", torch.zeros(part.n_features))
         W_enc = part.W_enc.detach().double().cpu()
         b_dec = part.b_dec.detach().double().cpu() / c
         b_enc = part.b_enc.detach().double().cpu() / c - b_dec @ W_enc
@@ -125,19 +133,25 @@ class SAEBenchSAE(nn.Module):
             prepend_bos=provenance.prepend_bos,
             dataset_path=provenance.dataset_path,
             dataset_trust_remote_code=trust_remote_code,
+            architecture="topk" if k is not None else "jumprelu",
         )
         return cls(
             W_enc.float(),
             b_enc.float(),
             part.W_dec.detach().float().cpu(),
             b_dec.float(),
-            (part.threshold.detach().double().cpu() / c).float(),
+            (threshold.detach().double().cpu() / c).float(),
             cfg,
+            k,
         )
 
     def encode(self, x: Tensor) -> Tensor:
         pre = x.to(self.dtype) @ self.W_enc + self.b_enc
-        return torch.relu(pre) * (pre > self.threshold)
+        acts = torch.relu(pre) * (pre > self.threshold)
+        if self.k is None:
+            return acts
+        values, index = acts.topk(self.k, dim=-1)
+        return torch.zeros_like(acts).scatter_(-1, index, values)
 
     def decode(self, feature_acts: Tensor) -> Tensor:
         return feature_acts @ self.W_dec + self.b_dec

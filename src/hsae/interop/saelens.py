@@ -1,4 +1,10 @@
-"""SAELens bridge: export HSAE levels as SAELens JumpReLU SAE folders, import such folders back.
+"""SAELens bridge: export HSAE levels as SAELens SAE folders, import JumpReLU folders back.
+
+Each level is exported as the SAELens architecture its kind names
+(``Level.saelens_architecture``): "jumprelu" levels as "jumprelu" SAEs, "topk" levels as
+"topk" SAEs with their ``k``, "batchtopk" levels as "jumprelu" SAEs whose threshold is the
+learned inference threshold (what SAELens itself saves a BatchTopK SAE as). Import reads
+JumpReLU SAEs only.
 
 This module owns the SAELens on-disk format (``cfg.json`` + ``sae_weights.safetensors``, the
 SAELens 6 layout that ``sae_lens.SAE.load_from_disk`` reads), the forest sidecar written beside
@@ -42,7 +48,7 @@ from hsae.layout import ACTIVATIONS_DIR, ARCHIVE_RECORD, CACHE_MANIFEST, MODEL_N
 from hsae.model import HSAE, load_hsae
 from hsae.model import forest as forest_ops
 from hsae.model.hsae import CONFIG_FILE
-from hsae.model.level import JumpReLULevel
+from hsae.model.levels import JumpReLULevel
 
 SAE_CFG_FILE = "cfg.json"
 SAE_WEIGHTS_FILE = "sae_weights.safetensors"
@@ -171,7 +177,7 @@ def export_saelens(
     model_name: str | None = None,
     overwrite: bool = False,
 ) -> dict[str, list[Path]]:
-    """Write every level of the run's HSAE (and baseline) as a SAELens JumpReLU SAE folder.
+    """Write every level of the run's HSAE (and baseline) as a SAELens SAE folder.
 
     Layout: ``OUT/{hsae,baseline}/level_{l}/{cfg.json,sae_weights.safetensors}`` and
     ``OUT/{hsae,baseline}/forest.json``. Returns the level folders written, per model.
@@ -229,24 +235,28 @@ def export_model_saelens(
 
 
 def saelens_tensors(model: HSAE, level: int) -> dict[str, Tensor]:
-    """The level's weights folded into raw units (see the module docstring)."""
+    """The level's weights (``Level.export_tensors``) folded into raw units (module docstring):
+    W_enc times c, W_dec and b_dec divided by c, the others (b_enc, threshold) unchanged."""
     c = model.activation_scale.detach().float().cpu()
-    part = model.levels[level]
-    return {
-        "W_enc": (part.W_enc.detach().float().cpu() * c).contiguous(),
-        "b_enc": part.b_enc.detach().float().cpu().clone(),
-        "W_dec": (part.W_dec.detach().float().cpu() / c).contiguous(),
-        "b_dec": part.b_dec.detach().float().cpu() / c,
-        "threshold": part.threshold.detach().float().cpu(),
-    }
+    tensors = {}
+    for name, tensor in model.levels[level].export_tensors().items():
+        value = tensor.detach().float().cpu()
+        if name == "W_enc":
+            value = value * c
+        elif name in ("W_dec", "b_dec"):
+            value = value / c
+        tensors[name] = value.contiguous().clone()
+    return tensors
 
 
 def saelens_cfg(model: HSAE, level: int, provenance: Provenance, which: str) -> dict[str, Any]:
     """A SAELens 6 ``cfg.json`` for one level, with HSAE details under ``metadata.hsae``."""
     from hsae import __version__
 
+    part = model.levels[level]
     return {
-        "architecture": "jumprelu",
+        "architecture": part.saelens_architecture,
+        **part.saelens_fields(),
         "d_in": model.config.d_in,
         "d_sae": model.config.level_sizes[level],
         "dtype": "float32",
@@ -269,6 +279,7 @@ def saelens_cfg(model: HSAE, level: int, provenance: Provenance, which: str) -> 
                 "hsae_version": __version__,
                 "model": which,
                 "mode": model.config.mode,
+                "level_kind": model.config.level,
                 "level": level,
                 "level_sizes": list(model.config.level_sizes),
                 "activation_scale": model.scale,
@@ -416,7 +427,8 @@ def forest_from_saelens(
         )
     saes = [read_saelens(folder) for folder in folders]
     model = _assemble(saes, activation_scale, fold_decoder_norms, similarity=similarity, **config)
-    cfg = model.config
+    cfg = model.training_config
+    assert cfg is not None  # _assemble records the settings it was given
     links = forest_ops.rebuild_forest(
         list(model.levels),
         cfg.similarity,
@@ -468,6 +480,7 @@ def _assemble(
         d_in=saes[0].d_in, level_sizes=sizes, activation_scale=activation_scale, **settings
     )
     model = HSAE(config)
+    model.training_config = config  # the settings for building its forest or training on
     with torch.no_grad():
         for index, sae in enumerate(saes):
             imported = level_from_saelens(sae, activation_scale, fold)

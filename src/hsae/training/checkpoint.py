@@ -58,6 +58,8 @@ class TrainerState:
     record: dict[str, Any]
     """JSON-able: step, forest updates, tokens drawn, scheduler and data position, and the
     ``config`` fingerprint a checkpoint must agree on to be resumed."""
+    optional: frozenset[str] = frozenset()
+    """Tensors that checkpoints of earlier versions lack (the trainer then derives them)."""
 
 
 def optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
@@ -182,7 +184,7 @@ def load_checkpoint(folder: str | Path, like: TrainerState) -> TrainerState:
         )
     verify_checkpoint(target, record)
     tensors = _load_tensors(target / STATE_FILE)
-    missing = sorted(set(like.tensors) - set(tensors))
+    missing = sorted(set(like.tensors) - set(tensors) - like.optional)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint file {target / STATE_FILE} lacks tensors: {shown}")
@@ -223,5 +225,6 @@ def _load_optimizer(target: Path, record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
-    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    # A setting the checkpoint does not record was added by a later version: not a difference.
+    keys = sorted(k for k in saved if saved[k] != current.get(k))
     return ", ".join(f"{k}: {saved.get(k)!r} vs {current.get(k)!r}" for k in keys)

@@ -25,6 +25,7 @@ from hsae.errors import HSAEError
 from hsae.model import HSAE, TrainingLoss
 from hsae.model.forest import CoactivationTracker, rebuild_forest
 from hsae.model.hierarchy_losses import sample_perturbation
+from hsae.model.hsae import LossWeights
 from hsae.training.checkpoint import (
     CheckpointError,
     TrainerState,
@@ -96,6 +97,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.batches = batches
         self.model = (model or HSAE(config)).to(self.device)
+        self.model.training_config = config
         self.optimizer = torch.optim.Adam(
             _parameter_groups(self.model, config),
             lr=config.lr,
@@ -115,6 +117,12 @@ class Trainer:
             config.adaptive_sparsity,
             self.device,
         )
+        self._controlled = torch.tensor(
+            [float(level.uses_sparsity_controller) for level in self.model.levels],
+            device=self.device,
+        )
+        """1 for levels trained with lambda * L0 under the controller, 0 for TopK kinds."""
+        self._controls_sparsity = bool(self._controlled.any())
         self.tokens_since_fired = [
             torch.zeros(size, dtype=torch.long, device=self.device) for size in config.level_sizes
         ]
@@ -180,7 +188,7 @@ class Trainer:
         dead = self._dead_masks()
         out = self.model.training_loss(
             x,
-            self.sparsity.weights,
+            LossWeights(self.sparsity.weights, self.config.rho, self.config.aux_coefficient),
             substituted,
             dead,
             keep_active=self._tracks_coactivation_now(),
@@ -195,7 +203,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.model.normalise_decoders()
-        self.sparsity.update(out.l0)
+        if self._controls_sparsity:
+            self.sparsity.update(out.l0)
         self._count_firing(out.fired, x.shape[0])
         if self.coactivation is not None and out.active:
             self.coactivation.update(out.active)
@@ -325,7 +334,8 @@ class Trainer:
             "config": config,
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        return TrainerState(tensors, self.optimizer.state_dict(), record)
+        optional = frozenset({"sparsity.smoothed"})  # checkpoints before its introduction
+        return TrainerState(tensors, self.optimizer.state_dict(), record, optional)
 
     def load_state_dict(self, state: TrainerState) -> None:
         """Restore what :meth:`state_dict` returned (e.g. read back by ``load_checkpoint``)."""
@@ -364,7 +374,7 @@ class Trainer:
             mse=out.mse.tolist(),
             l0=out.l0.tolist(),
             variance_explained=out.variance_explained.tolist(),
-            sparsity_weight=self.sparsity.weights.tolist(),
+            sparsity_weight=(self.sparsity.weights * self._controlled).tolist(),
             constraint=float(out.constraint),
             aux=float(out.aux),
             dead_fraction=[float((c >= window).float().mean()) for c in self.tokens_since_fired],
@@ -372,7 +382,7 @@ class Trainer:
 
 
 def _parameter_groups(model: HSAE, config: HSAEConfig) -> list[dict[str, Any]]:
-    thresholds = [level.log_threshold for level in model.levels]
+    thresholds = [p for level in model.levels for p in level.threshold_parameters()]
     threshold_ids = {id(p) for p in thresholds}
     others = [p for p in model.parameters() if id(p) not in threshold_ids]
     return [
