@@ -24,15 +24,11 @@ from pydantic import (
     model_validator,
 )
 
-from hsae.errors import HSAEError
+from hsae.errors import ConfigError
 
 Similarity = Literal["encoder", "decoder", "coactivation"]
 TreeVariant = Literal["partial", "full", "binary", "fixed"]
 Mode = Literal["hsae", "independent"]
-
-
-class ConfigError(HSAEError, ValueError):
-    """A configuration value is outside its allowed range; the message names the field."""
 
 
 class _Settings(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hsae.config import ConfigError
+from hsae.errors import ConfigError
 
 ALLOWED = "auto, cpu, cuda, cuda:N"
 

@@ -1,6 +1,6 @@
 """Crash-safe file writing: every file hsae writes goes through a temporary file and a rename.
 
-Also the file-level guarantees shared by every writer (see docs/reliability-files.md):
+Also the file-level guarantees shared by every writer (see docs/reliability.md):
 
 * permissions: a written file gets ``0o666 & ~umask`` (like ``open(..., "w")``), not the
   ``0o600`` of a bare ``mkstemp``;

@@ -317,8 +317,9 @@ class HSAE(nn.Module):
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name: tensor for name, tensor in self.state_dict().items()}
-        metadata = {"format": "hsae", "format_version": str(FORMAT_VERSION)}
-        write_safetensors(folder / WEIGHTS_FILE, tensors, metadata)
+        # No safetensors metadata: its order varies between processes, and the same model must
+        # give the same bytes (and sha256) wherever it is saved. The format is in the config.
+        write_safetensors(folder / WEIGHTS_FILE, tensors)
         write_json(
             folder / CONFIG_FILE,
             {
