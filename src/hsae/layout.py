@@ -41,6 +41,7 @@ EVAL_CACHE_DIR = "eval_cache"
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
 LOCK_FILE = ".lock"
+TENSORBOARD_DIR = "tensorboard"
 
 RUN_OWNED = (
     RUN_FILE,
@@ -54,7 +55,7 @@ RUN_OWNED = (
     CHECKPOINTS_DIR,
     LOGS_DIR,
     EVAL_CACHE_DIR,
-    "tensorboard",
+    TENSORBOARD_DIR,
     "ablations",
     "saebench",
 )

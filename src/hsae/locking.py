@@ -16,13 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hsae.errors import HSAEError
+from hsae.layout import LOCK_FILE
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
-
-LOCK_FILE = ".lock"
 
 _held: dict[str, tuple[int, list[str]]] = {}  # resolved folder -> (descriptor, purposes)
 _guard = threading.Lock()

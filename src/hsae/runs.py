@@ -1,15 +1,7 @@
 """Run folders: one place for a whole experiment, from harvested activations to metrics.
 
-Layout (every file written atomically; see docs/runs.md)::
-
-    RUN/run.json                 the validated RunConfig and what it resolved to
-    RUN/activations/             the activation cache (manifest.json, shards)
-    RUN/hsae/, RUN/baseline/     the trained models (hsae.safetensors + hsae_config.json)
-    RUN/checkpoints/{hsae,baseline}/   resumable trainer state while training
-    RUN/logs/train_{hsae,baseline}.jsonl   one JSON line per logged step
-    RUN/metrics.json             evaluation of both models, side by side
-    RUN/summary.md               a readable summary
-    RUN/timings.json             seconds spent in each stage
+The folder's layout is owned by :mod:`hsae.layout` (every file written atomically; see
+docs/runs.md); this module runs the stages that fill it.
 
 Every stage skips work already done, so running a stage again (or ``--resume``) continues
 where a killed run stopped.
@@ -25,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import (
@@ -40,6 +32,17 @@ from pydantic import (
 from hsae.config import ConfigError, HSAEConfig, refuse_bool
 from hsae.errors import HSAEError
 from hsae.io import write_json, write_text
+from hsae.layout import (
+    ACTIVATIONS_DIR,
+    CACHE_MANIFEST,
+    CHECKPOINTS_DIR,
+    METRICS_FILE,
+    MODEL_NAMES,
+    RUN_FILE,
+    TENSORBOARD_DIR,
+    RunLayout,
+    Which,
+)
 from hsae.locking import LOCK_FILE, FolderInUseError, folder_lock
 from hsae.model import HSAE, load_hsae
 from hsae.model.hsae import CONFIG_FILE
@@ -55,9 +58,6 @@ from hsae.training.logging import (
 if TYPE_CHECKING:
     from hsae.evaluation.suite import SuiteSettings
 
-RUN_FILE = "run.json"
-WHICH = ("hsae", "baseline")
-Which = Literal["hsae", "baseline"]
 
 
 class RunError(HSAEError, RuntimeError):
@@ -359,22 +359,26 @@ class Run:
     # --- paths ---------------------------------------------------------------------------
     @property
     def activations_dir(self) -> Path:
-        return self._activations_dir or self.folder / "activations"
+        return self._activations_dir or self.layout.activations
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.folder)
 
     def model_dir(self, which: Which) -> Path:
-        return self.folder / which
+        return self.layout.model(which)
 
     def checkpoint_dir(self, which: Which) -> Path:
-        return self.folder / "checkpoints" / which
+        return self.layout.checkpoint(which)
 
     def log_path(self, which: Which) -> Path:
-        return self.folder / "logs" / f"train_{which}.jsonl"
+        return self.layout.log(which)
 
     def trained(self, which: Which) -> bool:
         return (self.model_dir(which) / CONFIG_FILE).is_file()
 
     def wanted_models(self) -> list[Which]:
-        return ["hsae", "baseline"] if self.config.baseline else ["hsae"]
+        return list(MODEL_NAMES) if self.config.baseline else ["hsae"]
 
     def unfinished_models(self) -> dict[str, str]:
         """The wanted models without a saved model, each with what is known of it: "still
@@ -403,7 +407,7 @@ class Run:
         with self.lock("record stage times"):
             self.timings[stage] = round(self.timings.get(stage, 0.0) + seconds, 2)
             self._write_record()
-            write_json(self.folder / "timings.json", self.timings)
+            write_json(self.layout.timings, self.timings)
 
     @contextmanager
     def _stage_clock(self, stage: str, every: float = 2.0) -> Iterator[Callable[[], None]]:
@@ -448,7 +452,7 @@ class Run:
         from hsae.activations.cache import read_manifest
         from hsae.activations.harvest import check_manifest_matches
 
-        if not (self.activations_dir / "manifest.json").is_file():
+        if not (self.activations_dir / CACHE_MANIFEST).is_file():
             return None
         manifest = read_manifest(self.activations_dir)
         check_manifest_matches(
@@ -592,11 +596,11 @@ class Run:
     def _write_metrics(self, results: dict[str, Any], names: list[str]) -> None:
         from hsae.evaluation.suite import comparison_table, full_suite_table
 
-        write_json(self.folder / "metrics.json", results)
+        write_json(self.layout.metrics, results)
         tables = comparison_table(results, names)
         if "suite" in results:
             tables += "\n\n" + full_suite_table(results, names)
-        write_text(self.folder / "summary.md", _summary_markdown(self, tables))
+        write_text(self.layout.summary, _summary_markdown(self, tables))
 
     def _language_model(self) -> Any:
         from hsae.activations import load_language_model
@@ -613,7 +617,7 @@ class Run:
     def _log_sink(self, which: Which, config: HSAEConfig) -> Any:
         sinks = [jsonl_sink(self.log_path(which))]
         if self.config.tensorboard:
-            sinks.append(tensorboard_sink(self.folder / "tensorboard", which))
+            sinks.append(tensorboard_sink(self.folder / TENSORBOARD_DIR, which))
         if self.config.wandb_project:
             tag = f"{self.folder.name}-{which}"
             sinks.append(wandb_sink(self.config.wandb_project, tag, config.model_dump()))
@@ -715,7 +719,8 @@ def _holder(folder: Path) -> str:
 def _has_work(root: Path) -> bool:
     """Whether a run folder holds anything but its record: activations, checkpoints, models."""
     return any(
-        (root / name).exists() for name in ("activations", "checkpoints", *WHICH, "metrics.json")
+        (root / name).exists()
+        for name in (ACTIVATIONS_DIR, CHECKPOINTS_DIR, *MODEL_NAMES, METRICS_FILE)
     )
 
 

@@ -454,10 +454,11 @@ def steer_run(
     """:func:`compare_steering` on a run folder's model, at the run's layer, with the run's
     language model (loaded by its settings unless ``lm`` is given). ``strength`` None: each
     feature at its own largest activation on the run's held-out activations."""
-    from hsae.runs import WHICH, Run
+    from hsae.layout import MODEL_NAMES
+    from hsae.runs import Run
 
-    if which not in WHICH:
-        raise SteeringError(f"which must be one of {list(WHICH)}, got {which!r}")
+    if which not in MODEL_NAMES:
+        raise SteeringError(f"which must be one of {list(MODEL_NAMES)}, got {which!r}")
     if max_new_tokens < 1:
         raise SteeringError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     run = Run.open(run_dir)
