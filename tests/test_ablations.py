@@ -75,7 +75,7 @@ def test_coinciding_variants_share_one_model_and_the_runs_models_are_reused(
 
 
 def test_too_short_for_one_forest_rebuild_is_refused(small_run: Run) -> None:
-    with pytest.raises(ConfigError, match="train_tokens: 1024 gives 4 steps"):
+    with pytest.raises(ConfigError, match="train_tokens = 1024 gives 4 steps"):
         plan(small_run, AblationSettings(variants=("hsae",), train_tokens=1024))
 
 

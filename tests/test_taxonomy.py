@@ -132,6 +132,17 @@ def test_planted_forest_is_exact_and_shuffled_links_are_not():
     assert planted["levels"][1]["assigned"] == 12 and planted["levels"][0]["distinct_synsets"] == 4
 
 
+def test_strict_agreement_leaves_out_same_synset_links():
+    _, _, index, codes, true_parents, *_ = _planted_forest()
+    planted = alignment_from_codes(codes, [true_parents], index)["pairs"][0]
+    assert planted["strict"]["precision"] == 1.0  # every parent is a proper ancestor
+    # Both levels read the categories: every link joins a feature to its own synset.
+    same = alignment_from_codes([codes[0], codes[0]], [torch.arange(4)], index)["pairs"][0]
+    assert same["hypernym"]["precision"] == 1.0 and same["same_synset_fraction"] == 1.0
+    assert same["strict"]["precision"] == 0.0 and same["strict"]["high"] < 0.5
+    assert same["random_strict"]["precision"] == 0.0  # a category has no category ancestor
+
+
 def test_partly_wrong_forest_scores_its_true_share_within_the_interval():
     _, _, index, codes, true_parents, *_ = _planted_forest()
     links = true_parents.clone()

@@ -14,7 +14,6 @@ from hsae.model.forest import children_count
 from hsae.training import NonFiniteLossError, Trainer
 from hsae.training.data import RebatchedStream, TensorBatches
 from hsae.training.schedule import warmup_cosine
-from hsae.training.sparsity import AdaptiveSparsity
 
 BASE = {
     "d_in": 16,
@@ -69,17 +68,6 @@ def test_warmup_then_cosine_to_zero() -> None:
     assert warmup_cosine(10, 100, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(55, 100, 0.1) == pytest.approx(0.5)
     assert warmup_cosine(100, 100, 0.1) == pytest.approx(0.0, abs=1e-12)
-
-
-def test_controller_raises_weight_when_too_dense_and_lowers_it_when_falling_fast() -> None:
-    controller = AdaptiveSparsity(2, 10.0, 1.0, momentum=0.5, decay_rate=0.01, adjust=0.1)
-    controller.update(torch.tensor([50.0, 50.0]))
-    controller.update(torch.tensor([50.0, 5.0]))  # level 0 stays dense, level 1 collapses
-    assert controller.weights[0] == pytest.approx(1.1)
-    assert controller.weights[1] == pytest.approx(0.9)
-    for _ in range(200):
-        controller.update(torch.tensor([50.0, 50.0]))
-    assert controller.weights[0] == pytest.approx(controller.max_weight)
 
 
 def test_tensor_batches_cover_each_row_once_per_epoch_and_resume() -> None:

@@ -156,21 +156,7 @@ def plan(run: Run, settings: AblationSettings) -> list[Planned]:
         config, resolved = resolve(run, cache, variant, train_tokens)
         key = fingerprint(resolved)
         planned.append(Planned(variant, config, resolved, first_of[key], own_models.get(key)))
-    _refuse_forestless(planned)
     return planned
-
-
-def _refuse_forestless(planned: list[Planned]) -> None:
-    """An HSAE trained for fewer steps than one forest rebuild never gets a forest."""
-    for entry in planned:
-        config = entry.config
-        if config.mode == "hsae" and config.total_steps <= config.forest_update_interval:
-            needed = (config.forest_update_interval + 1) * config.batch_size
-            raise ConfigError(
-                f"train_tokens: {config.train_tokens} gives {config.total_steps} steps, no more "
-                f"than the forest update interval ({config.forest_update_interval}), so the HSAE "
-                f"variants would never build a forest; allowed: at least {needed}"
-            )
 
 
 def resolve(

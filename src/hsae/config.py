@@ -70,7 +70,8 @@ class HSAEConfig(BaseModel):
     unassigned_quantile: float = 0.2
     """q: share of children with the weakest best similarity left without a parent."""
     update_interval: int | None = None
-    """Steps between forest rebuilds (paper: 5000). None: a twentieth of the run."""
+    """Steps between forest rebuilds (paper: 5000). None: a twentieth of the run. Must be
+    less than the run's steps, or an HSAE would never build its forest."""
     coactivation_every: int = 10
     """With similarity='coactivation', update the co-firing EMA every this many steps."""
     coactivation_momentum: float = 0.99
@@ -86,7 +87,7 @@ class HSAEConfig(BaseModel):
     l0_decay_rate: float = 0.001
     """eta of the desired trajectory dL0 = -eta (L0 - target), per step."""
     sparsity_adjust: float = 0.03
-    """Multiplicative step of the controller: lambda *= (1 +- sparsity_adjust) each step."""
+    """Largest change of log lambda in one step (lambda moves by at most about 3% a step)."""
 
     # --- optimisation ----------------------------------------------------------------------
     train_tokens: int = 100_000_000
@@ -207,6 +208,15 @@ class HSAEConfig(BaseModel):
             raise ValueError(
                 f"train_tokens = {self.train_tokens} is less than one batch "
                 f"(batch_size = {self.batch_size})"
+            )
+        if self.uses_hierarchy_losses and self.forest_update_interval >= self.total_steps:
+            needed = (self.forest_update_interval + 1) * self.batch_size
+            raise ValueError(
+                f"update_interval = {self.forest_update_interval} leaves the HSAE without a "
+                f"forest: train_tokens = {self.train_tokens} gives {self.total_steps} steps of "
+                f"batch_size {self.batch_size} and the first rebuild comes at step "
+                f"update_interval; allowed: update_interval in [1, {self.total_steps - 1}] or "
+                f"train_tokens >= {needed}"
             )
         return self
 

@@ -44,6 +44,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def training_mean_norm(shards: list[dict[str, Any]]) -> float:
+    """Mean L2 norm of the training rows, from the per-shard norm sums of the manifest."""
+    train = [s for s in shards if s["split"] == "train"]
+    count = sum(s["n_tokens"] for s in train)
+    return sum(s["norm_sum"] for s in train) / count if count else 0.0
+
+
+def scale_for(d_model: int, mean_norm: float) -> float:
+    """The constant c with c * mean_norm = sqrt(d_model) (1 when nothing is known yet)."""
+    return math.sqrt(d_model) / mean_norm if mean_norm > 0 else 1.0
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise CacheError(f"split must be one of {SPLITS}, got {split!r}")
@@ -166,12 +178,8 @@ class ShardWriter:
         self._write_manifest()
 
     def _update_scale(self) -> None:
-        shards = self.manifest["shards"]
-        count = sum(s["n_tokens"] for s in shards)
-        norm_sum = sum(s["norm_sum"] for s in shards)
-        mean_norm = norm_sum / count if count else 0.0
-        self.manifest["mean_norm"] = mean_norm
-        self.manifest["scale"] = math.sqrt(self.d_model) / mean_norm if mean_norm > 0 else 1.0
+        self.manifest["mean_norm"] = training_mean_norm(self.manifest["shards"])
+        self.manifest["scale"] = scale_for(self.d_model, self.manifest["mean_norm"])
 
     def _write_manifest(self) -> None:
         self.manifest["updated"] = _now()
@@ -282,7 +290,12 @@ class ActivationCache:
 
     @property
     def scale(self) -> float:
-        """Multiply raw activations by this to bring their mean L2 norm to sqrt(d_model)."""
+        """Multiply raw activations by this to bring the mean L2 norm of the training rows to
+        sqrt(d_model). Held-out rows never enter it (caches written before that rule stored a
+        scale over both splits; it is recomputed here from the shards' recorded norms)."""
+        shards = self.manifest["shards"]
+        if shards and all("norm_sum" in s for s in shards):
+            return scale_for(self.d_model, training_mean_norm(shards))
         return float(self.manifest["scale"])
 
     @property

@@ -4,6 +4,9 @@ For every parent p with children, over N tokens:
 
 * Hamming: the number of tokens where "p active" differs from "any child of p active", averaged
   over parents and expressed per 1,000 tokens; also divided by the union count (normalised).
+  Both average over the same parents: those whose family (the parent or one of its children)
+  fires at least once. A silent family agrees trivially and would reward dead features; how
+  many were left out is reported (``n_silent_parents``).
 * P(parent | child) and P(child | parent) for every assigned (child, parent) pair, averaged over
   pairs whose conditioning feature fires at least once.
 
@@ -61,6 +64,11 @@ class PairCounts:
     def parents_with_children(self) -> Tensor:
         return torch.bincount(self.their_parents, minlength=self.n_parents) > 0
 
+    @property
+    def silent_parents(self) -> int:
+        """Parents with children whose family (parent or any child) never fired."""
+        return int((self.parents_with_children & (self.union == 0)).sum())
+
 
 @dataclass
 class HierarchyMetrics:
@@ -73,21 +81,22 @@ class HierarchyMetrics:
     n_parents: int
     n_pairs: int
     per_level: list[dict[str, float]] = field(default_factory=list)
+    n_silent_parents: int = 0
+    """Parents with children left out of both Hamming averages: their family never fired."""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
 def _pair_summary(counts: PairCounts) -> dict[str, Tensor]:
-    has_children = counts.parents_with_children
-    hamming = counts.disagreements[has_children].double()
-    union = counts.union[has_children].double()
-    fired_union = union > 0
+    scored = counts.parents_with_children & (counts.union > 0)
+    hamming = counts.disagreements[scored].double()
+    union = counts.union[scored].double()
     child_fired = counts.child_fires > 0
     parent_fired = counts.parent_fires[counts.their_parents] > 0
     return {
         "hamming_per_1k": hamming * 1000.0 / max(counts.tokens, 1),
-        "hamming_normalised": hamming[fired_union] / union[fired_union],
+        "hamming_normalised": hamming / union,
         "p_parent_given_child": counts.both_fire[child_fired].double()
         / counts.child_fires[child_fired].double(),
         "p_child_given_parent": counts.both_fire[parent_fired].double()
@@ -111,7 +120,11 @@ def summarise(all_counts: list[PairCounts]) -> HierarchyMetrics:
     )
     per_level = [
         {key: _mean(value) for key, value in summary.items()}
-        | {"n_parents": int(counts.parents_with_children.sum()), "n_pairs": counts.children.numel()}
+        | {
+            "n_parents": int(counts.parents_with_children.sum()),
+            "n_pairs": counts.children.numel(),
+            "n_silent_parents": counts.silent_parents,
+        }
         for summary, counts in zip(summaries, all_counts, strict=True)
     ]
     return HierarchyMetrics(
@@ -122,6 +135,7 @@ def summarise(all_counts: list[PairCounts]) -> HierarchyMetrics:
         n_parents=sum(int(c.parents_with_children.sum()) for c in all_counts),
         n_pairs=sum(c.children.numel() for c in all_counts),
         per_level=per_level,
+        n_silent_parents=sum(c.silent_parents for c in all_counts),
     )
 
 

@@ -74,8 +74,11 @@ def comparison_table(results: dict[str, Any], names: list[str]) -> str:
         ("Hamming / union (lower is better)", "hamming_normalised"),
         ("P(parent given child)", "p_parent_given_child"),
         ("P(child given parent)", "p_child_given_parent"),
+        ("parents left out of Hamming (family never fires)", "n_silent_parents"),
     ]
     for label, key in hierarchy_rows:
+        if any(key not in results[n]["hierarchy"] for n in names):
+            continue  # metrics.json written before the row existed
         values = [_fmt(results[n]["hierarchy"][key]) for n in names]
         lines.append(f"| {label} | " + " | ".join(values) + " |")
     n_levels = len(results[names[0]]["levels"])
@@ -471,11 +474,14 @@ def _taxonomy_rows(part: dict[str, Any] | None, names: list[str]) -> list[Row]:
         )
     cells = [_precision_cell(part[n]["all_pairs"]) for n in names]
     rows.append(("taxonomy: all links, hypernym precision [95% CI] (random)", cells))
+    if all("strict" in part[n]["all_pairs"] for n in names):
+        cells = [_precision_cell(part[n]["all_pairs"], "strict") for n in names]
+        rows.append(("taxonomy: all links, strict ancestor (not same synset) [95% CI]", cells))
     return rows
 
 
-def _precision_cell(entry: dict[str, Any]) -> str:
-    ours, chance = entry["hypernym"], entry["random_hypernym"]
+def _precision_cell(entry: dict[str, Any], kind: str = "hypernym") -> str:
+    ours, chance = entry[kind], entry[f"random_{kind}"]
     if ours["precision"] is None:
         return f"n/a ({entry['evaluated']} links)"
     return (

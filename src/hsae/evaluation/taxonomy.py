@@ -13,8 +13,10 @@ This module owns the matching of features to WordNet synsets and the agreement o
   ``min_f1``. Computed as one [synsets, features] matrix from a sparse membership product.
 * Agreement of a link (parent p at level l, child c at level l+1, both with a synset):
   "hypernym" when p's synset is c's synset or one of its WordNet ancestors; "lexname" when both
-  synsets share a lexicographer category. Precision is the agreeing share of those links, with a
-  Wilson score interval; ``same_synset_fraction`` says how many agree only by sharing a synset.
+  synsets share a lexicographer category; "strict" when p's synset is a proper ancestor of c's
+  (hypernym agreement without the links that put both on the same synset). Precision is the
+  agreeing share of those links, with a Wilson score interval; ``same_synset_fraction`` says how
+  many agree only by sharing a synset.
 * Random reference: each evaluated child is paired with a uniformly drawn level-l feature that
   has a synset (``random_draws`` times); the mean precision and the central ``confidence``
   interval over draws.
@@ -38,6 +40,8 @@ from hsae.evaluation.lexicon import LexiconData
 from hsae.model import HSAE
 
 FEATURE_CHUNK = 4096
+KINDS = ("hypernym", "lexname", "strict")
+"""The agreements reported for every link set (see the module doc)."""
 
 
 class TaxonomyError(HSAEError, ValueError):
@@ -225,7 +229,7 @@ class PairOutcome:
     """[3, m] booleans: hypernym agreement, lexname agreement and same synset, per evaluated
     link."""
     random_agree: Tensor
-    """[2, draws] counts of agreeing random pairs per draw."""
+    """[3, draws] counts of agreeing random pairs per draw (hypernym, lexname, strict)."""
 
 
 def pair_outcome(
@@ -247,11 +251,12 @@ def pair_outcome(
     agree = torch.stack([*link_agreement(parent_syn, child_syn, index), parent_syn == child_syn])
     pool = parent_synsets[parent_synsets >= 0]
     if children.numel() == 0 or pool.numel() == 0:
-        random_agree = torch.zeros(2, draws)
+        random_agree = torch.zeros(len(KINDS), draws)
     else:
         picks = pool[torch.randint(pool.numel(), (draws, children.numel()), generator=generator)]
         hypernym, lexname = link_agreement(picks, child_syn.expand(draws, -1), index)
-        random_agree = torch.stack([hypernym.sum(1), lexname.sum(1)]).float()
+        strict = hypernym & (picks != child_syn)
+        random_agree = torch.stack([hypernym.sum(1), lexname.sum(1), strict.sum(1)]).float()
     return PairOutcome(parent_level, int(linked.sum()), agree, random_agree)
 
 
@@ -260,8 +265,9 @@ def _summary(agree: Tensor, random_agree: Tensor, confidence: float) -> dict[str
     same = float(agree[2].float().mean()) if m else math.nan
     entry: dict[str, object] = {"evaluated": m, "same_synset_fraction": _num(same)}
     tail = (1 - confidence) / 2
-    for row, kind in enumerate(("hypernym", "lexname")):
-        hits = int(agree[row].sum())
+    outcomes = {"hypernym": agree[0], "lexname": agree[1], "strict": agree[0] & ~agree[2]}
+    for row, kind in enumerate(KINDS):
+        hits = int(outcomes[kind].sum())
         low, high = wilson_interval(hits, m, confidence)
         entry[kind] = {
             "precision": _num(hits / m if m else math.nan),
@@ -318,7 +324,7 @@ def alignment_from_codes(
     ]
     pooled = _summary(
         torch.cat([o.agree for o in outcomes], 1),
-        sum((o.random_agree for o in outcomes), torch.zeros(2, settings.random_draws)),
+        sum((o.random_agree for o in outcomes), torch.zeros(len(KINDS), settings.random_draws)),
         settings.confidence,
     )
     return {

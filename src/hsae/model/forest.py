@@ -162,7 +162,12 @@ def best_parents(
         if similarity == "coactivation":
             if coactivation is None:
                 raise ValueError("similarity='coactivation' needs co-firing statistics")
-            return best_parent_from_scores(coactivation.shape[0], lambda rows: coactivation[rows])
+            index, score = best_parent_from_scores(
+                coactivation.shape[0], lambda rows: coactivation[rows]
+            )
+            # A child that never fired with any parent has no evidence for a link: the argmax
+            # of an all-zero row (parent 0) would be arbitrary.
+            return index.masked_fill(score <= 0, UNASSIGNED), score
     raise ValueError(
         f"similarity must be 'encoder', 'decoder' or 'coactivation', not {similarity!r}"
     )

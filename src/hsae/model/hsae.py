@@ -119,11 +119,16 @@ class HSAE(nn.Module):
         substituted: list[Tensor] | None = None,
         dead: list[Tensor] | None = None,
         keep_active: bool = False,
+        exact_metrics: bool = True,
     ) -> TrainingLoss:
         """Loss on a batch ``x`` already in scaled units.
 
         ``substituted[l]`` flags the level-l parents replaced by their children this step
         (None: no perturbation); ``dead[l]`` flags level-l features the auxiliary loss revives.
+        The loss uses the perturbed reconstructions; the reported ``mse`` and
+        ``variance_explained`` are those of the model itself (unperturbed), which costs one
+        more decode of each perturbed level; ``exact_metrics=False`` skips it and reports the
+        perturbed ones (the trainer does so on steps it does not log).
         """
         cfg = self.config
         fused = cfg.sparse_kernels
@@ -133,14 +138,30 @@ class HSAE(nn.Module):
         total, aux_total, constraint = zero, zero, zero
         mses, l0s, explained, fired, active_masks = [], [], [], [], []
         for index, level in enumerate(self.levels):
-            recon = self._level_reconstruction(index, codes, substituted, fused)
+            perturbed = self._perturbs(index, substituted)
+            if perturbed:
+                recon = perturbed_reconstruction(
+                    level,
+                    codes[index],
+                    self.levels[index + 1],
+                    codes[index + 1],
+                    self.parents(index),
+                    substituted[index],  # type: ignore[index]
+                    fused,
+                )
+            else:
+                recon = self._plain_reconstruction(index, codes, fused)
             sq_error = (recon - x).pow(2).sum(-1)
-            mse = sq_error.mean()
             l0 = level.l0(codes[index], cfg.bandwidth)
-            total = total + mse + sparsity_weights[index] * l0
-            mses.append(mse.detach())
+            total = total + sq_error.mean() + sparsity_weights[index] * l0
+            if perturbed and exact_metrics:
+                with torch.no_grad():
+                    own_error = (self._plain_reconstruction(index, codes, fused) - x).pow(2).sum(-1)
+            else:
+                own_error = sq_error.detach()
+            mses.append(own_error.mean())
             l0s.append(l0.detach())
-            explained.append(per_token_variance_explained(sq_error.detach(), energy).mean())
+            explained.append(per_token_variance_explained(own_error, energy).mean())
             active = codes[index].pre > level.threshold.detach()
             fired.append(active.any(0))
             if keep_active:
@@ -163,26 +184,15 @@ class HSAE(nn.Module):
             active=active_masks,
         )
 
-    def _level_reconstruction(
-        self,
-        index: int,
-        codes: list[LevelCodes],
-        substituted: list[Tensor] | None,
-        fused: bool,
-    ) -> Tensor:
-        level = self.levels[index]
-        own = codes[index]
-        if substituted is None or index == self.n_levels - 1 or not bool(substituted[index].any()):
-            return level.decode_columns(own, None, fused) + level.b_dec
-        return perturbed_reconstruction(
-            level,
-            own,
-            self.levels[index + 1],
-            codes[index + 1],
-            self.parents(index),
-            substituted[index],
-            fused,
+    def _perturbs(self, index: int, substituted: list[Tensor] | None) -> bool:
+        """Whether level ``index`` swaps some parents for their children this step."""
+        return (
+            substituted is not None and index < self.n_levels - 1 and bool(substituted[index].any())
         )
+
+    def _plain_reconstruction(self, index: int, codes: list[LevelCodes], fused: bool) -> Tensor:
+        level = self.levels[index]
+        return level.decode_columns(codes[index], None, fused) + level.b_dec
 
     def _constraint(self, codes: list[LevelCodes]) -> Tensor:
         total = codes[0].acts.new_zeros(())

@@ -1,8 +1,22 @@
 """Adaptive sparsity weight per level (paper App. A.2), steering each level's L0 to a target.
 
-L0 is tracked with an EMA. The desired trajectory is dL0 = -eta (L0 - target) per step. When the
-EMA falls faster than that trajectory the level is being over-sparsified, so its weight lambda
-is lowered; when it stays denser, lambda is raised. Changes are multiplicative.
+L0 is tracked with an EMA. The desired trajectory of that smoothed L0 is
+dL0 = -eta (L0 - target) per step. When the EMA falls faster than that trajectory the level is
+being over-sparsified, so its weight lambda is lowered; when it stays denser, lambda is raised.
+
+Our decision (``hsae-method.md`` section 4, docs/method.md): the paper's rule read literally
+compares the EMA's one-step change with the trajectory, and the EMA's one-step change is
+``(1 - m) (batch L0 - EMA)``, so at the defaults (1 - m = eta) it reduces to "this batch's L0
+vs the target" and lambda moves +-3% on every batch's noise. Here the controller acts on the
+smoothed L0 only: in log space, lambda moves by the gap between the EMA's actual change and
+the trajectory's,
+
+    log lambda += clip( log(EMA_t / EMA_{t-1}) + eta log(EMA_t / target), -adjust, +adjust ),
+
+which is zero while the EMA follows the trajectory. Summed over steps, the first term
+telescopes (lambda follows the EMA's level, not its step-to-step noise) and the second
+integrates the smoothed error, so L0 settles at the target; ``adjust`` caps a single step so a
+level far from its target still moves fast.
 """
 
 from __future__ import annotations
@@ -12,6 +26,8 @@ from torch import Tensor
 
 WEIGHT_RANGE = 1000.0
 """lambda stays within [initial / WEIGHT_RANGE, initial * WEIGHT_RANGE]."""
+L0_FLOOR = 1e-3
+"""A level whose smoothed L0 is 0 (all features silent) is treated as this L0 in the logs."""
 
 
 class AdaptiveSparsity:
@@ -52,10 +68,17 @@ class AdaptiveSparsity:
         self.l0_ema.mul_(self.momentum).add_(batch_l0, alpha=1.0 - self.momentum)
         if not self.adaptive:
             return
-        desired_change = -self.decay_rate * (previous - self.target_l0)
-        falling_too_fast = (self.l0_ema - previous) < desired_change
-        factor = torch.where(falling_too_fast, 1.0 - self.adjust, 1.0 + self.adjust)
-        self.weights.mul_(factor).clamp_(self.min_weight, self.max_weight)
+        self.weights.mul_(self.factor(previous, self.l0_ema)).clamp_(
+            self.min_weight, self.max_weight
+        )
+
+    def factor(self, previous_ema: Tensor, ema: Tensor) -> Tensor:
+        """Multiplicative change of lambda for one step of the smoothed L0 (see module doc)."""
+        now = ema.clamp(min=L0_FLOOR)
+        gap = torch.log(now / previous_ema.clamp(min=L0_FLOOR)) + self.decay_rate * torch.log(
+            now / self.target_l0
+        )
+        return torch.exp(gap.clamp(-self.adjust, self.adjust))
 
     def state_tensors(self) -> dict[str, Tensor]:
         return {

@@ -1,0 +1,323 @@
+"""Method fidelity (issue 11): each test fails on a defect a review of the method found, or on a
+switch that could break without any other test noticing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import hsae
+from hsae.config import ConfigError, HSAEConfig
+from hsae.evaluation import hierarchy_metrics
+from hsae.model import HSAE
+from hsae.model.forest import CoactivationTracker, rebuild_forest
+from hsae.training import Trainer
+from hsae.training.data import TensorBatches
+from hsae.training.sparsity import AdaptiveSparsity
+
+BASE = {"d_in": 16, "level_sizes": [8, 16, 32], "target_l0": 4, "batch_size": 64}
+
+
+def sparse_data(n: int = 12000, d: int = 16, atoms: int = 48, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    dictionary = torch.nn.functional.normalize(torch.randn(atoms, d, generator=generator), dim=1)
+    codes = (torch.rand(n, atoms, generator=generator) < 0.06).float()
+    codes *= 1 + torch.rand(n, atoms, generator=generator)
+    return codes @ dictionary * 5.0
+
+
+# --- 1. the sparsity controller acts on the smoothed L0 ---------------------------------------
+
+
+def _literal_rule_weight(weight: float, previous: float, ema: float, target: float) -> float:
+    """The paper's rule read literally: compare the EMA's one-step change with the trajectory."""
+    falling_too_fast = (ema - previous) < -0.001 * (previous - target)
+    return weight * (0.97 if falling_too_fast else 1.03)
+
+
+def _drive_plant(controller_step, steps: int = 12000, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """A level whose L0 follows 32 / lambda with a lag of 30 steps and 10% batch noise,
+    starting 4x too dense: returns log lambda and the batch L0 at every step."""
+    rng = np.random.default_rng(seed)
+    weight, level_l0 = 0.25, 128.0
+    log_weights, batch_l0s = [], []
+    for _ in range(steps):
+        level_l0 += (32.0 / weight - level_l0) / 30.0
+        batch = level_l0 * math.exp(0.1 * rng.standard_normal())
+        weight = controller_step(weight, batch)
+        log_weights.append(math.log(weight))
+        batch_l0s.append(batch)
+    return np.array(log_weights), np.array(batch_l0s)
+
+
+def _ours() -> object:
+    controller = AdaptiveSparsity(1, 32.0, 0.25, momentum=0.999, decay_rate=0.001, adjust=0.03)
+
+    def step(weight: float, batch: float) -> float:
+        controller.update(torch.tensor([batch]))
+        return float(controller.weights[0])
+
+    return step
+
+
+def _literal() -> object:
+    state = {"ema": None}
+
+    def step(weight: float, batch: float) -> float:
+        if state["ema"] is None:
+            state["ema"] = batch
+            return weight
+        previous = state["ema"]
+        state["ema"] = 0.999 * previous + 0.001 * batch
+        return _literal_rule_weight(weight, previous, state["ema"], 32.0)
+
+    return step
+
+
+def test_controller_settles_on_the_target_without_chasing_batch_noise() -> None:
+    ours_log_weight, ours_l0 = _drive_plant(_ours())
+    literal_log_weight, _ = _drive_plant(_literal())
+    tail = slice(-3000, None)
+    # Lambda's oscillation: the literal rule moves it 3% on every batch's noise.
+    ours_spread = ours_log_weight[tail].std()
+    literal_spread = literal_log_weight[tail].std()
+    assert ours_spread < literal_spread / 10, (ours_spread, literal_spread)
+    assert np.abs(np.diff(ours_log_weight[tail])).mean() < 0.003
+    # ... and L0 still settles at the target, lambda at the plant's equilibrium (1.0).
+    assert ours_l0[tail].mean() == pytest.approx(32.0, rel=0.02)
+    assert math.exp(ours_log_weight[tail].mean()) == pytest.approx(1.0, rel=0.03)
+
+
+def test_controller_raises_a_dense_level_and_lowers_a_collapsing_one() -> None:
+    controller = AdaptiveSparsity(2, 10.0, 1.0, momentum=0.5, decay_rate=0.01, adjust=0.1)
+    controller.update(torch.tensor([50.0, 50.0]))
+    controller.update(torch.tensor([50.0, 5.0]))  # level 0 stays dense, level 1 collapses
+    assert controller.weights[0] > 1.0
+    assert controller.weights[1] == pytest.approx(math.exp(-0.1))  # capped step
+    for _ in range(2000):
+        controller.update(torch.tensor([50.0, 50.0]))
+    assert controller.weights[0] == pytest.approx(controller.max_weight)
+
+
+def test_controller_off_keeps_lambda() -> None:
+    controller = AdaptiveSparsity(1, 10.0, 1.0, 0.9, 0.01, 0.1, adaptive=False)
+    for value in (50.0, 1.0, 30.0):
+        controller.update(torch.tensor([value]))
+    assert float(controller.weights[0]) == 1.0
+
+
+# --- 2. co-activation similarity: no evidence, no parent ------------------------------------
+
+
+def test_coactivation_leaves_children_that_never_cofire_unassigned() -> None:
+    model = HSAE(HSAEConfig(**BASE, train_tokens=64 * 10, similarity="coactivation"))
+    tracker = CoactivationTracker([8, 16, 32], momentum=0.0)
+    parent = torch.zeros(4, 8, dtype=torch.bool)
+    child = torch.zeros(4, 16, dtype=torch.bool)
+    parent[:, 3] = True
+    child[:2, 5] = True  # child 5 fires with parent 3; children 0-4, 6-15 never fire
+    grandchild = torch.zeros(4, 32, dtype=torch.bool)
+    tracker.update([parent, child, grandchild])
+    links = rebuild_forest(list(model.levels), "coactivation", 0.0, None, tracker)
+    assert links[0].tolist() == [-1] * 5 + [3] + [-1] * 10
+    assert (links[1] == -1).all()
+
+
+# --- 3. an HSAE always gets a forest --------------------------------------------------------
+
+
+def test_update_interval_past_the_run_is_refused_up_front() -> None:
+    with pytest.raises(
+        ConfigError,
+        match="update_interval = 100 leaves the HSAE without a forest: train_tokens = 6400",
+    ):
+        HSAEConfig(**BASE, train_tokens=64 * 100, update_interval=100)
+    HSAEConfig(**BASE, train_tokens=64 * 100, update_interval=99)
+    # The baseline builds its forest post hoc, so any interval is fine there.
+    HSAEConfig(**BASE, train_tokens=64 * 100, update_interval=500, mode="independent")
+
+
+# --- 4. Hamming does not reward dead features -------------------------------------------------
+
+
+def test_hamming_leaves_out_silent_families_and_says_how_many() -> None:
+    # Parent 0 (children 0, 1) fires; parent 1 (child 2) and its child never fire.
+    parent = torch.tensor([[1, 0], [1, 0], [0, 0], [0, 0]], dtype=torch.bool)
+    child = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    metrics = hierarchy_metrics([[parent, child]], [torch.tensor([0, 0, 1])], [2, 3])
+    # Parent 0: any-child [1, 0, 1, 0] vs [1, 1, 0, 0] -> 2 disagreements in 4 tokens, union 3.
+    assert metrics.hamming_per_1k == pytest.approx(500.0)
+    assert metrics.hamming_normalised == pytest.approx(2 / 3)
+    assert metrics.n_silent_parents == 1 and metrics.n_parents == 2
+    assert metrics.per_level[0]["n_silent_parents"] == 1
+
+
+def test_more_dead_parents_do_not_lower_hamming() -> None:
+    parent = torch.tensor([[1], [0], [1], [0]], dtype=torch.bool)
+    child = torch.tensor([[0], [1], [1], [0]], dtype=torch.bool)
+    alive = hierarchy_metrics([[parent, child]], [torch.tensor([0])], [1, 1])
+    dead = torch.zeros(4, 5, dtype=torch.bool)
+    with_dead = hierarchy_metrics(
+        [[torch.cat([parent, dead], 1), torch.cat([child, dead], 1)]],
+        [torch.tensor([0, 1, 2, 3, 4, 5])],
+        [6, 6],
+    )
+    assert with_dead.hamming_per_1k == pytest.approx(alive.hamming_per_1k)
+    assert with_dead.hamming_normalised == pytest.approx(alive.hamming_normalised)
+    assert with_dead.n_silent_parents == 5
+
+
+# --- 5. the activation scale comes from training rows only ------------------------------------
+
+
+def test_cache_scale_ignores_heldout_rows() -> None:
+    from hsae.activations.cache import scale_for, training_mean_norm
+
+    shards = [
+        {"split": "train", "n_tokens": 10, "norm_sum": 40.0},
+        {"split": "heldout", "n_tokens": 10, "norm_sum": 400.0},
+        {"split": "train", "n_tokens": 30, "norm_sum": 120.0},
+    ]
+    assert training_mean_norm(shards) == pytest.approx(4.0)
+    assert scale_for(16, training_mean_norm(shards)) == pytest.approx(1.0)
+
+
+def test_harvested_cache_scale_matches_the_training_split(tmp_path) -> None:
+    from hsae.activations import ActivationCache
+    from hsae.activations.cache import FORMAT, FORMAT_VERSION, ResumePoint, ShardWriter
+
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model": {"name": "synthetic"},
+        "layer": 0,
+        "d_model": 4,
+        "dtype": "float32",
+        "shard_tokens": 8,
+        "context_length": 4,
+        "config": {},
+    }
+    writer = ShardWriter.create(tmp_path / "c", manifest)
+    meta = np.zeros((16, 4), dtype=np.int64)
+    train = np.full((16, 4), 1.0, dtype=np.float32)  # norm 2
+    heldout = np.full((16, 4), 10.0, dtype=np.float32)  # norm 20
+    writer.append("train", train, meta, batch=0, first_row=0)
+    writer.append("heldout", heldout, meta, batch=0, first_row=16)
+    writer.finish(ResumePoint(0, 32))
+    cache = ActivationCache(tmp_path / "c")
+    assert cache.scale == pytest.approx(1.0)  # sqrt(4) / 2: the held-out rows do not count
+    assert cache.manifest["scale"] == pytest.approx(1.0)
+
+
+# --- 6. logged variance explained is the model's own -------------------------------------------
+
+
+def test_reported_variance_explained_is_unperturbed() -> None:
+    config = HSAEConfig(**BASE, train_tokens=64 * 10, perturbation_rate=1.0)
+    model = HSAE(config)
+    x = sparse_data(64)
+    for level in model.levels:
+        level.initialise_from_data(x, 4)
+    model.set_parents(0, torch.arange(16) % 8)
+    model.set_parents(1, torch.arange(32) % 16)
+    substituted = [torch.ones(8, dtype=torch.bool), torch.ones(16, dtype=torch.bool)]
+    substituted.append(torch.zeros(32, dtype=torch.bool))
+    weights = torch.ones(3)
+    plain = model.training_loss(x, weights)
+    perturbed = model.training_loss(x, weights, substituted)
+    torch.testing.assert_close(perturbed.variance_explained, plain.variance_explained)
+    torch.testing.assert_close(perturbed.mse, plain.mse)
+    assert perturbed.total != plain.total  # the loss itself is perturbed
+    cheap = model.training_loss(x, weights, substituted, exact_metrics=False)
+    assert not torch.allclose(cheap.variance_explained[:2], plain.variance_explained[:2])
+
+
+# --- independent mode is truly independent ----------------------------------------------------
+
+
+def test_independent_mode_has_no_constraint_perturbation_or_rebuild(monkeypatch) -> None:
+    import hsae.training.trainer as trainer_module
+
+    rebuilds: list[int] = []
+    real_rebuild = trainer_module.rebuild_forest
+
+    def counting_rebuild(*args, **kwargs):
+        rebuilds.append(1)
+        return real_rebuild(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "rebuild_forest", counting_rebuild)
+    config = HSAEConfig(
+        **BASE, train_tokens=64 * 60, update_interval=5, mode="independent", rho=1.0
+    )
+    trainer = Trainer(config, TensorBatches(sparse_data(), 64))
+    trainer.initialise()
+    constraints, perturbations = [], []
+    for _ in range(30):
+        perturbations.append(trainer._draw_perturbation())
+        constraints.append(float(trainer.train_step().constraint))
+    assert set(constraints) == {0.0}
+    assert perturbations == [None] * 30
+    assert rebuilds == []  # no rebuild while training ...
+    model = trainer.fit(progress=False)
+    assert rebuilds == [1]  # ... only the post-hoc forest at the end
+    assert any((links >= 0).any() for links in model.forest())
+
+
+def test_hsae_mode_constrains_perturbs_and_rebuilds() -> None:
+    config = HSAEConfig(**BASE, train_tokens=64 * 60, update_interval=5, perturbation_rate=0.5)
+    trainer = Trainer(config, TensorBatches(sparse_data(), 64))
+    trainer.initialise()
+    outs = [trainer.train_step() for _ in range(12)]
+    assert trainer.forest_updates == 2
+    assert any(float(out.constraint) > 0 for out in outs[5:])
+    draws = trainer._draw_perturbation()
+    assert draws is not None and any(bool(d.any()) for d in draws)
+
+
+# --- the dead-feature loss and the default (decoder) rebuild ---------------------------------
+
+
+def test_dead_feature_loss_moves_only_dead_features_towards_the_residual() -> None:
+    config = HSAEConfig(**BASE, train_tokens=64 * 10, aux_coefficient=1.0)
+    model = HSAE(config)
+    x = sparse_data(64)
+    for level in model.levels:
+        level.initialise_from_data(x, 4)
+    dead = [torch.zeros(n, dtype=torch.bool) for n in config.level_sizes]
+    dead[1][[2, 7]] = True
+    alive_only = model.training_loss(x, torch.ones(3), dead=None)
+    with_dead = model.training_loss(x, torch.ones(3), dead=dead)
+    assert float(alive_only.aux) == 0.0 and float(with_dead.aux) > 0.0
+    (with_dead.total - alive_only.total).backward()
+    grad = model.levels[1].W_dec.grad
+    assert grad is not None
+    moved = grad.abs().sum(1) > 0
+    assert moved.nonzero(as_tuple=True)[0].tolist() == [2, 7]
+    assert model.levels[0].W_dec.grad is None or model.levels[0].W_dec.grad.abs().sum() == 0
+
+
+def test_rebuild_with_decoder_similarity_picks_the_most_similar_decoder_row() -> None:
+    model = HSAE(HSAEConfig(**BASE, train_tokens=64 * 10))
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for level in model.levels:
+            level.W_dec.copy_(torch.randn(level.W_dec.shape, generator=generator))
+        model.normalise_decoders()
+        # Child 3 is a copy of parent 6, up to scale and a little noise: it must pick it.
+        model.levels[1].W_dec[3] = model.levels[0].W_dec[6] + 0.01
+    links = rebuild_forest(list(model.levels), "decoder", 0.0, None)
+    cosine = model.levels[1].W_dec @ model.levels[0].W_dec.t()
+    assert torch.equal(links[0], cosine.argmax(1))
+    assert int(links[0][3]) == 6
+    encoder_links = rebuild_forest(list(model.levels), "encoder", 0.0, None)
+    assert not torch.equal(encoder_links[0], links[0])  # the switch changes the answer
+
+
+def test_trained_hsae_links_exist_at_defaults() -> None:
+    config = HSAEConfig(**BASE, train_tokens=64 * 100, lr=3e-3)
+    model = hsae.train(config, sparse_data(), progress=False)
+    assert config.similarity == "decoder"
+    assert all(int((links >= 0).sum()) > 0 for links in model.forest())
