@@ -63,6 +63,10 @@ def run_key(family: str, variant: str, seed: int) -> str:
     return f"{family}/{variant}/seed{seed}"
 
 
+def _key_fields(settings: dict[str, Any]) -> dict[str, Any]:
+    return {name: settings[name] for name in ("family", "variant", "seed")}
+
+
 def job_settings(family: str, variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Everything that determines a run's result (stored with it, compared on resume)."""
     return {
@@ -113,6 +117,8 @@ def run_job(settings: dict[str, Any]) -> dict[str, Any]:
     cosine = forest_recovery(
         [level.W_dec.detach() for level in model.levels], model.forest(), forest
     )
+    if settings.get("models"):
+        model.save(Path(settings["models"]) / run_key(**_key_fields(settings)).replace("/", "_"))
     return {
         "settings": settings,
         "level_sizes": config.level_sizes,
@@ -271,6 +277,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="training processes at once")
     parser.add_argument("--json", type=Path, required=True, help="results, written after each run")
     parser.add_argument("--out", type=Path, help="write the Markdown tables here")
+    parser.add_argument("--models", type=Path, help="also save every trained model here")
     parser.add_argument("--table-only", action="store_true", help="only tabulate the JSON")
     args = parser.parse_args()
 
@@ -285,7 +292,7 @@ def main() -> None:
                     key = run_key(family, variant, seed)
                     if key in runs and runs[key]["settings"] == settings:
                         continue
-                    todo.append(settings)
+                    todo.append(settings | {"models": str(args.models) if args.models else ""})
         print(f"{len(todo)} runs to do, {len(runs)} stored", flush=True)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=args.workers, mp_context=context) as executor:
@@ -296,12 +303,13 @@ def main() -> None:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     settings = pending.pop(future)
-                    key = run_key(settings["family"], settings["variant"], settings["seed"])
+                    key = run_key(**_key_fields(settings))
                     try:
                         run = future.result()
                     except Exception as error:  # report and go on with the other runs
                         print(f"{key} failed: {error!r}", file=sys.stderr, flush=True)
                         continue
+                    run["settings"].pop("models", None)  # where a copy went; not a setting
                     runs[key] = run
                     write_json(args.json, results)
                     values = metric_values(run)
