@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from hsae.config import HSAEConfig
 from hsae.errors import HSAEError
 from hsae.model import HSAE, TrainingLoss
-from hsae.model.forest import CoactivationTracker, rebuild_forest
+from hsae.model.forest import make_tracker, rebuild_forest
 from hsae.model.hierarchy_losses import sample_perturbation
 from hsae.training.checkpoint import load_checkpoint, save_checkpoint
 from hsae.training.data import as_batches
@@ -112,10 +112,8 @@ class Trainer:
         self.tokens_since_fired = [
             torch.zeros(size, dtype=torch.long, device=self.device) for size in config.level_sizes
         ]
-        self.coactivation = (
-            CoactivationTracker(config.level_sizes, config.coactivation_momentum, self.device)
-            if config.similarity == "coactivation"
-            else None
+        self.coactivation = make_tracker(
+            config.similarity, config.level_sizes, config.coactivation_momentum, self.device
         )
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed + 1)
         self.step = 0
