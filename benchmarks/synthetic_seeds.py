@@ -36,6 +36,7 @@ from scipy import stats
 import hsae
 from hsae.evaluation import evaluate, firing_forest_recovery, forest_recovery
 from hsae.io import read_json, write_json, write_text
+from hsae.model.forest import make_tracker, rebuild_forest
 from hsae.synthetic import SyntheticSpec, make_synthetic_forest
 
 FAMILIES = ("splitting", "absorption")
@@ -47,8 +48,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "hsae": {},
     "hsae-paper-rho": {"rho": 0.01},
     "hsae-no-perturbation": {"perturbation_rate": 0.0},
+    "baseline-conditional": {"mode": "independent", "similarity": "conditional"},
+    "hsae-conditional": {"similarity": "conditional"},
 }
 """Variant name -> HSAEConfig fields on top of the shared settings (empty: current defaults)."""
+
+POST_HOC = {"baseline-conditional": "baseline"}
+"""Variants that differ from another only in the post-hoc forest of an independent model (the
+weights do not depend on the similarity): with --models, the saved model of the other variant
+is reloaded and its forest rebuilt from firing statistics gathered like the trainer's
+(ConditionalTracker, momentum 0.99, one batch of 256 tokens per update, 1,000 updates over
+the training pool) instead of training it again."""
 
 
 def family_spec(family: str, seed: int) -> SyntheticSpec:
@@ -109,7 +119,18 @@ def run_job(settings: dict[str, Any]) -> dict[str, Any]:
         **settings["overrides"],
     )
     start = time.perf_counter()
-    model = hsae.train(config, pool, progress=False)
+    source = POST_HOC.get(settings["variant"])
+    saved = (
+        Path(settings.get("models") or ".")
+        / run_key(settings["family"], source or "", seed).replace("/", "_")
+        if source
+        else None
+    )
+    if saved is not None and saved.exists():
+        model = hsae.load(saved)
+        rebuild_post_hoc(model, config, pool)
+    else:
+        model = hsae.train(config, pool, progress=False)
     seconds = time.perf_counter() - start
     quality = evaluate(model, heldout)
     codes = model.encode_in_batches(heldout)
@@ -121,6 +142,7 @@ def run_job(settings: dict[str, Any]) -> dict[str, Any]:
         model.save(Path(settings["models"]) / run_key(**_key_fields(settings)).replace("/", "_"))
     return {
         "settings": settings,
+        "post_hoc_of": source if saved is not None and saved.exists() else None,
         "level_sizes": config.level_sizes,
         "target_l0": target_l0,
         "seconds": seconds,
@@ -129,6 +151,21 @@ def run_job(settings: dict[str, Any]) -> dict[str, Any]:
         "firing_recovery": firing.to_dict(),
         "cosine_recovery": cosine.to_dict(),
     }
+
+
+def rebuild_post_hoc(model: hsae.HSAE, config: hsae.HSAEConfig, pool: torch.Tensor) -> None:
+    """Replace ``model``'s forest by ``config.similarity``'s rule on fresh firing statistics."""
+    tracker = make_tracker(config.similarity, config.level_sizes, config.coactivation_momentum)
+    with torch.no_grad():
+        for start in range(0, min(len(pool), 1000 * 256), 256):
+            codes = model.encode(pool[start : start + 256])
+            if tracker is not None:
+                tracker.update([level_codes > 0 for level_codes in codes])
+    links = rebuild_forest(
+        list(model.levels), config.similarity, config.effective_quantile, None, tracker
+    )
+    for level, level_links in enumerate(links):
+        model.set_parents(level, level_links)
 
 
 # ------------------------------------------------------------------------------ statistics
