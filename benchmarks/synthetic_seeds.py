@@ -153,6 +153,24 @@ def run_job(settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def rescore(run: dict[str, Any], models: Path) -> bool:
+    """Recompute a stored run's firing recovery from its saved model (False: no model)."""
+    settings = run["settings"]
+    saved = models / run_key(**_key_fields(settings)).replace("/", "_")
+    if not saved.exists():
+        return False
+    seed = settings["seed"]
+    forest = make_synthetic_forest(family_spec(settings["family"], seed))
+    heldout, truth = forest.sample_with_truth(
+        settings["heldout"], torch.Generator().manual_seed(seed + 10_000)
+    )
+    model = hsae.load(saved)
+    codes = model.encode_in_batches(heldout)
+    firing = firing_forest_recovery(codes, model.forest(), truth, forest, settings["min_f1"])
+    run["firing_recovery"] = firing.to_dict()
+    return True
+
+
 def rebuild_post_hoc(model: hsae.HSAE, config: hsae.HSAEConfig, pool: torch.Tensor) -> None:
     """Replace ``model``'s forest by ``config.similarity``'s rule on fresh firing statistics."""
     tracker = make_tracker(config.similarity, config.level_sizes, config.coactivation_momentum)
@@ -182,6 +200,8 @@ def metric_values(run: dict[str, Any]) -> dict[str, float]:
         "recall": number(firing["edge_recall"]),
         "recall_lenient": number(firing["edge_recall_lenient"]),
         "node_recovery": number(firing["node_recovery"]),
+        "split_precision": number(firing.get("split_edge_precision")),
+        "split_recall": number(firing.get("split_edge_recall")),
         "hamming_per_1k": number(hierarchy["hamming_per_1k"]),
         "p_parent_given_child": number(hierarchy["p_parent_given_child"]),
         "p_child_given_parent": number(hierarchy["p_child_given_parent"]),
@@ -208,6 +228,8 @@ COLUMNS = [
     ("precision_strict", "edge precision (strict)", 3),
     ("precision_lenient", "edge precision (lenient)", 3),
     ("recall", "edge recall", 3),
+    ("split_precision", "split-link precision", 3),
+    ("split_recall", "split-link recall", 3),
     ("node_recovery", "nodes matched", 3),
     ("hamming_per_1k", "Hamming/1k", 1),
     ("p_parent_given_child", "P(p given c)", 3),
@@ -272,10 +294,11 @@ def _paired_table(
     seeds_of: dict[str, list[int]],
     n_levels: int,
 ) -> list[str]:
-    keys = ["precision_strict", "precision_lenient", "recall"]
+    keys = ["precision_strict", "precision_lenient", "recall", "split_precision", "split_recall"]
     keys += [f"fve_{level}" for level in range(n_levels)]
     head = ["variant − baseline (paired by seed)", "seeds"]
     head += ["Δ precision (strict)", "Δ precision (lenient)", "Δ recall"]
+    head += ["Δ split-link precision", "Δ split-link recall"]
     head += [f"Δ FVE level {level}" for level in range(n_levels)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     base = dict(zip(seeds_of["baseline"], by_variant["baseline"], strict=True))
@@ -316,11 +339,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the Markdown tables here")
     parser.add_argument("--models", type=Path, help="also save every trained model here")
     parser.add_argument("--table-only", action="store_true", help="only tabulate the JSON")
+    parser.add_argument(
+        "--rescore", action="store_true", help="recompute stored runs' scores from --models"
+    )
     args = parser.parse_args()
 
     results = load_results(args.json)
     runs: dict[str, Any] = results["runs"]
-    if not args.table_only:
+    if args.rescore:
+        if args.models is None:
+            parser.error("--rescore needs --models")
+        torch.set_num_threads(1)
+        done = [key for key, run in runs.items() if rescore(run, args.models)]
+        write_json(args.json, results)
+        print(f"rescored {len(done)} of {len(runs)} runs", flush=True)
+    if not args.table_only and not args.rescore:
         todo = []
         for seed in args.seeds:  # seed-major, so partial results are already paired
             for family in args.families:

@@ -511,8 +511,11 @@ def test_ancestor_or_self(forest: SyntheticForest, absorbing: SyntheticForest) -
             forest.true_parents(level), forest.level_sizes()[level]
         ).bool()
         assert torch.equal(forest.ancestor_or_self(level), expected)
+        # only the independent features persist unsplit at every level
+        assert int(forest.same_as_parent(level).sum()) == forest.spec.n_independent
     for level in range(absorbing.n_levels - 1):
         mask, parents = absorbing.ancestor_or_self(level), absorbing.true_parents(level)
+        assert torch.equal(absorbing.same_as_parent(level), ~_new_at(absorbing, level))
         rows = torch.arange(parents.numel())
         assert bool(mask[rows, parents].all())
         grandparents = parents[_new_at(absorbing, level)]
@@ -558,6 +561,7 @@ def test_firing_recovery_of_a_planted_forest_is_perfect(
     assert report.edge_precision_strict == 1.0 and report.edge_precision_lenient == 1.0
     assert report.edge_recall == 1.0 and report.edge_recall_lenient == 1.0
     assert report.edge_recall_overall == 1.0
+    assert report.split_edge_precision == 1.0 and report.split_edge_recall == 1.0
     matching = match_by_f1(codes[2], truth[2])
     assert torch.equal(perms[2][matching.learned_idx], matching.truth_idx)
     summary = report.to_dict()
@@ -603,6 +607,10 @@ def test_firing_recovery_lenient_accepts_a_grandparent(
     assert edge.n_lenient_correct == links[1].numel()
     assert edge.recall == pytest.approx(float((~new).float().mean()))
     assert edge.recall_lenient == 1.0
+    # the split links (new nodes) are all strictly wrong, the persisting ones all right
+    assert edge.n_split_learned_judged == int(new.sum()) and edge.n_split_strict_correct == 0
+    assert edge.n_split_true_judged == int(new.sum()) and edge.n_split_true_found == 0
+    assert report.edges[2].n_split_strict_correct == report.edges[2].n_split_learned_judged > 0
     assert report.edges[0].precision_strict == 1.0 and report.edges[2].precision_strict == 1.0
 
 

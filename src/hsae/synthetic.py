@@ -450,6 +450,12 @@ class SyntheticForest:
         at_depth = ancestors[lower][:, self._depth[upper] - 1]  # [n_lower, n_upper]
         return at_depth == upper[None, :]
 
+    def same_as_parent(self, level: int) -> Tensor:
+        """BoolTensor [n_truth_{level+1}]: the cut-``level + 1`` nodes that are the same forest
+        node as their true parent (unsplit leaves; absorption: every coarser feature)."""
+        self._check_level(level, self.n_levels - 1)
+        return self._depth[self._cut_nodes[level + 1]] <= level + 1
+
     def exclusive_parents(self, level: int) -> Tensor:
         """BoolTensor [n_truth_level]: cut-``level`` nodes whose children never co-fire."""
         self._check_level(level, self.n_levels)

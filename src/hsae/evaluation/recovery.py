@@ -18,6 +18,8 @@ Inputs are plain tensors, so any model (HSAE, independent SAEs, a baseline) can 
   latent is judged by *when it fires*, not by where its decoder points. Links are scored
   strictly (the learned parent is matched to the true parent) and leniently (to the true parent
   or any coarser ancestor of the child's truth node, :meth:`SyntheticForest.ancestor_or_self`).
+  Links of split nodes (not of features that persist unchanged into the wider level, which
+  link to themselves) are also scored on their own: the non-trivial part of the forest.
 
 Undefined ratios (no pair to judge) are ``nan`` in the dataclasses and ``None`` in
 ``to_dict()``, so the dictionaries are valid JSON.
@@ -312,6 +314,13 @@ class FiringEdgeRecovery:
     precision_lenient: float
     recall: float
     recall_lenient: float
+    n_split_learned_judged: int = 0
+    """Judged learned links whose child's truth node is a split (not its own true parent):
+    the non-trivial links; a feature that persists into the wider level links to itself."""
+    n_split_strict_correct: int = 0
+    n_split_true_judged: int = 0
+    """Judged true links of split nodes."""
+    n_split_true_found: int = 0
 
 
 @dataclass
@@ -349,6 +358,16 @@ class FiringRecoveryReport:
         return self._pooled("n_true_found_lenient", "n_true_judged")
 
     @property
+    def split_edge_precision(self) -> float:
+        """Strict precision over the learned links whose child is a split truth node."""
+        return self._pooled("n_split_strict_correct", "n_split_learned_judged")
+
+    @property
+    def split_edge_recall(self) -> float:
+        """Recall over the true links of split truth nodes (both endpoints matched)."""
+        return self._pooled("n_split_true_found", "n_split_true_judged")
+
+    @property
     def edge_recall_overall(self) -> float:
         """Pooled: found / all true links (an unmatched endpoint counts as not found)."""
         return self._pooled("n_true_found", "n_true_links")
@@ -370,6 +389,8 @@ class FiringRecoveryReport:
             "edge_recall": self.edge_recall,
             "edge_recall_lenient": self.edge_recall_lenient,
             "edge_recall_overall": self.edge_recall_overall,
+            "split_edge_precision": self.split_edge_precision,
+            "split_edge_recall": self.split_edge_recall,
         }
         return _nan_to_none(summary)  # type: ignore[return-value]
 
@@ -524,11 +545,13 @@ def _firing_edge_recovery(
     learned_parents: Tensor,
     true_parents: Tensor,
     lenient: Tensor,
+    split: Tensor,
     upper: tuple[Tensor, Tensor],
     lower: tuple[Tensor, Tensor],
 ) -> FiringEdgeRecovery:
     """Links from level ``level + 1`` (lower) to ``level`` (upper); ``upper`` / ``lower`` are
-    the (learned -> truth, truth -> learned) tables; ``lenient`` the ancestor-or-self mask."""
+    the (learned -> truth, truth -> learned) tables; ``lenient`` the ancestor-or-self mask;
+    ``split`` flags the lower truth nodes that are not their own true parent."""
     up_l2t, up_t2l = upper
     low_l2t, low_t2l = lower
 
@@ -564,6 +587,10 @@ def _firing_edge_recovery(
         precision_lenient=_ratio(int(loose.sum()), n_judged),
         recall=_ratio(int(found.sum()), n_true_judged),
         recall_lenient=_ratio(int(found_lenient.sum()), n_true_judged),
+        n_split_learned_judged=int(split[child_truth].sum()),
+        n_split_strict_correct=int((strict & split[child_truth]).sum()),
+        n_split_true_judged=int(split[true_child].sum()),
+        n_split_true_found=int((found & split[true_child]).sum()),
     )
 
 
@@ -620,6 +647,7 @@ def firing_forest_recovery(
                 links.detach().cpu().long(),
                 forest.true_parents(level),
                 forest.ancestor_or_self(level),
+                ~forest.same_as_parent(level),
                 tables[level],
                 tables[level + 1],
             )
