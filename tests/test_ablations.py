@@ -113,7 +113,7 @@ def test_ablate_writes_table_json_figure_and_skips_finished_variants(
         assert record["train_seconds"] > 0 and not record["reused_from_run"]
         assert record["hierarchy"]["n_parents"] > 0
         assert 0 <= record["hierarchy"]["p_parent_given_child"] <= 1
-    saved = read_json(out / "variants" / "tree=binary" / "hsae" / "hsae_config.json")["config"]
+    saved = read_json(out / "variants" / "tree=binary" / "hsae" / "hsae_config.json")["training"]
     assert saved["tree"] == "binary" and saved["train_tokens"] == SHORT
     table = (out / "ablations.md").read_text()
     assert table.startswith("| variant | Hamming/1k |") and table.count("\n| ") == 8

@@ -87,3 +87,50 @@ def test_context_builder_packs_documents():
     assert text == "abc\ndefgh\nij\n"
     assert docs[:, 1:][mask[:, 1:] == 1].tolist() == [0] * 4 + [1] * 6 + [2] * 3
     assert ids.shape == (4, 5) and mask[-1].tolist() == [1, 1, 0, 0, 0]
+
+
+class RecordingTokenizer(CharTokenizer):
+    """CharTokenizer that remembers how many characters each call was given."""
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def __call__(self, texts, add_special_tokens=False):
+        self.calls.append(sum(len(t) for t in texts))
+        return super().__call__(texts, add_special_tokens)
+
+
+def test_a_huge_single_line_is_tokenised_in_bounded_pieces(tmp_path):
+    from hsae.activations.corpora import MAX_CALL_CHARS
+
+    words = np.random.default_rng(0).choice(["alpha", "beta", "gamma"], 2_000_000)
+    (tmp_path / "line.txt").write_text(" ".join(words))  # about 11 MB, one line, one document
+    tokenizer = RecordingTokenizer()
+    builder = ContextBuilder(tokenizer, context_length=32, bos_token_id=1, pad_token_id=0)
+    batches = list(islice(builder.batches(open_corpus(str(tmp_path / "line.txt")), 8), 8))
+    assert sum(b.attention_mask.sum() for b in batches) == 8 * 8 * 32  # 2,048 tokens
+    assert max(tokenizer.calls) <= MAX_CALL_CHARS  # never the whole 11 MB at once
+    assert sum(tokenizer.calls) <= 2 * MAX_CALL_CHARS  # only what the 2,048 tokens needed
+    assert all(set(np.unique(b.doc_ids).tolist()) == {-1, 0} for b in batches)  # one document
+
+
+def test_pieces_of_a_long_document_give_the_same_tokens(tmp_path):
+    text = "word " * 100_000
+    builder = ContextBuilder(CharTokenizer(), context_length=64, bos_token_id=None, pad_token_id=0)
+    ids = np.concatenate([b.input_ids[b.attention_mask == 1] for b in builder.batches([text], 4)])
+    assert "".join(map(chr, ids)) == text + "\n"
+
+
+def test_text_that_is_not_utf8_is_refused_naming_the_file(tmp_path):
+    noise = np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    (tmp_path / "noise.txt").write_bytes(noise)
+    with pytest.raises(CorpusError, match="noise.txt' is not UTF-8 text"):
+        open_corpus(str(tmp_path / "noise.txt"))
+    # Bad bytes past the part checked up front are refused while reading.
+    (tmp_path / "late.txt").write_bytes(b"fine text\n" * 20_000 + b"\xff\xfe bad\n")
+    with pytest.raises(CorpusError, match="late.txt' is not UTF-8 text"):
+        list(open_corpus(str(tmp_path / "late.txt")))
+    with gzip.open(tmp_path / "noise.jsonl.gz", "wb") as handle:
+        handle.write(noise)
+    with pytest.raises(CorpusError, match="noise.jsonl.gz' is not UTF-8 text"):
+        list(open_corpus(str(tmp_path / "noise.jsonl.gz")))

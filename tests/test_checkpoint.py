@@ -7,7 +7,7 @@ import torch
 
 from hsae.config import HSAEConfig
 from hsae.training import Trainer
-from hsae.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hsae.training.checkpoint import CheckpointError, save_checkpoint
 from hsae.training.data import TensorBatches
 
 CONFIG = {
@@ -38,7 +38,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path) -> None:
     first.initialise()
     while first.step < 37 or first._replay:
         first.train_step()
-    save_checkpoint(first, tmp_path / "ckpt")
+    save_checkpoint(first.state_dict(), tmp_path / "ckpt")
     del first
 
     resumed = Trainer(config, TensorBatches(data(), 64, seed=1))
@@ -54,28 +54,28 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path) -> None:
 def test_checkpoint_of_another_configuration_is_refused(tmp_path) -> None:
     trainer = Trainer(HSAEConfig(**CONFIG), TensorBatches(data(), 64))
     trainer.initialise()
-    save_checkpoint(trainer, tmp_path / "ckpt")
+    save_checkpoint(trainer.state_dict(), tmp_path / "ckpt")
     other = Trainer(HSAEConfig(**(CONFIG | {"rho": 0.1})), TensorBatches(data(), 64))
     with pytest.raises(CheckpointError, match="rho"):
-        load_checkpoint(other, tmp_path / "ckpt")
+        other.resume(tmp_path / "ckpt")
 
 
 def test_missing_and_corrupt_checkpoints_are_refused(tmp_path) -> None:
     trainer = Trainer(HSAEConfig(**CONFIG), TensorBatches(data(), 64))
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        load_checkpoint(trainer, tmp_path / "nothing")
+        trainer.resume(tmp_path / "nothing")
     trainer.initialise()
-    save_checkpoint(trainer, tmp_path / "ckpt")
+    save_checkpoint(trainer.state_dict(), tmp_path / "ckpt")
     state = tmp_path / "ckpt" / "state.safetensors"
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt"):
-        load_checkpoint(trainer, tmp_path / "ckpt")
+        trainer.resume(tmp_path / "ckpt")
 
 
 def test_checkpoint_survives_crash_between_renames(tmp_path) -> None:
     trainer = Trainer(HSAEConfig(**CONFIG), TensorBatches(data(), 64))
     trainer.initialise()
-    save_checkpoint(trainer, tmp_path / "ckpt")
+    save_checkpoint(trainer.state_dict(), tmp_path / "ckpt")
     (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old")  # as if killed mid-swap
-    load_checkpoint(trainer, tmp_path / "ckpt")
+    trainer.resume(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "trainer.json").is_file()

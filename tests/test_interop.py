@@ -518,7 +518,7 @@ def test_training_can_start_from_imported_saes(tmp_path: Path) -> None:
         imported = forest_from_saelens(folders, activation_scale=SCALE, **settings)
         before = forest_from_saelens(folders, activation_scale=SCALE, **settings)
         batches = as_batches(data, 32, seed=0)
-        trainer = Trainer(imported.config, batches, imported, initialise_from_data)
+        trainer = Trainer(imported.training_config, batches, imported, initialise_from_data)
         return trainer.fit(progress=False), before
 
     kept, before = fit(initialise_from_data=False)

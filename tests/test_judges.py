@@ -21,7 +21,7 @@ from hsae.evaluation.judges import (
     parse_verdict,
 )
 from hsae.evaluation.llm import JudgeClient, JudgeError, JudgeSettings, judge_available
-from hsae.report.labels import load_labels, save_labels
+from hsae.labels import load_labels, save_labels
 from hsae.runs import Run
 from openai_stub_server import Reply, StubServer
 

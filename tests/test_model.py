@@ -13,15 +13,20 @@ from hsae.model.hierarchy_losses import (
     perturbed_reconstruction,
     sample_perturbation,
 )
+from hsae.model.hsae import LossWeights
 
 D = 12
 SIZES = [6, 12, 24]
 
 
+KINDS = ["jumprelu", "topk", "batchtopk"]
+
+
 def tiny_model(
-    bandwidth: float = 0.4, sparse: bool = True, seed: int = 0
+    bandwidth: float = 0.4, sparse: bool = True, seed: int = 0, kind: str = "jumprelu"
 ) -> tuple[HSAE, torch.Tensor]:
     config = HSAEConfig(
+        level=kind,
         d_in=D,
         level_sizes=SIZES,
         target_l0=3,
@@ -60,9 +65,10 @@ def _grads(model: HSAE) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("level", [0, 1])
-def test_constraint_matches_naive_value_and_gradients(level: int) -> None:
-    model, x = tiny_model()
+def test_constraint_matches_naive_value_and_gradients(level: int, kind: str) -> None:
+    model, x = tiny_model(kind=kind)
     bandwidth = model.config.bandwidth
     parent = model.levels[level].encode_for_training(x, bandwidth, fused=False)
     child = model.levels[level + 1].encode_for_training(x, bandwidth, fused=False)
@@ -86,8 +92,13 @@ def test_constraint_matches_naive_value_and_gradients(level: int) -> None:
     assert fast_grads.keys() == slow_grads.keys()
     for name in slow_grads:
         torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-5)
-    # The band below threshold must reach the thresholds (the estimator's whole point).
-    assert slow_grads[f"levels.{level + 1}.log_threshold"].abs().sum() > 0
+    if kind == "jumprelu":
+        # The band below threshold must reach the thresholds (the estimator's whole point).
+        assert slow_grads[f"levels.{level + 1}.log_threshold"].abs().sum() > 0
+    else:
+        # TopK kinds: the gradient reaches the encoder through the selected latents only.
+        assert slow_grads[f"levels.{level + 1}.W_enc"].abs().sum() > 0
+        assert child.rows.numel() == int((child.acts > 0).sum())
 
 
 def test_constraint_is_zero_when_children_sum_to_parent() -> None:
@@ -113,22 +124,26 @@ def test_constraint_is_zero_when_children_sum_to_parent() -> None:
     assert value.item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
     "force_sparse_backward", [False, True], ids=["dense-paths", "sparse-paths"]
 )
-def test_fused_kernels_match_dense_reference(monkeypatch, force_sparse_backward: bool) -> None:
+def test_fused_kernels_match_dense_reference(
+    monkeypatch, force_sparse_backward: bool, kind: str
+) -> None:
     if force_sparse_backward:
         monkeypatch.setattr(kernels, "SPARSE_BACKWARD_MAX_DENSITY", 1.0)
         monkeypatch.setattr(kernels, "DENSE_DECODE_DENSITY", 1.0)
     results = []
     for sparse in (True, False):
-        model, x = tiny_model(sparse=sparse)
+        model, x = tiny_model(sparse=sparse, kind=kind)
         substituted = [
             sample_perturbation(model.parents(i), SIZES[i], 0.5, torch.Generator().manual_seed(i))
             for i in range(len(SIZES) - 1)
         ] + [torch.zeros(SIZES[-1], dtype=torch.bool)]
         dead = [torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.3 for n in SIZES]
-        out = model.training_loss(x, torch.tensor([0.5, 0.7, 0.9]), substituted, dead)
+        weights = LossWeights(torch.tensor([0.5, 0.7, 0.9]), rho=0.3, aux=1 / 32)
+        out = model.training_loss(x, weights, substituted, dead)
         out.total.backward()
         results.append((out, _grads(model)))
     (fast, fast_grads), (slow, slow_grads) = results
@@ -169,8 +184,9 @@ def test_perturbation_rate_and_only_parents_with_children() -> None:
     assert sample_perturbation(links, 4, 0.0, generator).sum() == 0
 
 
-def test_perturbed_reconstruction_substitutes_children_for_parents() -> None:
-    model, x = tiny_model()
+@pytest.mark.parametrize("kind", KINDS)
+def test_perturbed_reconstruction_substitutes_children_for_parents(kind: str) -> None:
+    model, x = tiny_model(kind=kind)
     parent_level, child_level = model.levels[0], model.levels[1]
     with torch.no_grad():
         parent = parent_level.encode_for_training(x, 0.4, fused=True)
@@ -233,3 +249,29 @@ def test_rebuild_picks_most_similar_encoder_parent() -> None:
     child_units = torch.nn.functional.normalize(model.levels[1].W_enc.t(), dim=1)
     brute = (child_units @ parent_units.t()).argmax(1)
     assert torch.equal(links[0], brute)
+
+
+def test_model_keeps_its_architecture_and_the_trainer_its_settings(tmp_path) -> None:
+    from hsae.config import ArchitectureConfig
+    from hsae.model.hsae import saved_training_config
+    from hsae.training import Trainer
+    from hsae.training.data import TensorBatches
+
+    config = HSAEConfig(
+        d_in=D, level_sizes=SIZES, target_l0=3, train_tokens=32 * 40, batch_size=32, rho=0.7, seed=3
+    )
+    model = HSAE(config)
+    assert type(model.config) is ArchitectureConfig
+    assert set(model.config.model_dump()) == set(ArchitectureConfig.model_fields)
+    assert not hasattr(model.config, "rho")  # loss weights reach the loss only as LossWeights
+    # Same seed, same initial weights, whichever config the model is built from.
+    again = HSAE(config.architecture(), seed=3)
+    assert torch.equal(model.levels[0].W_dec, again.levels[0].W_dec)
+    model.save(tmp_path / "bare")
+    assert saved_training_config(tmp_path / "bare") is None
+    trainer = Trainer(config, TensorBatches(torch.randn(512, D), 32))
+    trained = trainer.fit(progress=False)
+    trained.save(tmp_path / "trained")
+    assert saved_training_config(tmp_path / "trained") == config
+    loaded = load_hsae(tmp_path / "trained")
+    assert loaded.config == config.architecture() and loaded.training_config == config

@@ -16,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from hsae.cli import app
+from hsae.evaluation.contexts import LevelStats, RowSource
 from hsae.report import (
     LabelsError,
     ReportError,
@@ -25,7 +26,7 @@ from hsae.report import (
     render_html,
     save_labels,
 )
-from hsae.report.explorer import LevelStats, RowSource, forest_view
+from hsae.report.explorer import forest_view
 from hsae.report.html import embed_json
 from hsae.runs import Run
 

@@ -118,11 +118,13 @@ def test_the_language_model_parts_on_a_small_run(run_copy: Path) -> None:
     from hsae.report.plots import write_plots
 
     page = build_report_data(Run.open(run_copy), ReportSettings(projection="none"))
-    charts = page["metrics"]["hsae"]
-    assert charts["absorption"] == [
+    charts = {chart["key"]: chart for chart in page["metrics"]["hsae"]["suite"]}
+    assert list(charts) == ["absorption", "probing_top5", "taxonomy"]
+    assert charts["absorption"]["values"] == [
         level["score"] for level in metrics["absorption"]["hsae"]["levels"]
     ]
-    assert len(charts["probing_top5"]) == 3 and len(charts["taxonomy"]) == 2
+    assert len(charts["probing_top5"]["values"]) == 3 and len(charts["taxonomy"]["values"]) == 2
+    assert charts["taxonomy"]["per_pair"] and not charts["absorption"]["per_pair"]
     assert run_copy / "plots" / "suite.png" in write_plots(page, run_copy / "plots")
 
 

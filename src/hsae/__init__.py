@@ -19,8 +19,9 @@ import torch
 
 from hsae.config import ConfigError, HSAEConfig
 from hsae.errors import HSAEError
+from hsae.layout import RunLayout
 from hsae.model import HSAE, load_hsae
-from hsae.model.hsae import CONFIG_FILE
+from hsae.model.hsae import CONFIG_FILE, ModelNotFoundError
 from hsae.training import train
 
 __version__ = "0.1.0"
@@ -33,10 +34,12 @@ def load(path: str | Path, which: str = "hsae", device: str | torch.device = "cp
     folder = Path(path)
     if (folder / CONFIG_FILE).is_file():
         return load_hsae(folder, device)
-    if which not in ("hsae", "baseline"):
-        raise ValueError(f"which must be 'hsae' or 'baseline', got {which!r}")
-    if (folder / which / CONFIG_FILE).is_file():
-        return load_hsae(folder / which, device)
-    raise FileNotFoundError(
+    try:
+        model_dir = RunLayout(folder).model(which)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if (model_dir / CONFIG_FILE).is_file():
+        return load_hsae(model_dir, device)
+    raise ModelNotFoundError(
         f"{folder} holds neither a saved HSAE ({CONFIG_FILE}) nor a run folder with '{which}/'"
     )

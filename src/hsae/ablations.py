@@ -34,11 +34,12 @@ import torch
 from tqdm.auto import tqdm
 
 from hsae.config import ConfigError, HSAEConfig
-from hsae.io import read_json, write_json, write_text
+from hsae.io import write_json, write_text
+from hsae.layout import MODEL_NAMES, Which
 from hsae.model import load_hsae
-from hsae.model.hsae import CONFIG_FILE
+from hsae.model.hsae import CONFIG_FILE, saved_training_config
 from hsae.report.plots import save_figure
-from hsae.runs import Run, RunConfig, RunError, Which
+from hsae.runs import Run, RunConfig, RunError
 
 GROUPS = ("core", "tree", "similarity", "rho", "r")
 TREES = ("partial", "full", "binary", "fixed")
@@ -193,10 +194,11 @@ def _run_train_tokens(run: Run, cache: Any) -> int:
 def _run_models(run: Run) -> dict[str, Path]:
     """The run's trained models by fingerprint of their saved settings."""
     found = {}
-    for which in ("hsae", "baseline"):
-        path = run.model_dir(which) / CONFIG_FILE
-        if path.is_file():
-            found[fingerprint(HSAEConfig(**read_json(path)["config"]))] = run.model_dir(which)
+    for which in MODEL_NAMES:
+        folder = run.model_dir(which)
+        saved = saved_training_config(folder) if (folder / CONFIG_FILE).is_file() else None
+        if saved is not None:
+            found[fingerprint(saved)] = folder
     return found
 
 
@@ -242,8 +244,8 @@ def _refuse_other_settings(folder: Path, which: Which, wanted: HSAEConfig) -> No
     path = folder / which / CONFIG_FILE
     if not path.is_file():
         return  # unfinished: the checkpoint's own fingerprint check guards a resume
-    saved = HSAEConfig(**read_json(path)["config"])
-    if fingerprint(saved) != fingerprint(wanted):
+    saved = saved_training_config(folder / which)
+    if saved is not None and fingerprint(saved) != fingerprint(wanted):
         old, new = comparable(saved), comparable(wanted)
         differing = [key for key in new if old.get(key) != new[key]]
         shown = ", ".join(f"{k}: {old.get(k)!r} vs {new[k]!r}" for k in differing[:4])

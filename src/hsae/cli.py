@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import typer
 
 app = typer.Typer(
@@ -63,24 +65,46 @@ def harvest(
 
 
 def _fail(error: Exception) -> typer.Exit:
-    typer.echo(f"error: {error}", err=True)
+    """Print ``error`` as one line on stderr (on a fresh line, after any progress bar)."""
+    _close_progress_bars()
+    typer.echo(f"error: {_one_line(error)}", err=True)
     return typer.Exit(code=2)
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """What the command line reports in one line: the package's errors (``hsae.errors``)."""
+def _one_line(error: Exception) -> str:
     from hsae.errors import HSAEError
 
-    return (HSAEError,)
+    if isinstance(error, OSError) and not isinstance(error, HSAEError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror}"
+    return " ".join(str(error).split()) or type(error).__name__
 
 
-def _parse_sizes(text: str | None) -> list[int] | None:
+def _close_progress_bars() -> None:
+    """Close live tqdm bars: each ends its line, so the error starts on a fresh one."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What the command line reports in one line: the package's errors (``hsae.errors``) and
+    the operating system's refusals (no space, no permission, a path that cannot exist)."""
+    from hsae.errors import HSAEError
+
+    return (HSAEError, OSError)
+
+
+def _parse_sizes(text: str | None, option: str = "--level-sizes") -> list[int] | None:
     if text is None:
         return None
     try:
         return [int(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+        raise _fail(
+            ValueError(f"{option}: expected comma-separated integers, got {text!r}")
+        ) from None
 
 
 @app.command()
@@ -95,6 +119,7 @@ def train(
     train_tokens: int = typer.Option(None, help="tokens each model trains on"),
     level_sizes: str = typer.Option(None, help="comma-separated sizes, e.g. 256,512,1024,2048"),
     target_l0: float = typer.Option(None, help="L0 the sparsity controller steers to"),
+    level: str = typer.Option(None, help="level kind: jumprelu | topk | batchtopk"),
     rho: float = typer.Option(None, help="weight of the parent-children constraint"),
     r: float = typer.Option(None, "--r", help="parent/children perturbation rate"),
     update_interval: int = typer.Option(None, help="steps between forest rebuilds"),
@@ -125,6 +150,7 @@ def train(
         "train_tokens": train_tokens,
         "level_sizes": _parse_sizes(level_sizes),
         "target_l0": target_l0,
+        "level": level,
         "rho": rho,
         "perturbation_rate": r,
         "update_interval": update_interval,
@@ -135,24 +161,32 @@ def train(
     }
     given = {k: v for k, v in run_settings.items() if v is not None}
     given_hsae = {k: v for k, v in hsae_settings.items() if v is not None}
-    try:
-        if resume is not None:
-            if given or given_hsae or config_file or no_baseline or out:
-                raise _fail(ValueError("--resume takes no other settings: the run keeps its own"))
-            run = Run.open(resume)
-        else:
-            values = load_run_config_file(config_file) if config_file else {}
-            values |= given
-            values["hsae"] = dict(values.get("hsae", {})) | given_hsae
-            if no_baseline:
-                values["baseline"] = False
-            run = Run.create(out or _default_run_folder(), RunConfig(**values))
-        typer.echo(f"run folder: {run.folder}")
-        run.harvest()
-        for which in run.wanted_models():
-            run.train(which)
-    except _user_errors() as error:
-        raise _fail(error) from None
+    with ExitStack() as held:
+        try:
+            if resume is not None:
+                if given or given_hsae or config_file or no_baseline or out:
+                    raise _fail(
+                        ValueError("--resume takes no other settings: the run keeps its own")
+                    )
+                run = Run.open(resume)
+                held.enter_context(run.lock("hsae train --resume"))
+            else:
+                values = load_run_config_file(config_file) if config_file else {}
+                values |= given
+                values["hsae"] = dict(values.get("hsae", {})) | given_hsae
+                if no_baseline:
+                    values["baseline"] = False
+                config = RunConfig(**values)
+                folder = out or _default_run_folder()
+                held.enter_context(Run.claim(folder, "hsae train", config))
+                run = Run.create(folder, config)
+            run.check_cache()
+            typer.echo(f"run folder: {run.folder}")
+            run.harvest()
+            for which in run.wanted_models():
+                run.train(which)
+        except _user_errors() as error:
+            raise _fail(error) from None
     typer.echo(f"trained models are in {run.folder}; evaluate with: hsae eval {run.folder}")
 
 
@@ -184,12 +218,12 @@ def evaluate_run(
     --suite full adds absorption, sparse probing, taxonomy alignment, LLM judges (when
     HSAE_JUDGE_* is set) and SAEBench (GPU), and says which parts were skipped and why.
     """
-    from hsae.evaluation.suite import FULL_PARTS, SuiteSettings, comparison_table, full_suite_table
+    from hsae.evaluation.suite import SuiteSettings, comparison_table, full_suite_table
     from hsae.runs import Run
 
     try:
         settings = SuiteSettings(
-            parts=tuple(p for p in parts.split(",") if p) if parts else FULL_PARTS,
+            parts=tuple(p for p in parts.split(",") if p) if parts else None,
             judge_pairs=judge_pairs,
             judge_features=judge_features,
             judge_max_requests=judge_max_requests,
@@ -229,8 +263,11 @@ def demo(
     if suite not in SUITES:
         raise _fail(ValueError(f"--suite must be one of {list(SUITES)}, got {suite!r}"))
     started = time.perf_counter()
+    held = ExitStack()
     try:
-        run = Run.create(out, demo_config())
+        config = demo_config()
+        held.enter_context(Run.claim(out, "hsae demo", config))
+        run = Run.create(out, config)
         typer.echo(f"run folder: {run.folder}")
         run.harvest()
         for which in run.wanted_models():
@@ -239,10 +276,12 @@ def demo(
         from hsae.report import build_report
 
         report_started = time.perf_counter()
-        page = build_report(run.folder).html
+        page = build_report(run).html
         run.record_stage_time("report", time.perf_counter() - report_started)
     except _user_errors() as error:
         raise _fail(error) from None
+    finally:
+        held.close()
     from hsae.evaluation.suite import comparison_table, full_suite_table
 
     typer.echo(comparison_table(results, ["hsae", "baseline"]))
@@ -264,9 +303,13 @@ def report(
     max_tokens: int = typer.Option(100_000, help="activation rows scanned for contexts"),
     projection: str = typer.Option("auto", help="auto (UMAP if installed) | umap | pca | none"),
     no_plots: bool = typer.Option(False, "--no-plots", help="skip RUN_DIR/plots/*.png"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace an existing --out file (never the run's own files)"
+    ),
 ) -> None:
     """Write the feature-forest explorer (one self-contained HTML file) and PNG charts."""
     from hsae.report import ReportSettings, build_report
+    from hsae.runs import Run
 
     try:
         settings = ReportSettings(
@@ -276,7 +319,9 @@ def report(
             max_tokens=max_tokens,
             projection=projection,
         )
-        result = build_report(run_dir, settings, out=out, plots=not no_plots)
+        run = Run.open(run_dir)
+        with run.lock("hsae report"):  # one writer per run folder (docs/reliability.md)
+            result = build_report(run, settings, out=out, plots=not no_plots, overwrite=overwrite)
     except _user_errors() as error:
         raise _fail(error) from None
     meta = result.meta
@@ -294,6 +339,9 @@ def export_run(
     out: str = typer.Argument(..., help="folder (saelens) or .tar.gz file (archive) to write"),
     format: str = typer.Option("saelens", "--format", help="saelens | archive"),
     model_name: str = typer.Option(None, help="model name for SAELens/SAEBench [the run's]"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace an existing OUT (never the run's own files)"
+    ),
 ) -> None:
     """Export a run: each level as a SAELens JumpReLU SAE, or one shareable run archive."""
     from hsae.interop import export_archive, export_saelens
@@ -302,9 +350,9 @@ def export_run(
         raise _fail(ValueError(f"--format must be 'saelens' or 'archive', got {format!r}"))
     try:
         if format == "archive":
-            typer.echo(f"wrote {export_archive(run_dir, out)}")
+            typer.echo(f"wrote {export_archive(run_dir, out, overwrite=overwrite)}")
             return
-        written = export_saelens(run_dir, out, model_name)
+        written = export_saelens(run_dir, out, model_name, overwrite=overwrite)
     except _user_errors() as error:
         raise _fail(error) from None
     for which, folders in written.items():
@@ -318,20 +366,20 @@ def import_saelens(
     similarity: str = typer.Option("encoder", help="forest similarity: encoder | decoder"),
     tree: str = typer.Option("partial", help="partial | full | binary"),
     scale: float = typer.Option(1.0, help="activation scale c the HSAE applies to raw inputs"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace the model in an existing --out folder"
+    ),
 ) -> None:
     """Build an HSAE and its post-hoc forest from SAELens JumpReLU SAEs of growing size."""
-    from pathlib import Path
-
     from hsae.interop import forest_from_saelens
-    from hsae.model.hsae import CONFIG_FILE
+    from hsae.interop.saelens import check_model_out, save_model_folder
 
-    if (Path(out) / CONFIG_FILE).exists():
-        raise _fail(ValueError(f"{out} already holds a saved model; choose another --out"))
     try:
+        check_model_out(out, overwrite)  # before the work: the same check as the save
         model = forest_from_saelens(folders, similarity, scale, tree=tree)
+        save_model_folder(model, out, overwrite=overwrite)
     except _user_errors() as error:
         raise _fail(error) from None
-    model.save(out)
     linked = sum(int((links >= 0).sum()) for links in model.forest())
     typer.echo(f"wrote {out}: levels {model.config.level_sizes}, {linked} parent links")
 
@@ -349,6 +397,11 @@ def saebench(
     llm_batch_size: int = typer.Option(32, help="contexts per language-model batch"),
     llm_dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
     api_key_file: str = typer.Option(None, help="OpenAI key file for autointerp [skip it]"),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="let SAEBench run the dataset's own loading code from the Hub (off: refused)",
+    ),
 ) -> None:
     """Run SAEBench's Table 1 evaluations on a run's HSAE and baseline (GPU, sae-bench)."""
     from pathlib import Path
@@ -362,11 +415,12 @@ def saebench(
             out or str(Path(run_dir) / "saebench"),
             evals=[name for name in evals.split(",") if name],
             model_name=model_name,
-            levels=_parse_sizes(levels),
+            levels=_parse_sizes(levels, "--levels"),
             device=device,
             llm_batch_size=llm_batch_size,
             llm_dtype=llm_dtype,
             api_key=api_key,
+            trust_remote_code=trust_remote_code,
         )
     except (*_user_errors(), OSError) as error:
         raise _fail(error) from None
@@ -377,8 +431,8 @@ def _parse_values(option: str, text: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.replace(" ", "").split(",") if part)
     except ValueError:
-        raise typer.BadParameter(
-            f"{option}: expected comma-separated numbers, got {text!r}"
+        raise _fail(
+            ValueError(f"{option}: expected comma-separated numbers, got {text!r}")
         ) from None
 
 
@@ -412,6 +466,74 @@ def ablate(
     typer.echo(markdown_table(results))
     folder = Path(results["out"])
     typer.echo(f"wrote {folder / 'ablations.json'}, ablations.md and figure8.png")
+
+
+@app.command()
+def plan(
+    d_model: int = typer.Option(2304, help="activation width (gemma-2-2b: 2304)"),
+    level_sizes: str = typer.Option("2048,4096,8192,16384", help="comma-separated level sizes"),
+    train_tokens: int = typer.Option(100_000_000, help="tokens the model trains on"),
+    harvest_tokens: int = typer.Option(None, help="activations to harvest [= train tokens]"),
+    batch_size: int = typer.Option(1024, help="tokens per step, over all processes"),
+    target_l0: float = typer.Option(50.0, help="target L0 per level"),
+    world_size: int = typer.Option(1, help="training processes (torchrun --nproc-per-node)"),
+    cache_dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
+    cache_dir: str = typer.Option(".", help="where the cache would go (free disk is checked)"),
+    device: str = typer.Option("auto", help="device the step is measured on"),
+    no_measure: bool = typer.Option(False, "--no-measure", help="skip the timed step"),
+    json_out: str = typer.Option(None, "--json", help="also write the plan as JSON here"),
+) -> None:
+    """What a run costs: cache size on disk, memory per process, FLOPs per token, and the wall
+    time from one measured step at full size (plus a FLOP bound on named accelerators)."""
+    from hsae.io import write_json
+    from hsae.plan import PlanInputs, format_plan, make_plan
+
+    try:
+        inputs = PlanInputs(
+            d_model=d_model,
+            level_sizes=_parse_sizes(level_sizes) or [],
+            train_tokens=train_tokens,
+            harvest_tokens=harvest_tokens,
+            batch_size=batch_size,
+            target_l0=target_l0,
+            world_size=world_size,
+            cache_dtype=cache_dtype,
+            cache_dir=cache_dir,
+        )
+        result = make_plan(inputs, device=device, measure=not no_measure)
+    except _user_errors() as error:
+        raise _fail(error) from None
+    typer.echo(format_plan(result))
+    if json_out:
+        write_json(json_out, result.to_dict())
+
+
+@app.command()
+def steer(
+    run_dir: str = typer.Argument(..., help="a run folder with a trained model"),
+    feature: str = typer.Option(..., help="the feature to steer with, as LEVEL:INDEX"),
+    prompt: str = typer.Option(..., help="text to continue"),
+    strength: float = typer.Option(
+        None, help="activation added to each feature [its own held-out maximum]"
+    ),
+    children: bool = typer.Option(False, "--children", help="also steer with each child"),
+    max_new_tokens: int = typer.Option(24, help="greedy tokens generated per line"),
+    which: str = typer.Option("hsae", help="hsae | baseline: whose features"),
+    lens: int = typer.Option(
+        5, help="tokens each feature promotes/suppresses via the head (0: off)"
+    ),
+) -> None:
+    """Greedy continuations of a prompt: clean, steered by a feature and by each child."""
+    from hsae.steering import format_comparison, parse_feature, steer_run
+
+    try:
+        level, index = parse_feature(feature)
+        lines = steer_run(
+            run_dir, level, index, prompt, strength, children, max_new_tokens, which, lens_k=lens
+        )
+    except _user_errors() as error:
+        raise _fail(error) from None
+    typer.echo(format_comparison(prompt, lines, which))
 
 
 if __name__ == "__main__":

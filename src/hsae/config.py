@@ -1,5 +1,9 @@
 """Validated settings of an HSAE run: the one place every hyper-parameter is declared and checked.
 
+:class:`ArchitectureConfig` is what a model is and travels with it when saved;
+:class:`HSAEConfig` extends it with how the model is trained (the trainer's settings), as
+sparsify nests its coder config inside its training config.
+
 Defaults follow ``hsae-method.md`` (the paper's values) unless a comment says otherwise.
 A bad value is refused before any work starts with a single message that names the field and
 the allowed range (:class:`ConfigError`).
@@ -11,62 +15,151 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from hsae.errors import HSAEError
+from hsae.errors import ConfigError
 
 Similarity = Literal["encoder", "decoder", "coactivation", "conditional"]
 TreeVariant = Literal["partial", "full", "binary", "fixed"]
 Mode = Literal["hsae", "independent"]
 
 
-class ConfigError(HSAEError, ValueError):
-    """A configuration value is outside its allowed range; the message names the field."""
-
-
-class HSAEConfig(BaseModel):
-    """Every setting of an HSAE (or independent-baseline) training run.
-
-    Sizes: ``d_in`` is the activation width, ``level_sizes`` the dictionary size of each level,
-    strictly increasing. Training length is ``train_tokens`` drawn in batches of ``batch_size``.
-    """
+class _Settings(BaseModel):
+    """Validated settings: a bad value raises one :class:`ConfigError` naming the field."""
 
     model_config = ConfigDict(
         extra="forbid", validate_assignment=True, use_attribute_docstrings=True
     )
 
-    # --- model --------------------------------------------------------------------------
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise ConfigError(_format_validation_error(error)) from None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool(cls, value, info)
+
+
+class ArchitectureConfig(_Settings):
+    """What an HSAE *is*: the settings that travel with a saved model.
+
+    Sizes: ``d_in`` is the activation width, ``level_sizes`` the dictionary size of each level,
+    strictly increasing. How the model is trained (loss weights, forest schedule, controller,
+    optimiser, device) lives in :class:`HSAEConfig`, which extends this class.
+    """
+
     d_in: int
     """Width of the activations (the LLM's d_model)."""
     level_sizes: list[int] = [2048, 4096, 8192, 16384]
     """Dictionary size of each level, strictly increasing (paper: 2048 ... 16384)."""
     mode: Mode = "hsae"
     """"hsae", or "independent" for the baseline (no constraint, no perturbation)."""
-
-    # --- loss -----------------------------------------------------------------------------
+    level: str = "jumprelu"
+    """Architecture of every level (docs/method.md, "Level kinds"): "jumprelu" (learned
+    per-feature thresholds, lambda * L0 steered to target_l0 by the sparsity controller),
+    "topk" (each token keeps its k = round(target_l0) largest activations; no penalty, no
+    controller) or "batchtopk" (the batch keeps its k x batch largest, k = target_l0 per token
+    on average; inference uses a learned threshold). Kinds are registered in
+    hsae.model.levels.LEVEL_KINDS."""
     target_l0: float = 50.0
-    """L0 the sparsity controller steers every level to (at most the smallest level size)."""
-    rho: float = 0.3
-    """Weight of the parent-children constraint (>= 0). Paper: 0.01 over ~100k steps; short
-    runs need more weight to shape the features in time (docs/synthetic.md)."""
-    perturbation_rate: float = 0.05
-    """r: probability that a parent is replaced by its children in its level's reconstruction."""
+    """L0 every level aims at (at most the smallest level size): the sparsity controller's
+    target for "jumprelu" levels, k = round(target_l0) for "topk", the mean k for "batchtopk"."""
     bandwidth: float = 0.3
     """Width eps of the rectangle kernel of the JumpReLU straight-through estimator, in the
     units of the scaled activations (mean norm sqrt(d_in), so active latents are O(1-10)).
     The constraint can switch a parent on only through this band (docs/synthetic.md)."""
-    aux_coefficient: float = 1.0 / 32.0
-    """Weight of the auxiliary loss that revives dead features (0 disables it)."""
-    dead_after_tokens: int | None = None
-    """A feature that has not fired for this many tokens counts as dead (None: train_tokens/10)."""
-
-    # --- forest -----------------------------------------------------------------------------
     similarity: Similarity = "decoder"
     """Forest similarity: "encoder" cosine, "decoder" cosine or "coactivation" frequency.
     The paper uses encoder cosine and found the three comparable; decoder cosine gave both
     HSAE and baseline far better P(parent given child) on the synthetic benchmark. Our option
     "conditional": P(parent fires | child fires) - P(parent fires), from firing EMAs tracked
     during training (``hsae.model.forest.ConditionalTracker``; docs/synthetic.md)."""
+    sparse_kernels: bool = True
+    """Use the sparsity-exploiting decoder/backward path (same maths as the dense reference)."""
+
+    @field_validator("d_in")
+    @classmethod
+    def _positive_width(cls, value: int) -> int:
+        return _positive_int(value)
+
+    @field_validator("level_sizes")
+    @classmethod
+    def _increasing_sizes(cls, sizes: list[int]) -> list[int]:
+        if not sizes:
+            raise ValueError("needs at least one level")
+        if any(size < 1 for size in sizes):
+            raise ValueError(f"every size must be >= 1, got {sizes}")
+        if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
+            raise ValueError(f"sizes must be strictly increasing, got {sizes}")
+        return sizes
+
+    @field_validator("level")
+    @classmethod
+    def _known_level_kind(cls, value: str) -> str:
+        from hsae.model.levels import LEVEL_KINDS  # the registry; imported when first checked
+
+        if value not in LEVEL_KINDS:
+            choices = ", ".join(repr(name) for name in LEVEL_KINDS)
+            raise ValueError(f"must be one of {choices}, got {value!r}")
+        return value
+
+    @field_validator("bandwidth", "target_l0")
+    @classmethod
+    def _positive_model_value(cls, value: float) -> float:
+        return _strictly_positive(value)
+
+    @model_validator(mode="after")
+    def _target_fits(self) -> ArchitectureConfig:
+        smallest = self.level_sizes[0]
+        if self.target_l0 > smallest:
+            raise ValueError(
+                f"target_l0 = {self.target_l0} exceeds the smallest level size {smallest}; "
+                f"allowed range is (0, {smallest}]"
+            )
+        return self
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.level_sizes)
+
+    @property
+    def uses_hierarchy_losses(self) -> bool:
+        """Whether levels are linked during training (an HSAE of two levels or more)."""
+        return self.mode == "hsae" and self.n_levels > 1
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+class HSAEConfig(ArchitectureConfig):
+    """Every setting of an HSAE (or independent-baseline) training run: the architecture
+    (:class:`ArchitectureConfig`, saved with the model) plus how it is trained.
+
+    Training length is ``train_tokens`` drawn in batches of ``batch_size``.
+    """
+
+    # --- loss -----------------------------------------------------------------------------
+    rho: float = 0.3
+    """Weight of the parent-children constraint (>= 0). Paper: 0.01 over ~100k steps; short
+    runs need more weight to shape the features in time (docs/synthetic.md)."""
+    perturbation_rate: float = 0.05
+    """r: probability that a parent is replaced by its children in its level's reconstruction."""
+    aux_coefficient: float = 1.0 / 32.0
+    """Weight of the auxiliary loss that revives dead features (0 disables it)."""
+    dead_after_tokens: int | None = None
+    """A feature that has not fired for this many tokens counts as dead (None: train_tokens/10)."""
+
+    # --- forest -----------------------------------------------------------------------------
     tree: TreeVariant = "partial"
     """"partial" (quantile filter), "full" (no filter), "binary" (<= 2 children), "fixed"."""
     unassigned_quantile: float = 0.2
@@ -115,22 +208,22 @@ class HSAEConfig(BaseModel):
     """Seed of initialisation, data order and perturbation draws."""
     device: str = "auto"
     """"auto" (CUDA when available), "cpu", "cuda", "cuda:N"."""
-    sparse_kernels: bool = True
-    """Use the sparsity-exploiting decoder/backward path (same maths as the dense reference)."""
-
-    def __init__(self, **values: Any) -> None:
-        try:
-            super().__init__(**values)
-        except ValidationError as error:
-            raise ConfigError(_format_validation_error(error)) from None
 
     # --- validation ----------------------------------------------------------------------
-    @field_validator("d_in", "batch_size", "coactivation_every")
+    @field_validator("device")
     @classmethod
-    def _positive_int(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be a positive integer (>= 1)")
+    def _device_name(cls, value: str) -> str:
+        from hsae.devices import device_problem
+
+        problem = device_problem(value, check_available=False)  # checked again where it is used
+        if problem is not None:
+            raise ValueError(problem)
         return value
+
+    @field_validator("batch_size", "coactivation_every")
+    @classmethod
+    def _positive_count(cls, value: int) -> int:
+        return _positive_int(value)
 
     @field_validator("train_tokens")
     @classmethod
@@ -138,17 +231,6 @@ class HSAEConfig(BaseModel):
         if value < 1:
             raise ValueError("must be >= 1 token")
         return value
-
-    @field_validator("level_sizes")
-    @classmethod
-    def _increasing_sizes(cls, sizes: list[int]) -> list[int]:
-        if not sizes:
-            raise ValueError("needs at least one level")
-        if any(size < 1 for size in sizes):
-            raise ValueError(f"every size must be >= 1, got {sizes}")
-        if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
-            raise ValueError(f"sizes must be strictly increasing, got {sizes}")
-        return sizes
 
     @field_validator("perturbation_rate", "unassigned_quantile", "warmup_fraction", "adam_beta1")
     @classmethod
@@ -171,19 +253,10 @@ class HSAEConfig(BaseModel):
             raise ValueError(f"must be a finite number >= 0, got {value}")
         return value
 
-    @field_validator(
-        "bandwidth",
-        "lr",
-        "target_l0",
-        "l0_decay_rate",
-        "sparsity_adjust",
-        "threshold_lr_multiplier",
-    )
+    @field_validator("lr", "l0_decay_rate", "sparsity_adjust", "threshold_lr_multiplier")
     @classmethod
-    def _strictly_positive(cls, value: float) -> float:
-        if not value > 0.0 or math.isinf(value):
-            raise ValueError(f"must be a finite number > 0, got {value}")
-        return value
+    def _positive_value(cls, value: float) -> float:
+        return _strictly_positive(value)
 
     @field_validator("activation_scale", "sparsity_init")
     @classmethod
@@ -201,12 +274,6 @@ class HSAEConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> HSAEConfig:
-        smallest = self.level_sizes[0]
-        if self.target_l0 > smallest:
-            raise ValueError(
-                f"target_l0 = {self.target_l0} exceeds the smallest level size {smallest}; "
-                f"allowed range is (0, {smallest}]"
-            )
         if self.train_tokens < self.batch_size:
             raise ValueError(
                 f"train_tokens = {self.train_tokens} is less than one batch "
@@ -224,9 +291,9 @@ class HSAEConfig(BaseModel):
         return self
 
     # --- derived values ----------------------------------------------------------------------
-    @property
-    def n_levels(self) -> int:
-        return len(self.level_sizes)
+    def architecture(self) -> ArchitectureConfig:
+        """The part of these settings a saved model keeps (what the model is)."""
+        return ArchitectureConfig(**self.model_dump(include=set(ArchitectureConfig.model_fields)))
 
     @property
     def total_steps(self) -> int:
@@ -245,10 +312,6 @@ class HSAEConfig(BaseModel):
         return max(self.batch_size, min(10_000_000, self.train_tokens // 10))
 
     @property
-    def uses_hierarchy_losses(self) -> bool:
-        return self.mode == "hsae" and self.n_levels > 1
-
-    @property
     def effective_quantile(self) -> float:
         """Share of children left unassigned at each rebuild (the full tree keeps them all)."""
         return 0.0 if self.tree == "full" else self.unassigned_quantile
@@ -262,12 +325,33 @@ class HSAEConfig(BaseModel):
         # could react, leaving a quarter of the features dead.
         return 0.01 * self.d_in / self.target_l0
 
-    def to_json(self) -> str:
-        return self.model_dump_json(indent=2)
-
     @classmethod
     def from_json(cls, text: str) -> HSAEConfig:
         return cls(**json.loads(text))
+
+
+def refuse_bool(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """Pydantic reads True as 1: refuse a boolean given for a field (or list item) that is not
+    a boolean, so ``batch_size=True`` is an error rather than a batch of one token."""
+    field = model.model_fields.get(info.field_name or "")
+    if field is None or field.annotation is bool:
+        return value
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(item, bool) for item in items):
+        raise ValueError(f"expected a number, not a boolean: {value!r}")
+    return value
+
+
+def _positive_int(value: int) -> int:
+    if value < 1:
+        raise ValueError("must be a positive integer (>= 1)")
+    return value
+
+
+def _strictly_positive(value: float) -> float:
+    if not value > 0.0 or math.isinf(value):
+        raise ValueError(f"must be a finite number > 0, got {value}")
+    return value
 
 
 def _format_validation_error(error: ValidationError) -> str:

@@ -11,3 +11,7 @@ from __future__ import annotations
 
 class HSAEError(Exception):
     """Base of every error the package raises for a bad input, file or setting."""
+
+
+class ConfigError(HSAEError, ValueError):
+    """A configuration value is outside its allowed range; the message names the field."""

@@ -1,15 +1,7 @@
 """Run folders: one place for a whole experiment, from harvested activations to metrics.
 
-Layout (every file written atomically; see docs/runs.md)::
-
-    RUN/run.json                 the validated RunConfig and what it resolved to
-    RUN/activations/             the activation cache (manifest.json, shards)
-    RUN/hsae/, RUN/baseline/     the trained models (hsae.safetensors + hsae_config.json)
-    RUN/checkpoints/{hsae,baseline}/   resumable trainer state while training
-    RUN/logs/train_{hsae,baseline}.jsonl   one JSON line per logged step
-    RUN/metrics.json             evaluation of both models, side by side
-    RUN/summary.md               a readable summary
-    RUN/timings.json             seconds spent in each stage
+The folder's layout is owned by :mod:`hsae.layout` (every file written atomically; see
+docs/runs.md); this module runs the stages that fill it.
 
 Every stage skips work already done, so running a stage again (or ``--resume``) continues
 where a killed run stopped.
@@ -20,16 +12,38 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
-from hsae.config import ConfigError, HSAEConfig
+from hsae.config import ConfigError, HSAEConfig, refuse_bool
 from hsae.errors import HSAEError
-from hsae.io import read_json, write_json, write_text
+from hsae.io import write_json, write_text
+from hsae.layout import (
+    ACTIVATIONS_DIR,
+    CACHE_MANIFEST,
+    CHECKPOINTS_DIR,
+    METRICS_FILE,
+    MODEL_NAMES,
+    RUN_FILE,
+    TENSORBOARD_DIR,
+    RunLayout,
+    Which,
+)
+from hsae.locking import LOCK_FILE, FolderInUseError, folder_lock
 from hsae.model import HSAE, load_hsae
 from hsae.model.hsae import CONFIG_FILE
 from hsae.training import Trainer
@@ -44,13 +58,14 @@ from hsae.training.logging import (
 if TYPE_CHECKING:
     from hsae.evaluation.suite import SuiteSettings
 
-RUN_FILE = "run.json"
-WHICH = ("hsae", "baseline")
-Which = Literal["hsae", "baseline"]
 
 
 class RunError(HSAEError, RuntimeError):
     """A run folder cannot be used as asked (wrong model or layer, missing stage, ...)."""
+
+
+class RunInUseError(RunError):
+    """Another process holds the run folder's lock (it is training, harvesting, ...)."""
 
 
 class RunConfig(BaseModel):
@@ -101,10 +116,20 @@ class RunConfig(BaseModel):
             field = ".".join(str(p) for p in item["loc"]) or "run"
             text = str(item["msg"]).removeprefix("Value error, ")
             raise ConfigError(f"invalid run configuration: {field}: {text}") from None
-        self.hsae_config(d_in=1)  # refuse bad HSAE settings now, not after the harvest
+        try:
+            self.hsae_config(d_in=1)  # refuse bad HSAE settings now, not after the harvest
+        except ConfigError as error:
+            field = str(error).removeprefix("invalid HSAE configuration: ")
+            field = field if field.startswith(("seed:", "device:")) else f"hsae.{field}"
+            raise ConfigError(f"invalid run configuration: {field}") from None
         missing = missing_backends(self.tensorboard, self.wandb_project is not None)
         if missing:
             raise ConfigError("invalid run configuration: logging needs " + ", ".join(missing))
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool(cls, value, info)
 
     @field_validator("hsae")
     @classmethod
@@ -166,14 +191,87 @@ def load_run_config_file(path: str | Path) -> dict[str, Any]:
 
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"config file {file} does not exist")
+        raise ConfigError(f"config file {file} does not exist or is not a file")
     try:
-        values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {file} is not UTF-8 text") from None
+    except OSError as error:
+        raise ConfigError(f"config file {file} is not readable: {error.strerror}") from None
+    try:
+        values = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {file} is not valid YAML: {error}") from None
+        raise ConfigError(f"config file {_yaml_problem(file, error)}") from None
+    if values is None:
+        values = {}
     if not isinstance(values, dict):
-        raise ConfigError(f"config file {file} must hold a mapping of settings")
+        raise ConfigError(
+            f"config file {file} must hold a mapping of settings, got {type(values).__name__}"
+        )
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config file {file}: setting names must be text, got {key!r}")
+        if key == "hsae" and not isinstance(value, dict):
+            raise ConfigError(
+                f"config file {file}: hsae: must be a mapping of HSAE settings, got {value!r}"
+            )
+    for key in values.get("hsae", {}):
+        if not isinstance(key, str):
+            raise ConfigError(f"config file {file}: hsae: setting names must be text, got {key!r}")
     return values
+
+
+def _yaml_problem(file: Path, error: Exception) -> str:
+    """One line for a YAML error: file, line, column and the problem (PyYAML prints seven)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or type(error).__name__
+    where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(file)
+    context = getattr(error, "context", None)
+    detail = f"{problem} ({context})" if context else problem
+    return f"{where}: invalid YAML: {' '.join(str(detail).split())}"
+
+
+def check_run_config(config: RunConfig) -> None:
+    """What a run needs from this machine, checked before anything is written: the device
+    exists and a local dataset is there and readable (UTF-8 text, known file type)."""
+    from hsae.activations import open_corpus
+    from hsae.devices import parse_device
+
+    parse_device(config.device)
+    open_corpus(config.dataset)
+
+
+def prepare_run_folder(folder: str | Path) -> Path:
+    """Check that ``folder`` can hold a run and create it; nothing is written when it cannot.
+
+    Refused: a path that is (or lies below) a regular file, a folder that cannot be created or
+    written, and an existing folder that holds other files but no run.
+    """
+    root = Path(folder)
+    if root.exists() and not root.is_dir():
+        raise RunError(f"run folder {root} exists and is not a folder")
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RunError(f"cannot create run folder {root}: {probe} is a file, not a folder")
+    if root.is_dir() and not (root / RUN_FILE).is_file():
+        others = sorted(p.name for p in root.iterdir() if p.name != LOCK_FILE)
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise RunError(
+                f"{root} holds other files ({shown}) and no run ({RUN_FILE}); "
+                "choose a new or empty folder for --out"
+            )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RunError(f"cannot create run folder {root}: {probe} is not writable")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe_file = root / LOCK_FILE
+        probe_file.touch(exist_ok=True)
+    except OSError as error:
+        raise RunError(f"cannot create run folder {root}: {error.strerror or error}") from None
+    return root
 
 
 class Run:
@@ -194,22 +292,39 @@ class Run:
     def create(
         cls, folder: str | Path, config: RunConfig, activations_dir: str | Path | None = None
     ) -> Run:
-        """Start a new run; refuse a folder that already holds another run."""
+        """Start a new run; refuse a folder that already holds another run.
+
+        Checked before anything is written: the device exists here, the folder can be created
+        and holds no other files, and no other process holds the folder's lock."""
         root = Path(folder)
-        record = root / RUN_FILE
-        if record.exists():
-            existing = read_json(record).get("config", {})
-            if existing != config.model_dump():
+        with Run.claim(root, "create the run", config):
+            record = root / RUN_FILE
+            existing = _read_record(record) if record.exists() else None
+            if existing is not None and not _has_work(root):
+                existing = None  # nothing done yet (e.g. a refused start): take the new settings
+            if existing is not None and existing.get("config", {}) != config.model_dump():
                 raise RunError(
                     f"{root} already holds a run with other settings "
-                    f"({_describe_difference(existing, config.model_dump())}); "
+                    f"({_describe_difference(existing.get('config', {}), config.model_dump())}); "
                     f"continue it with --resume {root} or choose another --out"
                 )
-        run = cls(root, config, activations_dir)
-        if record.exists():  # same settings: continue the run, keeping its stage times
-            run.timings = dict(read_json(record).get("timings", {}))
-        run._write_record()
+            run = cls(root, config, activations_dir)
+            if existing is not None:  # same settings: continue the run, keeping its stage times
+                run.timings = dict(existing.get("timings", {}))
+            run._write_record()
         return run
+
+    @staticmethod
+    @contextmanager
+    def claim(folder: str | Path, purpose: str, config: RunConfig | None = None) -> Iterator[Path]:
+        """Check ``config`` (its device exists here, its dataset is readable), check and
+        create the run folder, then hold its lock for the block (one writer per run folder;
+        see :meth:`lock`). Nothing is written when a check fails."""
+        if config is not None:
+            check_run_config(config)
+        root = prepare_run_folder(folder)
+        with _locked(root, purpose):
+            yield root
 
     @classmethod
     def open(cls, folder: str | Path) -> Run:
@@ -218,39 +333,70 @@ class Run:
         record = root / RUN_FILE
         if not record.is_file():
             raise RunError(f"{root} is not a run folder (no {RUN_FILE})")
+        payload = _read_record(record)
         try:
-            payload = json.loads(record.read_text(encoding="utf-8"))
             config = RunConfig(**payload["config"])
-        except (json.JSONDecodeError, KeyError) as error:
-            raise RunError(f"{record} is corrupt: {error}") from None
+        except (KeyError, TypeError) as error:
+            raise RunError(f"{record} is corrupt: {error!r}") from None
         run = cls(root, config)
         run.timings = dict(payload.get("timings", {}))
         return run
 
+    @contextmanager
+    def lock(self, purpose: str) -> Iterator[None]:
+        """Hold the run folder's lock (``RUN/.lock``) for the block: a second process that
+        tries to write the run is refused at once with a :class:`RunError` naming the folder
+        and the holder's pid. Re-entrant within a process; released when the process dies."""
+        with _locked(self.folder, purpose):
+            yield
+
     def _write_record(self, **extra: Any) -> None:
-        previous = read_json(self.folder / RUN_FILE) if (self.folder / RUN_FILE).exists() else {}
+        path = self.folder / RUN_FILE
+        previous = _read_record(path) if path.exists() else {}
         payload = previous | {"config": self.config.model_dump(), "timings": self.timings} | extra
-        write_json(self.folder / RUN_FILE, payload)
+        write_json(path, payload)
 
     # --- paths ---------------------------------------------------------------------------
     @property
     def activations_dir(self) -> Path:
-        return self._activations_dir or self.folder / "activations"
+        return self._activations_dir or self.layout.activations
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.folder)
 
     def model_dir(self, which: Which) -> Path:
-        return self.folder / which
+        return self.layout.model(which)
 
     def checkpoint_dir(self, which: Which) -> Path:
-        return self.folder / "checkpoints" / which
+        return self.layout.checkpoint(which)
 
     def log_path(self, which: Which) -> Path:
-        return self.folder / "logs" / f"train_{which}.jsonl"
+        return self.layout.log(which)
 
     def trained(self, which: Which) -> bool:
         return (self.model_dir(which) / CONFIG_FILE).is_file()
 
     def wanted_models(self) -> list[Which]:
-        return ["hsae", "baseline"] if self.config.baseline else ["hsae"]
+        return list(MODEL_NAMES) if self.config.baseline else ["hsae"]
+
+    def unfinished_models(self) -> dict[str, str]:
+        """The wanted models without a saved model, each with what is known of it: "still
+        training (checkpoint at step N)" when a checkpoint exists, else "not trained yet"."""
+        found = {}
+        for which in self.wanted_models():
+            if self.trained(which):
+                continue
+            record = self.checkpoint_dir(which) / "trainer.json"
+            if record.is_file():
+                try:
+                    step = int(json.loads(record.read_text(encoding="utf-8"))["step"])
+                    found[which] = f"still training (checkpoint at step {step})"
+                except (OSError, ValueError, KeyError, TypeError):
+                    found[which] = "still training (checkpoint unreadable)"
+            else:
+                found[which] = "not trained yet"
+        return found
 
     # --- stages ----------------------------------------------------------------------------
     def record_stage_time(self, stage: str, seconds: float) -> None:
@@ -258,55 +404,115 @@ class Run:
         self._timed(stage, seconds)
 
     def _timed(self, stage: str, seconds: float) -> None:
-        self.timings[stage] = round(self.timings.get(stage, 0.0) + seconds, 2)
-        self._write_record()
-        write_json(self.folder / "timings.json", self.timings)
+        with self.lock("record stage times"):
+            self.timings[stage] = round(self.timings.get(stage, 0.0) + seconds, 2)
+            self._write_record()
+            write_json(self.layout.timings, self.timings)
+
+    @contextmanager
+    def _stage_clock(self, stage: str, every: float = 2.0) -> Iterator[Callable[[], None]]:
+        """Time a stage across launches: yields ``tick``, which adds the time since the last
+        tick to the stage's total at most every ``every`` seconds, and adds the rest when the
+        block ends, however it ends. A killed launch loses at most ``every`` seconds."""
+        last = time.perf_counter()
+
+        def tick(force: bool = False) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            if force or now - last >= every:
+                self._timed(stage, now - last)
+                last = now
+
+        try:
+            yield tick
+        finally:
+            tick(force=True)
 
     def harvest(self, progress: bool = True) -> Any:
-        """Fill (or resume) the activation cache."""
+        """Fill (or resume) the activation cache; refuse a cache harvested with other settings."""
         from hsae.activations import ActivationCache, harvest
 
-        manifest = self.activations_dir / "manifest.json"
-        if manifest.is_file() and read_json(manifest).get("status") == "complete":
+        with self.lock("harvest"):
+            manifest = self.check_cache()
+            if manifest is not None and manifest.get("status") == "complete":
+                return ActivationCache(self.activations_dir)
+            with self._stage_clock("harvest") as tick:
+                harvest(
+                    self.config.harvest_config(),
+                    self.activations_dir,
+                    progress=progress,
+                    on_progress=tick,
+                )
             return ActivationCache(self.activations_dir)
-        start = time.perf_counter()
-        cache = harvest(self.config.harvest_config(), self.activations_dir, progress=progress)
-        self._timed("harvest", time.perf_counter() - start)
-        return cache
+
+    def check_cache(self) -> dict[str, Any] | None:
+        """The manifest of the run's activation cache, once checked against the run's settings
+        (a cache of another model, layer, context length, ... is refused, naming the field);
+        None when nothing is harvested yet."""
+        from hsae.activations.cache import read_manifest
+        from hsae.activations.harvest import check_manifest_matches
+
+        if not (self.activations_dir / CACHE_MANIFEST).is_file():
+            return None
+        manifest = read_manifest(self.activations_dir)
+        check_manifest_matches(
+            manifest,
+            self.config.harvest_config(),
+            self.activations_dir,
+            advice="it is not this run's cache: move it away or use another run folder",
+        )
+        return manifest
 
     def cache(self) -> Any:
+        """The run's complete activation cache, once checked against the run's settings."""
         from hsae.activations import ActivationCache
 
-        if not (self.activations_dir / "manifest.json").is_file():
+        manifest = self.check_cache()
+        if manifest is None:
             raise RunError(f"{self.folder} has no harvested activations yet; run the harvest first")
+        if manifest.get("status") != "complete":
+            raise RunError(
+                f"{self.folder}: the activation cache is incomplete; finish the harvest with "
+                f"hsae train --resume {self.folder}"
+            )
         return ActivationCache(self.activations_dir)
 
     def train(self, which: Which, progress: bool = True) -> HSAE:
         """Train (or resume training) one of the run's models and save it."""
-        if self.trained(which):
-            return load_hsae(self.model_dir(which))
-        cache = self.cache()
-        mode = "hsae" if which == "hsae" else "independent"
-        config = self.config.hsae_config(cache.d_model, mode, cache.scale)
-        reader = cache.reader(config.batch_size, split="train", seed=self.config.seed, loop=True)
-        trainer = Trainer(config, reader)
-        checkpoint = self.checkpoint_dir(which)
-        if (checkpoint / "trainer.json").is_file() or checkpoint.with_name(
-            f".{checkpoint.name}.old"
-        ).exists():
-            trainer.resume(checkpoint)
+        with self.lock(f"train {which}"):
+            if self.trained(which):
+                return load_hsae(self.model_dir(which))
+            cache = self.cache()
+            mode = "hsae" if which == "hsae" else "independent"
+            config = self.config.hsae_config(cache.d_model, mode, cache.scale)
+            reader = cache.reader(
+                config.batch_size, split="train", seed=self.config.seed, loop=True
+            )
+            trainer = Trainer(config, reader)
+            checkpoint = self.checkpoint_dir(which)
+            if (checkpoint / "trainer.json").is_file() or checkpoint.with_name(
+                f".{checkpoint.name}.old"
+            ).exists():
+                trainer.resume(checkpoint)
+            # The log keeps the steps the resumed state has (none without a checkpoint), so a
+            # step is never logged twice.
             _truncate_log(self.log_path(which), trainer.step)
-        start = time.perf_counter()
-        model = trainer.fit(
-            progress=progress,
-            log_every=self.config.log_every,
-            on_log=self._log_sink(which, config),
-            checkpoint_dir=checkpoint,
-            checkpoint_every=self.config.checkpoint_every,
-        )
-        model.save(self.model_dir(which))
-        self._timed(f"train_{which}", time.perf_counter() - start)
-        return model
+            sink = self._log_sink(which, config)
+            with self._stage_clock(f"train_{which}") as tick:
+
+                def on_log(log: Any) -> None:
+                    sink(log)
+                    tick()
+
+                model = trainer.fit(
+                    progress=progress,
+                    log_every=self.config.log_every,
+                    on_log=on_log,
+                    checkpoint_dir=checkpoint,
+                    checkpoint_every=self.config.checkpoint_every,
+                )
+                model.save(self.model_dir(which))
+            return model
 
     def evaluate(
         self,
@@ -321,20 +527,44 @@ class Run:
         environment can run (metrics.json is rewritten after each part); ``splice=False``
         keeps the language model out of it entirely.
         """
+        from hsae.evaluation.suite import SUITES
+
+        if suite not in SUITES:
+            raise RunError(f"suite must be one of {list(SUITES)}, got {suite!r}")
+        try:
+            with self.lock("evaluate"):
+                return self._evaluate(splice, suite, suite_settings, progress)
+        except RunInUseError:
+            pending = self.unfinished_models()
+            state = "; ".join(f"{k}: {v}" for k, v in pending.items()) or "models trained"
+            raise RunError(
+                f"cannot evaluate {self.folder} now: another hsae process holds it "
+                f"({_holder(self.folder)}; {state}); evaluate once it has finished"
+            ) from None
+
+    def _evaluate(
+        self,
+        splice: bool,
+        suite: str,
+        suite_settings: SuiteSettings | None,
+        progress: bool,
+    ) -> dict[str, Any]:
         from hsae.evaluation.suite import (
-            SUITES,
             SuiteInputs,
             SuiteSettings,
             evaluate_models,
             run_full_suite,
         )
 
-        if suite not in SUITES:
-            raise RunError(f"suite must be one of {list(SUITES)}, got {suite!r}")
         cache = self.cache()
-        names = [which for which in self.wanted_models() if self.trained(which)]
-        if "hsae" not in names:
-            raise RunError(f"{self.folder} has no trained HSAE yet; train it first")
+        pending = self.unfinished_models()
+        if pending:
+            state = "; ".join(f"{which} is {what}" for which, what in pending.items())
+            raise RunError(
+                f"cannot evaluate {self.folder}: {state}; finish it with "
+                f"hsae train --resume {self.folder}"
+            )
+        names = list(self.wanted_models())
         models = {name: self.load(name) for name in names}
         heldout = cache.all_activations("heldout")[: self.config.eval_tokens]
         if heldout.shape[0] == 0:
@@ -366,11 +596,11 @@ class Run:
     def _write_metrics(self, results: dict[str, Any], names: list[str]) -> None:
         from hsae.evaluation.suite import comparison_table, full_suite_table
 
-        write_json(self.folder / "metrics.json", results)
+        write_json(self.layout.metrics, results)
         tables = comparison_table(results, names)
         if "suite" in results:
             tables += "\n\n" + full_suite_table(results, names)
-        write_text(self.folder / "summary.md", _summary_markdown(self, tables))
+        write_text(self.layout.summary, _summary_markdown(self, tables))
 
     def _language_model(self) -> Any:
         from hsae.activations import load_language_model
@@ -387,7 +617,7 @@ class Run:
     def _log_sink(self, which: Which, config: HSAEConfig) -> Any:
         sinks = [jsonl_sink(self.log_path(which))]
         if self.config.tensorboard:
-            sinks.append(tensorboard_sink(self.folder / "tensorboard", which))
+            sinks.append(tensorboard_sink(self.folder / TENSORBOARD_DIR, which))
         if self.config.wandb_project:
             tag = f"{self.folder.name}-{which}"
             sinks.append(wandb_sink(self.config.wandb_project, tag, config.model_dump()))
@@ -397,6 +627,15 @@ class Run:
         if not self.trained(which):
             raise RunError(f"{self.folder} has no trained {which} model yet")
         return load_hsae(self.model_dir(which))
+
+    def top_contexts(
+        self, level: int, index: int, k: int = 10, which: Which = "hsae", **options: Any
+    ) -> list[dict[str, Any]]:
+        """The ``k`` highest-activating contexts of feature ``level:index``, decoded, with
+        per-token activations (:func:`hsae.explore.top_contexts`)."""
+        from hsae.explore import top_contexts
+
+        return top_contexts(self, level, index, k, which, **options)
 
 
 def heldout_context_batches(
@@ -435,7 +674,12 @@ def _summary_markdown(run: Run, table: str) -> str:
 
 def _describe_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str:
     keys = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-    return ", ".join(f"{k}: {saved.get(k)!r} vs {wanted.get(k)!r}" for k in keys[:4])
+    return ", ".join(f"{k}: {_short(saved.get(k))} vs {_short(wanted.get(k))}" for k in keys)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -451,3 +695,40 @@ def _truncate_log(path: Path, step: int) -> None:
         if record.get("step", math.inf) <= step:
             kept.append(line)
     write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+@contextmanager
+def _locked(folder: Path, purpose: str) -> Iterator[None]:
+    with ExitStack() as held:
+        try:
+            held.enter_context(folder_lock(folder, purpose))
+        except FolderInUseError:
+            raise RunInUseError(
+                f"{folder} is in use by another hsae process ({_holder(folder)}); one process "
+                "writes a run folder at a time: wait for it to finish or stop it"
+            ) from None
+        yield
+
+
+def _holder(folder: Path) -> str:
+    from hsae.locking import holder_of
+
+    return holder_of(folder) or "pid unknown"
+
+
+def _has_work(root: Path) -> bool:
+    """Whether a run folder holds anything but its record: activations, checkpoints, models."""
+    return any(
+        (root / name).exists()
+        for name in (ACTIVATIONS_DIR, CHECKPOINTS_DIR, *MODEL_NAMES, METRICS_FILE)
+    )
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunError(f"{path} is corrupt or unreadable: {error}") from None
+    if not isinstance(payload, dict):
+        raise RunError(f"{path} is corrupt: expected a JSON object")
+    return payload

@@ -3,6 +3,7 @@ the WordNet noun taxonomy loader, and the tokenising builder that packs document
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import itertools
@@ -25,6 +26,11 @@ TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 _COMPRESSIONS = (".gz", ".xz")
+
+
+_SNIFF_BYTES = 1 << 16  # checked for UTF-8 before a harvest starts; the rest while reading
+MAX_PIECE_CHARS = 1 << 16  # longer documents are tokenised in pieces of at most this size
+MAX_CALL_CHARS = 1 << 18  # characters per tokenizer call
 
 
 class CorpusError(HarvestError):
@@ -105,19 +111,26 @@ def _local_files(path: Path) -> list[Path]:
         )
     try:
         with open(path, "rb") as handle:
-            handle.read(1)
+            head = handle.read(_SNIFF_BYTES)
     except OSError as exc:
         raise CorpusError(f"dataset file {str(path)!r} is not readable: {exc.strerror}") from exc
+    if _kind_of(path) != "parquet" and not path.name.endswith(_COMPRESSIONS):
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError:
+            raise CorpusError(f"dataset file {str(path)!r} is not UTF-8 text") from None
     return [path]
 
 
 def _open_text(path: Path) -> IO[str]:
+    # Strict decoding: bytes that are not UTF-8 are refused (see _iter_local), never harvested
+    # as replacement characters.
     try:
         if path.name.endswith(".gz"):
-            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
+            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
         if path.name.endswith(".xz"):
-            return io.TextIOWrapper(lzma.open(path, "rb"), encoding="utf-8", errors="replace")
-        return open(path, encoding="utf-8", errors="replace")
+            return io.TextIOWrapper(lzma.open(path, "rb"), encoding="utf-8")
+        return open(path, encoding="utf-8")
     except OSError as exc:
         raise CorpusError(f"dataset file {str(path)!r} is not readable: {exc.strerror}") from exc
 
@@ -128,6 +141,8 @@ def _iter_local(path: Path) -> Iterator[str]:
         reader = {"text": _iter_paragraphs, "jsonl": _iter_jsonl}.get(kind or "", _iter_parquet)
         try:
             yield from reader(file)
+        except UnicodeDecodeError:
+            raise CorpusError(f"dataset file {str(file)!r} is not UTF-8 text") from None
         except (OSError, EOFError, lzma.LZMAError) as exc:
             raise CorpusError(f"dataset file {str(file)!r} is not readable: {exc}") from exc
 
@@ -305,24 +320,33 @@ class ContextBuilder:
             yield self._assemble(tokens, docs, next_context)
 
     def _token_chunks(self, documents: Iterable[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        doc_index = 0
-        chunk: list[str] = []
-        for text in documents:
-            chunk.append(text + "\n")
-            if len(chunk) == self.tokenize_chunk:
-                yield self._tokenize(chunk, doc_index)
-                doc_index += len(chunk)
-                chunk = []
-        if chunk:
-            yield self._tokenize(chunk, doc_index)
+        """Tokenised pieces, in bounded memory: at most ``tokenize_chunk`` texts and
+        MAX_CALL_CHARS characters per tokenizer call; a document longer than MAX_PIECE_CHARS is
+        cut into pieces (before a whitespace where there is one), tokenised as they are needed."""
+        texts: list[str] = []
+        docs: list[int] = []
+        chars = 0
+        for doc_index, text in enumerate(documents):
+            for piece in _pieces(text + "\n", MAX_PIECE_CHARS):
+                if texts and chars + len(piece) > MAX_CALL_CHARS:
+                    yield self._tokenize(texts, docs)
+                    texts, docs, chars = [], [], 0
+                texts.append(piece)
+                docs.append(doc_index)
+                chars += len(piece)
+                if len(texts) == self.tokenize_chunk:
+                    yield self._tokenize(texts, docs)
+                    texts, docs, chars = [], [], 0
+        if texts:
+            yield self._tokenize(texts, docs)
 
-    def _tokenize(self, texts: list[str], first_doc: int) -> tuple[np.ndarray, np.ndarray]:
+    def _tokenize(self, texts: list[str], docs: list[int]) -> tuple[np.ndarray, np.ndarray]:
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         flat = np.fromiter(
             itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum())
         )
-        doc_ids = np.repeat(np.arange(first_doc, first_doc + len(ids), dtype=np.int64), lengths)
+        doc_ids = np.repeat(np.asarray(docs, dtype=np.int64), lengths)
         return flat, doc_ids
 
     def _assemble(self, tokens: np.ndarray, docs: np.ndarray, first_context: int) -> ContextBatch:
@@ -343,3 +367,18 @@ class ContextBuilder:
 
 
 _EMPTY_INT = np.zeros(0, dtype=np.int64)
+
+
+def _pieces(text: str, limit: int) -> Iterator[str]:
+    """``text`` in pieces of at most ``limit`` characters, each cut just before a whitespace
+    in its second half when there is one (so a word is not split across two tokenizer calls)."""
+    start = 0
+    while len(text) - start > limit:
+        end = start + limit
+        half = start + limit // 2
+        cut = max(text.rfind(" ", half, end), text.rfind("\n", half, end))
+        if cut <= start:
+            cut = end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -159,18 +159,26 @@ def harvest(
     overwrite: bool = False,
     progress: bool = True,
     lm: LanguageModel | None = None,
+    on_progress: Callable[[], None] | None = None,
 ) -> ActivationCache:
     """Fill (or resume filling) the activation cache at `out_dir`; returns it once complete.
 
-    Everything is validated (output folder, model, layer, corpus) before anything is written.
-    Re-running on the same folder resumes after the last complete shard; `overwrite` starts over."""
+    Everything is validated (output folder, device, an existing cache's settings, model, layer,
+    corpus) before anything is written. Re-running on the same folder resumes after the last
+    complete shard; `overwrite` starts over. `on_progress` is called after each model batch."""
     root = Path(out_dir).expanduser()
     check_writable(root)
+    if config.device is not None:
+        from hsae.devices import device_problem
+
+        problem = device_problem(config.device)
+        if problem is not None:
+            raise HarvestError(f"device: {problem}")
     existing = None if overwrite else _existing_manifest(root)
-    if existing is not None and existing.get("status") == "complete":
-        middle = int(existing["model"]["n_layers"]) // 2
-        _check_same_settings(existing, config, config.layer if config.layer is not None else middle)
-        return ActivationCache(root)
+    if existing is not None:
+        check_manifest_matches(existing, config, root)
+        if existing.get("status") == "complete":
+            return ActivationCache(root)
     lm = lm if lm is not None else load_language_model(config.model, device=config.device)
     layer = config.layer if config.layer is not None else lm.n_layers // 2
     validate_layer(lm, layer)
@@ -186,8 +194,27 @@ def harvest(
         writer = ShardWriter.create(root, _new_manifest(config, lm, layer))
     else:
         writer = ShardWriter.resume(root)
-    _run_harvest(lm, layer, config, batches, writer, progress)
+    _run_harvest(lm, layer, config, batches, writer, progress, on_progress)
     return ActivationCache(root)
+
+
+def check_manifest_matches(
+    manifest: dict[str, Any],
+    config: HarvestConfig,
+    root: Path,
+    advice: str = "use --overwrite to start over or choose another --out",
+) -> None:
+    """Refuse a cache (complete or not) harvested with settings other than ``config``'s,
+    naming the differing fields; needs no model (a default layer is the manifest's middle)."""
+    try:
+        middle = int(manifest["model"]["n_layers"]) // 2
+        stored = manifest["config"]
+        if not isinstance(stored, dict):
+            raise TypeError("config is not a mapping")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CacheError(f"{root / MANIFEST} is malformed ({exc!r}); re-harvest it") from None
+    layer = config.layer if config.layer is not None else middle
+    _check_same_settings(manifest, config, layer, f"{root} holds a cache", advice)
 
 
 def check_writable(root: Path) -> None:
@@ -223,7 +250,13 @@ def _settings(config: HarvestConfig, layer: int) -> dict[str, Any]:
     return {key: values[key] for key in _RESUME_KEYS}
 
 
-def _check_same_settings(manifest: dict[str, Any], config: HarvestConfig, layer: int) -> None:
+def _check_same_settings(
+    manifest: dict[str, Any],
+    config: HarvestConfig,
+    layer: int,
+    what: str = "the output folder holds a cache",
+    advice: str = "use --overwrite to start over or choose another --out",
+) -> None:
     stored, wanted = manifest["config"], _settings(config, layer)
     differ = [
         f"{k}: {stored.get(k)!r} -> {wanted[k]!r}"
@@ -231,11 +264,7 @@ def _check_same_settings(manifest: dict[str, Any], config: HarvestConfig, layer:
         if stored.get(k) != wanted[k]
     ]
     if differ:
-        raise CacheError(
-            "the output folder holds a cache harvested with other settings ("
-            + "; ".join(differ)
-            + "); use --overwrite to start over or choose another --out"
-        )
+        raise CacheError(f"{what} harvested with other settings ({'; '.join(differ)}); {advice}")
 
 
 def _new_manifest(config: HarvestConfig, lm: LanguageModel, layer: int) -> dict[str, Any]:
@@ -268,6 +297,7 @@ def _run_harvest(
     batches: Iterator[ContextBatch],
     writer: ShardWriter,
     progress: bool,
+    on_progress: Callable[[], None] | None = None,
 ) -> None:
     start = writer.resume_point
     state = _Placement(
@@ -292,6 +322,8 @@ def _run_harvest(
             )
             point = ResumePoint(index, consumed)
             bar.update(state.done - before)
+            if on_progress is not None:
+                on_progress()
         if state.done < config.tokens:
             writer.manifest["corpus_exhausted"] = True
             warnings.warn(

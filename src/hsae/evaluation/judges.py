@@ -1,7 +1,7 @@
 """LLM judges: Hierarchy AutoInterp (hsae-method.md section 6) and automatic interpretability.
 
 Both judges read a feature through text excerpts taken from the run's activation cache with the
-explorer's own scan (:func:`hsae.report.explorer.scan`): per feature, the ``n_top`` (10)
+explorer's own scan (:func:`hsae.evaluation.contexts.scan`): per feature, the ``n_top`` (10)
 highest-activating contexts and ``n_sampled`` (5) contexts drawn in proportion to activation,
 with the tokens the feature fires on marked ``<<like this>>``.
 
@@ -30,18 +30,18 @@ from typing import Any, Literal
 import numpy as np
 
 from hsae.errors import HSAEError
-from hsae.evaluation.llm import Batch, JudgeClient, Message
-from hsae.report.explorer import (
-    ReportSettings,
+from hsae.evaluation.contexts import (
     RowSource,
+    ScanSettings,
     context_windows,
     feature_key,
     scan,
     window_activations,
 )
-from hsae.report.labels import load_labels, save_labels
+from hsae.evaluation.llm import Batch, JudgeClient, Message
+from hsae.labels import load_labels, save_labels
+from hsae.layout import Which
 
-Which = Literal["hsae", "baseline"]
 Feature = tuple[int, int]
 """(level, index)."""
 
@@ -72,19 +72,13 @@ class ContextSettings:
     context_after: int = 4
     chunk_size: int = 4096
 
-    def report_settings(self, which: Which, seed: int) -> ReportSettings:
-        """The explorer settings that make :func:`scan` keep what the judges need."""
-        return ReportSettings(
-            which=which,
-            split=self.split,
+    def scan_settings(self, seed: int) -> ScanSettings:
+        """What :func:`scan` must keep for the judges: top and sampled rows plus spares."""
+        return ScanSettings(
             max_tokens=self.max_tokens,
             top_k=self.n_top + self.n_spare,
-            n_sampled=self.n_sampled + self.n_spare,
-            projection_points=max(2, self.n_sampled + self.n_spare),
-            context_before=self.context_before,
-            context_after=self.context_after,
+            n_samples=self.n_sampled + self.n_spare,
             chunk_size=self.chunk_size,
-            projection="none",
             seed=seed,
         )
 
@@ -110,8 +104,9 @@ class FeatureContexts:
             raise JudgeInputError(f"{run.folder}: the cache has no {self.settings.split} tokens")
         self.source = RowSource(cache, self.settings.split)
         self.info = cache.token_info(self.settings.split)
-        report = self.settings.report_settings(which, seed)
-        self.stats, self.scanned, _ = scan(self.model, self.source, self.info.token_ids, report)
+        self.stats, self.scanned, _ = scan(
+            self.model, self.source, self.info.token_ids, self.settings.scan_settings(seed)
+        )
         if tokenizer is None:
             from hsae.activations.models import load_tokenizer
 

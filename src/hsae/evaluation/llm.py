@@ -139,6 +139,18 @@ class JudgeSettings:
         """The base URL without credentials or query string: safe to record in results."""
         return _public_url(self.base_url)
 
+    def __repr__(self) -> str:
+        """Every setting, the base URL without user:password@ or query (keys live there too)
+        and the API key only as set / not set."""
+        shown = {
+            name: getattr(self, name)
+            for name in self.__dataclass_fields__
+            if name not in ("base_url", "api_key")
+        }
+        fields = ", ".join(f"{name}={value!r}" for name, value in shown.items())
+        key = "<set>" if self.api_key else None
+        return f"JudgeSettings(base_url={self.endpoint!r}, api_key={key!r}, {fields})"
+
     def describe(self) -> dict[str, Any]:
         """JSON-able summary for results and labels.json (no key)."""
         return {"endpoint": self.endpoint, "model": self.model}

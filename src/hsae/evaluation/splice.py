@@ -8,7 +8,7 @@ their clean activations (they were never part of the training data).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hsae.model import HSAE
+from hsae.model.navigation import NavigationError
 
 Replacement = Callable[[Tensor], Tensor]
 
@@ -35,13 +36,21 @@ class SpliceResult:
         return asdict(self)
 
 
+Keep = Tensor | Callable[[Tensor], Tensor] | None
+"""Where a replacement applies: a [batch, seq] boolean mask, a function of the block's output
+giving that mask for each forward pass, or None (every position)."""
+
+
 @contextmanager
-def _replaced_output(block: torch.nn.Module, keep: Tensor, replace: Replacement):
-    """Within the block, substitute ``replace(h)`` for the block's output where ``keep``."""
+def replaced_output(block: torch.nn.Module, keep: Keep, replace: Replacement) -> Iterator[None]:
+    """Within the context, the block's output ``h`` becomes ``replace(h)`` where ``keep``."""
 
     def hook(_module: Any, _inputs: Any, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
-        new = torch.where(keep.unsqueeze(-1), replace(hidden).to(hidden.dtype), hidden)
+        where = keep(hidden) if callable(keep) else keep
+        new = replace(hidden).to(hidden.dtype)
+        if where is not None:
+            new = torch.where(where.to(hidden.device).unsqueeze(-1), new, hidden)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     handle = block.register_forward_hook(hook)
@@ -49,6 +58,20 @@ def _replaced_output(block: torch.nn.Module, keep: Tensor, replace: Replacement)
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def spliced(block: torch.nn.Module, model: HSAE, level: int, keep: Keep = None) -> Iterator[None]:
+    """Within the context, the output of ``block`` (the hooked transformer block) is replaced by
+    ``model``'s level-``level`` reconstruction where ``keep`` (see :data:`Keep`).
+
+    For a loaded language model with BOS and padding kept clean automatically, use
+    :func:`hsae.steering.spliced`.
+    """
+    if not 0 <= level < model.n_levels:
+        raise NavigationError(f"level must lie in [0, {model.n_levels - 1}], got {level}")
+    with replaced_output(block, keep, reconstruction(model, level)):
+        yield
 
 
 def _next_token_log_probs(model: Any, ids: Tensor, mask: Tensor) -> Tensor:
@@ -79,7 +102,7 @@ def spliced_losses(
     whose residual is replaced (real tokens, not BOS or padding).
     """
     sums: dict[str, float] = {"clean": 0.0, "zero": 0.0}
-    spliced = [[0.0] * m.n_levels for m in models]
+    spliced_ce = [[0.0] * m.n_levels for m in models]
     kls = [[0.0] * m.n_levels for m in models]
     tokens = 0
     for ids, mask, keep in batches:
@@ -88,21 +111,21 @@ def spliced_losses(
         ce, count = _cross_entropy(clean, ids, target_mask)
         sums["clean"] += ce
         tokens += count
-        with _replaced_output(block, keep, torch.zeros_like):
+        with replaced_output(block, keep, torch.zeros_like):
             zero = _next_token_log_probs(language_model, ids, mask)
         sums["zero"] += _cross_entropy(zero, ids, target_mask)[0]
         for index, model in enumerate(models):
             for level in range(model.n_levels):
-                with _replaced_output(block, keep, _reconstruction(model, level)):
+                with spliced(block, model, level, keep):
                     log_probs = _next_token_log_probs(language_model, ids, mask)
-                spliced[index][level] += _cross_entropy(log_probs, ids, target_mask)[0]
+                spliced_ce[index][level] += _cross_entropy(log_probs, ids, target_mask)[0]
                 kls[index][level] += _kl(clean, log_probs, target_mask)
     if tokens == 0:
         raise ValueError("no tokens to evaluate the spliced language-model loss on")
     ce_clean, ce_zero = sums["clean"] / tokens, sums["zero"] / tokens
     results = []
     for index in range(len(models)):
-        ce_levels = [value / tokens for value in spliced[index]]
+        ce_levels = [value / tokens for value in spliced_ce[index]]
         results.append(
             SpliceResult(
                 ce_clean=ce_clean,
@@ -119,7 +142,9 @@ def spliced_losses(
     return results
 
 
-def _reconstruction(model: HSAE, level: int) -> Replacement:
+def reconstruction(model: HSAE, level: int) -> Replacement:
+    """``h -> model.decode(model.encode_level(h, level), level)`` for [..., d] residuals."""
+
     def replace(hidden: Tensor) -> Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1]).float()
         codes = model.encode_level(flat, level)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,10 +28,8 @@ from torch import Tensor
 from hsae.errors import HSAEError
 from hsae.evaluation.quality import evaluate
 from hsae.evaluation.splice import SpliceResult, spliced_losses
+from hsae.layout import MODEL_NAMES, RunLayout, RunView
 from hsae.model import HSAE
-
-if TYPE_CHECKING:
-    from hsae.runs import Run
 
 
 def evaluate_models(
@@ -106,14 +104,6 @@ def _fmt(value: float | int) -> str:
 # --------------------------------------------------------------------------- the full suite
 
 SUITES = ("standard", "full")
-FULL_PARTS = (
-    "absorption",
-    "sparse_probing",
-    "taxonomy",
-    "sparse_probing_hf",
-    "judges",
-    "saebench",
-)
 DEFAULT_HF_PROBING = "fancyzhx/ag_news"
 
 
@@ -121,8 +111,9 @@ DEFAULT_HF_PROBING = "fancyzhx/ag_news"
 class SuiteSettings:
     """What ``hsae eval --suite full`` runs beyond the standard metrics, and how much of it."""
 
-    parts: tuple[str, ...] = FULL_PARTS
-    """Parts to attempt (each is still skipped when this environment cannot run it)."""
+    parts: tuple[str, ...] | None = None
+    """Parts to attempt, in registry order (None: all of :data:`PARTS`); each is still skipped
+    when this environment cannot run it."""
     judge_pairs: int = 50
     """Parent-child pairs per model shown to the hierarchy judge."""
     judge_features: int = 30
@@ -143,7 +134,7 @@ class SuiteSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.parts) - set(FULL_PARTS))
+        unknown = sorted(set(self.parts or ()) - set(FULL_PARTS))
         if unknown:
             raise ValueError(f"unknown suite part(s) {unknown}; choose from {list(FULL_PARTS)}")
         for name in ("judge_pairs", "judge_features", "absorption_words", "contexts_per_category"):
@@ -161,7 +152,7 @@ class SkipPartError(Exception):
 class SuiteInputs:
     """What the parts share: the run, its models, and a language model loaded at most once."""
 
-    run: Run
+    run: RunView
     models: dict[str, HSAE]
     layer: int
     load_lm: Callable[[], Any] | None
@@ -202,7 +193,7 @@ class SuiteInputs:
         """The language-model side of a part (``prepare()``), saved under
         RUN/eval_cache/KIND-KEY so that a rerun with the same model, layer and settings loads it
         instead of running the language model again (even with ``--no-lm``)."""
-        folder = self.run.folder / "eval_cache" / f"{kind}-{self._key(kind, settings)}"
+        folder = RunLayout(self.run.folder).eval_cache / f"{kind}-{self._key(kind, settings)}"
         try:
             return load(folder)
         except Exception:  # absent, or left unreadable by a crash: prepare it again
@@ -314,7 +305,7 @@ def _judges(inputs: SuiteInputs) -> dict[str, Any]:
             n_pairs=inputs.settings.judge_pairs,
             n_features=inputs.settings.judge_features,
             seed=inputs.settings.seed,
-            models=[name for name in inputs.models if name in ("hsae", "baseline")],
+            models=[name for name in inputs.models if name in MODEL_NAMES],
             progress=inputs.progress,
         )
     finally:
@@ -343,16 +334,6 @@ def _saebench_evals() -> list[str]:
     return [name for name in TABLE1_EVALS if name != "autointerp" or has_key]
 
 
-_PART_RUNNERS: dict[str, Callable[[SuiteInputs], dict[str, Any]]] = {
-    "absorption": _absorption,
-    "sparse_probing": _sparse_probing,
-    "taxonomy": _taxonomy,
-    "sparse_probing_hf": _sparse_probing_hf,
-    "judges": _judges,
-    "saebench": _saebench,
-}
-
-
 def run_full_suite(
     inputs: SuiteInputs,
     results: dict[str, Any],
@@ -368,10 +349,11 @@ def run_full_suite(
     status: dict[str, Any] = {"suite": "full", "ran": [], "skipped": {}, "failed": {}}
     status["seconds"] = {}
     results["suite"] = status
-    for part in inputs.settings.parts:
+    wanted = inputs.settings.parts
+    for part in [name for name in PARTS if wanted is None or name in wanted]:
         started = time.perf_counter()
         try:
-            results[part] = _PART_RUNNERS[part](inputs)
+            results[part] = PARTS[part].run(inputs)
             status["ran"].append(part)
         except SkipPartError as reason:
             status["skipped"][part] = str(reason)
@@ -415,18 +397,13 @@ Row = tuple[str, list[Any]]
 
 def _suite_rows(results: dict[str, Any], names: list[str]) -> list[Row]:
     rows: list[Row] = []
-    rows += _absorption_rows(results.get("absorption"), names)
-    rows += _probing_rows(results.get("sparse_probing"), names, "sparse probing (WordNet)")
-    hf = results.get("sparse_probing_hf")
-    rows += _probing_rows(hf, names, f"sparse probing ({hf['dataset']})" if hf else "")
-    rows += _taxonomy_rows(results.get("taxonomy"), names)
-    rows += _judge_rows(results.get("judges"), names)
+    for part in PARTS.values():
+        if results.get(part.name):
+            rows += part.rows(results[part.name], names)
     return rows
 
 
-def _absorption_rows(part: dict[str, Any] | None, names: list[str]) -> list[Row]:
-    if not part:
-        return []
+def _absorption_rows(part: dict[str, Any], names: list[str]) -> list[Row]:
     rows = []
     for level in range(len(part[names[0]]["levels"])):
         score = [part[n]["levels"][level]["score"] for n in names]
@@ -436,9 +413,7 @@ def _absorption_rows(part: dict[str, Any] | None, names: list[str]) -> list[Row]
     return rows
 
 
-def _probing_rows(part: dict[str, Any] | None, names: list[str], title: str) -> list[Row]:
-    if not part:
-        return []
+def _probing_rows(part: dict[str, Any], names: list[str], title: str) -> list[Row]:
     raw = part["raw"]
     rows: list[Row] = [
         (
@@ -462,9 +437,7 @@ def _pair(entry: dict[str, Any], first: str, second: str) -> str:
     return f"{_cell(a)} / {_cell(b)}"
 
 
-def _taxonomy_rows(part: dict[str, Any] | None, names: list[str]) -> list[Row]:
-    if not part:
-        return []
+def _taxonomy_rows(part: dict[str, Any], names: list[str]) -> list[Row]:
     rows: list[Row] = []
     for index, pair in enumerate(part[names[0]]["pairs"]):
         level = pair["parent_level"]
@@ -490,9 +463,7 @@ def _precision_cell(entry: dict[str, Any], kind: str = "hypernym") -> str:
     )
 
 
-def _judge_rows(part: dict[str, Any] | None, names: list[str]) -> list[Row]:
-    if not part:
-        return []
+def _judge_rows(part: dict[str, Any], names: list[str]) -> list[Row]:
     judged = [n for n in names if n in part]
     if not judged:
         return []
@@ -522,3 +493,112 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return _fmt(value)
     return str(value)
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class SuiteChart:
+    """A per-level bar chart of one part, drawn on the explorer page and in plots/suite.png."""
+
+    key: str
+    title: str
+    note: str
+    values: Callable[[dict[str, Any]], list[Any]]
+    """The bars of one model, from that model's entry in the part's result."""
+    per_pair: bool = False
+    """One bar per pair of adjacent levels (links) instead of one per level."""
+
+
+@dataclass(frozen=True)
+class SuitePart:
+    """One part of the full suite: how it runs, its table rows and its charts.
+
+    Adding a metric to the suite is one module computing it plus one entry in :data:`PARTS`.
+    """
+
+    name: str
+    run: Callable[[SuiteInputs], dict[str, Any]]
+    """Computes the part's result (JSON-able; per model under the model's name), or raises
+    :class:`SkipPartError` when this environment cannot run it."""
+    rows: Callable[[dict[str, Any], list[str]], list[Row]] = lambda part, names: []
+    """Rows of the full-suite table: (label, one cell per model)."""
+    charts: tuple[SuiteChart, ...] = ()
+
+
+PARTS: dict[str, SuitePart] = {
+    part.name: part
+    for part in (
+        SuitePart(
+            "absorption",
+            _absorption,
+            _absorption_rows,
+            (
+                SuiteChart(
+                    "absorption",
+                    "Absorption: 1 - mean fraction",
+                    "higher is better",
+                    lambda entry: [level.get("score") for level in entry["levels"]],
+                ),
+            ),
+        ),
+        SuitePart(
+            "sparse_probing",
+            _sparse_probing,
+            lambda part, names: _probing_rows(part, names, "sparse probing (WordNet)"),
+            (
+                SuiteChart(
+                    "probing_top5",
+                    "Sparse probing top-5 accuracy",
+                    "WordNet categories",
+                    lambda entry: [level.get("top_5_accuracy") for level in entry["levels"]],
+                ),
+            ),
+        ),
+        SuitePart(
+            "taxonomy",
+            _taxonomy,
+            _taxonomy_rows,
+            (
+                SuiteChart(
+                    "taxonomy",
+                    "Links agreeing with WordNet",
+                    "hypernym precision",
+                    lambda entry: [pair["hypernym"]["precision"] for pair in entry["pairs"]],
+                    per_pair=True,
+                ),
+            ),
+        ),
+        SuitePart(
+            "sparse_probing_hf",
+            _sparse_probing_hf,
+            lambda part, names: _probing_rows(part, names, f"sparse probing ({part['dataset']})"),
+        ),
+        SuitePart("judges", _judges, _judge_rows),
+        SuitePart("saebench", _saebench),
+    )
+}
+"""Every part of ``--suite full``, in the order they run."""
+FULL_PARTS = tuple(PARTS)
+
+
+def suite_charts(metrics: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The charts of every part present in ``metrics`` for model ``name``: key, title, note,
+    whether bars are per level pair, and the values (what the explorer and the plots draw)."""
+    charts = []
+    for part in PARTS.values():
+        entry = (metrics.get(part.name) or {}).get(name)
+        if not isinstance(entry, dict):
+            continue
+        for chart in part.charts:
+            charts.append(
+                {
+                    "key": chart.key,
+                    "title": chart.title,
+                    "note": chart.note,
+                    "per_pair": chart.per_pair,
+                    "values": chart.values(entry),
+                }
+            )
+    return charts

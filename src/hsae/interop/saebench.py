@@ -13,7 +13,9 @@ rewritten with its codes in raw units: with scale c, pre_raw = pre / c, threshol
 b_dec_raw = b_dec / c, W_enc and W_dec unchanged; b_dec is folded into the encoder bias
 (b_enc_raw = b_enc / c - b_dec_raw W_enc) exactly as in SAEBench's own ``JumpReluSAE``, whose
 state dict this module's matches. Codes are the HSAE's codes divided by c; active sets and
-reconstructions are the HSAE's.
+reconstructions are the HSAE's. A "batchtopk" level is presented as JumpReLU with its learned
+inference threshold; a "topk" level as threshold 0 followed by each token's top k
+(``architecture="topk"``).
 """
 
 from __future__ import annotations
@@ -66,7 +68,9 @@ class SAEBenchConfig:
     device: str = "cpu"
     model_from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)
     dataset_path: str = ""
-    dataset_trust_remote_code: bool = True
+    dataset_trust_remote_code: bool = False
+    """Off unless asked for (``trust_remote_code=True``): SAEBench would run the dataset's own
+    Python from the Hub."""
     seqpos_slice: tuple[int | None, ...] = (None,)
     training_tokens: int = -100_000
     sae_lens_training_version: str | None = None
@@ -87,8 +91,11 @@ class SAEBenchSAE(nn.Module):
         b_dec: Tensor,
         threshold: Tensor,
         cfg: SAEBenchConfig,
+        k: int | None = None,
     ):
+        """``k``: keep only each token's k largest activations (a TopK level; threshold 0)."""
         super().__init__()
+        self.k = k
         self.W_enc = nn.Parameter(W_enc.detach().clone())
         self.b_enc = nn.Parameter(b_enc.detach().clone())
         self.W_dec = nn.Parameter(W_dec.detach().clone())
@@ -101,12 +108,18 @@ class SAEBenchSAE(nn.Module):
         self.cfg.device = str(self.device)
 
     @classmethod
-    def from_hsae(cls, model: HSAE, level: int, provenance: Provenance) -> SAEBenchSAE:
-        """Level ``level`` of ``model``, float32 on CPU (move it with ``.to``)."""
+    def from_hsae(
+        cls, model: HSAE, level: int, provenance: Provenance, trust_remote_code: bool = False
+    ) -> SAEBenchSAE:
+        """Level ``level`` of ``model``, float32 on CPU (move it with ``.to``);
+        ``trust_remote_code`` fills the cfg's ``dataset_trust_remote_code``."""
         if not 0 <= level < model.n_levels:
             raise InteropError(f"level must lie in [0, {model.n_levels - 1}], got {level}")
         c = model.activation_scale.detach().double().cpu()
         part = model.levels[level]
+        exported = part.export_tensors()
+        k = part.saelens_fields().get("k") if part.saelens_architecture == "topk" else None
+        threshold = exported.get("threshold", torch.zeros(part.n_features))
         W_enc = part.W_enc.detach().double().cpu()
         b_dec = part.b_dec.detach().double().cpu() / c
         b_enc = part.b_enc.detach().double().cpu() / c - b_dec @ W_enc
@@ -119,19 +132,26 @@ class SAEBenchSAE(nn.Module):
             context_size=provenance.context_size,
             prepend_bos=provenance.prepend_bos,
             dataset_path=provenance.dataset_path,
+            dataset_trust_remote_code=trust_remote_code,
+            architecture="topk" if k is not None else "jumprelu",
         )
         return cls(
             W_enc.float(),
             b_enc.float(),
             part.W_dec.detach().float().cpu(),
             b_dec.float(),
-            (part.threshold.detach().double().cpu() / c).float(),
+            (threshold.detach().double().cpu() / c).float(),
             cfg,
+            k,
         )
 
     def encode(self, x: Tensor) -> Tensor:
         pre = x.to(self.dtype) @ self.W_enc + self.b_enc
-        return torch.relu(pre) * (pre > self.threshold)
+        acts = torch.relu(pre) * (pre > self.threshold)
+        if self.k is None:
+            return acts
+        values, index = acts.topk(self.k, dim=-1)
+        return torch.zeros_like(acts).scatter_(-1, index, values)
 
     def decode(self, feature_acts: Tensor) -> Tensor:
         return feature_acts @ self.W_dec + self.b_dec
@@ -160,9 +180,11 @@ def saebench_saes(
     run_dir: str | Path,
     model_name: str | None = None,
     levels: Sequence[int] | None = None,
+    trust_remote_code: bool = False,
 ) -> list[tuple[str, SAEBenchSAE]]:
     """SAEBench's ``selected_saes`` for a run: ``("{which}_level_{l}_{d_sae}", sae)`` pairs for
-    the HSAE and, when trained, the baseline (``levels``: which levels; None: all)."""
+    the HSAE and, when trained, the baseline (``levels``: which levels; None: all).
+    ``trust_remote_code``: let SAEBench run a dataset's loading script (off by default)."""
     folder = Path(run_dir)
     models = trained_models(folder)
     provenance = run_provenance(folder, model_name)
@@ -170,7 +192,7 @@ def saebench_saes(
     for which in models:
         model = load_hsae(folder / which)
         for level in range(model.n_levels) if levels is None else levels:
-            sae = SAEBenchSAE.from_hsae(model, level, provenance)
+            sae = SAEBenchSAE.from_hsae(model, level, provenance, trust_remote_code)
             selected.append((f"{which}_level_{level}_{sae.cfg.d_sae}", sae))
     return selected
 
@@ -185,16 +207,19 @@ def run_saebench(
     llm_batch_size: int = 32,
     llm_dtype: str = "bfloat16",
     api_key: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, dict[str, dict[str, float | None]]]:
     """Run SAEBench's evaluations on a run's levels (needs ``pip install sae-bench``, a GPU, the
     language model and datasets from the Hub; autointerp needs an OpenAI key, and is skipped
-    without one) and return :func:`table1` of the results under ``out`` (also ``table1.json``)."""
+    without one) and return :func:`table1` of the results under ``out`` (also ``table1.json``).
+    ``trust_remote_code=True`` lets SAEBench run a dataset's own loading code from the Hub;
+    it is off unless asked for."""
     unknown = sorted(set(evals) - set(TABLE1_EVALS))
     if unknown:
         raise InteropError(f"unknown SAEBench eval(s) {unknown}; choose from {TABLE1_EVALS}")
     if importlib.util.find_spec("sae_bench") is None:
         raise InteropError("SAEBench is not installed here; pip install sae-bench (see interop.md)")
-    selected = saebench_saes(run_dir, model_name, levels)
+    selected = saebench_saes(run_dir, model_name, levels, trust_remote_code)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(llm_dtype, torch.float32)
     selected = [(name, sae.to(device=device, dtype=dtype)) for name, sae in selected]
     name = selected[0][1].cfg.model_name

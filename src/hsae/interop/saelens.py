@@ -1,4 +1,10 @@
-"""SAELens bridge: export HSAE levels as SAELens JumpReLU SAE folders, import such folders back.
+"""SAELens bridge: export HSAE levels as SAELens SAE folders, import JumpReLU folders back.
+
+Each level is exported as the SAELens architecture its kind names
+(``Level.saelens_architecture``): "jumprelu" levels as "jumprelu" SAEs, "topk" levels as
+"topk" SAEs with their ``k``, "batchtopk" levels as "jumprelu" SAEs whose threshold is the
+learned inference threshold (what SAELens itself saves a BatchTopK SAE as). Import reads
+JumpReLU SAEs only.
 
 This module owns the SAELens on-disk format (``cfg.json`` + ``sae_weights.safetensors``, the
 SAELens 6 layout that ``sae_lens.SAE.load_from_disk`` reads), the forest sidecar written beside
@@ -30,11 +36,19 @@ from torch import Tensor
 
 from hsae.config import HSAEConfig
 from hsae.errors import HSAEError
-from hsae.io import read_json, write_json, write_safetensors
+from hsae.io import (
+    check_output_path,
+    read_json,
+    staging_folder,
+    swap_in,
+    write_json,
+    write_safetensors,
+)
+from hsae.layout import ACTIVATIONS_DIR, ARCHIVE_RECORD, CACHE_MANIFEST, MODEL_NAMES, RUN_FILE
 from hsae.model import HSAE, load_hsae
 from hsae.model import forest as forest_ops
 from hsae.model.hsae import CONFIG_FILE
-from hsae.model.level import JumpReLULevel
+from hsae.model.levels import JumpReLULevel
 
 SAE_CFG_FILE = "cfg.json"
 SAE_WEIGHTS_FILE = "sae_weights.safetensors"
@@ -43,8 +57,9 @@ FOREST_FORMAT = "hsae-forest"
 FOREST_FORMAT_VERSION = 1
 SAELENS_FORMAT_VERSION = "6.0.0"
 """The SAELens version whose format the exported ``cfg.json`` follows (6.x: fields + metadata)."""
+MAX_CFG_BYTES = 1 << 20
+"""A SAELens ``cfg.json`` is a few kB; a larger one is refused unread."""
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
-WHICH = ("hsae", "baseline")
 MIN_THRESHOLD = torch.finfo(torch.float32).tiny
 """Thresholds <= 0 become this: with the ReLU SAELens applies, both give relu(pre)."""
 
@@ -100,13 +115,13 @@ class SAELensWeights:
 def run_provenance(run_dir: str | Path, model_name: str | None = None) -> Provenance:
     """Provenance of a run folder (or an extracted run archive); ``model_name`` overrides."""
     folder = Path(run_dir)
-    manifest_path = folder / "activations" / "manifest.json"
-    archive_path = folder / "archive.json"
+    manifest_path = folder / ACTIVATIONS_DIR / CACHE_MANIFEST
+    archive_path = folder / ARCHIVE_RECORD
     if manifest_path.is_file():
         values = _from_manifest(_read_json_object(manifest_path))
     elif archive_path.is_file():
         values = dict(_read_json_object(archive_path).get("provenance") or {})
-    elif (folder / "run.json").is_file():
+    elif (folder / RUN_FILE).is_file():
         values = _from_run_config(_read_json_object(folder / "run.json").get("config") or {})
     else:
         raise InteropError(f"{folder} is not a run folder (no run.json, manifest or archive.json)")
@@ -157,20 +172,38 @@ def _dataset_path(spec: str | None, kind: str | None) -> str:
 
 
 def export_saelens(
-    run_dir: str | Path, out: str | Path, model_name: str | None = None
+    run_dir: str | Path,
+    out: str | Path,
+    model_name: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, list[Path]]:
-    """Write every level of the run's HSAE (and baseline) as a SAELens JumpReLU SAE folder.
+    """Write every level of the run's HSAE (and baseline) as a SAELens SAE folder.
 
     Layout: ``OUT/{hsae,baseline}/level_{l}/{cfg.json,sae_weights.safetensors}`` and
     ``OUT/{hsae,baseline}/forest.json``. Returns the level folders written, per model.
+
+    An existing non-empty ``OUT`` is refused unless ``overwrite`` (which replaces
+    ``OUT/hsae`` and ``OUT/baseline`` and leaves anything else there alone); a run folder's
+    own files are never written over. The export is built in a hidden staging folder and
+    renamed into place when complete, so a killed export leaves no partial ``OUT``.
     """
     folder = Path(run_dir)
     models = trained_models(folder)
     provenance = run_provenance(folder, model_name)
-    written = {}
+    root = check_output_path(out, overwrite=overwrite, folder=True, runs=[folder])
     for which in models:
-        model = load_hsae(folder / which)
-        written[which] = export_model_saelens(model, Path(out) / which, provenance, which)
+        check_output_path(root / which, overwrite=True, folder=True, runs=[folder])
+    loaded = {which: load_hsae(folder / which) for which in models}
+    written = {}
+    with staging_folder(root) as stage:
+        for which, model in loaded.items():
+            levels = export_model_saelens(model, stage / which, provenance, which)
+            written[which] = [root / which / level.name for level in levels]
+        if not root.exists():
+            swap_in(stage, root)
+        else:
+            for which in loaded:
+                swap_in(stage / which, root / which)
     return written
 
 
@@ -179,7 +212,7 @@ def trained_models(run_dir: str | Path) -> list[str]:
     folder = Path(run_dir)
     if not folder.is_dir():
         raise InteropError(f"{folder} does not exist or is not a folder")
-    models = [which for which in WHICH if (folder / which / CONFIG_FILE).is_file()]
+    models = [which for which in MODEL_NAMES if (folder / which / CONFIG_FILE).is_file()]
     if not models:
         raise InteropError(f"{folder} holds no trained model (no hsae/{CONFIG_FILE})")
     return models
@@ -202,24 +235,28 @@ def export_model_saelens(
 
 
 def saelens_tensors(model: HSAE, level: int) -> dict[str, Tensor]:
-    """The level's weights folded into raw units (see the module docstring)."""
+    """The level's weights (``Level.export_tensors``) folded into raw units (module docstring):
+    W_enc times c, W_dec and b_dec divided by c, the others (b_enc, threshold) unchanged."""
     c = model.activation_scale.detach().float().cpu()
-    part = model.levels[level]
-    return {
-        "W_enc": (part.W_enc.detach().float().cpu() * c).contiguous(),
-        "b_enc": part.b_enc.detach().float().cpu().clone(),
-        "W_dec": (part.W_dec.detach().float().cpu() / c).contiguous(),
-        "b_dec": part.b_dec.detach().float().cpu() / c,
-        "threshold": part.threshold.detach().float().cpu(),
-    }
+    tensors = {}
+    for name, tensor in model.levels[level].export_tensors().items():
+        value = tensor.detach().float().cpu()
+        if name == "W_enc":
+            value = value * c
+        elif name in ("W_dec", "b_dec"):
+            value = value / c
+        tensors[name] = value.contiguous().clone()
+    return tensors
 
 
 def saelens_cfg(model: HSAE, level: int, provenance: Provenance, which: str) -> dict[str, Any]:
     """A SAELens 6 ``cfg.json`` for one level, with HSAE details under ``metadata.hsae``."""
     from hsae import __version__
 
+    part = model.levels[level]
     return {
-        "architecture": "jumprelu",
+        "architecture": part.saelens_architecture,
+        **part.saelens_fields(),
         "d_in": model.config.d_in,
         "d_sae": model.config.level_sizes[level],
         "dtype": "float32",
@@ -242,6 +279,7 @@ def saelens_cfg(model: HSAE, level: int, provenance: Provenance, which: str) -> 
                 "hsae_version": __version__,
                 "model": which,
                 "mode": model.config.mode,
+                "level_kind": model.config.level,
                 "level": level,
                 "level_sizes": list(model.config.level_sizes),
                 "activation_scale": model.scale,
@@ -287,7 +325,7 @@ def _read_cfg(root: Path) -> dict[str, Any]:
     path = root / SAE_CFG_FILE
     if not path.is_file():
         raise InteropError(f"{root} is not a SAELens SAE folder: missing {SAE_CFG_FILE}")
-    cfg = _read_json_object(path)
+    cfg = _read_json_object(path, MAX_CFG_BYTES)
     architecture = cfg.get("architecture", "standard")
     if architecture != "jumprelu":
         raise InteropError(
@@ -389,7 +427,8 @@ def forest_from_saelens(
         )
     saes = [read_saelens(folder) for folder in folders]
     model = _assemble(saes, activation_scale, fold_decoder_norms, similarity=similarity, **config)
-    cfg = model.config
+    cfg = model.training_config
+    assert cfg is not None  # _assemble records the settings it was given
     links = forest_ops.rebuild_forest(
         list(model.levels),
         cfg.similarity,
@@ -441,6 +480,7 @@ def _assemble(
         d_in=saes[0].d_in, level_sizes=sizes, activation_scale=activation_scale, **settings
     )
     model = HSAE(config)
+    model.training_config = config  # the settings for building its forest or training on
     with torch.no_grad():
         for index, sae in enumerate(saes):
             imported = level_from_saelens(sae, activation_scale, fold)
@@ -449,11 +489,37 @@ def _assemble(
     return model
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
+def save_model_folder(model: HSAE, out: str | Path, overwrite: bool = False) -> Path:
+    """``model.save(out)`` for a new folder: refuse a folder already holding a model (unless
+    ``overwrite``), a non-empty one, a file, or a run folder's own model folder; a new folder
+    is built beside ``out`` and renamed into place once complete."""
+    target = check_model_out(out, overwrite)
+    if target.exists():
+        return model.save(target)  # overwrite: each file atomic, the checksummed config last
+    with staging_folder(target) as stage:
+        model.save(stage)
+        swap_in(stage, target)
+    return target
+
+
+def check_model_out(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse ``out`` as a model folder to write (see :func:`save_model_folder`)."""
+    target = Path(out)
+    if (target / CONFIG_FILE).exists() and not overwrite:
+        raise InteropError(
+            f"{target} already holds a saved model; choose another --out or pass --overwrite"
+        )
+    return check_output_path(target, overwrite=overwrite, folder=True)
+
+
+def _read_json_object(path: Path, max_bytes: int | None = None) -> dict[str, Any]:
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise InteropError(f"{path} is larger than {max_bytes} bytes; refusing to read it")
     try:
         payload = read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InteropError(f"{path} is not valid JSON: {error}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise InteropError(f"{path} is not valid JSON: {reason}") from None
     if not isinstance(payload, dict):
         raise InteropError(f"{path} must hold a JSON object")
     return payload

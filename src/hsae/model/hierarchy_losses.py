@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hsae.model.level import JumpReLULevel, LevelCodes
+from hsae.model.level import Level, LevelCodes
 
 
 def has_children(parent_index: Tensor, n_parents: int) -> Tensor:
@@ -125,9 +125,9 @@ def sample_perturbation(
 
 
 def perturbed_reconstruction(
-    level: JumpReLULevel,
+    level: Level,
     codes: LevelCodes,
-    child_level: JumpReLULevel,
+    child_level: Level,
     child_codes: LevelCodes,
     parent_index: Tensor,
     substituted: Tensor,

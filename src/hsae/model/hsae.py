@@ -1,7 +1,9 @@
-"""The HSAE: L JumpReLU levels, the forest linking them, the training loss, save and load.
+"""The HSAE: L levels, the forest linking them, the training loss, save and load.
 
+The levels are of one kind (``HSAEConfig.level``, built through ``hsae.model.levels.LEVEL_KINDS``).
 The training objective (``hsae-method.md`` section 2) is assembled in :meth:`HSAE.training_loss`:
-sum over levels of reconstruction error + lambda_l * L0_l, plus rho times the parent-children
+sum over levels of reconstruction error + lambda_l * L0_l (only for kinds trained with a sparsity
+penalty, e.g. JumpReLU; TopK kinds fix their L0 themselves), plus rho times the parent-children
 constraint, plus the auxiliary loss that revives dead features. ``mode="independent"`` (the
 baseline) drops the constraint and the perturbation, so the levels train independently.
 """
@@ -9,22 +11,50 @@ baseline) drops the constraint and the perturbation, so the levels train indepen
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, overload
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from hsae.config import HSAEConfig
-from hsae.io import write_json, write_safetensors
+from hsae.config import ArchitectureConfig, HSAEConfig
+from hsae.errors import HSAEError
+from hsae.io import sha256_file, write_json, write_safetensors
 from hsae.model import forest as forest_ops
+from hsae.model import navigation
 from hsae.model.hierarchy_losses import parent_children_constraint, perturbed_reconstruction
-from hsae.model.level import JumpReLULevel, LevelCodes
+from hsae.model.level import Level, LevelCodes
+from hsae.model.levels import LEVEL_KINDS
 
 WEIGHTS_FILE = "hsae.safetensors"
 CONFIG_FILE = "hsae_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MAX_CONFIG_BYTES = 1 << 20
+"""A saved model's config file is a few kB; anything above this is refused unread."""
+
+
+class ModelFileError(HSAEError, ValueError):
+    """A saved model folder is missing a file, or a file is corrupt; the message names it."""
+
+
+class ModelNotFoundError(ModelFileError, FileNotFoundError):
+    """No saved model where one was expected."""
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The weights of the loss's terms, all in one place (the trainer owns their values)."""
+
+    sparsity: Tensor
+    """[L] lambda_l of each level's L0 penalty (the sparsity controller's current values)."""
+    rho: float = 0.0
+    """Weight of the parent-children constraint (used when the model is an HSAE)."""
+    aux: float = 0.0
+    """Weight of the dead-feature auxiliary loss."""
 
 
 @dataclass
@@ -49,12 +79,23 @@ class TrainingLoss:
 class HSAE(nn.Module):
     """Hierarchical sparse autoencoder: levels of growing size and a forest between them."""
 
-    def __init__(self, config: HSAEConfig):
+    def __init__(self, config: ArchitectureConfig, seed: int | None = None):
+        """Levels of ``config`` with random decoder directions drawn with ``seed``.
+
+        ``config`` may be a full :class:`HSAEConfig`: the model keeps only its architecture,
+        and its ``seed`` is used when ``seed`` is None.
+        """
         super().__init__()
+        if isinstance(config, HSAEConfig):
+            seed = config.seed if seed is None else seed
+            config = config.architecture()
         self.config = config
-        generator = torch.Generator().manual_seed(config.seed)
-        self.levels = nn.ModuleList(
-            JumpReLULevel(config.d_in, size, generator) for size in config.level_sizes
+        self.training_config: HSAEConfig | None = None
+        """How the model was trained, when known (set by the trainer, saved with the model)."""
+        generator = torch.Generator().manual_seed(0 if seed is None else seed)
+        kind = LEVEL_KINDS[config.level]
+        self.levels: nn.ModuleList = nn.ModuleList(
+            kind(config.d_in, size, generator, config.target_l0) for size in config.level_sizes
         )
         for level, links in enumerate(forest_ops.empty_forest(config.level_sizes)):
             self.register_buffer(f"parents_{level}", links)
@@ -111,17 +152,57 @@ class HSAE(nn.Module):
     def reconstruct(self, x: Tensor) -> list[Tensor]:
         return [self.decode(codes, level) for level, codes in enumerate(self.encode(x))]
 
+    # --- walking the forest (hsae.model.navigation) ----------------------------------------
+    @overload
+    def children(self) -> Iterator[nn.Module]: ...
+
+    @overload
+    def children(self, level: int, index: int) -> Tensor: ...
+
+    def children(self, level: int | None = None, index: int | None = None) -> Any:
+        """Indices in ``level + 1`` of the children of feature ``index`` of ``level`` (a
+        LongTensor). Without arguments, ``nn.Module.children()``: the submodules, as PyTorch
+        itself calls it."""
+        if level is None and index is None:
+            return super().children()
+        if level is None or index is None:
+            raise navigation.NavigationError("children(level, index) needs both arguments")
+        return navigation.children(self.forest(), self.config.level_sizes, level, index)
+
+    def ancestors(self, level: int, index: int) -> list[tuple[int, int]]:
+        """(level, index) of the feature's parent, grandparent, ... up to its root."""
+        return navigation.ancestors(self.forest(), self.config.level_sizes, level, index)
+
+    def subtree(self, level: int, index: int) -> list[tuple[int, int]]:
+        """(level, index) of the feature and all its descendants, breadth first."""
+        return navigation.subtree(self.forest(), self.config.level_sizes, level, index)
+
+    def roots(self) -> list[tuple[int, int]]:
+        """(level, index) of every tree's root: level 0 and the unassigned deeper features."""
+        return navigation.roots(self.forest(), self.config.level_sizes)
+
+    def nodes(self) -> Iterator[tuple[int, int]]:
+        """Every (level, index) once, tree by tree, each tree depth first."""
+        return navigation.walk(self.forest(), self.config.level_sizes)
+
+    def forest_table(
+        self, frequencies: Sequence[Any] | None = None, labels: Mapping[Any, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """One dict per feature (level, feature, parent, n_children, frequency, label):
+        ``pandas.DataFrame(model.forest_table())``; see :func:`navigation.forest_table`."""
+        return navigation.forest_table(self.forest(), self.config.level_sizes, frequencies, labels)
+
     # --- training -------------------------------------------------------------------------
     def training_loss(
         self,
         x: Tensor,
-        sparsity_weights: Tensor,
+        weights: LossWeights,
         substituted: list[Tensor] | None = None,
         dead: list[Tensor] | None = None,
         keep_active: bool = False,
         exact_metrics: bool = True,
     ) -> TrainingLoss:
-        """Loss on a batch ``x`` already in scaled units.
+        """Loss on a batch ``x`` already in scaled units, weighted by ``weights``.
 
         ``substituted[l]`` flags the level-l parents replaced by their children this step
         (None: no perturbation); ``dead[l]`` flags level-l features the auxiliary loss revives.
@@ -152,27 +233,30 @@ class HSAE(nn.Module):
             else:
                 recon = self._plain_reconstruction(index, codes, fused)
             sq_error = (recon - x).pow(2).sum(-1)
-            l0 = level.l0(codes[index], cfg.bandwidth)
-            total = total + sq_error.mean() + sparsity_weights[index] * l0
+            if level.uses_sparsity_controller:
+                penalty = level.sparsity_loss(codes[index], cfg.bandwidth)
+                total = total + sq_error.mean() + weights.sparsity[index] * penalty
+            else:
+                total = total + sq_error.mean()
             if perturbed and exact_metrics:
                 with torch.no_grad():
                     own_error = (self._plain_reconstruction(index, codes, fused) - x).pow(2).sum(-1)
             else:
                 own_error = sq_error.detach()
             mses.append(own_error.mean())
-            l0s.append(l0.detach())
+            l0s.append(level.l0(codes[index]))
             explained.append(per_token_variance_explained(own_error, energy).mean())
-            active = codes[index].pre > level.threshold.detach()
+            active = level.active(codes[index])
             fired.append(active.any(0))
             if keep_active:
                 active_masks.append(active)
-            if dead is not None and cfg.aux_coefficient > 0 and bool(dead[index].any()):
+            if dead is not None and weights.aux > 0 and bool(dead[index].any()):
                 aux = self._dead_feature_loss(level, x, (x - recon).detach(), dead[index])
-                total = total + cfg.aux_coefficient * aux
+                total = total + weights.aux * aux
                 aux_total = aux_total + aux.detach()
-        if cfg.uses_hierarchy_losses and cfg.rho > 0:
+        if cfg.uses_hierarchy_losses and weights.rho > 0:
             constraint = self._constraint(codes)
-            total = total + cfg.rho * constraint
+            total = total + weights.rho * constraint
         return TrainingLoss(
             total=total,
             mse=torch.stack(mses),
@@ -206,9 +290,7 @@ class HSAE(nn.Module):
             )
         return total
 
-    def _dead_feature_loss(
-        self, level: JumpReLULevel, x: Tensor, residual: Tensor, dead: Tensor
-    ) -> Tensor:
+    def _dead_feature_loss(self, level: Level, x: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
         """AuxK-style revival: the top dead latents (by ReLU pre-activation) fit the residual."""
         dead_index = dead.nonzero(as_tuple=True)[0]
         k = min(max(1, self.config.d_in // 2), dead_index.numel())
@@ -227,36 +309,121 @@ class HSAE(nn.Module):
 
     # --- persistence ---------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write ``hsae.safetensors`` (weights, forest, scale) and ``hsae_config.json``."""
+        """Write ``hsae.safetensors`` (weights, forest, scale) and ``hsae_config.json``.
+
+        The config is written last and records the weights' sha256, so :func:`load_hsae`
+        detects a corrupt file, or weights and config from two different saves.
+        """
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name: tensor for name, tensor in self.state_dict().items()}
-        metadata = {"format": "hsae", "format_version": str(FORMAT_VERSION)}
-        write_safetensors(folder / WEIGHTS_FILE, tensors, metadata)
+        # No safetensors metadata: its order varies between processes, and the same model must
+        # give the same bytes (and sha256) wherever it is saved. The format is in the config.
+        write_safetensors(folder / WEIGHTS_FILE, tensors)
         write_json(
             folder / CONFIG_FILE,
-            {"format_version": FORMAT_VERSION, "config": self.config.model_dump()},
+            {
+                "format_version": FORMAT_VERSION,
+                "config": self.config.model_dump(),
+                "training": (
+                    None if self.training_config is None else self.training_config.model_dump()
+                ),
+                "sha256": {WEIGHTS_FILE: sha256_file(folder / WEIGHTS_FILE)},
+            },
         )
         return folder
 
 
 def load_hsae(path: str | Path, device: str | torch.device = "cpu") -> HSAE:
-    """Load a model written by :meth:`HSAE.save` (exact round trip)."""
+    """Load a model written by :meth:`HSAE.save` (exact round trip).
+
+    Raises :class:`ModelFileError` naming the file when a file is missing, unreadable, corrupt
+    (sha256 mismatch) or inconsistent. Folders saved before checksums were recorded load
+    without the check.
+    """
     folder = Path(path)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for required in (config_path, weights_path):
         if not required.is_file():
-            raise FileNotFoundError(f"no saved HSAE at {folder}: missing {required.name}")
-    payload = json.loads(config_path.read_text(encoding="utf-8"))
-    config = HSAEConfig(**payload["config"])
+            raise ModelNotFoundError(f"no saved HSAE at {folder}: missing {required.name}")
+    payload = _read_config_file(config_path)
+    try:
+        config = ArchitectureConfig(**_architecture_values(payload["config"]))
+        training = read_training_config(payload)
+    except (KeyError, TypeError, HSAEError) as error:
+        raise ModelFileError(f"{config_path}: not a valid saved HSAE config: {error}") from None
+    expected = payload.get("sha256", {}).get(WEIGHTS_FILE)
+    if expected is not None and sha256_file(weights_path) != expected:
+        raise ModelFileError(
+            f"{weights_path} is corrupt or was replaced (sha256 differs from the one recorded "
+            f"in {CONFIG_FILE}); save the model again or restore the file"
+        )
     model = HSAE(config)
-    state = load_file(str(weights_path), device=str(device))
+    model.training_config = training
+    try:
+        state = load_file(str(weights_path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise ModelFileError(
+            f"{weights_path} is not a readable safetensors file: {error}"
+        ) from None
     missing = set(model.state_dict()) - set(state)
     if missing:
-        raise ValueError(f"{weights_path} lacks tensors: {sorted(missing)}")
-    model.load_state_dict(state)
-    forest_ops.validate_forest(model.forest(), config.level_sizes)
+        raise ModelFileError(f"{weights_path} lacks tensors: {sorted(missing)}")
+    try:
+        model.load_state_dict(state)
+        forest_ops.validate_forest(model.forest(), config.level_sizes)
+    except (RuntimeError, ValueError) as error:
+        message = str(error).replace("\n", " ").strip()
+        raise ModelFileError(f"{weights_path} does not match {CONFIG_FILE}: {message}") from None
     return model.to(device)
+
+
+def _architecture_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The architecture's fields of a saved config (format 1 saved every training setting)."""
+    return {k: v for k, v in values.items() if k in ArchitectureConfig.model_fields}
+
+
+def read_training_config(payload: dict[str, Any]) -> HSAEConfig | None:
+    """How a saved model was trained, from its parsed ``hsae_config.json`` (None: unknown).
+    Format 1 files kept every setting under ``config``; format 2 keeps them under
+    ``training`` beside the architecture."""
+    if payload.get("format_version", 1) == 1:
+        return HSAEConfig(**payload["config"])
+    training = payload.get("training")
+    return None if training is None else HSAEConfig(**training)
+
+
+def saved_training_config(folder: str | Path) -> HSAEConfig | None:
+    """:func:`read_training_config` of the model saved in ``folder``."""
+    return read_training_config(_read_config_file(Path(folder) / CONFIG_FILE))
+
+
+def saved_activation_scale(folder: str | Path) -> float:
+    """The activation scale c of the model saved in ``folder``, read without loading it."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as weights:
+        return float(weights.get_tensor("activation_scale"))
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ModelFileError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes; not a model config")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ModelFileError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
+        raise ModelFileError(f"{path} is not a saved HSAE config (no 'config' object)")
+    version = payload.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: format_version {version!r} is not one this hsae reads ({FORMAT_VERSION})"
+        )
+    checksums = payload.get("sha256", {})
+    if not isinstance(checksums, dict):
+        raise ModelFileError(f"{path}: 'sha256' must be an object of file checksums")
+    return payload
 
 
 def centred_energy(x: Tensor) -> Tensor:

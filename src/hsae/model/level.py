@@ -1,27 +1,25 @@
-"""One JumpReLU SAE level: its parameters, encoder, decoder and initialisation.
+"""One SAE level: the interface every level kind implements, and the maths they share.
 
-Feature i of a level has activation a_i(x) = JumpReLU_theta_i((x - b_dec) W_enc[:, i] + b_enc[i])
-and output vector f_i(x) = a_i(x) d_i, where d_i = W_dec[i] is kept at unit norm
-(``hsae-method.md`` section 1). Inputs here are already in the scaled units (mean norm
-sqrt(d_in)); :class:`hsae.model.hsae.HSAE` applies the activation scale.
+Feature i of a level has pre-activation pre_i(x) = (x - b_dec) W_enc[:, i] + b_enc[i], an
+activation a_i(x) >= 0 that the kind computes from the pre-activations, and output vector
+f_i(x) = a_i(x) d_i, where d_i = W_dec[i] is kept at unit norm (``hsae-method.md`` section 1).
+Inputs here are already in the scaled units (mean norm sqrt(d_in)); :class:`hsae.model.hsae.HSAE`
+applies the activation scale.
+
+The kinds live in :mod:`hsae.model.levels` (one file each) and are registered by name in
+``LEVEL_KINDS``; docs/extending.md says how to add one, docs/method.md what each computes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from hsae.model import kernels
-from hsae.model.kernels import (
-    JumpReLU,
-    L0WithSTE,
-    decode_support,
-    gather_entries,
-    jumprelu_encode,
-    support_of,
-)
+from hsae.model.kernels import decode_support
 
 
 @dataclass
@@ -33,17 +31,39 @@ class LevelCodes:
     pre: Tensor
     """[batch, n] pre-activations, no gradient."""
     rows: Tensor
-    """Token index of each support entry (active or inside the threshold band)."""
+    """Token index of each support entry (the entries that carry gradient), sorted."""
     cols: Tensor
     """Latent index of each support entry."""
     values: Tensor
     """acts[rows, cols], differentiable."""
 
 
-class JumpReLULevel(nn.Module):
-    """A JumpReLU sparse autoencoder with a learnable per-feature threshold."""
+class Level(nn.Module):
+    """Base class of a level kind: shared parameters and maths, and the kind's interface.
 
-    def __init__(self, d_in: int, n_features: int, generator: torch.Generator | None = None):
+    A kind sets ``kind`` (its registry name), ``uses_sparsity_controller`` and
+    ``saelens_architecture``, and implements :meth:`encode`, :meth:`encode_for_training`,
+    :meth:`active` and :meth:`initialise_from_data`; kinds trained with a sparsity penalty
+    also implement :meth:`sparsity_loss`, kinds with extra export tensors
+    :meth:`export_tensors`. No method may form a [batch, features, d] tensor or loop over
+    tokens or features in Python.
+    """
+
+    kind: ClassVar[str] = ""
+    """The name this kind is registered under in ``LEVEL_KINDS`` (``HSAEConfig.level``)."""
+    uses_sparsity_controller: ClassVar[bool] = True
+    """True when lambda * :meth:`sparsity_loss` is trained and the trainer's sparsity
+    controller steers lambda to the target L0; False when the kind fixes its L0 itself."""
+    saelens_architecture: ClassVar[str] = ""
+    """The SAELens ``architecture`` the level is exported as (docs/interop.md)."""
+
+    def __init__(
+        self,
+        d_in: int,
+        n_features: int,
+        generator: torch.Generator | None = None,
+        target_l0: float | None = None,
+    ):
         super().__init__()
         self.d_in = d_in
         self.n_features = n_features
@@ -53,46 +73,20 @@ class JumpReLULevel(nn.Module):
         self.W_enc = nn.Parameter(decoder.t().clone())
         self.b_enc = nn.Parameter(torch.zeros(n_features))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-        self.log_threshold = nn.Parameter(torch.full((n_features,), -1.0))
 
-    @property
-    def threshold(self) -> Tensor:
-        return self.log_threshold.exp()
-
-    # --- plain (reference) maths --------------------------------------------------------
+    # --- shared maths -----------------------------------------------------------------------
     def pre_activations(self, x: Tensor) -> Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
-    def encode(self, x: Tensor, bandwidth: float = 1e-3) -> Tensor:
-        """[batch, n] activations with the straight-through estimator on the threshold."""
-        return JumpReLU.apply(self.pre_activations(x), self.threshold, bandwidth)
-
     def decode(self, acts: Tensor) -> Tensor:
         return acts @ self.W_dec + self.b_dec
-
-    # --- training forward -----------------------------------------------------------------
-    def encode_for_training(self, x: Tensor, bandwidth: float, fused: bool) -> LevelCodes:
-        threshold = self.threshold
-        if fused:
-            acts, pre = jumprelu_encode(x, self.W_enc, self.b_enc, self.b_dec, threshold, bandwidth)
-        else:
-            pre_with_grad = self.pre_activations(x)
-            acts = JumpReLU.apply(pre_with_grad, threshold, bandwidth)
-            pre = pre_with_grad.detach()
-        rows, cols = support_of(pre, threshold.detach(), bandwidth)
-        values = gather_entries(acts, rows, cols)
-        return LevelCodes(acts=acts, pre=pre, rows=rows, cols=cols, values=values)
-
-    def l0(self, codes: LevelCodes, bandwidth: float) -> Tensor:
-        """Batch-mean L0 whose straight-through gradient trains the thresholds."""
-        return L0WithSTE.apply(codes.pre, self.threshold, bandwidth)
 
     def decode_columns(self, codes: LevelCodes, columns: Tensor | None, fused: bool) -> Tensor:
         """Decoder output (without b_dec) of the features flagged in ``columns`` (None: all).
 
         The fast path decodes only support entries when they are few, and falls back to one
         dense product when the code is dense enough for that to be cheaper. Both give every
-        support entry (active or in the threshold band) its gradient.
+        support entry its gradient.
         """
         n_tokens = codes.acts.shape[0]
         selected = None if columns is None else columns[codes.cols]
@@ -107,16 +101,58 @@ class JumpReLULevel(nn.Module):
         rows, cols = codes.rows[entries], codes.cols[entries]
         return decode_support(values, rows, cols, self.W_dec, n_tokens)
 
-    # --- initialisation and constraints ------------------------------------------------------
-    @torch.no_grad()
-    def initialise_from_data(self, x: Tensor, target_l0: float) -> None:
-        """b_dec at the data mean; thresholds so each feature starts firing ~2x target_l0/n."""
-        self.b_dec.copy_(x.mean(0))
-        pre = self.pre_activations(x)
-        firing_rate = min(0.5, 2.0 * target_l0 / self.n_features)
-        quantiles = torch.quantile(pre.float(), 1.0 - firing_rate, dim=0)
-        self.log_threshold.copy_(quantiles.clamp(min=1e-3).log())
-
     @torch.no_grad()
     def normalise_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8))
+
+    # --- what each kind implements ------------------------------------------------------------
+    def encode(self, x: Tensor, bandwidth: float = 1e-3) -> Tensor:
+        """[batch, n] inference activations (>= 0; a feature fires where it is > 0).
+        ``bandwidth`` matters only to kinds whose encoder has a straight-through estimator."""
+        raise NotImplementedError
+
+    def encode_for_training(self, x: Tensor, bandwidth: float, fused: bool) -> LevelCodes:
+        """The training forward: activations, pre-activations and the support (the entries
+        that carry gradient, rows sorted). ``fused`` allows the kind's fast kernels."""
+        raise NotImplementedError
+
+    def sparsity_loss(self, codes: LevelCodes, bandwidth: float) -> Tensor:
+        """The term lambda multiplies in the loss (zero for kinds that fix their L0)."""
+        return codes.acts.new_zeros(())
+
+    def active(self, codes: LevelCodes) -> Tensor:
+        """[batch, n] booleans: which features fire in this training forward."""
+        raise NotImplementedError
+
+    def l0(self, codes: LevelCodes) -> Tensor:
+        """Measured batch-mean L0 of a training forward (no gradient; logs and controller)."""
+        return self.active(codes).sum().to(codes.pre.dtype) / codes.pre.shape[0]
+
+    def threshold_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained at ``lr * threshold_lr_multiplier`` (none by default)."""
+        return []
+
+    @torch.no_grad()
+    def initialise_from_data(self, x: Tensor, target_l0: float) -> None:
+        """Data-dependent start from a sample ``x`` (scaled units): b_dec at the data mean;
+        kinds add their own (e.g. thresholds)."""
+        self.b_dec.copy_(x.mean(0))
+
+    def export_tensors(self) -> dict[str, Tensor]:
+        """The level's weights in scaled units under SAELens's names (W_enc, b_enc, W_dec,
+        b_dec and the kind's own, e.g. threshold); the exporter folds the scale in."""
+        return {
+            "W_enc": self.W_enc.detach(),
+            "b_enc": self.b_enc.detach(),
+            "W_dec": self.W_dec.detach(),
+            "b_dec": self.b_dec.detach(),
+        }
+
+    def saelens_fields(self) -> dict[str, Any]:
+        """Architecture-specific fields of the exported SAELens ``cfg.json`` (e.g. ``k``)."""
+        return {}
+
+
+def entries_of(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, cols) of the True entries of a [batch, n] mask, rows sorted."""
+    return mask.nonzero(as_tuple=True)

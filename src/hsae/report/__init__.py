@@ -9,10 +9,10 @@
 | ``build.py`` | :func:`build_report`, tying the above together |
 """
 
+from hsae.labels import LabelsError, load_labels, save_labels
 from hsae.report.build import ReportResult, build_report
 from hsae.report.explorer import ReportError, ReportSettings, build_report_data
 from hsae.report.html import render_html
-from hsae.report.labels import LabelsError, load_labels, save_labels
 
 __all__ = [
     "LabelsError",

@@ -7,13 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hsae.io import write_text
+from hsae.io import check_output_path, write_text
+from hsae.layout import RunLayout, RunView
 from hsae.report.explorer import ReportSettings, build_report_data
 from hsae.report.html import render_html
 from hsae.report.plots import write_plots
-
-REPORT_FILE = "report.html"
-PLOTS_DIR = "plots"
 
 
 @dataclass(frozen=True)
@@ -28,22 +26,30 @@ class ReportResult:
 
 
 def build_report(
-    run_dir: str | Path,
+    run: RunView,
     settings: ReportSettings | None = None,
     out: str | Path | None = None,
     plots: bool = True,
     tokenizer: Any = None,
+    overwrite: bool = False,
 ) -> ReportResult:
-    """Write the explorer page (default RUN/report.html) and, unless ``plots=False``, the PNGs."""
-    from hsae.runs import Run
+    """Write the explorer page of ``run`` (e.g. ``hsae.runs.Run.open(folder)``; default
+    RUN/report.html) and, unless ``plots=False``, the PNGs.
 
+    The default page and the plots are the report's own files and are replaced on every call;
+    an existing ``out`` elsewhere is refused unless ``overwrite``, and a run folder's own files
+    (run.json, metrics.json, the models, ...) are refused always. Checked before any work.
+    """
     started = time.perf_counter()
-    run = Run.open(run_dir)
+    layout = RunLayout(run.folder)
+    default = layout.report
+    target = Path(out) if out is not None else default
+    if target.absolute() != default.absolute():
+        check_output_path(target, overwrite=overwrite, runs=[run.folder])
     data = build_report_data(run, settings or ReportSettings(), tokenizer=tokenizer)
     html = render_html(data)
-    target = Path(out) if out is not None else run.folder / REPORT_FILE
     write_text(target, html)
-    pngs = write_plots(data, run.folder / PLOTS_DIR) if plots else []
+    pngs = write_plots(data, layout.plots) if plots else []
     return ReportResult(
         html=target,
         plots=pngs,

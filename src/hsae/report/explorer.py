@@ -12,7 +12,6 @@ plain JSON-able dict; :mod:`hsae.report.html` renders it and :mod:`hsae.report.p
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,9 +21,20 @@ import torch
 from torch import Tensor
 
 from hsae.errors import HSAEError
+from hsae.evaluation.contexts import (
+    LevelStats,
+    RowSource,
+    ScanSettings,
+    context_windows,
+    feature_key,
+    scan,
+    window_activations,
+)
+from hsae.evaluation.suite import suite_charts
 from hsae.io import read_json
+from hsae.labels import load_labels
+from hsae.layout import MODEL_NAMES, RunLayout, RunView
 from hsae.model import HSAE
-from hsae.report.labels import load_labels
 
 Projection = Literal["auto", "umap", "pca", "none"]
 
@@ -90,153 +100,15 @@ class ReportSettings:
         if self.projection not in ("auto", "umap", "pca", "none"):
             raise ReportError(f"projection must be auto, umap, pca or none, got {self.projection}")
 
-
-# --------------------------------------------------------------------------- reading rows
-
-
-class RowSource:
-    """Raw activation rows of one cache split, read shard by shard (memory-mapped)."""
-
-    def __init__(self, cache: Any, split: str) -> None:
-        self.cache = cache
-        self.shards = cache.shards(split)
-        sizes = [int(shard["n_tokens"]) for shard in self.shards]
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.offsets[-1])
-
-    def chunks(self, limit: int, size: int) -> Iterator[tuple[int, Tensor]]:
-        """(first row, float32 rows) for rows [0, limit) in chunks of at most ``size``."""
-        for index, shard in enumerate(self.shards):
-            start, stop = int(self.offsets[index]), min(int(self.offsets[index + 1]), limit)
-            if start >= stop:
-                break
-            acts = self.cache.open_shard(shard)[0]
-            for lo in range(start, stop, size):
-                hi = min(lo + size, stop)
-                block = np.array(acts[lo - start : hi - start], dtype=np.float32)
-                yield lo, torch.from_numpy(block)
-
-    def gather(self, rows: np.ndarray) -> Tensor:
-        """Rows [len(rows), d] in the given order."""
-        rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((rows.size, self.cache.d_model), dtype=np.float32)
-        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
-        for index in np.unique(shard_of):
-            take = shard_of == index
-            acts = self.cache.open_shard(self.shards[int(index)])[0]
-            local = rows[take] - self.offsets[index]
-            order = np.argsort(local)
-            block = np.asarray(acts[local[order]], dtype=np.float32)
-            out[np.flatnonzero(take)[order]] = block
-        return torch.from_numpy(out)
-
-
-# --------------------------------------------------------------------------- the pass
-
-
-class LevelStats:
-    """Streaming statistics of one level: top-k, weighted samples, firing and token counts."""
-
-    def __init__(self, n_features: int, top_k: int, n_samples: int) -> None:
-        self.top_values = torch.full((top_k, n_features), -torch.inf)
-        self.top_rows = torch.full((top_k, n_features), -1, dtype=torch.long)
-        self.sample_keys = torch.full((n_samples, n_features), -torch.inf)
-        self.sample_rows = torch.full((n_samples, n_features), -1, dtype=torch.long)
-        self.fires = torch.zeros(n_features, dtype=torch.long)
-        self.with_parent = torch.zeros(n_features, dtype=torch.long)
-        self.token_keys = torch.zeros(0, dtype=torch.long)  # feature * vocab + token, unique
-        self.token_counts = torch.zeros(0, dtype=torch.long)
-        self.pending_keys: list[Tensor] = []  # not yet counted (one sort for many chunks)
-
-    def add(
-        self,
-        acts: Tensor,
-        rows: Tensor,
-        tokens: Tensor,
-        vocab: int,
-        generator: torch.Generator,
-        parent_active: Tensor | None,
-        parents: Tensor | None,
-    ) -> None:
-        active = acts > 0
-        self.fires += torch.count_nonzero(active, dim=0)
-        self.top_values, self.top_rows = _merge_topk(self.top_values, self.top_rows, acts, rows)
-        uniform = torch.rand(acts.shape, generator=generator).clamp_(1e-12, 1 - 1e-7)
-        keys = torch.where(active, uniform.log_() / acts.clamp(min=1e-12), -torch.inf)
-        self.sample_keys, self.sample_rows = _merge_topk(
-            self.sample_keys, self.sample_rows, keys, rows
+    def scan_settings(self) -> ScanSettings:
+        """What the scan keeps for the page: top contexts, and samples for contexts and UMAP."""
+        return ScanSettings(
+            max_tokens=self.max_tokens,
+            top_k=self.top_k,
+            n_samples=max(self.n_sampled, self.projection_points),
+            chunk_size=self.chunk_size,
+            seed=self.seed,
         )
-        if parent_active is not None and parents is not None:
-            has_parent = parents >= 0
-            both = active & parent_active[:, parents.clamp(min=0)] & has_parent
-            self.with_parent += torch.count_nonzero(both, dim=0)
-        row, feature = active.nonzero(as_tuple=True)
-        self.pending_keys.append(feature * vocab + tokens[row])
-        if sum(k.numel() for k in self.pending_keys) > 8_000_000:
-            self._count_tokens()
-
-    def _count_tokens(self) -> None:
-        pending = torch.cat(self.pending_keys) if self.pending_keys else self.token_keys[:0]
-        merged = torch.cat([self.token_keys, pending])
-        keys, inverse = torch.unique(merged, return_inverse=True)
-        counts = torch.zeros(keys.numel(), dtype=torch.long)
-        weights = torch.cat([self.token_counts, torch.ones_like(pending)])
-        counts.index_add_(0, inverse, weights)
-        self.token_keys, self.token_counts, self.pending_keys = keys, counts, []
-
-    def top_tokens(self, vocab: int, n: int) -> dict[int, list[tuple[int, int]]]:
-        """Feature -> its ``n`` most frequent (token id, count), most frequent first."""
-        self._count_tokens()
-        keys, counts = self.token_keys, self.token_counts
-        order = torch.argsort(counts, descending=True, stable=True)
-        keys, counts = keys[order], counts[order]
-        features = keys // vocab
-        regroup = torch.argsort(features, stable=True)
-        keys, counts, features = keys[regroup], counts[regroup], features[regroup]
-        starts = torch.searchsorted(features, features, side="left")
-        keep = (torch.arange(features.numel()) - starts) < n
-        result: dict[int, list[tuple[int, int]]] = {}
-        for key, count in zip(keys[keep].tolist(), counts[keep].tolist(), strict=True):
-            result.setdefault(key // vocab, []).append((key % vocab, count))
-        return result
-
-
-def _merge_topk(
-    values: Tensor, rows: Tensor, new_values: Tensor, new_rows: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Keep the ``values.shape[0]`` largest per column of the old and the new entries."""
-    k = values.shape[0]
-    chunk = new_values.topk(min(k, new_values.shape[0]), dim=0)
-    merged = torch.cat([values, chunk.values])
-    merged_rows = torch.cat([rows, new_rows[chunk.indices]])
-    best = merged.topk(k, dim=0)
-    return best.values, merged_rows.gather(0, best.indices)
-
-
-def scan(
-    model: HSAE, source: RowSource, token_ids: np.ndarray, settings: ReportSettings
-) -> tuple[list[LevelStats], int, int]:
-    """Encode the first ``max_tokens`` rows chunk by chunk; return per-level stats, rows, vocab."""
-    limit = min(settings.max_tokens, source.n_rows)
-    vocab = int(token_ids[:limit].max()) + 1 if limit else 1
-    n_samples = max(settings.n_sampled, settings.projection_points)
-    sizes = model.config.level_sizes
-    stats = [LevelStats(size, settings.top_k, n_samples) for size in sizes]
-    generator = torch.Generator().manual_seed(settings.seed)
-    forest = [links.cpu() for links in model.forest()]
-    all_tokens = torch.from_numpy(np.asarray(token_ids, dtype=np.int64))
-    for start, block in source.chunks(limit, settings.chunk_size):
-        rows = torch.arange(start, start + block.shape[0])
-        tokens = all_tokens[start : start + block.shape[0]]
-        codes = [level_acts.cpu() for level_acts in model.encode(block)]
-        for level, acts in enumerate(codes):
-            parent_active = codes[level - 1] > 0 if level > 0 else None
-            parents = forest[level - 1] if level > 0 else None
-            stats[level].add(acts, rows, tokens, vocab, generator, parent_active, parents)
-    return stats, limit, vocab
 
 
 # --------------------------------------------------------------------------- the forest
@@ -313,50 +185,12 @@ def _tree_nodes(
     return nodes, cut
 
 
-# --------------------------------------------------------------------------- contexts
-
-
-def context_windows(
-    rows: np.ndarray, context_ids: np.ndarray, before: int, after: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows [n, before+1+after] around each row and the mask of those in the same context."""
-    offsets = np.arange(-before, after + 1)
-    window = rows[:, None] + offsets[None, :]
-    inside = (window >= 0) & (window < context_ids.size)
-    window = np.clip(window, 0, context_ids.size - 1)
-    same = inside & (context_ids[window] == context_ids[rows][:, None])
-    return window, same
-
-
-def window_activations(
-    model: HSAE,
-    source: RowSource,
-    level: int,
-    rows: np.ndarray,
-    features: np.ndarray,
-    chunk: int,
-) -> np.ndarray:
-    """Activation of ``features[i]`` (of ``level``) on ``rows[i]``, encoding each row once."""
-    unique, inverse = np.unique(rows, return_inverse=True)
-    values = np.zeros(rows.size, dtype=np.float32)
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.searchsorted(inverse[order], np.arange(0, unique.size + chunk, chunk))
-    for part, lo in enumerate(range(0, unique.size, chunk)):
-        pairs = order[bounds[part] : bounds[part + 1]]
-        acts = model.encode_level(source.gather(unique[lo : lo + chunk]), level).cpu()
-        picked = acts[torch.from_numpy(inverse[pairs] - lo), torch.from_numpy(features[pairs])]
-        values[pairs] = picked.numpy()
-    return values
-
-
 # --------------------------------------------------------------------------- assembling
 
 
-def feature_key(level: int, index: int) -> str:
-    return f"{level}:{index}"
-
-
-def build_report_data(run: Any, settings: ReportSettings, tokenizer: Any = None) -> dict[str, Any]:
+def build_report_data(
+    run: RunView, settings: ReportSettings, tokenizer: Any = None
+) -> dict[str, Any]:
     """Everything the page shows, as a JSON-able dict (see docs/report.md for the fields)."""
     started = time.perf_counter()
     if not run.trained(settings.which):
@@ -368,7 +202,7 @@ def build_report_data(run: Any, settings: ReportSettings, tokenizer: Any = None)
     labels, metrics = load_labels(run.folder), _metrics(run.folder)  # refuse bad files early
     source = RowSource(cache, settings.split)
     info = cache.token_info(settings.split)
-    stats, scanned, vocab = scan(model, source, info.token_ids, settings)
+    stats, scanned, vocab = scan(model, source, info.token_ids, settings.scan_settings())
     frequency = [(s.fires.double() / max(scanned, 1)).numpy() for s in stats]
     view = forest_view(model, frequency, settings.max_features, settings.max_children)
     features, contexts, token_ids = _features(model, source, info, stats, view, settings, vocab)
@@ -537,7 +371,7 @@ def _meta(
 
 
 def _metrics(folder: Path) -> dict[str, Any] | None:
-    path = Path(folder) / "metrics.json"
+    path = RunLayout(Path(folder)).metrics
     if not path.is_file():
         return None
     try:
@@ -545,7 +379,7 @@ def _metrics(folder: Path) -> dict[str, Any] | None:
     except ValueError as error:
         raise ReportError(f"{path} is not valid JSON: {error}") from None
     charts: dict[str, Any] = {}
-    for name in ("hsae", "baseline"):
+    for name in MODEL_NAMES:
         entry = metrics.get(name)
         if not isinstance(entry, dict):
             continue
@@ -559,22 +393,8 @@ def _metrics(folder: Path) -> dict[str, Any] | None:
             "variance_explained": [
                 level.get("variance_explained") for level in entry.get("levels", [])
             ],
-        } | _suite_charts(metrics, name)
-    return charts
-
-
-def _suite_charts(metrics: dict[str, Any], name: str) -> dict[str, Any]:
-    """Per-level numbers of the full suite's parts (hsae eval --suite full), where present."""
-    charts: dict[str, Any] = {}
-    absorption = (metrics.get("absorption") or {}).get(name)
-    if absorption:
-        charts["absorption"] = [level.get("score") for level in absorption["levels"]]
-    probing = (metrics.get("sparse_probing") or {}).get(name)
-    if probing:
-        charts["probing_top5"] = [level.get("top_5_accuracy") for level in probing["levels"]]
-    taxonomy = (metrics.get("taxonomy") or {}).get(name)
-    if taxonomy:
-        charts["taxonomy"] = [pair["hypernym"]["precision"] for pair in taxonomy["pairs"]]
+            "suite": suite_charts(metrics, name),
+        }
     return charts
 
 

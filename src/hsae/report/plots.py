@@ -21,13 +21,6 @@ HIERARCHY = (
 )
 
 
-SUITE_CHARTS = (
-    ("absorption", "Absorption: 1 - mean fraction\n(higher is better)"),
-    ("probing_top5", "Sparse probing top-5 accuracy\n(WordNet categories)"),
-    ("taxonomy", "Links agreeing with WordNet hypernymy\n(precision)"),
-)
-
-
 def write_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
     """Write the PNGs the data allows (no metrics: no metric plots); return their paths."""
     import matplotlib
@@ -39,9 +32,8 @@ def write_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
     if metrics and "hsae" in metrics:
         written.append(save_figure(_hierarchy_figure(metrics), out / "hierarchy.png"))
         written.append(save_figure(_levels_figure(metrics), out / "levels.png"))
-        suite = [key for key, _ in SUITE_CHARTS if metrics["hsae"].get(key)]
-        if suite:
-            written.append(save_figure(_suite_figure(metrics, suite), out / "suite.png"))
+        if metrics["hsae"].get("suite"):
+            written.append(save_figure(_suite_figure(metrics), out / "suite.png"))
     projection = data.get("projection")
     if projection and projection.get("points"):
         written.append(save_figure(_projection_figure(projection), out / "projection.png"))
@@ -75,24 +67,35 @@ def _hierarchy_figure(metrics: dict[str, Any]) -> Any:
 
 
 def _levels_figure(metrics: dict[str, Any]) -> Any:
-    charts = [("l0", "L0 per level"), ("variance_explained", "Variance explained per level")]
+    charts = [
+        ("l0", "L0 per level", False),
+        ("variance_explained", "Variance explained per level", False),
+    ]
     return _per_level_figure(metrics, charts)
 
 
-def _suite_figure(metrics: dict[str, Any], keys: list[str]) -> Any:
-    charts = [(key, title) for key, title in SUITE_CHARTS if key in keys]
-    return _per_level_figure(metrics, charts)
+def _suite_figure(metrics: dict[str, Any]) -> Any:
+    """The full suite's charts, as the evaluation registry describes them (hsae's list)."""
+    flat = {
+        name: {chart["key"]: chart["values"] for chart in entry.get("suite", [])}
+        for name, entry in metrics.items()
+    }
+    charts = [
+        (chart["key"], f"{chart['title']}\n({chart['note']})", chart["per_pair"])
+        for chart in metrics["hsae"]["suite"]
+    ]
+    return _per_level_figure(flat, charts)
 
 
-def _per_level_figure(metrics: dict[str, Any], charts: list[tuple[str, str]]) -> Any:
-    """One grouped bar chart per (key, title): a bar per model at every level (every level
-    pair for "taxonomy")."""
+def _per_level_figure(metrics: dict[str, Any], charts: list[tuple[str, str, bool]]) -> Any:
+    """One grouped bar chart per (key, title, per_pair): a bar per model at every level (at
+    every pair of adjacent levels when per_pair)."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     names = list(metrics)
     figure, axes = plt.subplots(1, len(charts), figsize=(4.5 * len(charts), 3.2), squeeze=False)
-    for axis, (key, title) in zip(axes[0], charts, strict=True):
+    for axis, (key, title, per_pair) in zip(axes[0], charts, strict=True):
         levels = np.arange(len(metrics["hsae"][key]))
         width = 0.8 / len(names)
         for k, name in enumerate(names):
@@ -104,7 +107,7 @@ def _per_level_figure(metrics: dict[str, Any], charts: list[tuple[str, str]]) ->
                 label=name,
                 color=COLOURS.get(name),
             )
-        ticks = [f"L{i}-L{i + 1}" if key == "taxonomy" else f"L{i}" for i in levels]
+        ticks = [f"L{i}-L{i + 1}" if per_pair else f"L{i}" for i in levels]
         axis.set_xticks(levels + width * (len(names) - 1) / 2, ticks)
         axis.set_title(title, fontsize=9)
         axis.tick_params(labelsize=8)

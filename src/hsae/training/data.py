@@ -13,6 +13,33 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from hsae.errors import HSAEError
+
+
+class ActivationDataError(HSAEError, ValueError):
+    """Activations given to training have the wrong shape, width or type."""
+
+
+def check_batch(batch: object, width: int | None, what: str = "activation batch") -> Tensor:
+    """``batch`` itself when it is a 2-D floating-point tensor [n, width]; else a one-line
+    :class:`ActivationDataError` saying what was expected."""
+    expected = f"[N, {width}]" if width is not None else "[N, d_in]"
+    if not isinstance(batch, Tensor):
+        raise ActivationDataError(
+            f"{what} is a {type(batch).__name__}; expected a float tensor {expected}"
+        )
+    if batch.ndim != 2 or (width is not None and batch.shape[1] != width):
+        raise ActivationDataError(
+            f"{what} has shape {list(batch.shape)}; expected {expected}"
+            + (" (d_in of the config)" if width is not None else "")
+        )
+    if not batch.is_floating_point():
+        raise ActivationDataError(
+            f"{what} has dtype {str(batch.dtype).removeprefix('torch.')}; expected floating "
+            "point (float32, float16 or bfloat16)"
+        )
+    return batch
+
 
 @runtime_checkable
 class ResumableBatches(Protocol):
@@ -30,13 +57,10 @@ class ResumableBatches(Protocol):
 class TensorBatches:
     """Shuffled batches of rows of ``data`` [N, d], reshuffled every epoch, never ending."""
 
-    def __init__(self, data: Tensor, batch_size: int, seed: int = 0):
-        if data.ndim != 2:
-            raise ValueError(
-                f"activations must be a [N, d_in] tensor, got shape {tuple(data.shape)}"
-            )
+    def __init__(self, data: Tensor, batch_size: int, seed: int = 0, width: int | None = None):
+        check_batch(data, width, "activations")
         if data.shape[0] < batch_size:
-            raise ValueError(
+            raise ActivationDataError(
                 f"activations hold {data.shape[0]} rows, fewer than one batch ({batch_size})"
             )
         self.data = data
@@ -74,9 +98,11 @@ class TensorBatches:
 class RebatchedStream:
     """Re-cuts an iterable of [n_i, d] tensors into [batch_size, d] batches."""
 
-    def __init__(self, source: Iterable[Tensor], batch_size: int):
+    def __init__(self, source: Iterable[Tensor], batch_size: int, width: int | None = None):
         self.source = iter(source)
         self.batch_size = batch_size
+        self.width = width
+        self._chunks = 0
         self._pending: list[Tensor] = []
         self._pending_rows = 0
 
@@ -85,9 +111,10 @@ class RebatchedStream:
 
     def __next__(self) -> Tensor:
         while self._pending_rows < self.batch_size:
-            chunk = next(self.source)
-            if chunk.ndim != 2:
-                raise ValueError(f"activation batches must be 2-D, got {tuple(chunk.shape)}")
+            chunk = check_batch(
+                next(self.source), self.width, f"activation batch {self._chunks} of the iterable"
+            )
+            self._chunks += 1
             self._pending.append(chunk)
             self._pending_rows += chunk.shape[0]
         joined = torch.cat(self._pending)
@@ -98,11 +125,17 @@ class RebatchedStream:
 
 
 def as_batches(
-    activations: Tensor | Iterable[Tensor], batch_size: int, seed: int
+    activations: Tensor | Iterable[Tensor], batch_size: int, seed: int, width: int | None = None
 ) -> Iterator[Tensor]:
-    """An iterator of [batch_size, d] tensors from a tensor or an iterable of tensors."""
+    """An iterator of [batch_size, d] tensors from a tensor or an iterable of tensors;
+    ``width``: the d every tensor must have (checked as the tensors arrive)."""
     if isinstance(activations, Tensor):
-        return TensorBatches(activations, batch_size, seed)
+        return TensorBatches(activations, batch_size, seed, width)
     if isinstance(activations, ResumableBatches):
         return activations
-    return RebatchedStream(activations, batch_size)
+    if isinstance(activations, (str, bytes)) or not isinstance(activations, Iterable):
+        raise ActivationDataError(
+            f"activations must be a float tensor [N, d_in] or an iterable of such tensors, "
+            f"got {type(activations).__name__}"
+        )
+    return RebatchedStream(activations, batch_size, width)

@@ -19,13 +19,21 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hsae.config import HSAEConfig
+from hsae.config import ConfigError, HSAEConfig
+from hsae.devices import parse_device
 from hsae.errors import HSAEError
 from hsae.model import HSAE, TrainingLoss
 from hsae.model.forest import make_tracker, rebuild_forest
 from hsae.model.hierarchy_losses import sample_perturbation
-from hsae.training.checkpoint import load_checkpoint, save_checkpoint
-from hsae.training.data import as_batches
+from hsae.model.hsae import LossWeights
+from hsae.training.checkpoint import (
+    CheckpointError,
+    TrainerState,
+    load_checkpoint,
+    save_checkpoint,
+)
+from hsae.training.data import ActivationDataError, as_batches, check_batch
+from hsae.training.diagnose import non_finite_report
 from hsae.training.schedule import warmup_cosine
 from hsae.training.sparsity import AdaptiveSparsity
 
@@ -57,16 +65,15 @@ class StepLog:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The device of ``config.device``; a device this machine lacks is a ConfigError."""
+    return parse_device(name)
 
 
 def estimate_activation_scale(sample: Tensor) -> float:
     """Constant c with mean ||c x|| = sqrt(d) over ``sample`` [N, d]."""
     mean_norm = float(sample.float().norm(dim=1).mean())
     if not math.isfinite(mean_norm) or mean_norm <= 0:
-        raise ValueError(
+        raise ActivationDataError(
             "cannot estimate the activation scale: activations are all zero or not finite"
         )
     return math.sqrt(sample.shape[1]) / mean_norm
@@ -90,6 +97,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.batches = batches
         self.model = (model or HSAE(config)).to(self.device)
+        self.model.training_config = config
         self.optimizer = torch.optim.Adam(
             _parameter_groups(self.model, config),
             lr=config.lr,
@@ -109,6 +117,12 @@ class Trainer:
             config.adaptive_sparsity,
             self.device,
         )
+        self._controlled = torch.tensor(
+            [float(level.uses_sparsity_controller) for level in self.model.levels],
+            device=self.device,
+        )
+        """1 for levels trained with lambda * L0 under the controller, 0 for TopK kinds."""
+        self._controls_sparsity = bool(self._controlled.any())
         self.tokens_since_fired = [
             torch.zeros(size, dtype=torch.long, device=self.device) for size in config.level_sizes
         ]
@@ -121,6 +135,8 @@ class Trainer:
         self.initialised = not initialise_from_data
         self._replay: list[Tensor] = []
         self.tokens_drawn = 0
+        self.last_checkpoint: tuple[Path, int] | None = None
+        """(folder, step) of the last checkpoint written or resumed from."""
 
     # --- set-up -------------------------------------------------------------------------
     def initialise(self) -> None:
@@ -153,10 +169,11 @@ class Trainer:
         try:
             batch = next(self.batches)
         except StopIteration:
-            raise ValueError(
+            raise ActivationDataError(
                 f"the activation stream ran out after {self.tokens_drawn} tokens; "
                 f"train_tokens asks for {self.config.train_tokens}"
             ) from None
+        check_batch(batch, self.config.d_in)
         self.tokens_drawn += batch.shape[0]
         return batch
 
@@ -169,7 +186,7 @@ class Trainer:
         dead = self._dead_masks()
         out = self.model.training_loss(
             x,
-            self.sparsity.weights,
+            LossWeights(self.sparsity.weights, self.config.rho, self.config.aux_coefficient),
             substituted,
             dead,
             keep_active=self._tracks_coactivation_now(),
@@ -177,15 +194,15 @@ class Trainer:
         )
         if not torch.isfinite(out.total):
             raise NonFiniteLossError(
-                f"loss became {float(out.total)} at step {self.step}; the last good checkpoint "
-                "is kept. Lower lr or check the activations for inf/NaN."
+                non_finite_report(self.step, x, out, self.model, self.last_checkpoint)
             )
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
         self.optimizer.step()
         self.scheduler.step()
         self.model.normalise_decoders()
-        self.sparsity.update(out.l0)
+        if self._controls_sparsity:
+            self.sparsity.update(out.l0)
         self._count_firing(out.fired, x.shape[0])
         if self.coactivation is not None and out.active:
             self.coactivation.update(out.active)
@@ -266,7 +283,8 @@ class Trainer:
                 if on_log is not None:
                     on_log(log)
             if checkpoint_dir is not None and self._checkpoint_due(checkpoint_every):
-                save_checkpoint(self, checkpoint_dir)
+                save_checkpoint(self.state_dict(), checkpoint_dir)
+                self.last_checkpoint = (Path(checkpoint_dir), self.step)
         bar.close()
         if cfg.mode == "independent" or cfg.n_levels == 1:
             self.build_post_hoc_forest()
@@ -282,7 +300,62 @@ class Trainer:
 
     def resume(self, checkpoint_dir: str | Path) -> None:
         """Continue from a checkpoint written by :meth:`fit` (same config, same data)."""
-        load_checkpoint(self, checkpoint_dir)
+        state = load_checkpoint(checkpoint_dir, like=self.state_dict())
+        try:
+            self.load_state_dict(state)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+            message = " ".join(str(error).split())
+            raise CheckpointError(
+                f"checkpoint {checkpoint_dir} does not fit this trainer: "
+                f"{type(error).__name__}: {message}"
+            ) from None
+        self.last_checkpoint = (Path(checkpoint_dir), self.step)
+
+    # --- state ------------------------------------------------------------------------------
+    def state_dict(self) -> TrainerState:
+        """Everything needed to continue bit-for-bit: tensors, optimizer, counters, position."""
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors |= self.sparsity.state_tensors()
+        for level, counter in enumerate(self.tokens_since_fired):
+            tensors[f"tokens_since_fired.{level}"] = counter
+        if self.coactivation is not None:
+            tensors |= self.coactivation.state_tensors()
+        tensors["generator"] = self.generator.get_state()
+        config = self.config.model_dump()
+        config.pop("device", None)  # a run may resume on another device
+        record = {
+            "step": self.step,
+            "forest_updates": self.forest_updates,
+            "tokens_drawn": self.tokens_drawn,
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.batches.state_dict() if hasattr(self.batches, "state_dict") else None,
+            "config": config,
+        }
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        optional = frozenset({"sparsity.smoothed"})  # checkpoints before its introduction
+        return TrainerState(tensors, self.optimizer.state_dict(), record, optional)
+
+    def load_state_dict(self, state: TrainerState) -> None:
+        """Restore what :meth:`state_dict` returned (e.g. read back by ``load_checkpoint``)."""
+        tensors, record = state.tensors, state.record
+        model_state = {
+            k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")
+        }
+        self.model.load_state_dict(model_state)
+        self.sparsity.load_state_tensors(tensors)
+        for level, counter in enumerate(self.tokens_since_fired):
+            counter.copy_(tensors[f"tokens_since_fired.{level}"])
+        if self.coactivation is not None:
+            self.coactivation.load_state_tensors(tensors)
+        self.generator.set_state(tensors["generator"])
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(record["scheduler"])
+        if record.get("data") is not None and hasattr(self.batches, "load_state_dict"):
+            self.batches.load_state_dict(record["data"])
+        self.step = int(record["step"])
+        self.forest_updates = int(record["forest_updates"])
+        self.tokens_drawn = int(record["tokens_drawn"])
+        self.initialised = True
 
     def build_post_hoc_forest(self) -> None:
         """The baseline's forest: the same similarity rule, applied once after training."""
@@ -299,7 +372,7 @@ class Trainer:
             mse=out.mse.tolist(),
             l0=out.l0.tolist(),
             variance_explained=out.variance_explained.tolist(),
-            sparsity_weight=self.sparsity.weights.tolist(),
+            sparsity_weight=(self.sparsity.weights * self._controlled).tolist(),
             constraint=float(out.constraint),
             aux=float(out.aux),
             dead_fraction=[float((c >= window).float().mean()) for c in self.tokens_since_fired],
@@ -307,7 +380,7 @@ class Trainer:
 
 
 def _parameter_groups(model: HSAE, config: HSAEConfig) -> list[dict[str, Any]]:
-    thresholds = [level.log_threshold for level in model.levels]
+    thresholds = [p for level in model.levels for p in level.threshold_parameters()]
     threshold_ids = {id(p) for p in thresholds}
     others = [p for p in model.parameters() if id(p) not in threshold_ids]
     return [
@@ -334,17 +407,8 @@ def train(
     epoch after epoch until ``config.train_tokens`` tokens have been seen, or any iterable of
     [n, d_in] tensors.
     """
-    _check_width(config, activations)
-    batches = as_batches(activations, config.batch_size, config.seed)
+    if not isinstance(config, HSAEConfig):
+        raise ConfigError(f"config must be an HSAEConfig, got {type(config).__name__}")
+    batches = as_batches(activations, config.batch_size, config.seed, config.d_in)
     trainer = Trainer(config, batches)
     return trainer.fit(progress=progress, on_log=on_log)
-
-
-def _check_width(config: HSAEConfig, activations: Tensor | Iterable[Tensor]) -> None:
-    if isinstance(activations, Tensor) and (
-        activations.ndim != 2 or activations.shape[1] != config.d_in
-    ):
-        raise ValueError(
-            f"activations have shape {tuple(activations.shape)}; expected [N, {config.d_in}] "
-            "(d_in of the config)"
-        )

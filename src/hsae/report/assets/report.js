@@ -303,13 +303,11 @@
       barChart("L0 per level", levels, series((x) => x.l0)),
       barChart("Variance explained per level", levels, series((x) => x.variance_explained)),
     );
-    const suite = [
-      ["absorption", "Absorption: 1 - mean fraction", levels, "higher is better"],
-      ["probing_top5", "Sparse probing top-5 accuracy", levels, "WordNet categories"],
-      ["taxonomy", "Links agreeing with WordNet", levels.slice(1).map((l, i) => "L" + i + "-" + l), "hypernym precision"],
-    ];
-    for (const [key, title, categories, note] of suite) {
-      if (m.hsae[key]) holder.append(barChart(title, categories, series((x) => x[key] || []), note));
+    // The full suite's charts: titles, notes and values come from the evaluation registry.
+    const pairs = levels.slice(1).map((l, i) => "L" + i + "-" + l);
+    for (const chart of m.hsae.suite || []) {
+      const valuesOf = (x) => ((x.suite || []).find((c) => c.key === chart.key) || { values: [] }).values;
+      holder.append(barChart(chart.title, chart.per_pair ? pairs : levels, series(valuesOf), chart.note));
     }
   }
 

@@ -23,10 +23,10 @@ from typing import Any
 
 from hsae.errors import HSAEError
 from hsae.io import write_json
+from hsae.layout import LABELS_FILE, MODEL_NAMES
 
-LABELS_FILE = "labels.json"
 _KEY = re.compile(r"^\d+:\d+$")
-_SECTIONS = ("hsae", "baseline", "auto", "judge")
+_SECTIONS = (*MODEL_NAMES, "auto", "judge")
 
 
 class LabelsError(HSAEError, ValueError):
@@ -60,7 +60,7 @@ def _check(labels: Any, path: Path) -> None:
     unknown = sorted(set(labels) - set(_SECTIONS))
     if unknown:
         raise LabelsError(f"{path}: unknown section {unknown[0]!r} (allowed: {_SECTIONS})")
-    for which in ("hsae", "baseline"):
+    for which in MODEL_NAMES:
         _check_section(labels.get(which, {}), f"{path}: {which}", human=True)
     auto = labels.get("auto", {})
     if not isinstance(auto, dict):

@@ -1,0 +1,153 @@
+"""Soak: `hsae train` SIGKILLed at random moments (harvest, HSAE, baseline) and resumed with
+`hsae train --resume` each time ends bitwise equal to an uninterrupted run, with no leftover
+temporaries and no log step written twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hsae.runs import Run
+
+CONFIG = """\
+harvest_tokens: 2048
+context_length: 32
+harvest_batch_size: 8
+heldout_fraction: 0.15
+eval_tokens: 256
+splice_contexts: 0
+checkpoint_every: 7
+log_every: 5
+device: cpu
+seed: 3
+hsae:
+  level_sizes: [32, 64, 128]
+  target_l0: 4
+  train_tokens: 49152
+  batch_size: 128
+  update_interval: 16
+"""
+HARVEST_KILLS = 3  # during start-up, model load and harvest (the harvest restarts)
+TRAIN_KILLS = 18  # spread over the two trainings
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _launch(folder: Path, config: Path) -> subprocess.Popen:
+    if (folder / "run.json").is_file():
+        args = ["--resume", str(folder)]
+    else:  # killed before the run was recorded: start it again (same settings)
+        args = [str(config), "--out", str(folder)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "hsae.cli", "train", *args],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _harvested(folder: Path) -> bool:
+    manifest = folder / "activations" / "manifest.json"
+    try:
+        return json.loads(manifest.read_text())["status"] == "complete"
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _kill_after(process: subprocess.Popen, seconds: float) -> bool:
+    """SIGKILL ``process`` after ``seconds`` unless it has ended; True if it was killed."""
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+        return True
+    assert process.returncode == 0, process.stderr.read()[-2000:] if process.stderr else ""
+    return False
+
+
+def _steps(log: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in log.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_random_sigkills_then_resume_end_bitwise_equal(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG)
+    reference, victim = tmp_path / "reference", tmp_path / "killed"
+    done = subprocess.run(
+        [sys.executable, "-m", "hsae.cli", "train", str(config), "--out", str(reference)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    rng = random.Random(16)
+    kills = 0
+    for _ in range(HARVEST_KILLS):  # the harvest is one shard here: each kill restarts it
+        kills += _kill_after(_launch(victim, config), rng.uniform(0.3, 6.0))
+    process = _launch(victim, config)  # let one launch finish the harvest, then kill it
+    deadline = time.monotonic() + 300
+    while not _harvested(victim) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    kills += _kill_after(process, rng.uniform(0.0, 1.0))
+    for _ in range(TRAIN_KILLS):  # start-up takes about 2 s; training gets 0-2.5 s each
+        kills += _kill_after(_launch(victim, config), rng.uniform(1.0, 4.5))
+    last = _launch(victim, config)
+    assert last.wait(timeout=600) == 0, last.stderr.read()[-2000:] if last.stderr else ""
+    assert kills >= 20
+
+    runs = (reference, victim)
+    for which in ("hsae", "baseline"):
+        # Tensor by tensor, bit for bit (the files' bytes differ only in the order in which
+        # safetensors writes the metadata entries, which varies between processes).
+        tensors = load_file(victim / which / "hsae.safetensors")
+        expected = load_file(reference / which / "hsae.safetensors")
+        assert set(tensors) == set(expected)
+        for name, tensor in expected.items():
+            assert tensor.dtype == tensors[name].dtype and torch.equal(tensors[name], tensor), name
+        assert _metadata(victim / which) == _metadata(reference / which)
+        # The same settings; the recorded file checksum differs with the metadata order.
+        configs = [json.loads((f / which / "hsae_config.json").read_text()) for f in runs]
+        assert [c.pop("sha256", None) is not None for c in configs] in ([True] * 2, [False] * 2)
+        assert configs[0] == configs[1]
+        # Same steps, each once, with the same values: nothing was logged twice.
+        log = victim / "logs" / f"train_{which}.jsonl"
+        assert len(_steps(log)) == len(set(_steps(log)))
+        assert log.read_text() == (reference / "logs" / f"train_{which}.jsonl").read_text()
+    for shard in sorted((reference / "activations" / "shards").iterdir()):
+        assert (victim / "activations" / "shards" / shard.name).read_bytes() == shard.read_bytes()
+
+    metrics = [
+        Run.open(folder).evaluate(splice=False, progress=False) for folder in (reference, victim)
+    ]
+    for name in ("hsae", "baseline"):
+        assert metrics[0][name] == metrics[1][name]
+
+    leftovers = [p for p in victim.rglob(".*") if p.name.endswith((".tmp", ".old"))]
+    assert not leftovers, f"temporaries left behind: {leftovers}"
+    # Stage times add up over launches: the killed run redid work, so each of its stages took
+    # at least most of the uninterrupted run's time (not just the last launch's share).
+    timings = json.loads((victim / "timings.json").read_text())
+    uninterrupted = json.loads((reference / "timings.json").read_text())
+    for stage in ("harvest", "train_hsae", "train_baseline"):
+        assert timings[stage] >= 0.7 * uninterrupted[stage], (stage, timings, uninterrupted)
+
+
+def _metadata(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(folder / "hsae.safetensors", framework="pt") as handle:
+        return handle.metadata()
