@@ -1,4 +1,4 @@
-"""Forest rebuild rules: quantile filter, binary cap, co-activation similarity."""
+"""Forest rebuild rules: quantile filter, binary cap, co-activation and conditional similarity."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import torch
 
 from hsae.model.forest import (
     CoactivationTracker,
+    ConditionalTracker,
     cap_children_per_parent,
     children_count,
     leave_bottom_quantile_unassigned,
     link_children,
+    make_tracker,
+    rebuild_forest,
     validate_forest,
 )
 
@@ -62,3 +65,68 @@ def test_validate_forest_rejects_bad_links() -> None:
         validate_forest([torch.tensor([0, 2, 1])], [2, 3])
     with pytest.raises(ValueError, match="expected 3 links"):
         validate_forest([torch.tensor([0, 1])], [2, 3])
+
+
+def test_conditional_tracker_lift_is_p_parent_given_child_minus_p_parent() -> None:
+    tracker = ConditionalTracker([2, 3], momentum=0.5)
+    parent = torch.tensor([[True, False], [True, True], [False, False], [True, False]])
+    child = torch.tensor(
+        [[True, False, False], [True, False, True], [False, True, False], [False, False, False]]
+    )
+    tracker.update([parent, child])
+    # child 0 fires on tokens 0, 1: parent 0 both times (3/4 overall), parent 1 once (1/4)
+    # child 1 fires on token 2 only, with neither parent; child 2 on token 1, with both
+    expected = torch.tensor([[1 - 0.75, 0.5 - 0.25], [-0.75, -0.25], [1 - 0.75, 1 - 0.25]])
+    torch.testing.assert_close(tracker.lift(0), expected)
+    torch.testing.assert_close(tracker.rates[1], torch.tensor([0.5, 0.25, 0.25]))
+    tracker.update([parent, torch.zeros_like(child)])  # rates and co-firing halve together
+    torch.testing.assert_close(tracker.lift(0), expected)
+    silent = ConditionalTracker([2, 3], momentum=0.5)
+    silent.update([parent, torch.zeros_like(child)])
+    assert torch.equal(silent.lift(0), torch.zeros(3, 2))  # no firing, no evidence
+
+
+class _Level(torch.nn.Module):
+    def __init__(self, decoder: torch.Tensor) -> None:
+        super().__init__()
+        self.W_dec = torch.nn.Parameter(decoder)
+        self.W_enc = torch.nn.Parameter(decoder.t().clone())
+
+
+def test_conditional_rebuild_follows_firing_not_direction() -> None:
+    """Child 0 fires only with parent 1 but points at parent 0; parent 2 fires on every token."""
+    generator = torch.Generator().manual_seed(0)
+    parents = torch.nn.functional.normalize(torch.randn(3, 8, generator=generator), dim=1)
+    children = torch.stack([parents[0], parents[2] + 0.1 * parents[1]])
+    levels = [_Level(parents), _Level(children)]
+    tokens = torch.arange(400)
+    parent_fire = torch.stack(
+        [tokens % 4 == 0, tokens % 2 == 1, torch.ones(400, dtype=torch.bool)], 1
+    )
+    child_fire = torch.stack([tokens % 4 == 1, tokens % 8 == 0], 1)  # child 1: with parent 0
+    tracker = make_tracker("conditional", [3, 2], momentum=0.9)
+    assert isinstance(tracker, ConditionalTracker)
+    tracker.update([parent_fire, child_fire])
+    by_firing = rebuild_forest(levels, "conditional", 0.0, None, tracker)
+    by_decoder = rebuild_forest(levels, "decoder", 0.0, None)
+    assert by_firing[0].tolist() == [1, 0]
+    assert by_decoder[0].tolist() == [0, 2]
+    # P(parent | child) is 1 for the always-on parent 2 as well: the lift is 0 there
+    assert torch.allclose(tracker.lift(0)[:, 2], torch.zeros(2), atol=1e-6)
+    assert make_tracker("decoder", [3, 2], 0.9) is None
+
+
+def test_conditional_tracker_state_round_trip() -> None:
+    tracker = ConditionalTracker([2, 3], momentum=0.7)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        tracker.update(
+            [
+                torch.rand(16, 2, generator=generator) < 0.5,
+                torch.rand(16, 3, generator=generator) < 0.3,
+            ]
+        )
+    copy = ConditionalTracker([2, 3], momentum=0.7)
+    copy.load_state_tensors(tracker.state_tensors())
+    assert copy.updates == 3
+    torch.testing.assert_close(copy.lift(0), tracker.lift(0))

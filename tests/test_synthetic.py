@@ -11,7 +11,9 @@ import torch
 
 from hsae import synthetic
 from hsae.evaluation.recovery import (
+    firing_forest_recovery,
     forest_recovery,
+    match_by_f1,
     match_by_firing,
     match_latents,
 )
@@ -51,7 +53,7 @@ def test_default_sizes_fit_a_small_four_level_hsae(forest: SyntheticForest) -> N
     assert 40 <= sizes[1] <= 80 and 80 <= sizes[2] <= 160 and 160 <= sizes[3] <= 320
     suggested = forest.suggested_level_sizes()
     assert all(s >= t and s % 16 == 0 and s - t < 16 for s, t in zip(suggested, sizes, strict=True))
-    assert forest.leaf_directions.shape == (sizes[-1], 64)
+    assert forest.atom_directions.shape == (sizes[-1], 64)
 
 
 def test_level_sizes_consistent_with_true_parents(forest: SyntheticForest) -> None:
@@ -174,10 +176,10 @@ def test_activations_are_the_sum_of_active_leaves(
     """Also across token chunks: rows of x and of the truth must stay aligned."""
     quiet = make_synthetic_forest(replace(forest.spec, noise_std=0.0, magnitude_sigma=0.0))
     if chunk_tokens is not None:
-        monkeypatch.setattr(synthetic, "CHUNK_ENTRIES", chunk_tokens * quiet.n_leaves)
+        monkeypatch.setattr(synthetic, "CHUNK_ENTRIES", chunk_tokens * quiet.n_atoms)
     x, truth = quiet.sample_with_truth(4500, torch.Generator().manual_seed(0))
     assert x.dtype == torch.float32 and x.shape == (4500, 64)
-    expected = truth[-1].float() @ quiet.leaf_directions
+    expected = truth[-1].float() @ quiet.atom_directions
     assert torch.allclose(x, expected, atol=1e-5)
     assert bool(truth[0][-100:].any())
 
@@ -189,7 +191,7 @@ def test_magnitudes_are_lognormal_around_one(forest: SyntheticForest) -> None:
     x, truth = single.sample_with_truth(40_000, torch.Generator().manual_seed(2))
     one = truth[-1].sum(1) == 1
     leaf = truth[-1][one].float().argmax(1)
-    magnitude = (x[one] * single.leaf_directions[leaf]).sum(1)
+    magnitude = (x[one] * single.atom_directions[leaf]).sum(1)
     log_m = magnitude.log()
     assert abs(float(log_m.median())) < 0.05
     assert abs(float(log_m.std()) - spec.magnitude_sigma) < 0.05
@@ -202,10 +204,10 @@ def test_sampling_is_deterministic_given_a_generator(forest: SyntheticForest) ->
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     again = make_synthetic_forest(SyntheticSpec())
-    assert torch.equal(again.leaf_directions, forest.leaf_directions)
+    assert torch.equal(again.atom_directions, forest.atom_directions)
     assert torch.equal(again.sample(5000, torch.Generator().manual_seed(11)), a)
     other = make_synthetic_forest(SyntheticSpec(seed=1))
-    assert not torch.equal(other.leaf_directions, forest.leaf_directions)
+    assert not torch.equal(other.atom_directions, forest.atom_directions)
 
 
 @pytest.mark.parametrize(
@@ -225,6 +227,11 @@ def test_sampling_is_deterministic_given_a_generator(forest: SyntheticForest) ->
         ({"noise_std": float("nan")}, "noise_std"),
         ({"frequency_sigma": -1.0}, "frequency_sigma"),
         ({"seed": 1.5}, "seed"),
+        ({"kind": "merging"}, "kind"),
+        ({"parent_share": -0.5}, "parent_share"),
+        ({"descend_probability": 1.2}, "descend_probability"),
+        ({"exclusive_share": -0.1}, "exclusive_share"),
+        ({"zipf_exponent": 0.0}, "zipf_exponent"),
     ],
 )
 def test_spec_validation_names_the_field(changes: dict[str, object], field: str) -> None:
@@ -371,3 +378,278 @@ def test_to_dict_maps_undefined_ratios_to_none(forest: SyntheticForest) -> None:
     summary = report.to_dict()
     assert summary["edge_precision"] is None and summary["edge_recall"] == 0.0
     json.dumps(summary, allow_nan=False)
+
+
+# ---------------------------------------------------------------------- absorption family
+@pytest.fixture(scope="module")
+def absorbing() -> SyntheticForest:
+    return make_synthetic_forest(SyntheticSpec.absorption())
+
+
+@pytest.fixture(scope="module")
+def absorbing_sampled(absorbing: SyntheticForest) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return absorbing.sample_with_truth(N_TOKENS, torch.Generator().manual_seed(5))
+
+
+def _new_at(forest: SyntheticForest, level: int) -> torch.Tensor:
+    """Cut-``level + 1`` nodes that are not in cut ``level`` (their true parent is another)."""
+    parents = forest.true_parents(level)
+    sizes = forest.level_sizes()
+    lower, upper = forest.level_directions(level + 1), forest.level_directions(level)
+    same = (lower[:, None, :] == upper[None, :, :]).all(-1)  # a persisting node keeps its row
+    persisting = same[torch.arange(sizes[level + 1]), parents]
+    return ~persisting
+
+
+def test_absorption_preset_and_cumulative_truth(absorbing: SyntheticForest) -> None:
+    spec = absorbing.spec
+    assert spec.kind == "absorption" and SyntheticSpec.absorption(seed=3).seed == 3
+    sizes = absorbing.level_sizes()
+    assert sizes[0] == spec.n_roots + spec.n_independent
+    assert sizes == sorted(sizes) and len(set(sizes)) == 4
+    assert absorbing.n_atoms == sizes[-1]  # every node is an atom; the last cut holds them all
+    for level in range(absorbing.n_levels - 1):
+        parents, new = absorbing.true_parents(level), _new_at(absorbing, level)
+        # the persisting nodes of the wider level are the whole coarser level, in order
+        assert int((~new).sum()) == sizes[level]
+        assert torch.equal(parents[~new], torch.arange(sizes[level]))
+        # every new node has a parent that is itself new at the level above (or a root)
+        assert int(new.sum()) == sizes[level + 1] - sizes[level]
+        if level > 0:
+            assert bool(_new_at(absorbing, level - 1)[parents[new]].all())
+
+
+def test_absorption_children_point_their_own_way(absorbing: SyntheticForest) -> None:
+    share = absorbing.spec.parent_share
+    expected = share / math.sqrt(1 + share**2)
+    for level in range(absorbing.n_levels - 1):
+        upper, lower = absorbing.level_directions(level), absorbing.level_directions(level + 1)
+        parents, new = absorbing.true_parents(level), _new_at(absorbing, level)
+        cos = (lower[new] * upper[parents[new]]).sum(1)
+        assert abs(float(cos.mean()) - expected) < 0.08
+        assert float(cos.max()) < 0.75  # far from the splitting family's > 0.7 for every child
+        norms = lower.norm(dim=1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+
+
+def test_absorption_children_fire_only_with_parent_which_can_fire_alone(
+    absorbing: SyntheticForest, absorbing_sampled: tuple[torch.Tensor, list[torch.Tensor]]
+) -> None:
+    _, truth = absorbing_sampled
+    for level in range(absorbing.n_levels - 1):
+        parents, new = absorbing.true_parents(level), _new_at(absorbing, level)
+        child_fires, parent_fires = truth[level + 1], truth[level]
+        assert not bool((child_fires & ~parent_fires[:, parents]).any())
+        # a persisting node fires exactly as at the coarser level
+        assert torch.equal(child_fires[:, ~new], parent_fires)
+        new_children = new.nonzero(as_tuple=True)[0]
+        hits = torch.zeros_like(parent_fires, dtype=torch.int32)
+        hits.index_add_(1, parents[new_children], child_fires[:, new_children].to(torch.int32))
+        has_children = torch.bincount(parents[new_children], minlength=parent_fires.shape[1]) > 0
+        fired = parent_fires[:, has_children]
+        alone = (hits[:, has_children] == 0)[fired]
+        assert abs(float(alone.float().mean()) - (1 - absorbing.spec.descend_probability)) < 0.02
+
+
+def test_absorption_exclusive_siblings_never_cofire(
+    absorbing: SyntheticForest, absorbing_sampled: tuple[torch.Tensor, list[torch.Tensor]]
+) -> None:
+    _, truth = absorbing_sampled
+    seen_exclusive = seen_overlapping = 0
+    for level in range(absorbing.n_levels - 1):
+        parents, new = absorbing.true_parents(level), _new_at(absorbing, level)
+        new_children = new.nonzero(as_tuple=True)[0]
+        counts = torch.bincount(parents[new_children], minlength=truth[level].shape[1])
+        hits = torch.zeros_like(truth[level], dtype=torch.int32)
+        hits.index_add_(1, parents[new_children], truth[level + 1][:, new_children].to(torch.int32))
+        # nodes whose children are new at the next level (the others split higher up)
+        exclusive = absorbing.exclusive_parents(level) & (counts >= 1)
+        assert not bool((hits[:, exclusive] > 1).any())
+        overlapping = ~absorbing.exclusive_parents(level) & (counts >= 2)
+        descended = hits[:, overlapping] >= 1
+        several = (hits[:, overlapping] >= 2)[descended]
+        if several.numel():
+            assert abs(float(several.float().mean()) - absorbing.spec.sibling_overlap) < 0.03
+        seen_exclusive += int((exclusive & (counts >= 2)).sum())
+        seen_overlapping += int(overlapping.sum())
+    assert seen_exclusive >= 5 and seen_overlapping >= 5
+
+
+def test_absorption_rates_exact_and_zipf(
+    absorbing: SyntheticForest, absorbing_sampled: tuple[torch.Tensor, list[torch.Tensor]]
+) -> None:
+    _, truth = absorbing_sampled
+    for level in range(absorbing.n_levels):
+        expected = absorbing.level_firing_rates(level)
+        observed = truth[level].double().mean(0)
+        tolerance = 5 * (expected * (1 - expected) / N_TOKENS).sqrt() + 1e-4
+        assert bool(((observed - expected).abs() <= tolerance).all())
+    atoms_per_token = truth[-1].sum(1).double().mean()
+    assert abs(float(atoms_per_token) - absorbing.spec.active_per_token) < 0.05
+    units = absorbing.unit_probability  # Zipf: sorted rates are rank ** -s, scaled
+    ranked = units.sort(descending=True).values
+    ranks = torch.arange(1, units.numel() + 1, dtype=torch.float64)
+    assert torch.allclose(ranked / ranked[0], ranks**-absorbing.spec.zipf_exponent)
+    rates = absorbing.level_firing_rates(absorbing.n_levels - 1)
+    assert float(rates.max() / rates.min()) > 100
+
+
+def test_absorption_activations_include_every_firing_node(absorbing: SyntheticForest) -> None:
+    quiet = make_synthetic_forest(replace(absorbing.spec, noise_std=0.0, magnitude_sigma=0.0))
+    x, truth = quiet.sample_with_truth(3000, torch.Generator().manual_seed(0))
+    assert torch.allclose(x, truth[-1].float() @ quiet.atom_directions, atol=1e-5)
+    # a token where a child fires carries its parent's direction too
+    parents, new = quiet.true_parents(0), _new_at(quiet, 0)
+    child = new.nonzero(as_tuple=True)[0][0]
+    token = truth[1][:, child].nonzero(as_tuple=True)[0][0]
+    assert bool(truth[0][token, parents[child]])
+
+
+def test_ancestor_or_self(forest: SyntheticForest, absorbing: SyntheticForest) -> None:
+    for level in range(forest.n_levels - 1):  # splitting: exactly the true parent
+        expected = torch.nn.functional.one_hot(
+            forest.true_parents(level), forest.level_sizes()[level]
+        ).bool()
+        assert torch.equal(forest.ancestor_or_self(level), expected)
+        # only the independent features persist unsplit at every level
+        assert int(forest.same_as_parent(level).sum()) == forest.spec.n_independent
+    for level in range(absorbing.n_levels - 1):
+        mask, parents = absorbing.ancestor_or_self(level), absorbing.true_parents(level)
+        assert torch.equal(absorbing.same_as_parent(level), ~_new_at(absorbing, level))
+        rows = torch.arange(parents.numel())
+        assert bool(mask[rows, parents].all())
+        grandparents = parents[_new_at(absorbing, level)]
+        n_ancestors = mask.sum(1)
+        assert int(n_ancestors.min()) >= 1
+        if level == 0:
+            assert int(n_ancestors.max()) == 1  # roots have no ancestor
+        else:  # new nodes of depth level + 2 also reach their grandparent (and higher)
+            assert int(n_ancestors[_new_at(absorbing, level)].min()) == level + 1
+            assert grandparents.numel() > 0
+
+
+# ------------------------------------------------------------------ firing-F1 recovery
+def _planted(
+    forest: SyntheticForest, truth: list[torch.Tensor], seed: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Truth firing as codes with latents permuted, the true links remapped; and the perms."""
+    generator = torch.Generator().manual_seed(seed)
+    perms = [torch.randperm(fired.shape[1], generator=generator) for fired in truth]
+    inverse = [torch.argsort(p) for p in perms]
+    codes = [fired[:, p].float() * 1.7 for fired, p in zip(truth, perms, strict=True)]
+    links = [
+        inverse[level][forest.true_parents(level)[perms[level + 1]]]
+        for level in range(forest.n_levels - 1)
+    ]
+    return codes, links, perms
+
+
+@pytest.mark.parametrize("family", ["splitting", "absorption"])
+def test_firing_recovery_of_a_planted_forest_is_perfect(
+    family: str,
+    forest: SyntheticForest,
+    sampled: tuple[torch.Tensor, list[torch.Tensor]],
+    absorbing: SyntheticForest,
+    absorbing_sampled: tuple[torch.Tensor, list[torch.Tensor]],
+) -> None:
+    local, (_, truth) = (
+        (forest, sampled) if family == "splitting" else (absorbing, absorbing_sampled)
+    )
+    codes, links, perms = _planted(local, truth, 0)
+    report = firing_forest_recovery(codes, links, truth, local)
+    assert report.node_recovery == 1.0
+    assert report.edge_precision_strict == 1.0 and report.edge_precision_lenient == 1.0
+    assert report.edge_recall == 1.0 and report.edge_recall_lenient == 1.0
+    assert report.edge_recall_overall == 1.0
+    assert report.split_edge_precision == 1.0 and report.split_edge_recall == 1.0
+    matching = match_by_f1(codes[2], truth[2])
+    assert torch.equal(perms[2][matching.learned_idx], matching.truth_idx)
+    summary = report.to_dict()
+    json.dumps(summary, allow_nan=False)
+    assert summary["edge_precision_strict"] == 1.0
+
+
+@pytest.mark.parametrize("family", ["splitting", "absorption"])
+def test_firing_recovery_of_shuffled_links_is_low(
+    family: str,
+    forest: SyntheticForest,
+    sampled: tuple[torch.Tensor, list[torch.Tensor]],
+    absorbing: SyntheticForest,
+    absorbing_sampled: tuple[torch.Tensor, list[torch.Tensor]],
+) -> None:
+    local, (_, truth) = (
+        (forest, sampled) if family == "splitting" else (absorbing, absorbing_sampled)
+    )
+    codes, links, _ = _planted(local, truth, 1)
+    generator = torch.Generator().manual_seed(2)
+    shuffled = [p[torch.randperm(p.numel(), generator=generator)] for p in links]
+    report = firing_forest_recovery(codes, shuffled, truth, local)
+    assert report.node_recovery == 1.0
+    assert report.edge_precision_strict < 0.2 and report.edge_recall < 0.2
+    assert report.edge_precision_lenient < 0.35
+
+
+def test_firing_recovery_lenient_accepts_a_grandparent(
+    absorbing: SyntheticForest, absorbing_sampled: tuple[torch.Tensor, list[torch.Tensor]]
+) -> None:
+    """Linking new depth-3 nodes to their grandparent: strictly wrong, leniently right."""
+    _, truth = absorbing_sampled
+    links = [absorbing.true_parents(level).clone() for level in range(absorbing.n_levels - 1)]
+    new = _new_at(absorbing, 1)
+    # the parent's parent in cut 0, then that root's (persisting) row in cut 1
+    root_in_cut0 = links[0][links[1][new]]
+    root_rows_in_cut1 = (~_new_at(absorbing, 0)).nonzero(as_tuple=True)[0]
+    links[1][new] = root_rows_in_cut1[root_in_cut0]
+    report = firing_forest_recovery(truth, links, truth, absorbing)
+    edge = report.edges[1]
+    assert edge.n_learned_judged == links[1].numel()
+    assert edge.n_strict_correct == int((~new).sum())
+    assert edge.n_lenient_correct == links[1].numel()
+    assert edge.recall == pytest.approx(float((~new).float().mean()))
+    assert edge.recall_lenient == 1.0
+    # the split links (new nodes) are all strictly wrong, the persisting ones all right
+    assert edge.n_split_learned_judged == int(new.sum()) and edge.n_split_strict_correct == 0
+    assert edge.n_split_true_judged == int(new.sum()) and edge.n_split_true_found == 0
+    assert report.edges[2].n_split_strict_correct == report.edges[2].n_split_learned_judged > 0
+    assert report.edges[0].precision_strict == 1.0 and report.edges[2].precision_strict == 1.0
+
+
+def test_firing_recovery_threshold_and_unmatched_latents(
+    forest: SyntheticForest, sampled: tuple[torch.Tensor, list[torch.Tensor]]
+) -> None:
+    _, truth = sampled
+    codes = [fired.float() for fired in truth]
+    parents = [forest.true_parents(level) for level in range(forest.n_levels - 1)]
+    thinned = [c.clone() for c in codes]
+    thinned[1][::2] = 0.0  # level 1 fires on half of its truth tokens: F1 = 2/3
+    kept = firing_forest_recovery(thinned, parents, truth, forest, min_f1=0.5)
+    dropped = firing_forest_recovery(thinned, parents, truth, forest, min_f1=0.7)
+    assert kept.levels[1].recovery == 1.0
+    assert kept.levels[1].mean_matched_f1 == pytest.approx(2 / 3, abs=0.02)
+    assert dropped.levels[1].n_matched == 0 and dropped.levels[0].recovery == 1.0
+    assert dropped.edges[0].n_learned_judged == 0 and dropped.edges[1].n_true_judged == 0
+    assert math.isnan(dropped.edges[0].precision_strict)
+    assert dropped.edge_recall_overall == pytest.approx(
+        parents[2].numel() / sum(p.numel() for p in parents)
+    )
+    # latents firing at random match nothing
+    noise = [torch.rand(c.shape, generator=torch.Generator().manual_seed(9)) < 0.3 for c in codes]
+    report = firing_forest_recovery(noise, parents, truth, forest)
+    assert report.node_recovery < 0.05
+
+
+def test_firing_recovery_rejects_bad_input(
+    forest: SyntheticForest, sampled: tuple[torch.Tensor, list[torch.Tensor]]
+) -> None:
+    _, truth = sampled
+    parents = [forest.true_parents(level) for level in range(forest.n_levels - 1)]
+    with pytest.raises(ValueError, match="min_f1"):
+        firing_forest_recovery(truth, parents, truth, forest, min_f1=0.0)
+    with pytest.raises(ValueError, match="truth_fire"):
+        firing_forest_recovery(truth, parents, truth[:3], forest)
+    with pytest.raises(ValueError, match="same tokens"):
+        firing_forest_recovery([t[:100] for t in truth], parents, truth, forest)
+    bad = [p.clone() for p in parents]
+    bad[1][0] = forest.level_sizes()[1]
+    with pytest.raises(ValueError, match=r"parents\[1\]"):
+        firing_forest_recovery(truth, bad, truth, forest)

@@ -10,7 +10,7 @@ import torch
 import hsae
 from hsae.config import ConfigError, HSAEConfig
 from hsae.evaluation import evaluate, hierarchy_metrics
-from hsae.model.forest import children_count
+from hsae.model.forest import ConditionalTracker, children_count
 from hsae.training import NonFiniteLossError, Trainer
 from hsae.training.data import RebatchedStream, TensorBatches
 from hsae.training.schedule import warmup_cosine
@@ -142,6 +142,16 @@ def test_coactivation_similarity_trains() -> None:
     trainer = Trainer(config, TensorBatches(sparse_data(), 64))
     trainer.fit(progress=False)
     assert trainer.coactivation is not None and trainer.coactivation.updates >= 5
+    assert (trainer.model.parents(0) >= 0).any()
+
+
+def test_conditional_similarity_trains() -> None:
+    config = HSAEConfig(**(BASE | {"train_tokens": 64 * 60, "similarity": "conditional"}))
+    trainer = Trainer(config, TensorBatches(sparse_data(), 64))
+    trainer.fit(progress=False)
+    tracker = trainer.coactivation
+    assert isinstance(tracker, ConditionalTracker) and tracker.updates >= 5
+    assert float(tracker.rates[0].sum()) > 0
     assert (trainer.model.parents(0) >= 0).any()
 
 

@@ -26,7 +26,7 @@ from pydantic import (
 
 from hsae.errors import ConfigError
 
-Similarity = Literal["encoder", "decoder", "coactivation"]
+Similarity = Literal["encoder", "decoder", "coactivation", "conditional"]
 TreeVariant = Literal["partial", "full", "binary", "fixed"]
 Mode = Literal["hsae", "independent"]
 
@@ -81,7 +81,9 @@ class ArchitectureConfig(_Settings):
     similarity: Similarity = "decoder"
     """Forest similarity: "encoder" cosine, "decoder" cosine or "coactivation" frequency.
     The paper uses encoder cosine and found the three comparable; decoder cosine gave both
-    HSAE and baseline far better P(parent given child) on the synthetic benchmark."""
+    HSAE and baseline far better P(parent given child) on the synthetic benchmark. Our option
+    "conditional": P(parent fires | child fires) - P(parent fires), from firing EMAs tracked
+    during training (``hsae.model.forest.ConditionalTracker``; docs/synthetic.md)."""
     sparse_kernels: bool = True
     """Use the sparsity-exploiting decoder/backward path (same maths as the dense reference)."""
 
@@ -166,7 +168,8 @@ class HSAEConfig(ArchitectureConfig):
     """Steps between forest rebuilds (paper: 5000). None: a twentieth of the run. Must be
     less than the run's steps, or an HSAE would never build its forest."""
     coactivation_every: int = 10
-    """With similarity='coactivation', update the co-firing EMA every this many steps."""
+    """With similarity='coactivation' or 'conditional', update the firing EMAs every this many
+    steps."""
     coactivation_momentum: float = 0.99
     """Momentum of the co-firing EMA."""
 

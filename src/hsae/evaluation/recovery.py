@@ -13,6 +13,13 @@ Inputs are plain tensors, so any model (HSAE, independent SAEs, a baseline) can 
   images form a true link. Edge recall: among true links whose two endpoints are recovered, the
   share present in the learned forest. Links of features that do not split (a truth node that
   is its own parent in the next cut) count as true links too.
+* :func:`firing_forest_recovery`: the same scores with latents matched to truth nodes by firing
+  F1 on held-out tokens (Hungarian, one-to-one, pairs with F1 >= ``min_f1`` count), so a
+  latent is judged by *when it fires*, not by where its decoder points. Links are scored
+  strictly (the learned parent is matched to the true parent) and leniently (to the true parent
+  or any coarser ancestor of the child's truth node, :meth:`SyntheticForest.ancestor_or_self`).
+  Links of split nodes (not of features that persist unchanged into the wider level, which
+  link to themselves) are also scored on their own: the non-trivial part of the forest.
 
 Undefined ratios (no pair to judge) are ``nan`` in the dataclasses and ``None`` in
 ``to_dict()``, so the dictionaries are valid JSON.
@@ -166,6 +173,29 @@ def match_by_firing(codes_l: Tensor, truth_fire: Tensor) -> FiringMatching:
     )
 
 
+def f1_matrix(both: Tensor, learned_count: Tensor, truth_count: Tensor) -> Tensor:
+    """[n, m] firing F1 = 2 |both| / (|learned fires| + |truth fires|) (0 where neither fires)."""
+    total = learned_count[:, None] + truth_count[None, :]
+    return torch.where(total > 0, 2.0 * both / total.clamp(min=1.0), torch.zeros_like(both))
+
+
+def match_by_f1(codes_l: Tensor, truth_fire: Tensor) -> FiringMatching:
+    """Hungarian matching of learned latents to truth nodes maximising total firing F1.
+
+    ``codes_l``: [n_tokens, n_l] codes of one level (fires where > 0, or bool); ``truth_fire``:
+    [n_tokens, m] BoolTensor. ``min(n_l, m)`` pairs; threshold them on ``f1`` as needed.
+    """
+    both, learned_count, truth_count = firing_overlap(codes_l, truth_fire)
+    f1 = f1_matrix(both, learned_count, truth_count)
+    rows, cols = _hungarian(f1)
+    union = learned_count[rows] + truth_count[cols] - both[rows, cols]
+    pair_both = both[rows, cols]
+    jaccard = torch.where(union > 0, pair_both / union.clamp(min=1.0), torch.zeros_like(union))
+    return FiringMatching(
+        learned_idx=rows, truth_idx=cols, jaccard=jaccard.float(), f1=f1[rows, cols].float()
+    )
+
+
 @dataclass
 class LevelRecovery:
     """How well one level's latents recover the truth nodes of the matching cut."""
@@ -243,6 +273,124 @@ class RecoveryReport:
             "edge_precision": self.edge_precision,
             "edge_recall": self.edge_recall,
             "edge_f1": self.edge_f1,
+        }
+        return _nan_to_none(summary)  # type: ignore[return-value]
+
+
+@dataclass
+class FiringLevelRecovery:
+    """How many truth nodes of one cut have a latent that fires like them (F1 >= min_f1)."""
+
+    level: int
+    n_learned: int
+    n_truth: int
+    n_matched: int
+    recovery: float
+    """n_matched / n_truth."""
+    mean_matched_f1: float
+    """Mean F1 over matched pairs (nan if none)."""
+
+
+@dataclass
+class FiringEdgeRecovery:
+    """Links from level ``level + 1`` to ``level`` against the truth, endpoints matched by F1."""
+
+    level: int
+    n_true_links: int
+    """Every truth node of cut ``level + 1`` has one true link."""
+    n_learned_judged: int
+    """Learned links whose two endpoints are matched."""
+    n_strict_correct: int
+    """... whose parent is matched to the child's true parent."""
+    n_lenient_correct: int
+    """... whose parent is matched to the child's true parent or a coarser ancestor."""
+    n_true_judged: int
+    """True links whose two endpoints are matched."""
+    n_true_found: int
+    """... that the learned forest has (strict)."""
+    n_true_found_lenient: int
+    """... where the child's learned parent is matched to the true parent or an ancestor."""
+    precision_strict: float
+    precision_lenient: float
+    recall: float
+    recall_lenient: float
+    n_split_learned_judged: int = 0
+    """Judged learned links whose child's truth node is a split (not its own true parent):
+    the non-trivial links; a feature that persists into the wider level links to itself."""
+    n_split_strict_correct: int = 0
+    n_split_true_judged: int = 0
+    """Judged true links of split nodes."""
+    n_split_true_found: int = 0
+
+
+@dataclass
+class FiringRecoveryReport:
+    """Node and edge recovery of a learned forest, latents matched to truth by firing F1."""
+
+    min_f1: float
+    levels: list[FiringLevelRecovery] = field(default_factory=list)
+    edges: list[FiringEdgeRecovery] = field(default_factory=list)
+
+    def _pooled(self, numerator: str, denominator: str) -> float:
+        return _ratio(
+            sum(getattr(e, numerator) for e in self.edges),
+            sum(getattr(e, denominator) for e in self.edges),
+        )
+
+    @property
+    def edge_precision_strict(self) -> float:
+        """Pooled over level pairs: strictly correct / judged learned links."""
+        return self._pooled("n_strict_correct", "n_learned_judged")
+
+    @property
+    def edge_precision_lenient(self) -> float:
+        """Pooled: correct up to an ancestor / judged learned links."""
+        return self._pooled("n_lenient_correct", "n_learned_judged")
+
+    @property
+    def edge_recall(self) -> float:
+        """Pooled: found / judged true links (both endpoints matched)."""
+        return self._pooled("n_true_found", "n_true_judged")
+
+    @property
+    def edge_recall_lenient(self) -> float:
+        """Pooled: found up to an ancestor / judged true links."""
+        return self._pooled("n_true_found_lenient", "n_true_judged")
+
+    @property
+    def split_edge_precision(self) -> float:
+        """Strict precision over the learned links whose child is a split truth node."""
+        return self._pooled("n_split_strict_correct", "n_split_learned_judged")
+
+    @property
+    def split_edge_recall(self) -> float:
+        """Recall over the true links of split truth nodes (both endpoints matched)."""
+        return self._pooled("n_split_true_found", "n_split_true_judged")
+
+    @property
+    def edge_recall_overall(self) -> float:
+        """Pooled: found / all true links (an unmatched endpoint counts as not found)."""
+        return self._pooled("n_true_found", "n_true_links")
+
+    @property
+    def node_recovery(self) -> float:
+        """Pooled over levels: matched / truth nodes."""
+        return _ratio(
+            sum(level.n_matched for level in self.levels),
+            sum(level.n_truth for level in self.levels),
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready summary: nan ratios become None."""
+        summary = asdict(self) | {
+            "node_recovery": self.node_recovery,
+            "edge_precision_strict": self.edge_precision_strict,
+            "edge_precision_lenient": self.edge_precision_lenient,
+            "edge_recall": self.edge_recall,
+            "edge_recall_lenient": self.edge_recall_lenient,
+            "edge_recall_overall": self.edge_recall_overall,
+            "split_edge_precision": self.split_edge_precision,
+            "split_edge_recall": self.split_edge_recall,
         }
         return _nan_to_none(summary)  # type: ignore[return-value]
 
@@ -376,6 +524,132 @@ def forest_recovery(
                 matchings[level + 1],
                 sizes,
                 min_cosine,
+            )
+        )
+    return report
+
+
+def _matched_lookups(
+    matching: FiringMatching, n_learned: int, n_truth: int, min_f1: float
+) -> tuple[Tensor, Tensor]:
+    """learned -> truth and truth -> learned tables of the pairs with F1 >= min_f1 (else -1)."""
+    keep = matching.f1 >= min_f1
+    return (
+        _lookup(matching.learned_idx, matching.truth_idx, keep, n_learned),
+        _lookup(matching.truth_idx, matching.learned_idx, keep, n_truth),
+    )
+
+
+def _firing_edge_recovery(
+    level: int,
+    learned_parents: Tensor,
+    true_parents: Tensor,
+    lenient: Tensor,
+    split: Tensor,
+    upper: tuple[Tensor, Tensor],
+    lower: tuple[Tensor, Tensor],
+) -> FiringEdgeRecovery:
+    """Links from level ``level + 1`` (lower) to ``level`` (upper); ``upper`` / ``lower`` are
+    the (learned -> truth, truth -> learned) tables; ``lenient`` the ancestor-or-self mask;
+    ``split`` flags the lower truth nodes that are not their own true parent."""
+    up_l2t, up_t2l = upper
+    low_l2t, low_t2l = lower
+
+    child = (learned_parents >= 0).nonzero(as_tuple=True)[0]
+    child_truth, parent_truth = low_l2t[child], up_l2t[learned_parents[child]]
+    judged = (child_truth >= 0) & (parent_truth >= 0)
+    child_truth, parent_truth = child_truth[judged], parent_truth[judged]
+    strict = true_parents[child_truth] == parent_truth
+    loose = lenient[child_truth, parent_truth]
+
+    true_child = (low_t2l >= 0).nonzero(as_tuple=True)[0]
+    true_parent_learned = up_t2l[true_parents[true_child]]
+    true_judged = true_parent_learned >= 0
+    true_child = true_child[true_judged]
+    child_learned = low_t2l[true_child]
+    their_parent = learned_parents[child_learned]
+    found = their_parent == true_parent_learned[true_judged]
+    their_parent_truth = torch.where(
+        their_parent >= 0, up_l2t[their_parent.clamp(min=0)], torch.full_like(their_parent, -1)
+    )
+    found_lenient = (their_parent_truth >= 0) & lenient[true_child, their_parent_truth.clamp(min=0)]
+    n_judged, n_true_judged = int(judged.sum()), int(true_judged.sum())
+    return FiringEdgeRecovery(
+        level=level,
+        n_true_links=true_parents.numel(),
+        n_learned_judged=n_judged,
+        n_strict_correct=int(strict.sum()),
+        n_lenient_correct=int(loose.sum()),
+        n_true_judged=n_true_judged,
+        n_true_found=int(found.sum()),
+        n_true_found_lenient=int(found_lenient.sum()),
+        precision_strict=_ratio(int(strict.sum()), n_judged),
+        precision_lenient=_ratio(int(loose.sum()), n_judged),
+        recall=_ratio(int(found.sum()), n_true_judged),
+        recall_lenient=_ratio(int(found_lenient.sum()), n_true_judged),
+        n_split_learned_judged=int(split[child_truth].sum()),
+        n_split_strict_correct=int((strict & split[child_truth]).sum()),
+        n_split_true_judged=int(split[true_child].sum()),
+        n_split_true_found=int((found & split[true_child]).sum()),
+    )
+
+
+def firing_forest_recovery(
+    codes: list[Tensor],
+    parents: list[Tensor],
+    truth_fire: list[Tensor],
+    forest: SyntheticForest,
+    min_f1: float = 0.5,
+) -> FiringRecoveryReport:
+    """Node and parent-link recovery of a learned forest, latents matched to truth by firing.
+
+    ``codes[l]``: [n_tokens, n_l] codes of level ``l`` on held-out tokens (fires where > 0, or
+    bool); ``truth_fire[l]``: [n_tokens, n_truth_l] BoolTensor of the same tokens (from
+    :meth:`SyntheticForest.sample_with_truth`); ``parents[l][j]``: index in level ``l`` of the
+    parent of level-``l + 1`` latent ``j``, or -1. Each level is matched one-to-one to its truth
+    cut by :func:`match_by_f1`; only pairs with F1 >= ``min_f1`` count as matched.
+    """
+    if not 0.0 < min_f1 <= 1.0:
+        raise ValueError(f"min_f1 must lie in (0, 1], got {min_f1}")
+    if len(truth_fire) != forest.n_levels:
+        raise ValueError(
+            f"truth_fire must have one entry per truth level ({forest.n_levels}), "
+            f"got {len(truth_fire)}"
+        )
+    shapes = [torch.empty(c.shape[1], 0) for c in codes]
+    _check_forest(shapes, parents, forest)
+    sizes = forest.level_sizes()
+    report = FiringRecoveryReport(min_f1=min_f1)
+    tables = []
+    for level, (level_codes, fired) in enumerate(zip(codes, truth_fire, strict=True)):
+        if fired.shape[1] != sizes[level]:
+            raise ValueError(
+                f"truth_fire[{level}] must have {sizes[level]} columns, got {fired.shape[1]}"
+            )
+        matching = match_by_f1(level_codes, fired)
+        tables.append(_matched_lookups(matching, level_codes.shape[1], sizes[level], min_f1))
+        matched = matching.f1 >= min_f1
+        n_matched = int(matched.sum())
+        report.levels.append(
+            FiringLevelRecovery(
+                level=level,
+                n_learned=level_codes.shape[1],
+                n_truth=sizes[level],
+                n_matched=n_matched,
+                recovery=_ratio(n_matched, sizes[level]),
+                mean_matched_f1=float(matching.f1[matched].mean()) if n_matched else float("nan"),
+            )
+        )
+    for level, links in enumerate(parents):
+        report.edges.append(
+            _firing_edge_recovery(
+                level,
+                links.detach().cpu().long(),
+                forest.true_parents(level),
+                forest.ancestor_or_self(level),
+                ~forest.same_as_parent(level),
+                tables[level],
+                tables[level + 1],
             )
         )
     return report

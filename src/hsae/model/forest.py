@@ -8,6 +8,13 @@ Rebuilding (``hsae-method.md`` section 4), with parameters fixed: each child pic
 highest similarity; children whose best similarity lies in the bottom ``q`` quantile of all
 children's best similarities stay unassigned; the binary variant keeps at most two children
 per parent (the most similar).
+
+Similarities: encoder or decoder cosine, co-activation frequency (the paper's three), and our
+"conditional" option: how much more often the parent fires when the child fires than on
+average, ``P(parent | child) - P(parent)``, from EMAs tracked during training
+(:class:`ConditionalTracker`). A child is the more specific feature, so its true parent should
+fire whenever it does (``P(parent | child)`` near 1) whatever the two decoders look like; the
+``- P(parent)`` keeps a parent that fires on most tokens from winning every child.
 """
 
 from __future__ import annotations
@@ -147,21 +154,70 @@ class CoactivationTracker:
         self.updates = int(tensors["coactivation.updates"])
 
 
+class ConditionalTracker(CoactivationTracker):
+    """Co-firing EMA plus an EMA of every level's firing rate, for ``P(parent | child)``."""
+
+    def __init__(self, level_sizes: list[int], momentum: float, device: torch.device | None = None):
+        super().__init__(level_sizes, momentum, device)
+        self.rates = [torch.zeros(size, device=device) for size in level_sizes]
+
+    @torch.no_grad()
+    def update(self, active: list[Tensor]) -> None:
+        momentum = 0.0 if self.updates == 0 else self.momentum
+        for rate, level_active in zip(self.rates, active, strict=True):
+            rate.mul_(momentum).add_(level_active.to(rate.dtype).mean(0), alpha=1.0 - momentum)
+        super().update(active)
+
+    def lift(self, level: int) -> Tensor:
+        """[n_children, n_parents] ``P(parent | child) - P(parent)`` between levels ``level``
+        and ``level + 1`` (0 for a child that never fired)."""
+        child_rate = self.rates[level + 1]
+        conditional = self.frequencies[level] / child_rate.clamp(min=1e-12)[:, None]
+        lift = conditional - self.rates[level][None, :]
+        return torch.where(child_rate[:, None] > 0, lift, torch.zeros_like(lift))
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        tensors = super().state_tensors()
+        tensors |= {f"conditional.rate.{i}": rate for i, rate in enumerate(self.rates)}
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        super().load_state_tensors(tensors)
+        for i, rate in enumerate(self.rates):
+            rate.copy_(tensors[f"conditional.rate.{i}"])
+
+
+def make_tracker(
+    similarity: str, level_sizes: list[int], momentum: float, device: torch.device | None = None
+) -> CoactivationTracker | None:
+    """The firing statistics a similarity needs during training (None for the cosines)."""
+    if similarity == "coactivation":
+        return CoactivationTracker(level_sizes, momentum, device)
+    if similarity == "conditional":
+        return ConditionalTracker(level_sizes, momentum, device)
+    return None
+
+
 def best_parents(
     similarity: str,
     parent_level: torch.nn.Module,
     child_level: torch.nn.Module,
     coactivation: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Best parent and its similarity for each child, by one of the three measures."""
+    """Best parent and its similarity for each child, by one of the measures.
+
+    ``coactivation``: the [n_children, n_parents] co-firing EMA for "coactivation", the lift
+    ``P(parent | child) - P(parent)`` (:meth:`ConditionalTracker.lift`) for "conditional".
+    A child without positive evidence (score <= 0) for either stays unassigned.
+    """
     with torch.no_grad():
         if similarity == "encoder":
             return best_parent_by_cosine(child_level.W_enc.t(), parent_level.W_enc.t())
         if similarity == "decoder":
             return best_parent_by_cosine(child_level.W_dec, parent_level.W_dec)
-        if similarity == "coactivation":
+        if similarity in ("coactivation", "conditional"):
             if coactivation is None:
-                raise ValueError("similarity='coactivation' needs co-firing statistics")
+                raise ValueError(f"similarity={similarity!r} needs co-firing statistics")
             index, score = best_parent_from_scores(
                 coactivation.shape[0], lambda rows: coactivation[rows]
             )
@@ -169,7 +225,8 @@ def best_parents(
             # of an all-zero row (parent 0) would be arbitrary.
             return index.masked_fill(score <= 0, UNASSIGNED), score
     raise ValueError(
-        f"similarity must be 'encoder', 'decoder' or 'coactivation', not {similarity!r}"
+        "similarity must be 'encoder', 'decoder', 'coactivation' or 'conditional', "
+        f"not {similarity!r}"
     )
 
 
@@ -184,6 +241,8 @@ def rebuild_forest(
     links = []
     for index in range(len(levels) - 1):
         frequencies = coactivation.frequencies[index] if coactivation is not None else None
+        if similarity == "conditional" and isinstance(coactivation, ConditionalTracker):
+            frequencies = coactivation.lift(index)
         best_index, best_score = best_parents(
             similarity, levels[index], levels[index + 1], frequencies
         )

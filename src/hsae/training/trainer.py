@@ -23,7 +23,7 @@ from hsae.config import ConfigError, HSAEConfig
 from hsae.devices import parse_device
 from hsae.errors import HSAEError
 from hsae.model import HSAE, TrainingLoss
-from hsae.model.forest import CoactivationTracker, rebuild_forest
+from hsae.model.forest import make_tracker, rebuild_forest
 from hsae.model.hierarchy_losses import sample_perturbation
 from hsae.model.hsae import LossWeights
 from hsae.training.checkpoint import (
@@ -126,10 +126,8 @@ class Trainer:
         self.tokens_since_fired = [
             torch.zeros(size, dtype=torch.long, device=self.device) for size in config.level_sizes
         ]
-        self.coactivation = (
-            CoactivationTracker(config.level_sizes, config.coactivation_momentum, self.device)
-            if config.similarity == "coactivation"
-            else None
+        self.coactivation = make_tracker(
+            config.similarity, config.level_sizes, config.coactivation_momentum, self.device
         )
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed + 1)
         self.step = 0
