@@ -59,7 +59,6 @@ if TYPE_CHECKING:
     from hsae.evaluation.suite import SuiteSettings
 
 
-
 class RunError(HSAEError, RuntimeError):
     """A run folder cannot be used as asked (wrong model or layer, missing stage, ...)."""
 

@@ -421,9 +421,10 @@ def forest_from_saelens(
     ``unassigned_quantile``, ``target_l0``, training settings for continuing with
     ``Trainer(..., initialise_from_data=False)``).
     """
-    if similarity == "coactivation":
+    if similarity in ("coactivation", "conditional"):
         raise InteropError(
-            "similarity='coactivation' needs activations; use 'encoder' or 'decoder' here"
+            f"similarity={similarity!r} needs firing statistics from training; use 'encoder' "
+            "or 'decoder' here"
         )
     saes = [read_saelens(folder) for folder in folders]
     model = _assemble(saes, activation_scale, fold_decoder_norms, similarity=similarity, **config)
