@@ -497,7 +497,9 @@ class Run:
             # step is never logged twice.
             _truncate_log(self.log_path(which), trainer.step)
             sink = self._log_sink(which, config)
-            with self._stage_clock(f"train_{which}") as tick:
+            # Ticked at every logged step (already a write): a kill loses less than one log
+            # interval of the stage's time, however short the launch.
+            with self._stage_clock(f"train_{which}", every=0.0) as tick:
 
                 def on_log(log: Any) -> None:
                     sink(log)
