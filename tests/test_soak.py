@@ -39,6 +39,7 @@ hsae:
 """
 HARVEST_KILLS = 3  # during start-up, model load and harvest (the harvest restarts)
 TRAIN_KILLS = 18  # spread over the two trainings
+STEPS = 49152 // 128  # training steps of each model (train_tokens // batch_size above)
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
@@ -80,6 +81,24 @@ def _steps(log: Path) -> list[int]:
     return [json.loads(line)["step"] for line in log.read_text().splitlines()]
 
 
+def _trained_steps(folder: Path) -> int:
+    """Steps logged so far by both trainings (a line being written counts when complete)."""
+    total = 0
+    for which in ("hsae", "baseline"):
+        try:
+            lines = (folder / "logs" / f"train_{which}.jsonl").read_text().splitlines()
+        except OSError:
+            continue
+        steps = []
+        for line in lines:
+            try:
+                steps.append(json.loads(line)["step"])
+            except (ValueError, KeyError):
+                break
+        total += max(steps, default=0)
+    return total
+
+
 @pytest.mark.slow
 def test_random_sigkills_then_resume_end_bitwise_equal(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
@@ -103,8 +122,23 @@ def test_random_sigkills_then_resume_end_bitwise_equal(tmp_path: Path) -> None:
     while not _harvested(victim) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     kills += _kill_after(process, rng.uniform(0.0, 1.0))
-    for _ in range(TRAIN_KILLS):  # start-up takes about 2 s; training gets 0-2.5 s each
-        kills += _kill_after(_launch(victim, config), rng.uniform(1.0, 4.5))
+    # Training kills are placed by progress, not by the clock, so that every machine gets all
+    # of them: each launch trains a random number of steps (at least one checkpoint interval,
+    # at most its share of what is left), then dies a random fraction of a second later.
+    train_kills = 0
+    while train_kills < TRAIN_KILLS:
+        start = _trained_steps(victim)
+        share = (2 * STEPS - start) // (TRAIN_KILLS - train_kills + 1)
+        goal = start + rng.randint(8, max(9, share))
+        process = _launch(victim, config)
+        deadline = time.monotonic() + 300
+        while process.poll() is None and _trained_steps(victim) < goal:
+            assert time.monotonic() < deadline, "no training progress within 300 s"
+            time.sleep(0.01)
+        if not _kill_after(process, rng.uniform(0.0, 0.2)):
+            break  # it finished both trainings before the kill
+        train_kills += 1
+    kills += train_kills
     last = _launch(victim, config)
     assert last.wait(timeout=600) == 0, last.stderr.read()[-2000:] if last.stderr else ""
     assert kills >= 20
