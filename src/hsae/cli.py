@@ -30,7 +30,7 @@ def harvest(
     context_length: int = typer.Option(128, help="tokens per context, BOS included"),
     batch_size: int = typer.Option(32, help="contexts per forward pass"),
     shard_tokens: int = typer.Option(65_536, help="activation rows per shard file"),
-    dtype: str = typer.Option("float32", help="storage dtype: float32 | float16"),
+    dtype: str = typer.Option("float32", help="storage dtype: float32 | float16 | bfloat16"),
     heldout_fraction: float = typer.Option(0.05, help="fraction of tokens kept for held-out"),
     seed: int = typer.Option(0, help="document-order seed"),
     device: str = typer.Option(None, help="torch device [cuda if available, else cpu]"),

@@ -433,7 +433,8 @@ class ActivationCache:
 
     def all_activations(self, split: str = "heldout", scaled: bool = False) -> torch.Tensor:
         """Every activation of a split as one float32 tensor [n, d] (meant for small splits)."""
-        parts = [as_float32(self.open_shard(s, raw=True)[0], self.dtype) for s in self.shards(split)]
+        shards = self.shards(split)
+        parts = [as_float32(self.open_shard(s, raw=True)[0], self.dtype) for s in shards]
         acts = np.concatenate(parts) if parts else np.zeros((0, self.d_model), np.float32)
         tensor = torch.from_numpy(acts)
         return tensor * self.scale if scaled else tensor
