@@ -184,7 +184,10 @@ class ShardWriter:
     def append(
         self, split: str, acts: np.ndarray, meta: np.ndarray, batch: int, first_row: int
     ) -> None:
-        """Add rows `first_row ..` of model batch `batch`; shards are flushed as they fill up."""
+        """Add rows `first_row ..` of model batch `batch` (float rows, or rows already in the
+        storage form of `to_storage`); shards are flushed as they fill up."""
+        if acts.dtype != self.dtype:
+            acts = to_storage(acts, self.dtype_name)
         if split != self._split and self._filled:
             self.flush(ResumePoint(batch, first_row))
         self._split = split
