@@ -112,7 +112,9 @@ def test_prefetch_gives_the_same_stream_and_resumes(tmp_path):
     expected = [next(ahead) for _ in range(15)]
     resumed = cache.reader(70, seed=5, shuffle_buffer=200, prefetch=3)
     resumed.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(expected, [next(resumed) for _ in range(15)]))
+    assert all(
+        torch.equal(a, b) for a, b in zip(expected, [next(resumed) for _ in range(15)], strict=True)
+    )
     threads = [t for t in threading.enumerate() if t.name == "hsae-cache-prefetch"]
     assert threads
     for reader in (plain, ahead, resumed):
@@ -139,7 +141,9 @@ def test_rank_streams_are_disjoint_and_cover_every_row(tmp_path, world):
     cache, _ = _cache(tmp_path, n=1000, shard_tokens=100)
     per_rank = []
     for rank in range(world):
-        reader = cache.reader(50, seed=2, shuffle_buffer=150, loop=False, rank=rank, world_size=world)
+        reader = cache.reader(
+            50, seed=2, shuffle_buffer=150, loop=False, rank=rank, world_size=world
+        )
         batches = list(reader)
         assert len(batches) == len(reader)
         per_rank.append(_ids(batches, cache))
@@ -154,7 +158,9 @@ def test_rank_streams_are_disjoint_and_cover_every_row(tmp_path, world):
     expected = [next(reader) for _ in range(10)]
     resumed = cache.reader(50, seed=2, shuffle_buffer=150, rank=1, world_size=world)
     resumed.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(expected, [next(resumed) for _ in range(10)]))
+    assert all(
+        torch.equal(a, b) for a, b in zip(expected, [next(resumed) for _ in range(10)], strict=True)
+    )
     with pytest.raises(CacheError, match="rank"):
         cache.reader(50, seed=2, shuffle_buffer=150, rank=0, world_size=world).load_state_dict(
             state
@@ -212,7 +218,9 @@ def tiny_lm(tiny_model):
 @pytest.fixture(scope="module")
 def single(tiny_model, tiny_lm, tmp_path_factory) -> ActivationCache:
     config = HarvestConfig(model=str(tiny_model), **SETTINGS)
-    return run_harvest(config, tmp_path_factory.mktemp("single") / "acts", lm=tiny_lm, progress=False)
+    return run_harvest(
+        config, tmp_path_factory.mktemp("single") / "acts", lm=tiny_lm, progress=False
+    )
 
 
 def _same_cache(a: ActivationCache, b: ActivationCache) -> None:
@@ -234,7 +242,9 @@ def test_single_cache_layout(single):
     assert [s["n_tokens"] for s in single.shards("train")] == [200] * 5 + [50]
 
 
-def test_parallel_code_as_one_process_equals_the_single_harvest(tiny_model, tiny_lm, single, tmp_path):
+def test_parallel_code_as_one_process_equals_the_single_harvest(
+    tiny_model, tiny_lm, single, tmp_path
+):
     config = HarvestConfig(model=str(tiny_model), **SETTINGS)
     out = tmp_path / "acts"
     calls = []
@@ -245,7 +255,9 @@ def test_parallel_code_as_one_process_equals_the_single_harvest(tiny_model, tiny
             raise KeyboardInterrupt  # a kill mid-harvest: some shards done, one half-filled
 
     with pytest.raises(KeyboardInterrupt):
-        harvest_parallel(config, out, lm=tiny_lm, progress=False, on_progress=kill_after_some_batches)
+        harvest_parallel(
+            config, out, lm=tiny_lm, progress=False, on_progress=kill_after_some_batches
+        )
     records = sorted(p.name for p in (out / "shards").glob("*.json"))
     assert 0 < len(records) < 9 and json.loads((out / "manifest.json").read_text())["parallel"]
     # harvest() sees an unfinished multi-process cache and resumes it the same way
@@ -291,6 +303,8 @@ def test_two_process_torchrun_harvest_equals_one_process(tiny_model, single, tmp
     _same_cache(single, ActivationCache(out))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parallel"] and not list((out / "shards").glob("*.json"))
+    writers = [(s["index"], s["written_by"]) for s in manifest["shards"]]
+    assert writers == [(k, {"rank": k % 2, "world_size": 2}) for k in range(len(writers))]
 
 
 @pytest.mark.slow
@@ -312,3 +326,6 @@ def test_killed_rank_resumes_under_torchrun(tiny_model, tiny_lm, single, tmp_pat
     first.write_bytes(first.read_bytes()[:-64])  # torn: its record no longer counts
     _torchrun(2, tiny_model, out)
     _same_cache(single, ActivationCache(out))
+    writers = [s["written_by"] for s in ActivationCache(out).manifest["shards"]]
+    assert writers[0] == {"rank": 0, "world_size": 2}, "the torn shard is harvested again"
+    assert {"rank": 0, "world_size": 1} in writers, "shards finished before the kill are kept"

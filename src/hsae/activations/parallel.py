@@ -330,6 +330,7 @@ def _write_shard(root: Path, config: HarvestConfig, index: int, buffer: _Buffer)
         "tokens_sha256": _sha256(root / f"{stem}.tokens.npy"),
         "norm_sum": row_norm_sum(acts, config.dtype),
         "resume": buffer.resume,
+        "written_by": {"rank": distributed.rank(), "world_size": distributed.world_size()},
     }
     write_json(root / f"{stem}{RECORD_SUFFIX}", entry)
 
