@@ -4,6 +4,7 @@ single-process one, on a tiny random Gemma 3 model with the embedded tokenizer."
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -115,13 +116,27 @@ def test_prefetch_gives_the_same_stream_and_resumes(tmp_path):
     assert all(
         torch.equal(a, b) for a, b in zip(expected, [next(resumed) for _ in range(15)], strict=True)
     )
-    threads = [t for t in threading.enumerate() if t.name == "hsae-cache-prefetch"]
+    threads = [t for t in threading.enumerate() if t.name.startswith("hsae-cache-")]
     assert threads
     for reader in (plain, ahead, resumed):
         reader.close()
     for thread in threads:
         thread.join(timeout=10)
     assert not any(t.is_alive() for t in threads), "close() should stop the prefetch thread"
+
+
+def test_dropped_reader_stops_its_threads(tmp_path):
+    cache, _ = _cache(tmp_path)
+    before = set(threading.enumerate())
+    reader = cache.reader(70, seed=5, shuffle_buffer=200, prefetch=2)
+    next(reader)
+    started = [t for t in set(threading.enumerate()) - before if t.name.startswith("hsae-cache-")]
+    assert len(started) == 2  # the block reader and the batch maker
+    del reader
+    gc.collect()
+    for thread in started:
+        thread.join(timeout=10)
+    assert not any(t.is_alive() for t in started)
 
 
 def test_error_in_prefetch_thread_reaches_the_consumer(tmp_path):

@@ -4,7 +4,9 @@ state_dict for exact resumption)."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import itertools
 import math
 import queue
 import shutil
@@ -86,7 +88,11 @@ def to_storage(acts: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
 def as_float32(raw: np.ndarray, name: str) -> np.ndarray:
     """Stored rows as a new float32 array."""
     if name == "bfloat16":
-        return (np.asarray(raw, dtype=np.uint32) << 16).view(np.float32)
+        out = np.empty(np.shape(raw), dtype=np.float32)
+        bits = out.view(np.uint32)
+        bits[...] = raw
+        bits <<= 16
+        return out
     return np.array(raw, dtype=np.float32)
 
 
@@ -498,27 +504,31 @@ class ActivationReader:
     contiguous rows. Per epoch the chunks are permuted (seeded by seed, epoch) and grouped
     ``mix_shards`` at a time into blocks of about ``shuffle_buffer`` rows, so one block mixes rows
     of up to ``mix_shards`` shards from anywhere in the cache; each block's rows are permuted
-    (seeded by seed, epoch, block). Chunks are read from memory-mapped shard files (contiguous
-    reads; bfloat16 / float16 storage is converted to float32) by a background thread that keeps
-    up to ``prefetch`` blocks ready, so the consumer does not wait on disk while it computes.
-    Memory: about ``(prefetch + 2) x shuffle_buffer x d x 4`` bytes. ``prefetch=0`` reads in
-    the calling thread. An error in the thread (corrupted shard, ...) is raised by ``next()``.
+    (seeded by seed, epoch, block). ``shuffle_buffer=0`` reads in storage order.
+
+    Reading: chunks are contiguous reads of memory-mapped shard files. With ``prefetch > 0`` two
+    background threads work ahead of the consumer: one reads up to ``prefetch`` blocks (in their
+    storage dtype), the other cuts them into float32 batches (up to ``ready_batches`` of them),
+    so ``next()`` only hands over a finished batch and training does not wait on the disk while
+    it computes. Memory: about ``(prefetch + 2) x shuffle_buffer x d x bytes per stored value``
+    plus ``ready_batches x batch_size x d x 4``. An error in a thread (a corrupted shard, ...) is
+    raised by ``next()``. ``prefetch=0`` does everything in the calling thread.
 
     The stream is a pure function of (seed, rank, world_size, position), so ``state_dict()`` is
-    tiny and ``load_state_dict()`` resumes the exact batch sequence.
+    tiny (the rows handed over so far, not those prefetched) and ``load_state_dict()`` resumes
+    the exact batch sequence.
 
     Several processes (data-parallel training): ``rank=r, world_size=w`` gives process r the
     blocks g = r, r + w, r + 2w, ... of the global block sequence (epoch after epoch), so the w
     streams are disjoint within each pass over the data and together cover every row once per
-    pass; each process reads only its own blocks from disk. ``world_size=1`` is the plain stream.
-    A state saved by one rank resumes only on the same rank and world size.
+    pass; each process reads only its own blocks. ``world_size=1`` is the plain stream. A state
+    saved by one rank resumes only on the same rank and world size.
 
     ``loop=True`` runs epoch after epoch forever (batches may straddle epochs); ``loop=False``
     makes a single pass (the blocks of epoch 0 that belong to this rank; ranks may then get
     different numbers of batches) whose last batch may be smaller (or is dropped with
-    ``drop_last``). ``shuffle_buffer=0`` reads in storage order. Call ``close()`` (or use the
-    reader as a context manager) to stop the prefetch thread early; it is a daemon thread and
-    also stops when the reader is garbage-collected."""
+    ``drop_last``). ``close()`` (or a ``with`` block) stops the threads early; they are daemon
+    threads and also stop when the reader is garbage-collected."""
 
     def __init__(
         self,
@@ -534,6 +544,7 @@ class ActivationReader:
         prefetch: int = 2,
         rank: int = 0,
         world_size: int = 1,
+        ready_batches: int = 4,
     ) -> None:
         _check_split(split)
         for name, value, low in (
@@ -542,6 +553,7 @@ class ActivationReader:
             ("mix_shards", mix_shards, 1),
             ("prefetch", prefetch, 0),
             ("world_size", world_size, 1),
+            ("ready_batches", ready_batches, 1),
         ):
             if value < low:
                 raise CacheError(f"{name} must be >= {low}, got {value}")
@@ -556,6 +568,7 @@ class ActivationReader:
         )
         self.mix_shards = mix_shards if shuffle_buffer > 0 else 1
         self.prefetch, self.rank, self.world_size = prefetch, rank, world_size
+        self.ready_batches = ready_batches
         self.shards = cache.shards(split)
         self.sizes = np.array([s["n_tokens"] for s in self.shards], dtype=np.int64)
         self.n_rows = int(self.sizes.sum())
@@ -576,10 +589,7 @@ class ActivationReader:
         self.n_blocks = math.ceil(len(self._chunk_lo) / self.mix_shards)
         self.position = 0
         self._epochs: dict[int, np.ndarray] = {}
-        self._cursor = (0, 0)  # (rank block m, its first row in this rank's stream)
-        self._block_m: int | None = None
-        self._block: np.ndarray = np.zeros((0, cache.d_model), np.float32)
-        self._prefetcher: _Prefetcher | None = None
+        self._source: Iterator[torch.Tensor] | _Pipe | None = None
         self._finite_rows = (
             None if loop else sum(self._block_size(m) for m in range(self._finite_blocks()))
         )
@@ -595,19 +605,18 @@ class ActivationReader:
         return full + (1 if rest and not self.drop_last else 0)
 
     def __next__(self) -> torch.Tensor:
-        want = self.batch_size
-        if self._finite_rows is not None:
-            left = self._finite_rows - self.position
-            if left <= 0 or (self.drop_last and left < want):
-                self.close()
-                raise StopIteration
-            want = min(want, left)
-        parts = []
-        while want:
-            part = self._take(want)
-            parts.append(part)
-            want -= len(part)
-        batch = torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])
+        if self._source is None:
+            if self.prefetch == 0:
+                self._source = self._batches(self.position)
+            else:
+                # The threads work on a copy, so they keep no reference to this reader: a reader
+                # dropped without close() is garbage-collected and its __del__ stops them.
+                worker, start = copy.copy(self), self.position
+                self._source = _Pipe(
+                    lambda: worker._batches(start), self.ready_batches, "hsae-cache-batches"
+                )
+        batch = next(self._source)
+        self.position += len(batch)
         return batch * self.cache.scale if self.scaled else batch
 
     def __enter__(self) -> ActivationReader:
@@ -620,20 +629,12 @@ class ActivationReader:
         self.close()
 
     def close(self) -> None:
-        """Stop the prefetch thread (the reader restarts it if iterated again)."""
-        prefetcher, self._prefetcher = getattr(self, "_prefetcher", None), None
-        if prefetcher is not None:
-            prefetcher.close()
+        """Stop the background threads (iterating again restarts them where it stopped)."""
+        source, self._source = getattr(self, "_source", None), None
+        if isinstance(source, _Pipe):
+            source.close()
 
-    def _take(self, want: int) -> np.ndarray:
-        m, start = self._locate(self.position)
-        data = self._block_data(m)
-        offset = self.position - start
-        count = min(want, len(data) - offset)
-        self.position += count
-        return data[offset : offset + count]
-
-    # -- blocks: rank block m is global block g = rank + m * world_size (epoch g // n_blocks)
+    # -- the stream: rank block m is global block g = rank + m * world_size
     def _global(self, m: int) -> tuple[int, int]:
         return divmod(self.rank + m * self.world_size, self.n_blocks)
 
@@ -646,57 +647,74 @@ class ActivationReader:
             return np.arange(n_chunks)
         return np.random.default_rng([self.seed, epoch]).permutation(n_chunks)
 
-    def _block_sizes(self, epoch: int) -> np.ndarray:
-        """Rows per block of an epoch (the last two epochs' are kept; main thread only)."""
+    def _block_size(self, m: int) -> int:
+        epoch, block = self._global(m)
         if epoch not in self._epochs:
             sizes = (self._chunk_hi - self._chunk_lo)[self._chunk_order(epoch)]
             block_sizes = np.add.reduceat(sizes, np.arange(0, len(sizes), self.mix_shards))
             self._epochs = {k: v for k, v in self._epochs.items() if k >= epoch - 1}
             self._epochs[epoch] = block_sizes
-        return self._epochs[epoch]
+        return int(self._epochs[epoch][block])
 
-    def _block_size(self, m: int) -> int:
-        epoch, block = self._global(m)
-        return int(self._block_sizes(epoch)[block])
-
-    def _locate(self, position: int) -> tuple[int, int]:
-        m, start = self._cursor if position >= self._cursor[1] else (0, 0)
+    def _batches(self, position: int) -> Iterator[torch.Tensor]:
+        """float32 batches from `position` on (in the batch thread when prefetching)."""
+        m, start = 0, 0
         while start + self._block_size(m) <= position:
             start += self._block_size(m)
             m += 1
-        self._cursor = (m, start)
-        return m, start
+        last = None if self._finite_rows is None else self._finite_blocks()
+        ms = itertools.count(m) if last is None else iter(range(m, last))
+        loads = (self._load_block(k) for k in ms)
+        blocks: Iterator[tuple[np.ndarray, np.ndarray | None]] = (
+            _Pipe(lambda: loads, self.prefetch, "hsae-cache-blocks") if self.prefetch else loads
+        )
+        try:
+            raw, order = next(blocks)
+            offset = position - start
+            while True:
+                want = self.batch_size
+                if self._finite_rows is not None:
+                    left = self._finite_rows - position
+                    if left <= 0 or (self.drop_last and left < want):
+                        return
+                    want = min(want, left)
+                parts = []
+                while want:
+                    if offset == len(raw):
+                        raw, order = next(blocks)
+                        offset = 0
+                    take = min(want, len(raw) - offset)
+                    rows = (
+                        raw[offset : offset + take]
+                        if order is None
+                        else raw[order[offset : offset + take]]
+                    )
+                    parts.append(as_float32(rows, self.cache.dtype))
+                    offset, want = offset + take, want - take
+                batch = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                position += len(batch)
+                yield torch.from_numpy(batch)
+        finally:
+            if isinstance(blocks, _Pipe):
+                blocks.close()
 
-    def _block_data(self, m: int) -> np.ndarray:
-        if self._block_m == m:
-            return self._block
-        if self.prefetch == 0:
-            data = self._load_block(m)
-        else:
-            if self._prefetcher is None or self._prefetcher.next_m != m:
-                self.close()
-                last = None if self._finite_rows is None else self._finite_blocks()
-                self._prefetcher = _Prefetcher(self._load_block, m, last, self.prefetch)
-            data = self._prefetcher.get(m)
-        self._block_m, self._block = m, data
-        return data
-
-    def _load_block(self, m: int) -> np.ndarray:
-        """Rows of rank block m, float32, permuted: runs in the prefetch thread."""
+    def _load_block(self, m: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Stored rows of rank block m (in the block thread when prefetching) and their order."""
         epoch, block = self._global(m)
-        order = self._chunk_order(epoch)
-        chunks = order[block * self.mix_shards : (block + 1) * self.mix_shards]
+        chunks = self._chunk_order(epoch)[block * self.mix_shards : (block + 1) * self.mix_shards]
         sizes = self._chunk_hi[chunks] - self._chunk_lo[chunks]
-        data = np.empty((int(sizes.sum()), self.cache.d_model), dtype=np.float32)
+        raw = np.empty(
+            (int(sizes.sum()), self.cache.d_model), dtype=storage_dtype(self.cache.dtype)
+        )
         at = 0
         for chunk, size in zip(chunks.tolist(), sizes.tolist(), strict=True):
-            raw, _ = self.cache.open_shard(self.shards[self._chunk_shard[chunk]], raw=True)
+            acts, _ = self.cache.open_shard(self.shards[self._chunk_shard[chunk]], raw=True)
             lo = int(self._chunk_lo[chunk])
-            data[at : at + size] = as_float32(raw[lo : lo + size], self.cache.dtype)
+            raw[at : at + size] = acts[lo : lo + size]
             at += size
-        if self.shuffle_buffer:
-            data = data[np.random.default_rng([self.seed, epoch, block]).permutation(len(data))]
-        return data
+        if not self.shuffle_buffer:
+            return raw, None
+        return raw, np.random.default_rng([self.seed, epoch, block]).permutation(len(raw))
 
     # -- resumption
     def state_dict(self) -> dict[str, Any]:
@@ -722,57 +740,68 @@ class ActivationReader:
                     f"reader state has {key}={saved!r} but this reader has "
                     f"{key}={getattr(self, key)!r}"
                 )
+        self.close()
         self.position = int(state["position"])
 
 
-class _Prefetcher:
-    """Loads blocks first, first + 1, ... (up to `last`, exclusive) on a daemon thread into a
-    bounded queue; get() hands them over in order and re-raises a loading error."""
+_END = object()
 
-    def __init__(
-        self, load: Callable[[int], np.ndarray], first: int, last: int | None, depth: int
-    ) -> None:
-        self.next_m = first
-        self._queue: queue.Queue[tuple[np.ndarray | None, BaseException | None]] = queue.Queue(
-            maxsize=depth
-        )
+
+class _Pipe:
+    """Runs an iterator on a daemon thread, `depth` items ahead, behind a bounded queue; it is
+    itself an iterator of the same items, and re-raises the thread's error in the consumer."""
+
+    def __init__(self, source: Callable[[], Iterator[Any]], depth: int, name: str) -> None:
+        self._queue: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(load, first, last), name="hsae-cache-prefetch", daemon=True
-        )
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(source,), name=name, daemon=True)
         self._thread.start()
 
-    def _run(self, load: Callable[[int], np.ndarray], m: int, last: int | None) -> None:
-        while not self._stop.is_set() and (last is None or m < last):
-            item: tuple[np.ndarray | None, BaseException | None]
-            try:
-                item = (load(m), None)
-            except BaseException as exc:  # handed to the consumer, raised there
-                item = (None, exc)
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if item[1] is not None:
-                return
-            m += 1
+    def _run(self, source: Callable[[], Iterator[Any]]) -> None:
+        iterator = None
+        try:
+            iterator = source()
+            for item in iterator:
+                if not self._put((item, None)):
+                    return
+            self._put((_END, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put((None, exc))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()  # a generator's finally blocks (its own pipes) run here
 
-    def get(self, m: int) -> np.ndarray:
+    def _put(self, item: tuple[Any, BaseException | None]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
         while True:
             try:
-                data, error = self._queue.get(timeout=0.5)
+                item, error = self._queue.get(timeout=0.5)
                 break
             except queue.Empty:
                 if not self._thread.is_alive() and self._queue.empty():
-                    raise CacheError(f"the prefetch thread stopped before block {m}") from None
+                    raise CacheError("a reader thread stopped without a word") from None
         if error is not None:
-            self._stop.set()
+            self._done = True
             raise error
-        self.next_m += 1
-        assert data is not None
-        return data
+        if item is _END:
+            self._done = True
+            raise StopIteration
+        return item
 
     def close(self) -> None:
         self._stop.set()
