@@ -268,12 +268,19 @@ def export_saelens(
     killed export leaves no partial ``OUT``.
     """
     folder = Path(run_dir)
+    if layer is not None and layer < 0:
+        raise InteropError(f"layer must be >= 0, got {layer}")
     sources = model_sources(folder)
     run = _run_of(folder)
     if run is None:
         provenance = _bare_provenance(folder, model_name, layer)
     else:
         provenance = run_provenance(run, model_name)
+        if layer is not None and layer != provenance.layer:
+            raise InteropError(
+                f"layer {layer} disagrees with the run's layer {provenance.layer}; --layer "
+                "(layer=) is for a model folder outside any run"
+            )
     owners = [folder] if run is None else [folder, run]
     root = check_output_path(out, overwrite=overwrite, folder=True, runs=owners)
     for which in sources:
@@ -324,8 +331,6 @@ def _bare_provenance(folder: Path, model_name: str | None, layer: int | None) ->
             f"{folder} is a saved model outside any run folder, so the layer it was trained on "
             "is unknown; pass --layer (layer=) and --model-name (model_name=)"
         )
-    if layer < 0:
-        raise InteropError(f"layer must be >= 0, got {layer}")
     return _provenance({"model_name": model_name or "unknown", "layer": layer})
 
 
@@ -367,7 +372,7 @@ def _heldout_rows(cache: Any, max_tokens: int, batch_size: int = 4096) -> Iterat
         for start in range(0, len(acts), batch_size):
             if left <= 0:
                 return
-            rows = np.asarray(acts[start : start + min(batch_size, left)], dtype=np.float32)
+            rows = np.array(acts[start : start + min(batch_size, left)], dtype=np.float32)
             left -= len(rows)
             yield torch.from_numpy(rows)
 
@@ -530,8 +535,8 @@ def model_card(models: dict[str, HSAE], provenance: Provenance, repo_id: str | N
         kind = model.levels[0].saelens_architecture
         for level, size in enumerate(model.config.level_sizes):
             links = "-" if level == 0 else f"into `{which}/level_{level - 1}`"
-            if model.config.mode != "hsae":
-                links = "none (independent baseline)" if level else "-"
+            if level and model.config.mode != "hsae":
+                links += " (built post hoc: levels trained independently)"
             lines.append(f"| `{which}/level_{level}` | {kind} | {size} | {links} |")
     details = provenance.as_dict()
     lines += ["", "## Provenance", ""]
