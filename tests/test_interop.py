@@ -762,6 +762,10 @@ def test_reimport_recovers_every_parent_link(run_dir: Path, tmp_path: Path) -> N
     )
     assert same == total
     assert imported.config.similarity == original.config.similarity
+    assert imported.scale == pytest.approx(SCALE)  # the export's c: the trained weights back
+    for ours, theirs in zip(imported.levels, original.levels, strict=True):
+        for name, tensor in theirs.state_dict().items():
+            assert (ours.state_dict()[name] - tensor).abs().max() < 1e-5, name
 
     rebuilt = forest_from_saelens(levels, similarity="encoder")  # asked for: post hoc
     pairs = zip(rebuilt.forest(), original.forest(), strict=True)

@@ -399,7 +399,9 @@ def import_saelens(
         "links when they carry them (an hsae export), else decoder]",
     ),
     tree: str = typer.Option("partial", help="partial | full | binary"),
-    scale: float = typer.Option(1.0, help="activation scale c the HSAE applies to raw inputs"),
+    scale: float = typer.Option(
+        None, help="activation scale c the HSAE applies to raw inputs [an export's own, else 1]"
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace the model in an existing --out folder"
     ),

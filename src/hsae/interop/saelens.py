@@ -667,7 +667,7 @@ def level_from_saelens(
 def forest_from_saelens(
     folders: list[str | Path],
     similarity: str | None = None,
-    activation_scale: float = 1.0,
+    activation_scale: float | None = None,
     fold_decoder_norms: bool = True,
     **config: Any,
 ) -> HSAE:
@@ -676,6 +676,9 @@ def forest_from_saelens(
     carry none or ``similarity`` is given, a forest built post hoc with
     :func:`hsae.model.forest.rebuild_forest` (``similarity`` default: "decoder", as in
     :class:`hsae.HSAEConfig`). :func:`import_forest` also says which of the two happened.
+
+    ``activation_scale`` is the c the HSAE applies to raw inputs (default: the one an hsae
+    export recorded, so a re-import gives back the trained weights; else 1).
 
     ``config`` takes further :class:`hsae.HSAEConfig` settings (``tree``,
     ``unassigned_quantile``, ``target_l0``, training settings for continuing with
@@ -687,7 +690,7 @@ def forest_from_saelens(
 def import_forest(
     folders: list[str | Path],
     similarity: str | None = None,
-    activation_scale: float = 1.0,
+    activation_scale: float | None = None,
     fold_decoder_norms: bool = True,
     **config: Any,
 ) -> tuple[HSAE, str]:
@@ -698,6 +701,8 @@ def import_forest(
             "or 'decoder' here"
         )
     saes = [read_saelens(folder) for folder in folders]
+    if activation_scale is None:
+        activation_scale = exported_scale(saes)
     stored, reason = (None, "a similarity was asked for") if similarity else stored_forest(saes)
     if stored is not None:
         kept = (
@@ -745,6 +750,19 @@ def stored_forest(saes: list[SAELensWeights]) -> tuple[list[Tensor] | None, str]
     if not forest:
         return None, "a single SAE has no parent links"
     return forest, "read from the export"
+
+
+def exported_scale(saes: list[SAELensWeights]) -> float:
+    """The activation scale c an hsae export recorded (``metadata.hsae.activation_scale``)
+    when every level records the same one, else 1 (SAEs from elsewhere)."""
+    scales = set()
+    for sae in saes:
+        meta = (sae.cfg.get("metadata") or {}).get("hsae") or {}
+        scales.add(meta.get("activation_scale") if isinstance(meta, dict) else None)
+    scale = next(iter(scales)) if len(scales) == 1 else None
+    if isinstance(scale, (int, float)) and 0.0 < float(scale) < float("inf"):
+        return float(scale)
+    return 1.0
 
 
 def _exported_setting(saes: list[SAELensWeights], key: str) -> Any:
