@@ -925,6 +925,11 @@ def test_upload_refuses_offline_in_one_line_before_any_work(
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
     runner = CliRunner()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     result = runner.invoke(app, ["upload", str(run_dir), REPO_ID])
@@ -939,6 +944,14 @@ def test_upload_refuses_offline_in_one_line_before_any_work(
     result = runner.invoke(app, ["upload", str(run_dir), REPO_ID])
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert "cannot reach the Hugging Face Hub" in result.output and "offline" in result.output
+    # Reachable (a local socket listens there), but no token is set.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        result = runner.invoke(app, ["upload", str(run_dir), REPO_ID])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "no Hugging Face token" in result.output and "hf auth login" in result.output
     for args, message in (
         ([str(run_dir), "no-owner"], "owner/name"),
         ([str(run_dir), "bad id/x y"], "not a Hub repository id"),

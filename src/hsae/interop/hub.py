@@ -14,6 +14,7 @@ is set, all before the export is built: an offline machine gets one line saying 
 
 from __future__ import annotations
 
+import os
 import socket
 import tempfile
 from pathlib import Path
@@ -77,19 +78,30 @@ def check_hub_reachable(timeout: float = CONNECT_TIMEOUT_S) -> None:
     endpoint = urlparse(constants.ENDPOINT)
     host = endpoint.hostname or ""
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    if not _proxied():  # behind a proxy a direct connection proves nothing: the upload tells
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise InteropError(
+                f"hsae upload cannot reach the Hugging Face Hub at {constants.ENDPOINT} "
+                f"({reason}); this machine looks offline: {offline_advice}"
+            ) from None
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise InteropError(
-            f"hsae upload cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({reason}); "
-            f"this machine looks offline: {offline_advice}"
-        ) from None
-    if get_token() is None:
+        token = get_token()
+    except Exception as error:  # e.g. a failed OIDC token exchange (HF_OIDC_RESOURCE set)
+        raise InteropError(f"cannot get a Hugging Face token: {error}") from None
+    if token is None:
         raise InteropError(
             "no Hugging Face token: run `hf auth login` or set HF_TOKEN to a token with write "
             "access, then run hsae upload again"
         )
+
+
+def _proxied() -> bool:
+    return any(
+        os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    )
 
 
 def _api() -> Any:
@@ -101,8 +113,6 @@ def _api() -> Any:
 
 def push_folder(api: Any, folder: Path, repo_id: str, private: bool, revision: str) -> str:
     """Create the repository (and branch) if needed and upload ``folder`` in one commit."""
-    from huggingface_hub.errors import HfHubHTTPError
-
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         if revision != "main":
@@ -114,7 +124,9 @@ def push_folder(api: Any, folder: Path, repo_id: str, private: bool, revision: s
             revision=revision,
             commit_message="Upload hsae export (SAELens layout)",
         )
-    except (HfHubHTTPError, OSError, ValueError) as error:
+    except Exception as error:  # HTTP, connection, auth errors of whichever client is in use
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise InteropError(f"upload to {repo_id} failed: {message}") from None
+        raise InteropError(
+            f"upload to {repo_id} failed ({type(error).__name__}): {message}"
+        ) from None
     return str(getattr(commit, "commit_url", commit))

@@ -553,7 +553,7 @@ def model_card(models: dict[str, HSAE], provenance: Provenance, repo_id: str | N
         "The whole forest (levels and parent links) with hsae:",
         "",
         "```bash",
-        f"huggingface-cli download {repo} --local-dir sae_repo",
+        f"hf download {repo} --local-dir sae_repo",
         "hsae import-saelens sae_repo/hsae/level_* --out my_hsae",
         "```",
         "",
