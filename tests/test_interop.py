@@ -880,6 +880,11 @@ def test_export_records_provenance_and_the_real_sae_lens_version(
     assert provenance["harvested_tokens"] == {"train": 200, "heldout": 300}
     assert meta["hsae"]["hsae_version"] == hsae.__version__
     assert meta["hsae"]["sparsity_tokens"] == 300
+    export_saelens(run_dir, tmp_path / "fewer", sparsity_tokens=100)
+    cfg = json.loads((tmp_path / "fewer" / "hsae" / "level_0" / "cfg.json").read_text())
+    assert cfg["metadata"]["hsae"]["sparsity_tokens"] == 100
+    export_saelens(run_dir, tmp_path / "none", sparsity_tokens=0)
+    assert not list((tmp_path / "none").rglob("sparsity.safetensors"))
 
 
 def test_export_accepts_a_bare_model_folder(run_dir: Path, tmp_path: Path) -> None:

@@ -340,6 +340,9 @@ def export_run(
     format: str = typer.Option("saelens", "--format", help="saelens | archive"),
     model_name: str = typer.Option(None, help="model name for SAELens/SAEBench [the run's]"),
     layer: int = typer.Option(None, help="layer of a model folder outside any run [the run's]"),
+    sparsity_tokens: int = typer.Option(
+        65_536, help="held-out rows for sparsity.safetensors (0: leave it out)"
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace an existing OUT (never the run's own files)"
     ),
@@ -354,14 +357,16 @@ def export_run(
         if format == "archive":
             typer.echo(f"wrote {export_archive(run_dir, out, overwrite=overwrite)}")
             return
-        written = export_saelens(run_dir, out, model_name, overwrite=overwrite, layer=layer)
+        written = export_saelens(
+            run_dir, out, model_name, overwrite, layer, sparsity_tokens=sparsity_tokens
+        )
     except _user_errors() as error:
         raise _fail(error) from None
     for which, folders in written.items():
         sparsity = (
             "sparsity.safetensors from held-out activations"
             if (folders[0] / SPARSITY_FILE).is_file()
-            else "no sparsity.safetensors (no held-out activations)"
+            else "no sparsity.safetensors (no held-out activations, or --sparsity-tokens 0)"
         )
         typer.echo(
             f"{which}: {len(folders)} SAELens SAEs with parent links + forest.json, {sparsity}, "

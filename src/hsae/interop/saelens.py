@@ -270,6 +270,8 @@ def export_saelens(
     folder = Path(run_dir)
     if layer is not None and layer < 0:
         raise InteropError(f"layer must be >= 0, got {layer}")
+    if sparsity_tokens < 0:
+        raise InteropError(f"sparsity_tokens must be >= 0 (0: no sparsity), got {sparsity_tokens}")
     sources = model_sources(folder)
     run = _run_of(folder)
     if run is None:
@@ -352,14 +354,16 @@ def run_log_sparsity(model: HSAE, run_dir: Path, max_tokens: int = SPARSITY_TOKE
     """Feature frequencies of every level on the run's held-out activations (up to
     ``max_tokens`` rows), or None when the run has no readable held-out activations."""
     from hsae.activations.cache import ActivationCache, CacheError
+    from hsae.activations.models import default_device
 
     path = run_dir / ACTIVATIONS_DIR
-    if not (path / CACHE_MANIFEST).is_file():
+    if max_tokens <= 0 or not (path / CACHE_MANIFEST).is_file():
         return None
     try:
         cache = ActivationCache(path)
-        return log_sparsity(model, _heldout_rows(cache, max_tokens))
-    except (CacheError, OSError, KeyError, ValueError):
+        rows = _heldout_rows(cache, max_tokens)
+        return log_sparsity(model.to(default_device()), rows)
+    except (CacheError, OSError, KeyError):
         return None  # shards removed or unreadable: the export goes without frequencies
 
 
