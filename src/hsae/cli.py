@@ -390,7 +390,7 @@ def upload_run(
         url = upload(run_dir, repo_id, private, revision, model_name, layer)
     except _user_errors() as error:
         raise _fail(error) from None
-    typer.echo(f"uploaded to https://huggingface.co/{repo_id} ({url})")
+    typer.echo(f"uploaded {run_dir} to {repo_id}: {url}")
     typer.echo(f'load a level with SAE.from_pretrained("{repo_id}", "hsae/level_0")')
 
 
