@@ -767,6 +767,11 @@ def test_reimport_recovers_every_parent_link(run_dir: Path, tmp_path: Path) -> N
         for name, tensor in theirs.state_dict().items():
             assert (ours.state_dict()[name] - tensor).abs().max() < 1e-5, name
 
+    baseline = [tmp_path / "out" / "baseline" / f"level_{i}" for i in range(len(SIZES))]
+    imported_baseline = forest_from_saelens(baseline)
+    assert imported_baseline.config.mode == "independent"
+    assert same_forest(imported_baseline, hsae.load(run_dir, which="baseline"))
+
     rebuilt = forest_from_saelens(levels, similarity="encoder")  # asked for: post hoc
     pairs = zip(rebuilt.forest(), original.forest(), strict=True)
     agree = sum(int((a == b).sum()) for a, b in pairs)

@@ -709,9 +709,9 @@ def import_forest(
         activation_scale = exported_scale(saes)
     stored, reason = (None, "a similarity was asked for") if similarity else stored_forest(saes)
     if stored is not None:
-        kept = (
-            _exported_setting(saes, "similarity") or HSAEConfig.model_fields["similarity"].default
-        )
+        kept = _exported_setting(saes, "similarity") or DEFAULT_SIMILARITY
+        if _exported_setting(saes, "mode") in ("hsae", "independent"):
+            config.setdefault("mode", _exported_setting(saes, "mode"))  # a baseline stays one
         model = _assemble(saes, activation_scale, fold_decoder_norms, similarity=kept, **config)
         for level, level_links in enumerate(stored):
             model.set_parents(level, level_links)
