@@ -71,8 +71,8 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 written as ``metadata.sae_lens_version`` when SAELens is not installed at export time (SAELens
 reads that field to choose its config reader, so it must be a version, never "unknown")."""
 MAX_CFG_BYTES = 16 << 20
-"""A SAELens ``cfg.json`` is a few kB, plus ~7 bytes per feature for an exported HSAE level's
-parent links (a 1M-feature level: ~7 MiB); a larger one is refused unread."""
+"""A SAELens ``cfg.json`` is a few kB, plus <= 6 bytes per feature for an exported HSAE level's
+parent links below 100k features (a 1M-feature level: < 7 MiB); a larger one is refused unread."""
 SPARSITY_TOKENS = 65_536
 """Held-out activation rows the exported feature frequencies are measured on (at most)."""
 LOG_SPARSITY_EPS = 1e-10
@@ -424,7 +424,8 @@ def export_model_saelens(
             rates, tokens = sparsity
             write_safetensors(target / SPARSITY_FILE, {"sparsity": rates[level].contiguous()})
             cfg["metadata"]["hsae"]["sparsity_tokens"] = tokens
-        write_json(target / SAE_CFG_FILE, cfg)
+        # Compact, as SAELens writes it: the parent links cost <= 6 bytes per feature.
+        write_text(target / SAE_CFG_FILE, json.dumps(cfg, separators=(",", ":")) + "\n")
         folders.append(target)
     write_json(root / FOREST_FILE, forest_sidecar(model, [f.name for f in folders], which))
     return folders
