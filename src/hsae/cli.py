@@ -6,6 +6,8 @@ from contextlib import ExitStack
 
 import typer
 
+from hsae.layout import MODEL_NAMES
+
 app = typer.Typer(
     name="hsae",
     help="Train Hierarchical Sparse Autoencoders and explore their feature forest.",
@@ -107,6 +109,11 @@ def _parse_sizes(text: str | None, option: str = "--level-sizes") -> list[int] |
         ) from None
 
 
+def _parse_names(text: str) -> list[str]:
+    """Comma-separated names (e.g. ``--baselines independent,matryoshka``)."""
+    return [part for part in text.replace(" ", "").split(",") if part]
+
+
 @app.command()
 def train(
     config_file: str = typer.Argument(None, help="YAML file of run settings (optional)"),
@@ -129,7 +136,10 @@ def train(
     batch_size: int = typer.Option(None, help="tokens per training step"),
     seed: int = typer.Option(None, help="random seed"),
     device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
-    no_baseline: bool = typer.Option(False, "--no-baseline", help="skip the independent SAEs"),
+    no_baseline: bool = typer.Option(False, "--no-baseline", help="train no baseline at all"),
+    baselines: str = typer.Option(
+        None, help="baselines to train, comma-separated: independent,matryoshka [independent]"
+    ),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="also log to TensorBoard"),
     wandb_project: str = typer.Option(None, help="also log to this W&B project"),
 ) -> None:
@@ -164,7 +174,7 @@ def train(
     with ExitStack() as held:
         try:
             if resume is not None:
-                if given or given_hsae or config_file or no_baseline or out:
+                if given or given_hsae or config_file or no_baseline or baselines or out:
                     raise _fail(
                         ValueError("--resume takes no other settings: the run keeps its own")
                     )
@@ -174,8 +184,12 @@ def train(
                 values = load_run_config_file(config_file) if config_file else {}
                 values |= given
                 values["hsae"] = dict(values.get("hsae", {})) | given_hsae
+                if no_baseline and baselines:
+                    raise _fail(ValueError("--no-baseline and --baselines contradict each other"))
                 if no_baseline:
-                    values["baseline"] = False
+                    values["baselines"] = []
+                if baselines is not None:
+                    values["baselines"] = _parse_names(baselines)
                 config = RunConfig(**values)
                 folder = out or _default_run_folder()
                 held.enter_context(Run.claim(folder, "hsae train", config))
@@ -240,7 +254,7 @@ def evaluate_run(
         results = run.evaluate(splice=not no_lm, suite=suite, suite_settings=settings)
     except _user_errors() as error:
         raise _fail(error) from None
-    names = [n for n in ("hsae", "baseline") if n in results]
+    names = [n for n in MODEL_NAMES if n in results]
     typer.echo(comparison_table(results, names))
     if "suite" in results:
         typer.echo("\n" + full_suite_table(results, names))
@@ -253,12 +267,15 @@ def evaluate_run(
 def demo(
     out: str = typer.Option("runs/demo", help="run folder (an ordinary run folder)"),
     suite: str = typer.Option("standard", help="standard | full (adds about 10 min on a CPU)"),
+    baselines: str = typer.Option(
+        None, help="baselines to train, comma-separated: independent,matryoshka [independent]"
+    ),
 ) -> None:
     """Offline end to end on the embedded model and corpus: harvest, train both, evaluate."""
     import time
 
     from hsae.evaluation.suite import SUITES
-    from hsae.runs import Run, demo_config
+    from hsae.runs import Run, RunConfig, demo_config
 
     if suite not in SUITES:
         raise _fail(ValueError(f"--suite must be one of {list(SUITES)}, got {suite!r}"))
@@ -266,6 +283,8 @@ def demo(
     held = ExitStack()
     try:
         config = demo_config()
+        if baselines is not None:
+            config = RunConfig(**config.model_dump() | {"baselines": _parse_names(baselines)})
         held.enter_context(Run.claim(out, "hsae demo", config))
         run = Run.create(out, config)
         typer.echo(f"run folder: {run.folder}")
@@ -284,9 +303,10 @@ def demo(
         held.close()
     from hsae.evaluation.suite import comparison_table, full_suite_table
 
-    typer.echo(comparison_table(results, ["hsae", "baseline"]))
+    names = [n for n in MODEL_NAMES if n in results]
+    typer.echo(comparison_table(results, names))
     if "suite" in results:
-        typer.echo("\n" + full_suite_table(results, ["hsae", "baseline"]))
+        typer.echo("\n" + full_suite_table(results, names))
     stages = ", ".join(f"{stage}: {seconds:.0f} s" for stage, seconds in run.timings.items())
     typer.echo(f"\nstage times: {stages}; total {time.perf_counter() - started:.0f} s")
     typer.echo(f"results: {run.folder / 'summary.md'} and {run.folder / 'metrics.json'}")

@@ -27,6 +27,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from hsae.config import ConfigError, HSAEConfig, refuse_bool
@@ -34,6 +35,7 @@ from hsae.errors import HSAEError
 from hsae.io import write_json, write_text
 from hsae.layout import (
     ACTIVATIONS_DIR,
+    BASELINES,
     CACHE_MANIFEST,
     CHECKPOINTS_DIR,
     METRICS_FILE,
@@ -42,6 +44,7 @@ from hsae.layout import (
     TENSORBOARD_DIR,
     RunLayout,
     Which,
+    baseline_mode,
 )
 from hsae.locking import LOCK_FILE, FolderInUseError, folder_lock
 from hsae.model import HSAE, load_hsae
@@ -88,8 +91,10 @@ class RunConfig(BaseModel):
     """Share of harvested tokens kept for evaluation."""
     hsae: dict[str, Any] = {}
     """HSAEConfig settings (d_in and the activation scale come from the activations)."""
-    baseline: bool = True
-    """Also train the independent-SAE baseline."""
+    baselines: list[str] = ["independent"]
+    """Baselines trained beside the HSAE on the same activations (hsae.layout.BASELINES):
+    "independent" (the same levels trained independently, forest post hoc) and "matryoshka"
+    (Matryoshka BatchTopK SAE, nested prefixes at the level sizes; docs/baselines.md)."""
     checkpoint_every: int = Field(500, ge=1)
     """Steps between training checkpoints."""
     log_every: int = Field(50, ge=1)
@@ -129,6 +134,32 @@ class RunConfig(BaseModel):
     @classmethod
     def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         return refuse_bool(cls, value, info)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_baseline_switch(cls, values: Any) -> Any:
+        """Run files written before ``baselines`` said ``baseline: true/false``."""
+        if isinstance(values, dict) and "baseline" in values:
+            values = dict(values)
+            old = values.pop("baseline")
+            if not isinstance(old, bool):
+                raise ValueError(f"baseline: expected true or false, got {old!r}")
+            if "baselines" not in values:
+                values["baselines"] = ["independent"] if old else []
+            elif bool(values["baselines"]) != old:
+                raise ValueError("baseline: give baselines only (baseline is the old switch)")
+        return values
+
+    @field_validator("baselines")
+    @classmethod
+    def _known_baselines(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in BASELINES:
+                choices = ", ".join(repr(known) for known in BASELINES)
+                raise ValueError(f"unknown baseline {name!r}; choose from {choices}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"each baseline may be named once, got {names}")
+        return names
 
     @field_validator("hsae")
     @classmethod
@@ -301,7 +332,9 @@ class Run:
             existing = _read_record(record) if record.exists() else None
             if existing is not None and not _has_work(root):
                 existing = None  # nothing done yet (e.g. a refused start): take the new settings
-            if existing is not None and existing.get("config", {}) != config.model_dump():
+            if existing is not None and _normalised(existing.get("config", {})) != (
+                config.model_dump()
+            ):
                 raise RunError(
                     f"{root} already holds a run with other settings "
                     f"({_describe_difference(existing.get('config', {}), config.model_dump())}); "
@@ -377,7 +410,8 @@ class Run:
         return (self.model_dir(which) / CONFIG_FILE).is_file()
 
     def wanted_models(self) -> list[Which]:
-        return list(MODEL_NAMES) if self.config.baseline else ["hsae"]
+        wanted = {BASELINES[name] for name in self.config.baselines}
+        return [name for name in MODEL_NAMES if name == "hsae" or name in wanted]
 
     def unfinished_models(self) -> dict[str, str]:
         """The wanted models without a saved model, each with what is known of it: "still
@@ -482,12 +516,15 @@ class Run:
             if self.trained(which):
                 return load_hsae(self.model_dir(which))
             cache = self.cache()
-            mode = "hsae" if which == "hsae" else "independent"
-            config = self.config.hsae_config(cache.d_model, mode, cache.scale)
+            mode = baseline_mode(which)
+            model_class = HSAE.class_for(mode)
+            config = model_class.adapt_training_config(
+                self.config.hsae_config(cache.d_model, mode, cache.scale)
+            )
             reader = cache.reader(
                 config.batch_size, split="train", seed=self.config.seed, loop=True
             )
-            trainer = Trainer(config, reader)
+            trainer = Trainer(config, reader, model_class(config))
             checkpoint = self.checkpoint_dir(which)
             if (checkpoint / "trainer.json").is_file() or checkpoint.with_name(
                 f".{checkpoint.name}.old"
@@ -671,6 +708,14 @@ def _summary_markdown(run: Run, table: str) -> str:
         f"dataset: {run.config.dataset or 'built-in WordNet corpus'}\n\n"
         f"{table}\n\nTimings: {timings or 'n/a'}\n"
     )
+
+
+def _normalised(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run file's settings as this version dumps them (old ``baseline`` switch read)."""
+    try:
+        return RunConfig(**saved).model_dump()
+    except (ConfigError, TypeError):
+        return saved
 
 
 def _describe_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, ClassVar, overload
 
 import torch
 from safetensors import SafetensorError
@@ -77,7 +77,32 @@ class TrainingLoss:
 
 
 class HSAE(nn.Module):
-    """Hierarchical sparse autoencoder: levels of growing size and a forest between them."""
+    """Hierarchical sparse autoencoder: levels of growing size and a forest between them.
+
+    Also the independent baseline (``mode="independent"``). Another model trained beside it
+    (e.g. :class:`hsae.model.matryoshka.MatryoshkaSAE`) subclasses it and names the modes it
+    implements in ``modes``; :meth:`class_for` finds the class of a saved model's mode.
+    """
+
+    modes: ClassVar[tuple[str, ...]] = ("hsae", "independent")
+    """The ``ArchitectureConfig.mode`` values this class builds."""
+    _classes: ClassVar[dict[str, type[HSAE]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for mode in cls.__dict__.get("modes", ()):
+            HSAE._classes[mode] = cls
+
+    @staticmethod
+    def class_for(mode: str) -> type[HSAE]:
+        """The model class of ``mode`` (HSAE itself unless a subclass registered the mode)."""
+        return HSAE._classes.get(mode, HSAE)
+
+    @classmethod
+    def adapt_training_config(cls, config: HSAEConfig) -> HSAEConfig:
+        """A run's settings as this model trains them (a subclass may fix, e.g., its level
+        kind); HSAE trains them as given."""
+        return config
 
     def __init__(self, config: ArchitectureConfig, seed: int | None = None):
         """Levels of ``config`` with random decoder directions drawn with ``seed``.
@@ -303,6 +328,20 @@ class HSAE(nn.Module):
         return (fitted - residual).pow(2).sum() / residual_energy
 
     @torch.no_grad()
+    def build_forest(
+        self,
+        similarity: str,
+        quantile: float,
+        max_children: int | None,
+        tracker: forest_ops.CoactivationTracker | None = None,
+    ) -> list[Tensor]:
+        """A new forest by ``similarity`` (parameters untouched): the HSAE's periodic rebuild
+        and the independent baseline's post-hoc forest (:func:`forest_ops.rebuild_forest`)."""
+        return forest_ops.rebuild_forest(
+            list(self.levels), similarity, quantile, max_children, tracker
+        )
+
+    @torch.no_grad()
     def normalise_decoders(self) -> None:
         for level in self.levels:
             level.normalise_decoder()
@@ -358,7 +397,7 @@ def load_hsae(path: str | Path, device: str | torch.device = "cpu") -> HSAE:
             f"{weights_path} is corrupt or was replaced (sha256 differs from the one recorded "
             f"in {CONFIG_FILE}); save the model again or restore the file"
         )
-    model = HSAE(config)
+    model = HSAE.class_for(config.mode)(config)
     model.training_config = training
     try:
         state = load_file(str(weights_path), device=str(device))

@@ -33,7 +33,7 @@ from hsae.evaluation.contexts import (
 from hsae.evaluation.suite import suite_charts
 from hsae.io import read_json
 from hsae.labels import load_labels
-from hsae.layout import MODEL_NAMES, RunLayout, RunView
+from hsae.layout import MODEL_NAMES, RunLayout, RunView, Which
 from hsae.model import HSAE
 
 Projection = Literal["auto", "umap", "pca", "none"]
@@ -47,7 +47,7 @@ class ReportError(HSAEError, ValueError):
 class ReportSettings:
     """What the report scans and how much of it it embeds."""
 
-    which: Literal["hsae", "baseline"] = "hsae"
+    which: Which = "hsae"
     """Model whose forest is explored."""
     split: Literal["train", "heldout"] = "train"
     """Cache split the contexts come from."""
@@ -93,8 +93,8 @@ class ReportSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ReportError(f"report setting {name} must be an integer >= {low}, got {value}")
-        if self.which not in ("hsae", "baseline"):
-            raise ReportError(f"which must be hsae or baseline, got {self.which}")
+        if self.which not in MODEL_NAMES:
+            raise ReportError(f"which must be one of {', '.join(MODEL_NAMES)}, got {self.which}")
         if self.split not in ("train", "heldout"):
             raise ReportError(f"split must be train or heldout, got {self.split}")
         if self.projection not in ("auto", "umap", "pca", "none"):

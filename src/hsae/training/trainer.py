@@ -23,7 +23,7 @@ from hsae.config import ConfigError, HSAEConfig
 from hsae.devices import parse_device
 from hsae.errors import HSAEError
 from hsae.model import HSAE, TrainingLoss
-from hsae.model.forest import make_tracker, rebuild_forest
+from hsae.model.forest import make_tracker
 from hsae.model.hierarchy_losses import sample_perturbation
 from hsae.model.hsae import LossWeights
 from hsae.training.checkpoint import (
@@ -96,7 +96,7 @@ class Trainer:
         self.config = config
         self.device = resolve_device(config.device)
         self.batches = batches
-        self.model = (model or HSAE(config)).to(self.device)
+        self.model = (model or HSAE.class_for(config.mode)(config)).to(self.device)
         self.model.training_config = config
         self.optimizer = torch.optim.Adam(
             _parameter_groups(self.model, config),
@@ -245,8 +245,7 @@ class Trainer:
 
     def update_forest(self) -> None:
         cfg = self.config
-        links = rebuild_forest(
-            list(self.model.levels),
+        links = self.model.build_forest(
             cfg.similarity,
             cfg.effective_quantile,
             2 if cfg.tree == "binary" else None,
@@ -269,7 +268,7 @@ class Trainer:
         if not self.initialised:
             self.initialise()
         cfg = self.config
-        label = "HSAE" if cfg.mode == "hsae" else "baseline"
+        label = {"hsae": "HSAE", "independent": "baseline"}.get(cfg.mode, cfg.mode)
         bar = tqdm(
             total=cfg.total_steps, initial=self.step, disable=not progress, desc=f"train {label}"
         )
@@ -286,7 +285,7 @@ class Trainer:
                 save_checkpoint(self.state_dict(), checkpoint_dir)
                 self.last_checkpoint = (Path(checkpoint_dir), self.step)
         bar.close()
-        if cfg.mode == "independent" or cfg.n_levels == 1:
+        if not cfg.uses_hierarchy_losses:
             self.build_post_hoc_forest()
         self.model.eval()
         return self.model

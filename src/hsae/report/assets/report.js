@@ -6,7 +6,7 @@
   const F = data.features;
   const meta = data.meta;
   const SVG = "http://www.w3.org/2000/svg";
-  const MODEL_COLOURS = { hsae: "#1f6fd1", baseline: "#f08c2e" };
+  const MODEL_COLOURS = { hsae: "#1f6fd1", baseline: "#f08c2e", matryoshka: "#2ca02c" };
   const GROUP_COLOURS = ["#1f6fd1", "#2ca02c", "#9467bd", "#17becf", "#bcbd22", "#d62728"];
   const nodes = {};
   let selectedRow = null;
