@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,12 +104,13 @@ def load_language_model(
     model.to(dev).eval()
     model.requires_grad_(False)
     text_config = model.config.get_text_config()
+    blocks = decoder_layers(model)  # an unsupported architecture fails here, in one line
     return LanguageModel(
         model=model,
         tokenizer=tokenizer,
         name=label,
         d_model=int(text_config.hidden_size),
-        n_layers=int(text_config.num_hidden_layers),
+        n_layers=len(blocks),
         device=dev,
         dtype=dt,
     )
@@ -223,14 +225,109 @@ class _StopForwardError(Exception):
     """Raised by the capture hook to end the forward pass after the requested block."""
 
 
-def decoder_layers(model: Any) -> Any:
-    """The ModuleList of transformer blocks of a transformers causal LM."""
-    base = getattr(model, "base_model", model)
-    for attr in ("layers", "h", "blocks"):
-        layers = getattr(base, attr, None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return layers
-    raise ModelLoadError(f"cannot find the transformer blocks of {type(model).__name__}")
+_BLOCK_NAMES = ("layers", "h", "blocks", "layer", "block", "decoder_layers")
+_NOT_TEXT = ("vision", "visual", "audio", "image", "speech", "mm_projector")
+_FOUND_BLOCKS: weakref.WeakKeyDictionary[Any, torch.nn.ModuleList] = weakref.WeakKeyDictionary()
+
+
+def declared_layer_counts(model: Any) -> list[int]:
+    """The block counts its (text) config declares, most usual name first (``num_hidden_layers``;
+    models derived from encoder-decoders also say ``decoder_layers``); empty if it says none."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    counts = []
+    for attr in ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers"):
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            counts.append(value)
+    return list(dict.fromkeys(counts))
+
+
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The ModuleList of transformer blocks of a transformers causal LM, found by structure, not
+    by attribute name: under the decoder (``get_decoder()``, else the base model), the shallowest
+    ModuleList whose length is a block count the config declares (the longest one if it declares
+    none), outside vision/audio towers. Raises ModelLoadError (one line) when there is none or
+    the choice is ambiguous."""
+    found = _FOUND_BLOCKS.get(model)
+    if found is None:
+        found = _find_blocks(model)
+        _FOUND_BLOCKS[model] = found
+    return found
+
+
+def _decoder_root(model: Any) -> Any:
+    try:
+        decoder = model.get_decoder()
+    except Exception:  # some models raise for a missing bespoke rule: fall back to the base
+        decoder = None
+    if isinstance(decoder, torch.nn.Module):
+        return decoder
+    return getattr(model, "base_model", model)
+
+
+def _find_blocks(model: Any) -> torch.nn.ModuleList:
+    declared = declared_layer_counts(model)
+    for root in dict.fromkeys((_decoder_root(model), getattr(model, "base_model", model), model)):
+        lists = [
+            (name, module)
+            for name, module in root.named_modules()
+            if isinstance(module, torch.nn.ModuleList)
+            and len(module) > 0
+            and not any(part in name.lower() for part in _NOT_TEXT)
+        ]
+        candidates: list[tuple[str, torch.nn.ModuleList]] = []
+        for count in declared:  # the first declared count that some list has
+            candidates = [(n, m) for n, m in lists if len(m) == count]
+            if candidates:
+                break
+        if not declared and lists:
+            longest = max(len(m) for _, m in lists)
+            candidates = [(n, m) for n, m in lists if len(m) == longest]
+        if not candidates:
+            continue
+        depth = min(name.count(".") for name, _ in candidates)
+        shallow = [(n, m) for n, m in candidates if n.count(".") == depth]
+        named = [(n, m) for n, m in shallow if n.rsplit(".", 1)[-1] in _BLOCK_NAMES]
+        chosen = named or shallow
+        if len(chosen) == 1:
+            return chosen[0][1]
+        names = ", ".join(n for n, _ in chosen)
+        raise ModelLoadError(
+            f"cannot tell which module list holds the transformer blocks of "
+            f"{type(model).__name__} (candidates: {names})"
+        )
+    wanted = f"{' or '.join(map(str, declared))} blocks" if declared else "blocks"
+    raise ModelLoadError(
+        f"cannot find the transformer blocks of {type(model).__name__}: no module list of "
+        f"{wanted} in it; this model is not supported"
+    )
+
+
+def check_capture(lm: LanguageModel, layer: int) -> None:
+    """Fail early (before anything is written) when the residual stream after block ``layer``
+    cannot be captured: blocks not found, or a two-token forward pass never reaching it or
+    giving a hidden state of the wrong shape. Raises ModelLoadError in one line."""
+    validate_layer(lm, layer)
+    decoder_layers(lm.model)
+    token = lm.bos_token_id if lm.bos_token_id is not None else lm.pad_token_id
+    ids = torch.full((1, 2), int(token), dtype=torch.long)
+    try:
+        hidden = capture_residual(lm, ids, torch.ones_like(ids), layer)
+    except HSAEError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"cannot capture block {layer} of {lm.name} ({type(lm.model).__name__}): {reason}"
+        ) from exc
+    if tuple(hidden.shape) != (1, 2, lm.d_model):
+        raise ModelLoadError(
+            f"block {layer} of {lm.name} ({type(lm.model).__name__}) returned a hidden state of "
+            f"shape {tuple(hidden.shape)}, expected (1, 2, {lm.d_model}); not supported"
+        )
 
 
 def validate_layer(lm: LanguageModel, layer: int) -> None:
