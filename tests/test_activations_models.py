@@ -154,3 +154,36 @@ def test_a_block_that_is_never_reached_fails_before_anything_is_written(tmp_path
         harvest(config, out, lm=lm, progress=False)
     assert "\n" not in str(info.value)
     assert not out.exists()
+
+
+def test_a_model_whose_blocks_are_not_batch_first_is_refused(tmp_path):
+    from transformers import AutoModelForCausalLM, XLNetConfig
+
+    config = XLNetConfig(vocab_size=320, d_model=32, n_layer=3, n_head=4, d_inner=64)
+    lm = _lm(AutoModelForCausalLM.from_config(config).eval())  # blocks work in [seq, batch, d]
+    out = tmp_path / "acts"
+    config = HarvestConfig(layer=1, dataset=_corpus(tmp_path), tokens=64, context_length=16)
+    with pytest.raises(ModelLoadError, match=r"shape \(3, 1, 32\), expected \(1, 3, 32\)"):
+        harvest(config, out, lm=lm, progress=False)
+    assert not out.exists()
+
+
+def test_a_block_output_that_is_no_hidden_state_is_refused(tmp_path):
+    model = tiny_model("llama")
+    base = model.model
+    forward = base.forward
+
+    def shifted(*args, **kwargs):  # a model whose hidden_states are not its blocks' outputs
+        out = forward(*args, **kwargs)
+        if out.hidden_states is not None:
+            out.hidden_states = tuple(h + 1.0 for h in out.hidden_states)
+        return out
+
+    base.forward = shifted
+    out = tmp_path / "acts"
+    config = HarvestConfig(layer=1, dataset=_corpus(tmp_path), tokens=64, context_length=16)
+    with pytest.raises(ModelLoadError, match="none of the model's hidden states"):
+        harvest(config, out, lm=_lm(model), progress=False)
+    assert not out.exists()
+    last = HarvestConfig(layer=LAYERS - 1, dataset=_corpus(tmp_path), tokens=64, context_length=16)
+    assert harvest(last, out, lm=_lm(model), progress=False).complete  # last block: not compared

@@ -77,7 +77,8 @@ class RunConfig(BaseModel):
     layer: int | None = Field(None, ge=0)
     """Residual stream after this block; None: the middle block."""
     dataset: str | None = None
-    """HF dataset id, local text/JSONL/Parquet file or folder; None: the built-in WordNet corpus."""
+    """HF dataset id, local text/JSON/JSONL/CSV/Parquet file or folder, or a datasets
+    save_to_disk folder; None: the built-in WordNet corpus."""
     harvest_tokens: int = Field(1_000_000, ge=1024)
     """Activations to harvest, train and held-out together."""
     context_length: int = Field(128, ge=2)

@@ -308,26 +308,55 @@ def _find_blocks(model: Any) -> torch.nn.ModuleList:
 
 def check_capture(lm: LanguageModel, layer: int) -> None:
     """Fail early (before anything is written) when the residual stream after block ``layer``
-    cannot be captured: blocks not found, or a two-token forward pass never reaching it or
-    giving a hidden state of the wrong shape. Raises ModelLoadError in one line."""
+    cannot be captured: blocks not found, or a three-token forward pass never reaching the block,
+    giving a hidden state of the wrong shape, or (for every block but the last) one that is none
+    of the model's own ``output_hidden_states``. Raises ModelLoadError in one line."""
     validate_layer(lm, layer)
     decoder_layers(lm.model)
     token = lm.bos_token_id if lm.bos_token_id is not None else lm.pad_token_id
-    ids = torch.full((1, 2), int(token), dtype=torch.long)
+    ids = torch.full((1, 3), int(token), dtype=torch.long)
+    what = f"block {layer} of {lm.name} ({type(lm.model).__name__})"
     try:
         hidden = capture_residual(lm, ids, torch.ones_like(ids), layer)
+        states = _hidden_states(lm, ids) if layer < lm.n_layers - 1 else None
     except HSAEError:
         raise
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot capture {what}: {reason}") from exc
+    if tuple(hidden.shape) != (1, 3, lm.d_model):
         raise ModelLoadError(
-            f"cannot capture block {layer} of {lm.name} ({type(lm.model).__name__}): {reason}"
-        ) from exc
-    if tuple(hidden.shape) != (1, 2, lm.d_model):
-        raise ModelLoadError(
-            f"block {layer} of {lm.name} ({type(lm.model).__name__}) returned a hidden state of "
-            f"shape {tuple(hidden.shape)}, expected (1, 2, {lm.d_model}); not supported"
+            f"{what} returned a hidden state of shape {tuple(hidden.shape)}, expected "
+            f"(1, 3, {lm.d_model}); this model is not supported"
         )
+    if states and not any(_same(hidden, state) for state in states):
+        raise ModelLoadError(
+            f"{what}: its output is none of the model's hidden states (output_hidden_states); "
+            "this model is not supported"
+        )
+
+
+@torch.inference_mode()
+def _hidden_states(lm: LanguageModel, ids: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """The model's own ``output_hidden_states`` for ``ids`` (None if it gives none)."""
+    base = getattr(lm.model, "base_model", lm.model)
+    ids = ids.to(lm.device)
+    out = base(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    states = getattr(out, "hidden_states", None)
+    return tuple(states) if isinstance(states, (tuple, list)) else None
+
+
+def _same(a: torch.Tensor, b: Any) -> bool:
+    """Equal up to rounding (the truncated and the full forward run the same kernels)."""
+    if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+        return False
+    a, b = a.float(), b.float()
+    return bool((a - b).abs().max() <= 1e-3 * b.abs().max() + 1e-6)
 
 
 def validate_layer(lm: LanguageModel, layer: int) -> None:
@@ -350,7 +379,7 @@ def capture_residual(
     captured: list[torch.Tensor] = []
 
     def hook(_module: Any, _inputs: Any, output: Any) -> None:
-        captured.append(output[0] if isinstance(output, tuple) else output)
+        captured.append(output[0] if isinstance(output, (tuple, list)) else output)
         raise _StopForwardError
 
     handle = decoder_layers(lm.model)[layer].register_forward_hook(hook)
