@@ -18,11 +18,18 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from hsae.activations.models import LanguageModel, capture_residual, decoder_layers
+from hsae.activations.models import (
+    LanguageModel,
+    capture_residual,
+    check_capture,
+    decoder_layers,
+)
+from hsae.errors import HSAEError
 
 MAX_PARAMETERS = 20_000_000  # a config the generic shrinking leaves larger is skipped
 SMALL = {
@@ -115,8 +122,16 @@ def _capture(model_type: str) -> dict[str, Any]:
         states = hidden.hidden_states
     except Exception as error:
         return {"capture": "not built", "why": _short(error)}
-    lm = LanguageModel(model, None, model_type, states[0].shape[-1], len(blocks), "cpu", None)
-    lm.device = torch.device("cpu")
+    ids_only = SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    lm = LanguageModel(
+        model, ids_only, model_type, states[0].shape[-1], len(blocks), torch.device("cpu"),
+        torch.float32,
+    )  # fmt: skip
+    try:
+        check_capture(lm, 0)
+        probe = "accepted"
+    except HSAEError as error:
+        probe = f"refused: {error}"
     matches = []  # for each captured block, the hidden_states entries it equals exactly
     try:
         for layer in (0, 1):
@@ -128,11 +143,13 @@ def _capture(model_type: str) -> dict[str, Any]:
     except Exception as error:
         return {"capture": "error", "why": _short(error)}
     if all(layer + 1 in found for layer, found in enumerate(matches)):
-        return {"capture": "equal"}
+        return {"capture": "equal", "probe": probe}
     if all(found for found in matches):
         shifted = ", ".join(f"block {i} = hidden_states{found}" for i, found in enumerate(matches))
-        return {"capture": "equal, other index", "why": f"{len(states)} states; {shifted}"}
-    return {"capture": "differs", "why": f"{len(states)} hidden states for {len(blocks)} blocks"}
+        why = f"{len(states)} states; {shifted}"
+        return {"capture": "equal, other index", "why": why, "probe": probe}
+    why = f"{len(states)} hidden states for {len(blocks)} blocks"
+    return {"capture": "differs", "why": why, "probe": probe}
 
 
 def main() -> None:
@@ -153,11 +170,16 @@ def main() -> None:
     for model_type in types:
         results[model_type] = _structure(model_type) | _capture(model_type)
         row = results[model_type]
-        print(f"{model_type:28s} {row['structure']:10s} {row['capture']:20s} {row.get('why', '')}")
-    counts: dict[str, dict[str, int]] = {"structure": {}, "capture": {}}
+        probe = row.get("probe", "-")[:8]
+        print(
+            f"{model_type:26s} {row['structure']:10s} {row['capture']:19s} {probe:9s}"
+            f"{row.get('why', '')}"
+        )
+    counts: dict[str, dict[str, int]] = {"structure": {}, "capture": {}, "probe": {}}
     for row in results.values():
         for check in counts:
-            counts[check][row[check]] = counts[check].get(row[check], 0) + 1
+            outcome = row.get(check, "not run").split(":")[0]
+            counts[check][outcome] = counts[check].get(outcome, 0) + 1
     print(f"\n{len(types)} architectures (transformers {transformers.__version__}), "
           f"{time.perf_counter() - start:.0f} s")  # fmt: skip
     for check, by_outcome in counts.items():

@@ -315,7 +315,8 @@ def _iter_hf_dataset(spec: str, field: str = DEFAULT_TEXT_FIELD) -> Iterator[str
         import datasets
     except ImportError as exc:
         raise CorpusError(
-            f"dataset {spec!r} needs the optional `datasets` package (pip install 'hsae[datasets]')"
+            f"dataset {spec!r} needs the `datasets` package, which is not installed "
+            "(pip install datasets)"
         ) from exc
     name, config, split = parse_hf_spec(spec)
     try:
