@@ -18,6 +18,7 @@ from hsae.activations import (  # noqa: E402
     LanguageModel,
     ModelLoadError,
     capture_residual,
+    check_capture,
     harvest,
     load_language_model,
     stream_activations,
@@ -187,3 +188,15 @@ def test_a_block_output_that_is_no_hidden_state_is_refused(tmp_path):
     assert not out.exists()
     last = HarvestConfig(layer=LAYERS - 1, dataset=_corpus(tmp_path), tokens=64, context_length=16)
     assert harvest(last, out, lm=_lm(model), progress=False).complete  # last block: not compared
+
+
+def test_a_bfloat16_model_passes_the_probe():
+    model = tiny_model("gemma3_multimodal").to(torch.bfloat16)
+    lm = _lm(model)
+    lm.dtype = torch.bfloat16
+    check_capture(lm, 1)
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    captured = capture_residual(lm, ids, torch.ones_like(ids), 1)
+    assert captured.dtype == torch.bfloat16 and torch.equal(captured, hidden[2])

@@ -352,11 +352,14 @@ def _hidden_states(lm: LanguageModel, ids: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def _same(a: torch.Tensor, b: Any) -> bool:
-    """Equal up to rounding (the truncated and the full forward run the same kernels)."""
+    """Equal up to rounding: the truncated and the full forward run the same kernels, but a GPU
+    may reorder a reduction; a few units in the last place of the dtype (bfloat16: 2^-7) are
+    allowed, far below the difference between two blocks' outputs."""
     if not isinstance(b, torch.Tensor) or a.shape != b.shape:
         return False
+    tolerance = max(1e-3, 8 * torch.finfo(a.dtype).eps) if a.is_floating_point() else 0.0
     a, b = a.float(), b.float()
-    return bool((a - b).abs().max() <= 1e-3 * b.abs().max() + 1e-6)
+    return bool((a - b).abs().max() <= tolerance * b.abs().max() + 1e-6)
 
 
 def validate_layer(lm: LanguageModel, layer: int) -> None:
