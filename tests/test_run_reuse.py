@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hsae.activations.cache import CacheError  # noqa: E402
 from hsae.cli import app  # noqa: E402
-from hsae.runs import Run, RunConfig  # noqa: E402
+from hsae.runs import Run, RunConfig, RunError  # noqa: E402
 from tiny_models import save_tiny  # noqa: E402
 
 TRAIN = [
@@ -79,6 +79,7 @@ def test_train_reuses_an_existing_cache_without_touching_it(world, tmp_path):
     result = CliRunner().invoke(app, ["eval", str(out), "--no-lm"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "metrics.json").read_text())["run"]["layer"] == 1
+    assert f"activations: the existing cache {world['l1']}" in (out / "summary.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -180,3 +181,17 @@ def test_harvest_and_train_take_a_text_field(world, tmp_path):
     run = tmp_path / "run"
     result = _train(world, run, "--dataset", str(tmp_path / "saved"), "--layer", "0")
     assert result.exit_code == 2 and "no column 'text'" in result.output and not run.exists()
+
+
+def test_a_run_recorded_before_the_new_settings_existed_continues(world, tmp_path):
+    """run.json written before text_field/activations existed: the same settings continue."""
+    config = RunConfig(model=str(world["model"]), layer=1, context_length=16, device="cpu")
+    run = Run.create(tmp_path / "run", config)
+    record = json.loads((run.folder / "run.json").read_text())
+    for added in ("text_field", "activations"):
+        del record["config"][added]
+    (run.folder / "run.json").write_text(json.dumps(record))
+    (run.folder / "checkpoints").mkdir()  # work done: the saved settings are binding
+    assert Run.create(run.folder, config).config == config
+    with pytest.raises(RunError, match="text_field: 'text' vs 'body'"):
+        Run.create(run.folder, RunConfig(**(config.model_dump() | {"text_field": "body"})))

@@ -698,11 +698,14 @@ def heldout_context_batches(
 
 def _summary_markdown(run: Run, table: str) -> str:
     timings = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in run.timings.items())
+    source = f"dataset: {run.config.dataset or 'built-in WordNet corpus'}"
+    if run.config.activations is not None:
+        source = f"activations: the existing cache {run.config.activations}"
     return (
         f"# Run {run.folder.name}\n\n"
         f"Model: {run.config.model or 'embedded Gemma 3 270M'}, layer: "
         f"{run.config.layer if run.config.layer is not None else 'middle'}, "
-        f"dataset: {run.config.dataset or 'built-in WordNet corpus'}\n\n"
+        f"{source}\n\n"
         f"{table}\n\nTimings: {timings or 'n/a'}\n"
     )
 
