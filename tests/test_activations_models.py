@@ -200,3 +200,22 @@ def test_a_bfloat16_model_passes_the_probe():
         hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
     captured = capture_residual(lm, ids, torch.ones_like(ids), 1)
     assert captured.dtype == torch.bfloat16 and torch.equal(captured, hidden[2])
+
+
+def test_cli_refuses_an_unsupported_model_folder_in_one_line(tmp_path):
+    from transformers import AutoModelForCausalLM, XLNetConfig
+    from typer.testing import CliRunner
+
+    from hsae.cli import app
+
+    config = XLNetConfig(vocab_size=320, d_model=32, n_layer=3, n_head=4, d_inner=64)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "xlnet")
+    tiny_tokenizer().save_pretrained(tmp_path / "xlnet")
+    out = tmp_path / "acts"
+    args = ["harvest", "--model", str(tmp_path / "xlnet"), "--dataset", _corpus(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and result.output.rstrip().endswith(errors[0])  # (after a load bar)
+    assert "XLNetLMHeadModel" in errors[0] and "not supported" in errors[0]
+    assert not out.exists()
