@@ -334,7 +334,7 @@ def demo(
 def report(
     run_dir: str = typer.Argument(..., help="a run folder with a trained HSAE"),
     out: str = typer.Option(None, help="HTML file to write [RUN_DIR/report.html]"),
-    which: str = typer.Option("hsae", help="hsae | baseline: whose forest to explore"),
+    which: str = typer.Option("hsae", help="hsae | baseline | matryoshka: whose forest to explore"),
     max_features: int = typer.Option(400, help="features embedded in the page"),
     max_children: int = typer.Option(16, help="children shown per node"),
     max_tokens: int = typer.Option(100_000, help="activation rows scanned for contexts"),
@@ -596,7 +596,7 @@ def steer(
     ),
     children: bool = typer.Option(False, "--children", help="also steer with each child"),
     max_new_tokens: int = typer.Option(24, help="greedy tokens generated per line"),
-    which: str = typer.Option("hsae", help="hsae | baseline: whose features"),
+    which: str = typer.Option("hsae", help="hsae | baseline | matryoshka: whose features"),
     lens: int = typer.Option(
         5, help="tokens each feature promotes/suppresses via the head (0: off)"
     ),
