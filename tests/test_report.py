@@ -466,7 +466,8 @@ def test_browser_shows_hostile_corpus_text_as_text(data: dict, tmp_path: Path) -
     text, pwned, images, notes = result["outcome"]
     assert "No metrics.json" in notes and "Projection disabled" in notes
     assert XSS_SCRIPT in text and XSS_IMG in text
-    assert "Next-token effect (logit lens)\nNot in this report: no model " + XSS_IMG in text
+    assert "Next-token effect (logit lens)" in text
+    assert "Not in this report: no model " + XSS_IMG in text
     assert pwned is None and images == 0
     assert result["dialogs"] == [] and result["problems"] == []
 
