@@ -318,6 +318,8 @@ def test_cli_writes_report_and_plots(run: Run, tmp_path: Path) -> None:
     html = out.read_text(encoding="utf-8")
     embedded = _embedded(html)
     assert embedded["projection"]["method"] == "pca"
+    assert embedded["meta"]["logit_lens"]["note"] == ""  # the run's model, loaded by its name
+    assert all(len(f["lens"]["promoted"]) == 8 for f in embedded["features"].values())
     assert embedded["meta"]["shown_features"] <= 40
     assert 'type="application/json"' in html and "http://" not in html.replace(
         "http://www.w3.org/2000/svg", ""
