@@ -339,6 +339,9 @@ def report(
     max_children: int = typer.Option(16, help="children shown per node"),
     max_tokens: int = typer.Option(100_000, help="activation rows scanned for contexts"),
     projection: str = typer.Option("auto", help="auto (UMAP if installed) | umap | pca | none"),
+    logit_lens: int = typer.Option(
+        8, help="tokens each feature promotes/suppresses through the LM head (0: off)"
+    ),
     no_plots: bool = typer.Option(False, "--no-plots", help="skip RUN_DIR/plots/*.png"),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace an existing --out file (never the run's own files)"
@@ -355,6 +358,7 @@ def report(
             max_children=max_children,
             max_tokens=max_tokens,
             projection=projection,
+            logit_lens=logit_lens,
         )
         run = Run.open(run_dir)
         with run.lock("hsae report"):  # one writer per run folder (docs/reliability.md)
@@ -366,6 +370,8 @@ def report(
         f"wrote {result.html} ({result.size_bytes / 1e6:.2f} MB, {meta['shown_features']} of "
         f"{meta['total_features']} features) in {result.seconds:.1f} s"
     )
+    if meta["logit_lens"]["note"]:
+        typer.echo(f"no logit lens in the page: {meta['logit_lens']['note']}")
     for path in result.plots:
         typer.echo(f"wrote {path}")
 
