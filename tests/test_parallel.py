@@ -1,0 +1,158 @@
+"""Data-parallel training (gloo on the CPU, 2 processes under torchrun): the same model as one
+process on the whole batch, forest and controller state included; SIGKILL of one process,
+then resume, equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hsae.config import HSAEConfig
+from hsae.training import Trainer
+from hsae.training.data import TensorBatches
+from hsae.training.parallel import RankSlice
+
+CONFIG = {
+    "d_in": 16,
+    "level_sizes": [8, 16, 32],
+    "target_l0": 4,
+    "train_tokens": 64 * 120,
+    "batch_size": 64,
+    "update_interval": 30,
+    "similarity": "conditional",
+    "perturbation_rate": 0.2,
+    "dead_after_tokens": 640,
+    "l0_ema_momentum": 0.9,
+    "l0_decay_rate": 0.01,
+}
+
+SCRIPT = """
+import json, os, sys
+import torch
+from safetensors.torch import save_file
+from hsae import distributed
+from hsae.config import HSAEConfig
+from hsae.training import Trainer
+from hsae.training.data import TensorBatches
+from hsae.training.parallel import rank_share
+
+out, settings = sys.argv[1], json.loads(sys.argv[2])
+distributed.init("gloo")
+print("pid", distributed.rank(), os.getpid(), flush=True)
+generator = torch.Generator().manual_seed(0)
+atoms = torch.nn.functional.normalize(torch.randn(40, 16, generator=generator), dim=1)
+data = (torch.rand(6000, 40, generator=generator) < 0.08).float() @ atoms * 3.0
+config = HSAEConfig(**settings)
+trainer = Trainer(config, rank_share(TensorBatches(data, config.batch_size, seed=1)))
+checkpoint = out + "/checkpoint"
+if os.path.isdir(checkpoint):
+    trainer.resume(checkpoint)
+    print("resumed at", trainer.step, flush=True)
+trainer.fit(progress=False, log_every=5, on_log=lambda log: print("step", log.step, flush=True),
+            checkpoint_dir=checkpoint, checkpoint_every=20)
+state = trainer.state_dict().tensors
+if distributed.rank() == 0:
+    save_file({k: v for k, v in state.items() if k != "generator"}, out + "/final.safetensors")
+distributed.barrier()
+distributed.destroy()
+print("done", flush=True)
+"""
+
+
+def data() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    atoms = torch.nn.functional.normalize(torch.randn(40, 16, generator=generator), dim=1)
+    return (torch.rand(6000, 40, generator=generator) < 0.08).float() @ atoms * 3.0
+
+
+def single_process(settings: dict) -> dict[str, torch.Tensor]:
+    trainer = Trainer(HSAEConfig(**settings), TensorBatches(data(), settings["batch_size"], 1))
+    trainer.fit(progress=False)
+    return {k: v for k, v in trainer.state_dict().tensors.items() if k != "generator"}
+
+
+def launch(folder: Path, settings: dict) -> subprocess.Popen:
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder.parent / "train_script.py"
+    script.write_text(SCRIPT, encoding="utf-8")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", str(script), str(folder), json.dumps(settings)]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+
+
+def assert_same_state(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
+    assert set(expected) == set(actual)
+    for name, value in expected.items():
+        if value.dtype in (torch.long, torch.int64, torch.bool):  # forest, counters, flags
+            assert torch.equal(value, actual[name]), name
+        else:
+            torch.testing.assert_close(actual[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> dict[str, torch.Tensor]:
+    folder = tmp_path_factory.mktemp("parallel") / "uninterrupted"
+    process = launch(folder, CONFIG)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output
+    return load_file(folder / "final.safetensors")
+
+
+def test_rank_slices_are_the_global_batch_in_order() -> None:
+    rows = torch.arange(48.0).reshape(24, 2)
+    shares = [next(RankSlice(TensorBatches(rows, 12, seed=3), r, 3)) for r in range(3)]
+    assert torch.equal(torch.cat(shares), next(TensorBatches(rows, 12, seed=3)))
+
+
+def test_two_processes_equal_one_process_on_the_global_batch(two_process_run) -> None:
+    expected = single_process(CONFIG)
+    # The run exercised every global statistic: rebuilt forests, dead features, co-firing.
+    assert int((expected["model.parents_0"] >= 0).sum()) > 0
+    assert float(expected["conditional.rate.0"].sum()) > 0
+    assert_same_state(expected, two_process_run)
+
+
+@pytest.mark.slow
+def test_two_processes_batchtopk_equal_one_process(tmp_path: Path) -> None:
+    settings = CONFIG | {"level": "batchtopk", "similarity": "coactivation"}
+    process = launch(tmp_path / "batchtopk", settings)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output
+    assert_same_state(single_process(settings), load_file(tmp_path / "batchtopk/final.safetensors"))
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_process_then_resume_equals_uninterrupted(
+    tmp_path: Path, two_process_run
+) -> None:
+    folder = tmp_path / "killed"
+    victim = launch(folder, CONFIG)
+    assert victim.stdout is not None
+    pids = {}
+    for line in victim.stdout:  # kill process 1 once a few checkpoints have been written
+        if line.startswith("pid "):
+            _, rank, pid = line.split()
+            pids[int(rank)] = int(pid)
+        if line.startswith("step 70"):
+            os.kill(pids[1], signal.SIGKILL)
+            break
+    victim.communicate(timeout=300)
+    assert victim.returncode != 0
+    assert not (folder / "final.safetensors").exists()
+
+    resumed = launch(folder, CONFIG)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output
+    assert "resumed at 60" in output
+    assert_same_state(two_process_run, load_file(folder / "final.safetensors"))
