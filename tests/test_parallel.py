@@ -22,14 +22,14 @@ from hsae.training.parallel import RankSlice
 
 CONFIG = {
     "d_in": 16,
-    "level_sizes": [8, 16, 32],
+    "level_sizes": [8, 32, 256],
     "target_l0": 4,
     "train_tokens": 64 * 120,
     "batch_size": 64,
     "update_interval": 30,
     "similarity": "conditional",
     "perturbation_rate": 0.2,
-    "dead_after_tokens": 640,
+    "dead_after_tokens": 192,
     "l0_ema_momentum": 0.9,
     "l0_decay_rate": 0.01,
 }
@@ -65,6 +65,52 @@ distributed.barrier()
 distributed.destroy()
 print("done", flush=True)
 """
+
+
+STEP_SCRIPT = """
+import sys
+import torch
+from safetensors.torch import save_file
+from hsae import distributed
+from hsae.model import HSAE
+from hsae.model.hsae import LossWeights
+from hsae.training.parallel import DataParallel
+sys.path.insert(0, sys.argv[2])
+from test_parallel import one_step_inputs
+
+distributed.init("gloo")
+group = DataParallel(torch.device("cpu"))
+saved = {}
+for kind in ("jumprelu", "batchtopk"):
+    model, x, dead = one_step_inputs(kind)
+    share = x.shape[0] // group.size
+    out = model.training_loss(x[group.rank * share : (group.rank + 1) * share],
+                              LossWeights(torch.full((3,), 0.1), 0.3, 1.0), None, dead,
+                              group=group)
+    out.total.backward()
+    params = dict(model.named_parameters())
+    total, aux = group.reduce_step(list(params.values()), [out.total.detach(), out.aux])
+    saved |= {f"{kind}.{name}": p.grad.contiguous() for name, p in params.items()}
+    saved |= {f"{kind}.total": total / group.size, f"{kind}.aux": aux / group.size}
+if group.rank == 0:
+    save_file(saved, sys.argv[1])
+distributed.destroy()
+"""
+
+
+def one_step_inputs(kind: str) -> tuple:
+    """A model with a forest, a batch of 64 and a third of each level flagged dead."""
+    from hsae.model import HSAE
+
+    config = HSAEConfig(**(CONFIG | {"level": kind}))
+    model = HSAE(config)
+    x = data()[:64] * 2.0
+    for level in model.levels:
+        level.initialise_from_data(x, config.target_l0)
+    model.set_parents(0, torch.arange(32) % 8)
+    model.set_parents(1, torch.arange(256) % 32)
+    dead = [torch.arange(size) % 3 == 0 for size in config.level_sizes]
+    return model, x, dead
 
 
 def data() -> torch.Tensor:
@@ -115,10 +161,37 @@ def test_rank_slices_are_the_global_batch_in_order() -> None:
     assert torch.equal(torch.cat(shares), next(TensorBatches(rows, 12, seed=3)))
 
 
+def test_one_step_gradients_of_two_shares_equal_the_global_batch(tmp_path: Path) -> None:
+    """Loss terms that depend on the whole batch (BatchTopK's selection, the auxiliary
+    loss's normalisation) are the global batch's: averaged gradients match exactly."""
+    from hsae.model.hsae import LossWeights
+
+    script = tmp_path / "step.py"
+    script.write_text(STEP_SCRIPT, encoding="utf-8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", str(script), str(tmp_path / "grads.safetensors")]
+    command += [str(Path(__file__).parent)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    saved = load_file(tmp_path / "grads.safetensors")
+    for kind in ("jumprelu", "batchtopk"):
+        model, x, dead = one_step_inputs(kind)
+        out = model.training_loss(x, LossWeights(torch.full((3,), 0.1), 0.3, 1.0), None, dead)
+        out.total.backward()
+        assert float(out.aux) > 0
+        torch.testing.assert_close(saved[f"{kind}.aux"], out.aux, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(saved[f"{kind}.total"], out.total.detach(), rtol=1e-5, atol=0)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(
+                saved[f"{kind}.{name}"], p.grad, rtol=1e-4, atol=1e-6, msg=f"{kind} {name}"
+            )
+
+
 def test_two_processes_equal_one_process_on_the_global_batch(two_process_run) -> None:
     expected = single_process(CONFIG)
     # The run exercised every global statistic: rebuilt forests, dead features, co-firing.
     assert int((expected["model.parents_0"] >= 0).sum()) > 0
+    assert bool((expected["tokens_since_fired.2"] >= CONFIG["dead_after_tokens"]).any())
     assert float(expected["conditional.rate.0"].sum()) > 0
     assert_same_state(expected, two_process_run)
 
