@@ -229,3 +229,33 @@ def test_sigkill_of_one_process_then_resume_equals_uninterrupted(
     assert resumed.returncode == 0, output
     assert "resumed at 60" in output
     assert_same_state(two_process_run, load_file(folder / "final.safetensors"))
+
+
+@pytest.mark.slow
+def test_torchrun_hsae_train_equals_the_single_process_run(small_run, tmp_path: Path) -> None:
+    """``torchrun --nproc-per-node 2 -m hsae train --resume RUN`` on a copy of the small run's
+    harvested activations trains both models as the single-process run did; process 0
+    alone writes the logs, checkpoints and models."""
+    import shutil
+
+    import hsae
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shutil.copytree(small_run.activations_dir, folder / "activations")
+    shutil.copy(small_run.folder / "run.json", folder / "run.json")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", "-m", "hsae", "train", "--resume", str(folder)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("trained models are in") == 1
+    for which in ("hsae", "baseline"):
+        expected = small_run.load(which).state_dict()
+        actual = hsae.load(folder / which).state_dict()
+        assert_same_state(expected, actual)
+        logged = (folder / "logs" / f"train_{which}.jsonl").read_text().splitlines()
+        reference = small_run.log_path(which).read_text().splitlines()
+        assert [json.loads(line)["step"] for line in logged] == [
+            json.loads(line)["step"] for line in reference
+        ]

@@ -185,9 +185,7 @@ def train(
                     values["baseline"] = False
                 config = RunConfig(**values)
                 if distributed.launched() and out is None:
-                    raise _fail(
-                        ValueError("--out: a multi-process run needs the run folder named")
-                    )
+                    raise _fail(ValueError("--out: a multi-process run needs the run folder named"))
                 folder = out or _default_run_folder()
                 _join_processes(config.device)
                 held.callback(distributed.destroy)
@@ -205,9 +203,11 @@ def train(
             on_main_process(run.harvest, "harvest the activations")
             for which in run.wanted_models():
                 run.train(which)
+            main = distributed.rank() == 0
         except _user_errors() as error:
             raise _fail(error) from None
-    typer.echo(f"trained models are in {run.folder}; evaluate with: hsae eval {run.folder}")
+    if main:
+        typer.echo(f"trained models are in {run.folder}; evaluate with: hsae eval {run.folder}")
 
 
 def _join_processes(device: str) -> None:

@@ -48,7 +48,6 @@ from hsae.locking import LOCK_FILE, FolderInUseError, folder_lock
 from hsae.model import HSAE, load_hsae
 from hsae.model.hsae import CONFIG_FILE
 from hsae.training import Trainer
-from hsae.training.parallel import rank_share
 from hsae.training.logging import (
     combine,
     jsonl_sink,
@@ -56,6 +55,7 @@ from hsae.training.logging import (
     tensorboard_sink,
     wandb_sink,
 )
+from hsae.training.parallel import rank_share
 
 if TYPE_CHECKING:
     from hsae.evaluation.suite import SuiteSettings

@@ -220,7 +220,7 @@ class HSAE(nn.Module):
         cfg = self.config
         fused = cfg.sparse_kernels
         codes = [self._encode_for_training(level, x, fused, group) for level in self.levels]
-        energy = centred_energy(x)
+        energy = centred_energy(x) if group is None else centred_energy(x, group)
         zero = x.new_zeros(())
         total, aux_total, constraint = zero, zero, zero
         mses, l0s, explained, fired, active_masks = [], [], [], [], []
@@ -257,9 +257,7 @@ class HSAE(nn.Module):
             if keep_active:
                 active_masks.append(active)
             if dead is not None and weights.aux > 0 and bool(dead[index].any()):
-                aux = self._dead_feature_loss(
-                    level, x, (x - recon).detach(), dead[index], group
-                )
+                aux = self._dead_feature_loss(level, x, (x - recon).detach(), dead[index], group)
                 total = total + weights.aux * aux
                 aux_total = aux_total + aux.detach()
         if cfg.uses_hierarchy_losses and weights.rho > 0:
@@ -459,9 +457,13 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return payload
 
 
-def centred_energy(x: Tensor) -> Tensor:
-    """||x - batch_mean(x)||^2 per token: the denominator of variance explained."""
-    return (x - x.mean(0)).pow(2).sum(-1)
+def centred_energy(x: Tensor, group: BatchGroup | None = None) -> Tensor:
+    """||x - batch_mean(x)||^2 per token: the denominator of variance explained. With a
+    ``group``, ``x`` is one process's share and the mean is the global batch's."""
+    if group is None or group.size == 1:
+        return (x - x.mean(0)).pow(2).sum(-1)
+    mean = group.sum(x.sum(0)) / (x.shape[0] * group.size)
+    return (x - mean).pow(2).sum(-1)
 
 
 def per_token_variance_explained(sq_error: Tensor, energy: Tensor) -> Tensor:

@@ -82,12 +82,9 @@ class DataParallel:
         """Average the parameters' gradients over the processes and sum ``statistics``
         (float tensors), in one all-reduce. A parameter without a gradient on every process
         keeps none (as in a single-process step); returns the summed statistics."""
-        has_grad = torch.tensor(
-            [float(p.grad is not None) for p in parameters], device=self.device
-        )
+        has_grad = torch.tensor([float(p.grad is not None) for p in parameters], device=self.device)
         pieces = [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-            for p in parameters
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in parameters
         ]
         pieces += [s.detach().reshape(-1).to(self.device, torch.float32) for s in statistics]
         flat = torch.cat([has_grad, *pieces])

@@ -436,7 +436,8 @@ class Trainer:
     def step_log(self, out: TrainingLoss) -> StepLog:
         """The step's log line; in a multi-process run, the processes' mean of each value (a
         collective: every process calls it at the same steps). The global batch's L0 is
-        exact; variance explained is the mean over processes of each share's own value."""
+        exact, and so is variance explained (each share's tokens are centred on the global
+        batch's mean)."""
         window = self.config.dead_window_tokens
         n_levels = self.config.n_levels
         values = torch.cat(

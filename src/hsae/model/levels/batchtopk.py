@@ -67,7 +67,8 @@ class BatchTopKLevel(Level):
         # take the n-th largest as the cut and keep every local entry at or above it (ties at
         # the cut, a measure-zero event for float pre-activations, all stay selected).
         flat = pre.reshape(-1)
-        n_selected = max(1, min(flat.numel() * group.size, round(self.k * pre.shape[0] * group.size)))
+        n_global = flat.numel() * group.size
+        n_selected = max(1, min(n_global, round(self.k * pre.shape[0] * group.size)))
         local_top = flat.topk(min(n_selected, flat.numel()), sorted=False).values
         cut = group.gather(local_top).topk(n_selected, sorted=False).values.min()
         mask = (pre >= cut) & (pre > 0)
