@@ -32,6 +32,7 @@ CONFIG = {
     "dead_after_tokens": 192,
     "l0_ema_momentum": 0.9,
     "l0_decay_rate": 0.01,
+    "device": "cpu",
 }
 
 SCRIPT = """
@@ -45,7 +46,7 @@ from hsae.training.data import TensorBatches
 from hsae.training.parallel import rank_share
 
 out, settings = sys.argv[1], json.loads(sys.argv[2])
-distributed.init("gloo")
+distributed.init("nccl" if settings.get("device", "cpu").startswith("cuda") else "gloo")
 print("pid", distributed.rank(), os.getpid(), flush=True)
 generator = torch.Generator().manual_seed(0)
 atoms = torch.nn.functional.normalize(torch.randn(40, 16, generator=generator), dim=1)
@@ -259,3 +260,17 @@ def test_torchrun_hsae_train_equals_the_single_process_run(small_run, tmp_path: 
         assert [json.loads(line)["step"] for line in logged] == [
             json.loads(line)["step"] for line in reference
         ]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_with_nccl_equal_one_gpu(tmp_path: Path) -> None:
+    """The same equivalence on GPUs (NCCL); TF32 matmuls, hence the looser tolerance."""
+    settings = CONFIG | {"device": "cuda"}
+    process = launch(tmp_path / "nccl", settings)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output
+    actual = load_file(tmp_path / "nccl/final.safetensors")
+    expected = single_process(settings)
+    for name in ("model.levels.0.W_dec", "model.levels.2.W_enc", "sparsity.weights"):
+        torch.testing.assert_close(actual[name], expected[name].cpu(), rtol=2e-2, atol=2e-3)
