@@ -347,10 +347,9 @@ class Trainer:
                 if on_log is not None and main:
                     on_log(log)
             if checkpoint_dir is not None and self._checkpoint_due(checkpoint_every):
-                self._sync_statistics()
-                state = self.state_dict()
+                self._sync_statistics()  # a collective: every process, then process 0 writes
                 if main:
-                    save_checkpoint(state, checkpoint_dir)
+                    save_checkpoint(self.state_dict(), checkpoint_dir)
                 self.last_checkpoint = (Path(checkpoint_dir), self.step)
         bar.close()
         if cfg.mode == "independent" or cfg.n_levels == 1:
@@ -495,7 +494,8 @@ def train(
 
     ``activations`` is a float tensor [N, d_in] of raw activations, drawn in shuffled order
     epoch after epoch until ``config.train_tokens`` tokens have been seen, or any iterable of
-    [n, d_in] tensors.
+    [n, d_in] tensors. Under ``torchrun`` every process passes the same activations and takes
+    its share of each global batch of ``config.batch_size`` rows (docs/scale.md).
     """
     if not isinstance(config, HSAEConfig):
         raise ConfigError(f"config must be an HSAEConfig, got {type(config).__name__}")
