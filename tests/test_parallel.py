@@ -162,6 +162,22 @@ def test_rank_slices_are_the_global_batch_in_order() -> None:
     assert torch.equal(torch.cat(shares), next(TensorBatches(rows, 12, seed=3)))
 
 
+def test_multi_process_train_needs_the_run_folder_named(tmp_path: Path) -> None:
+    # Each process would otherwise pick its own time-stamped folder.
+    env = os.environ | {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "hsae", "train", "--no-baseline"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "--out: a multi-process run needs the run folder named" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_one_step_gradients_of_two_shares_equal_the_global_batch(tmp_path: Path) -> None:
     """Loss terms that depend on the whole batch (BatchTopK's selection, the auxiliary
     loss's normalisation) are the global batch's: averaged gradients match exactly."""
@@ -224,6 +240,15 @@ def test_sigkill_of_one_process_then_resume_equals_uninterrupted(
     victim.communicate(timeout=300)
     assert victim.returncode != 0
     assert not (folder / "final.safetensors").exists()
+
+    # The checkpoint does not depend on the number of processes: one process continues it
+    # to the single-process run's model.
+    alone = Trainer(HSAEConfig(**CONFIG), TensorBatches(data(), CONFIG["batch_size"], 1))
+    alone.resume(folder / "checkpoint")
+    assert alone.step == 60
+    alone.fit(progress=False)
+    state = {k: v for k, v in alone.state_dict().tensors.items() if k != "generator"}
+    assert_same_state(single_process(CONFIG), state)
 
     resumed = launch(folder, CONFIG)
     output = resumed.communicate(timeout=600)[0]
