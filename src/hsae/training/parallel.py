@@ -42,6 +42,8 @@ class DataParallel:
         self.rank = distributed.rank()
         self.size = distributed.world_size()
         self.device = device
+        self._flags: dict[tuple[bool, ...], Tensor] = {}
+        """Device copies of "has a gradient" patterns (no host-to-device copy per step)."""
 
     @classmethod
     def current(cls, device: torch.device) -> DataParallel | None:
@@ -82,7 +84,10 @@ class DataParallel:
         """Average the parameters' gradients over the processes and sum ``statistics``
         (float tensors), in one all-reduce. A parameter without a gradient on every process
         keeps none (as in a single-process step); returns the summed statistics."""
-        has_grad = torch.tensor([float(p.grad is not None) for p in parameters], device=self.device)
+        pattern = tuple(p.grad is not None for p in parameters)
+        if pattern not in self._flags:
+            self._flags[pattern] = torch.tensor(pattern, dtype=torch.float32, device=self.device)
+        has_grad = self._flags[pattern]
         pieces = [
             (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in parameters
         ]
