@@ -32,8 +32,9 @@ def data() -> torch.Tensor:
     return (torch.rand(8000, 80, generator=generator) < 0.05).float() @ atoms * 4.0
 
 
-def losses(device: str) -> tuple[list[float], Trainer]:
-    trainer = Trainer(HSAEConfig(**(CONFIG | {"device": device})), TensorBatches(data(), 128, 2))
+def losses(device: str, autocast: str = "off") -> tuple[list[float], Trainer]:
+    settings = CONFIG | {"device": device, "autocast": autocast}
+    trainer = Trainer(HSAEConfig(**settings), TensorBatches(data(), 128, 2))
     trainer.initialise()
     seen = []
     while trainer.step < trainer.config.total_steps:
@@ -49,6 +50,14 @@ def test_cuda_training_follows_the_cpu_run() -> None:
     # The first steps agree to TF32 rounding; later ones may drift by threshold flips only.
     assert gpu[:5] == pytest.approx(cpu[:5], rel=1e-2)
     assert gpu[-1] == pytest.approx(cpu[-1], rel=0.1)
+
+
+def test_bf16_autocast_on_cuda_is_the_default_and_trains_like_float32() -> None:
+    plain, _ = losses("cuda", "off")
+    bf16, trainer = losses("cuda", "auto")
+    assert trainer.autocast
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    assert bf16[-1] == pytest.approx(plain[-1], rel=0.1)
 
 
 def test_batches_are_copied_from_pinned_memory_without_blocking() -> None:

@@ -101,7 +101,8 @@ class Level(nn.Module):
 
     # --- shared maths -----------------------------------------------------------------------
     def pre_activations(self, x: Tensor) -> Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        """float32 pre-activations, also when the product runs under bf16 autocast."""
+        return ((x - self.b_dec) @ self.W_enc).float() + self.b_enc
 
     def decode(self, acts: Tensor) -> Tensor:
         return acts @ self.W_dec + self.b_dec

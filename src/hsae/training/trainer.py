@@ -113,6 +113,10 @@ class Trainer:
                 f"batch_size: {config.batch_size} is not divisible by the {self.parallel.size} "
                 "training processes (each takes batch_size / processes rows a step)"
             )
+        self.autocast = config.autocast == "bf16" or (
+            config.autocast == "auto" and self.device.type == "cuda"
+        )
+        """Whether the loss's forward runs under bf16 autocast (config.autocast)."""
         if self.device.type == "cuda":
             # TF32 matmuls (float32 storage, 10-bit mantissa products) on Ampere and later.
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -212,15 +216,16 @@ class Trainer:
         x = self._next_batch()
         substituted = self._draw_perturbation()
         dead = self._dead_masks()
-        out = self.model.training_loss(
-            x,
-            LossWeights(self.sparsity.weights, self.config.rho, self.config.aux_coefficient),
-            substituted,
-            dead,
-            keep_active=self._tracks_coactivation_now(),
-            exact_metrics=exact_metrics,
-            group=self.parallel,
-        )
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model.training_loss(
+                x,
+                LossWeights(self.sparsity.weights, self.config.rho, self.config.aux_coefficient),
+                substituted,
+                dead,
+                keep_active=self._tracks_coactivation_now(),
+                exact_metrics=exact_metrics,
+                group=self.parallel,
+            )
         if not torch.isfinite(out.total):
             raise NonFiniteLossError(
                 non_finite_report(self.step, x, out, self.model, self.last_checkpoint)
