@@ -25,6 +25,7 @@ def harvest(
     model: str = typer.Option(None, help="hub id, local folder or .gguf [embedded Gemma 3 270M]"),
     layer: int = typer.Option(None, help="capture after this 0-based block [middle block]"),
     dataset: str = typer.Option(None, help="builtin | file/folder | hf:NAME[:CONFIG][@SPLIT]"),
+    text_field: str = typer.Option("text", help="dataset column/field holding the text"),
     tokens: int = typer.Option(1_000_000, help="activation rows to harvest (train + held-out)"),
     out: str = typer.Option("activations", help="cache folder; an existing one is resumed"),
     context_length: int = typer.Option(128, help="tokens per context, BOS included"),
@@ -53,6 +54,7 @@ def harvest(
             heldout_fraction=heldout_fraction,
             seed=seed,
             device=device,
+            text_field=text_field,
         )
         cache = run_harvest(config, out, overwrite=overwrite)
     except _user_errors() as error:
@@ -115,7 +117,12 @@ def train(
     model: str = typer.Option(None, help="hub id or local path [embedded Gemma 3 270M]"),
     layer: int = typer.Option(None, help="residual stream after this block [middle]"),
     dataset: str = typer.Option(None, help="HF dataset, local file/folder [built-in WordNet]"),
+    text_field: str = typer.Option(None, help="dataset column/field holding the text [text]"),
     tokens: int = typer.Option(None, help="activations to harvest (train + held-out)"),
+    context_length: int = typer.Option(None, help="tokens per context, BOS included [128]"),
+    activations: str = typer.Option(
+        None, help="train on this existing activation cache instead of harvesting"
+    ),
     train_tokens: int = typer.Option(None, help="tokens each model trains on"),
     level_sizes: str = typer.Option(None, help="comma-separated sizes, e.g. 256,512,1024,2048"),
     target_l0: float = typer.Option(None, help="L0 the sparsity controller steers to"),
@@ -144,7 +151,10 @@ def train(
         "model": model,
         "layer": layer,
         "dataset": dataset,
+        "text_field": text_field,
         "harvest_tokens": tokens,
+        "context_length": context_length,
+        "activations": activations,
         "seed": seed,
         "device": device,
         "tensorboard": tensorboard or None,
@@ -178,6 +188,13 @@ def train(
                 if distributed.rank() == 0:
                     held.enter_context(run.lock("hsae train --resume"))
             else:
+                if activations is not None and (tokens, dataset, text_field) != (None,) * 3:
+                    raise _fail(
+                        ValueError(
+                            "--activations trains on an existing cache: --tokens, --dataset and "
+                            "--text-field do not apply"
+                        )
+                    )
                 values = load_run_config_file(config_file) if config_file else {}
                 values |= given
                 values["hsae"] = dict(values.get("hsae", {})) | given_hsae
