@@ -47,7 +47,8 @@ from hsae.training.parallel import rank_share
 
 out, settings = sys.argv[1], json.loads(sys.argv[2])
 distributed.init("nccl" if settings.get("device", "cpu").startswith("cuda") else "gloo")
-print("pid", distributed.rank(), os.getpid(), flush=True)
+with open(f"{out}/pid.{distributed.rank()}", "w") as pid_file:
+    pid_file.write(str(os.getpid()))
 generator = torch.Generator().manual_seed(0)
 atoms = torch.nn.functional.normalize(torch.randn(40, 16, generator=generator), dim=1)
 data = (torch.rand(6000, 40, generator=generator) < 0.08).float() @ atoms * 3.0
@@ -229,13 +230,9 @@ def test_sigkill_of_one_process_then_resume_equals_uninterrupted(
     folder = tmp_path / "killed"
     victim = launch(folder, CONFIG)
     assert victim.stdout is not None
-    pids = {}
     for line in victim.stdout:  # kill process 1 once a few checkpoints have been written
-        if line.startswith("pid "):
-            _, rank, pid = line.split()
-            pids[int(rank)] = int(pid)
-        if line.startswith("step 70"):
-            os.kill(pids[1], signal.SIGKILL)
+        if "step 70" in line:  # (the two processes' output may share a line)
+            os.kill(int((folder / "pid.1").read_text()), signal.SIGKILL)
             break
     victim.communicate(timeout=300)
     assert victim.returncode != 0
