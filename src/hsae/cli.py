@@ -150,8 +150,12 @@ def train(
     tensorboard: bool = typer.Option(False, "--tensorboard", help="also log to TensorBoard"),
     wandb_project: str = typer.Option(None, help="also log to this W&B project"),
 ) -> None:
-    """Harvest (if needed), then train the HSAE and its independent baseline in a run folder."""
-    from hsae.runs import Run, RunConfig, load_run_config_file
+    """Harvest (if needed), then train the HSAE and its independent baseline in a run folder.
+
+    Under torchrun (torchrun --nproc-per-node N -m hsae train ...) the processes train one
+    model data-parallel, batch_size being the global batch (docs/scale.md)."""
+    from hsae import distributed
+    from hsae.runs import Run, RunConfig, load_run_config_file, on_main_process
 
     run_settings = {
         "model": model,
@@ -189,7 +193,10 @@ def train(
                         ValueError("--resume takes no other settings: the run keeps its own")
                     )
                 run = Run.open(resume)
-                held.enter_context(run.lock("hsae train --resume"))
+                _join_processes(run.config.device)
+                held.callback(distributed.destroy)
+                if distributed.rank() == 0:
+                    held.enter_context(run.lock("hsae train --resume"))
             else:
                 if activations is not None and (tokens, dataset, text_field) != (None,) * 3:
                     raise _fail(
@@ -208,17 +215,40 @@ def train(
                 if baselines is not None:
                     values["baselines"] = _parse_names(baselines)
                 config = RunConfig(**values)
+                if distributed.launched() and out is None:
+                    raise _fail(ValueError("--out: a multi-process run needs the run folder named"))
                 folder = out or _default_run_folder()
-                held.enter_context(Run.claim(folder, "hsae train", config))
-                run = Run.create(folder, config)
+                _join_processes(config.device)
+                held.callback(distributed.destroy)
+
+                def create() -> Run:
+                    held.enter_context(Run.claim(folder, "hsae train", config))
+                    return Run.create(folder, config)
+
+                run = on_main_process(create, f"create the run folder {folder}")
+                if run is None:
+                    run = Run.open(folder)
             run.check_cache()
-            typer.echo(f"run folder: {run.folder}")
-            run.harvest()
+            if distributed.rank() == 0:
+                typer.echo(f"run folder: {run.folder}")
+            on_main_process(run.harvest, "harvest the activations")
             for which in run.wanted_models():
                 run.train(which)
+            main = distributed.rank() == 0
         except _user_errors() as error:
             raise _fail(error) from None
-    typer.echo(f"trained models are in {run.folder}; evaluate with: hsae eval {run.folder}")
+    if main:
+        typer.echo(f"trained models are in {run.folder}; evaluate with: hsae eval {run.folder}")
+
+
+def _join_processes(device: str) -> None:
+    """Join the torchrun process group (no-op in a single process): NCCL when the run
+    trains on CUDA, gloo on the CPU."""
+    from hsae import distributed
+    from hsae.devices import parse_device
+
+    if distributed.launched():
+        distributed.init("nccl" if parse_device(device).type == "cuda" else "gloo")
 
 
 def _default_run_folder() -> str:

@@ -28,6 +28,7 @@ from hsae.errors import ConfigError
 
 Similarity = Literal["encoder", "decoder", "coactivation", "conditional"]
 TreeVariant = Literal["partial", "full", "binary", "fixed"]
+Autocast = Literal["auto", "bf16", "off"]
 
 
 class _Settings(BaseModel):
@@ -227,6 +228,9 @@ class HSAEConfig(ArchitectureConfig):
     """Seed of initialisation, data order and perturbation draws."""
     device: str = "auto"
     """"auto" (CUDA when available), "cpu", "cuda", "cuda:N"."""
+    autocast: Autocast = "auto"
+    """bf16 autocast of the training step's matmuls: "auto" on CUDA only, "bf16" on any
+    device, "off" never. Parameters, Adam's state, thresholds, L0 and the loss stay float32."""
 
     # --- validation ----------------------------------------------------------------------
     @field_validator("device")

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from hsae import distributed
 from hsae.config import ConfigError, HSAEConfig, refuse_bool
 from hsae.errors import HSAEError
 from hsae.io import write_json, write_text
@@ -57,6 +58,7 @@ from hsae.training.logging import (
     tensorboard_sink,
     wandb_sink,
 )
+from hsae.training.parallel import rank_share
 
 if TYPE_CHECKING:
     from hsae.evaluation.suite import SuiteSettings
@@ -543,8 +545,14 @@ class Run:
         return ActivationCache(self.activations_dir)
 
     def train(self, which: Which, progress: bool = True) -> HSAE:
-        """Train (or resume training) one of the run's models and save it."""
-        with self.lock(f"train {which}"):
+        """Train (or resume training) one of the run's models and save it.
+
+        Under ``torchrun`` every process calls it (data-parallel training, docs/scale.md):
+        each reads its share of every batch; process 0 alone holds the lock and writes the
+        log, checkpoints, stage times and the saved model."""
+        main = distributed.rank() == 0
+        with self.lock(f"train {which}") if main else nullcontext():
+            distributed.barrier()  # every process looks at the folder in the same state
             if self.trained(which):
                 return load_hsae(self.model_dir(which))
             cache = self.cache()
@@ -556,12 +564,21 @@ class Run:
             reader = cache.reader(
                 config.batch_size, split="train", seed=self.config.seed, loop=True
             )
-            trainer = Trainer(config, reader, model_class(config))
+            trainer = Trainer(config, rank_share(reader), model_class(config))
             checkpoint = self.checkpoint_dir(which)
             if (checkpoint / "trainer.json").is_file() or checkpoint.with_name(
                 f".{checkpoint.name}.old"
             ).exists():
                 trainer.resume(checkpoint)
+            if not main:
+                model = trainer.fit(
+                    progress=False,
+                    log_every=self.config.log_every,
+                    checkpoint_dir=checkpoint,
+                    checkpoint_every=self.config.checkpoint_every,
+                )
+                distributed.barrier()  # process 0 saves the model
+                return model
             # The log keeps the steps the resumed state has (none without a checkpoint), so a
             # step is never logged twice.
             _truncate_log(self.log_path(which), trainer.step)
@@ -582,6 +599,7 @@ class Run:
                     checkpoint_every=self.config.checkpoint_every,
                 )
                 model.save(self.model_dir(which))
+            distributed.barrier()
             return model
 
     def evaluate(
@@ -706,6 +724,24 @@ class Run:
         from hsae.explore import top_contexts
 
         return top_contexts(self, level, index, k, which, **options)
+
+
+def on_main_process(action: Callable[[], Any], what: str) -> Any:
+    """Run ``action`` on process 0 only (a single process: just run it); every process then
+    learns whether it succeeded, so the others fail with a one-line error instead of waiting
+    for a process that has stopped. A collective under ``torchrun``: every process calls it."""
+    result: Any = None
+    error: BaseException | None = None
+    if distributed.rank() == 0:
+        try:
+            result = action()
+        except Exception as caught:  # passed on below, after the others have been told
+            error = caught
+    if not distributed.all_ok(error is None):
+        if error is not None:
+            raise error
+        raise RunError(f"process 0 could not {what}; its own message says why")
+    return result
 
 
 def heldout_context_batches(
