@@ -1,5 +1,5 @@
-"""``python -m hsae`` (and ``torchrun ... -m hsae harvest ...``): the command-line interface."""
+"""``python -m hsae`` (and ``torchrun ... -m hsae``): the command line of :mod:`hsae.cli`."""
 
 from hsae.cli import app
 
-app()
+app(prog_name="hsae")

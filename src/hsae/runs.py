@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,13 +27,16 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
+from hsae import distributed
 from hsae.config import ConfigError, HSAEConfig, refuse_bool
 from hsae.errors import HSAEError
 from hsae.io import write_json, write_text
 from hsae.layout import (
     ACTIVATIONS_DIR,
+    BASELINES,
     CACHE_MANIFEST,
     CHECKPOINTS_DIR,
     METRICS_FILE,
@@ -42,6 +45,7 @@ from hsae.layout import (
     TENSORBOARD_DIR,
     RunLayout,
     Which,
+    baseline_mode,
 )
 from hsae.locking import LOCK_FILE, FolderInUseError, folder_lock
 from hsae.model import HSAE, load_hsae
@@ -54,6 +58,7 @@ from hsae.training.logging import (
     tensorboard_sink,
     wandb_sink,
 )
+from hsae.training.parallel import rank_share
 
 if TYPE_CHECKING:
     from hsae.evaluation.suite import SuiteSettings
@@ -77,19 +82,27 @@ class RunConfig(BaseModel):
     layer: int | None = Field(None, ge=0)
     """Residual stream after this block; None: the middle block."""
     dataset: str | None = None
-    """HF dataset id, local text/JSONL/Parquet file or folder; None: the built-in WordNet corpus."""
+    """HF dataset id, local text/JSON/JSONL/CSV/Parquet file or folder, or a datasets
+    save_to_disk folder; None: the built-in WordNet corpus."""
     harvest_tokens: int = Field(1_000_000, ge=1024)
     """Activations to harvest, train and held-out together."""
     context_length: int = Field(128, ge=2)
     """Tokens per context (BOS included)."""
+    text_field: str = Field("text", min_length=1)
+    """Column (or JSON field) of the dataset that holds the text; not used for plain text files."""
+    activations: str | None = None
+    """An existing complete activation cache (hsae harvest --out) to train on instead of
+    harvesting; its model, layer and context length must be the run's."""
     harvest_batch_size: int = Field(32, ge=1)
     """Contexts per forward pass while harvesting."""
     heldout_fraction: float = Field(0.05, gt=0.0, lt=1.0)
     """Share of harvested tokens kept for evaluation."""
     hsae: dict[str, Any] = {}
     """HSAEConfig settings (d_in and the activation scale come from the activations)."""
-    baseline: bool = True
-    """Also train the independent-SAE baseline."""
+    baselines: list[str] = ["independent"]
+    """Baselines trained beside the HSAE on the same activations (hsae.layout.BASELINES):
+    "independent" (the same levels trained independently, forest post hoc) and "matryoshka"
+    (Matryoshka BatchTopK SAE, nested prefixes at the level sizes; docs/baselines.md)."""
     checkpoint_every: int = Field(500, ge=1)
     """Steps between training checkpoints."""
     log_every: int = Field(50, ge=1)
@@ -130,6 +143,32 @@ class RunConfig(BaseModel):
     def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         return refuse_bool(cls, value, info)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_baseline_switch(cls, values: Any) -> Any:
+        """Run files written before ``baselines`` said ``baseline: true/false``."""
+        if isinstance(values, dict) and "baseline" in values:
+            values = dict(values)
+            old = values.pop("baseline")
+            if not isinstance(old, bool):
+                raise ValueError(f"baseline: expected true or false, got {old!r}")
+            if "baselines" not in values:
+                values["baselines"] = ["independent"] if old else []
+            elif bool(values["baselines"]) != old:
+                raise ValueError("baseline: give baselines only (baseline is the old switch)")
+        return values
+
+    @field_validator("baselines")
+    @classmethod
+    def _known_baselines(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in BASELINES:
+                choices = ", ".join(repr(known) for known in BASELINES)
+                raise ValueError(f"unknown baseline {name!r}; choose from {choices}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"each baseline may be named once, got {names}")
+        return names
+
     @field_validator("hsae")
     @classmethod
     def _no_fixed_fields(cls, values: dict[str, Any]) -> dict[str, Any]:
@@ -156,7 +195,17 @@ class RunConfig(BaseModel):
             heldout_fraction=self.heldout_fraction,
             seed=self.seed,
             device=device,
+            text_field=self.text_field,
         )
+
+    def check_activations(self) -> dict[str, Any] | None:
+        """The manifest of ``activations`` (the cache to reuse) once checked against this
+        run's model, layer and context length; None when the run harvests its own."""
+        if self.activations is None:
+            return None
+        from hsae.activations.harvest import check_reusable
+
+        return check_reusable(self.activations, self.model, self.layer, self.context_length)
 
 
 def demo_config() -> RunConfig:
@@ -232,12 +281,16 @@ def _yaml_problem(file: Path, error: Exception) -> str:
 
 def check_run_config(config: RunConfig) -> None:
     """What a run needs from this machine, checked before anything is written: the device
-    exists and a local dataset is there and readable (UTF-8 text, known file type)."""
+    exists, a local dataset is there and readable (UTF-8 text, known file type, its text field
+    present) and a cache to reuse (``activations``) is complete and matches the run."""
     from hsae.activations import open_corpus
     from hsae.devices import parse_device
 
     parse_device(config.device)
-    open_corpus(config.dataset)
+    if config.activations is not None:
+        config.check_activations()
+    else:
+        open_corpus(config.dataset, config.text_field)
 
 
 def prepare_run_folder(folder: str | Path) -> Path:
@@ -284,6 +337,8 @@ class Run:
         self.folder = Path(folder)
         self.config = config
         self.timings: dict[str, float] = {}
+        if activations_dir is None and config.activations is not None:
+            activations_dir = Path(config.activations).expanduser()  # reused, never written
         self._activations_dir = Path(activations_dir) if activations_dir is not None else None
 
     # --- opening ------------------------------------------------------------------------
@@ -301,10 +356,11 @@ class Run:
             existing = _read_record(record) if record.exists() else None
             if existing is not None and not _has_work(root):
                 existing = None  # nothing done yet (e.g. a refused start): take the new settings
-            if existing is not None and existing.get("config", {}) != config.model_dump():
+            saved = _with_defaults(existing.get("config", {})) if existing is not None else {}
+            if existing is not None and saved != config.model_dump():
                 raise RunError(
                     f"{root} already holds a run with other settings "
-                    f"({_describe_difference(existing.get('config', {}), config.model_dump())}); "
+                    f"({_describe_difference(saved, config.model_dump())}); "
                     f"continue it with --resume {root} or choose another --out"
                 )
             run = cls(root, config, activations_dir)
@@ -361,6 +417,13 @@ class Run:
         return self._activations_dir or self.layout.activations
 
     @property
+    def reuses_cache(self) -> bool:
+        """Whether the run trains on an existing cache (``activations``) it never writes."""
+        return self.config.activations is not None and (
+            self._activations_dir == Path(self.config.activations).expanduser()
+        )
+
+    @property
     def layout(self) -> RunLayout:
         return RunLayout(self.folder)
 
@@ -377,7 +440,8 @@ class Run:
         return (self.model_dir(which) / CONFIG_FILE).is_file()
 
     def wanted_models(self) -> list[Which]:
-        return list(MODEL_NAMES) if self.config.baseline else ["hsae"]
+        wanted = {BASELINES[name] for name in self.config.baselines}
+        return [name for name in MODEL_NAMES if name == "hsae" or name in wanted]
 
     def unfinished_models(self) -> dict[str, str]:
         """The wanted models without a saved model, each with what is known of it: "still
@@ -435,12 +499,15 @@ class Run:
             manifest = self.check_cache()
             if manifest is not None and manifest.get("status") == "complete":
                 return ActivationCache(self.activations_dir)
+            if self.reuses_cache:  # checked complete above: only a vanished cache gets here
+                raise RunError(f"activation cache {self.activations_dir} is gone or incomplete")
             with self._stage_clock("harvest") as tick:
                 harvest(
                     self.config.harvest_config(),
                     self.activations_dir,
                     progress=progress,
                     on_progress=tick,
+                    parallel=False,  # under torchrun only process 0 harvests a run's cache
                 )
             return ActivationCache(self.activations_dir)
 
@@ -451,6 +518,8 @@ class Run:
         from hsae.activations.cache import read_manifest
         from hsae.activations.harvest import check_manifest_matches
 
+        if self.reuses_cache:
+            return self.config.check_activations()
         if not (self.activations_dir / CACHE_MANIFEST).is_file():
             return None
         manifest = read_manifest(self.activations_dir)
@@ -477,22 +546,40 @@ class Run:
         return ActivationCache(self.activations_dir)
 
     def train(self, which: Which, progress: bool = True) -> HSAE:
-        """Train (or resume training) one of the run's models and save it."""
-        with self.lock(f"train {which}"):
+        """Train (or resume training) one of the run's models and save it.
+
+        Under ``torchrun`` every process calls it (data-parallel training, docs/scale.md):
+        each reads its share of every batch; process 0 alone holds the lock and writes the
+        log, checkpoints, stage times and the saved model."""
+        main = distributed.rank() == 0
+        with self.lock(f"train {which}") if main else nullcontext():
+            distributed.barrier()  # every process looks at the folder in the same state
             if self.trained(which):
                 return load_hsae(self.model_dir(which))
             cache = self.cache()
-            mode = "hsae" if which == "hsae" else "independent"
-            config = self.config.hsae_config(cache.d_model, mode, cache.scale)
+            mode = baseline_mode(which)
+            model_class = HSAE.class_for(mode)
+            config = model_class.adapt_training_config(
+                self.config.hsae_config(cache.d_model, mode, cache.scale)
+            )
             reader = cache.reader(
                 config.batch_size, split="train", seed=self.config.seed, loop=True
             )
-            trainer = Trainer(config, reader)
+            trainer = Trainer(config, rank_share(reader), model_class(config))
             checkpoint = self.checkpoint_dir(which)
             if (checkpoint / "trainer.json").is_file() or checkpoint.with_name(
                 f".{checkpoint.name}.old"
             ).exists():
                 trainer.resume(checkpoint)
+            if not main:
+                model = trainer.fit(
+                    progress=False,
+                    log_every=self.config.log_every,
+                    checkpoint_dir=checkpoint,
+                    checkpoint_every=self.config.checkpoint_every,
+                )
+                distributed.barrier()  # process 0 saves the model
+                return model
             # The log keeps the steps the resumed state has (none without a checkpoint), so a
             # step is never logged twice.
             _truncate_log(self.log_path(which), trainer.step)
@@ -513,6 +600,7 @@ class Run:
                     checkpoint_every=self.config.checkpoint_every,
                 )
                 model.save(self.model_dir(which))
+            distributed.barrier()
             return model
 
     def evaluate(
@@ -639,6 +727,24 @@ class Run:
         return top_contexts(self, level, index, k, which, **options)
 
 
+def on_main_process(action: Callable[[], Any], what: str) -> Any:
+    """Run ``action`` on process 0 only (a single process: just run it); every process then
+    learns whether it succeeded, so the others fail with a one-line error instead of waiting
+    for a process that has stopped. A collective under ``torchrun``: every process calls it."""
+    result: Any = None
+    error: BaseException | None = None
+    if distributed.rank() == 0:
+        try:
+            result = action()
+        except Exception as caught:  # passed on below, after the others have been told
+            error = caught
+    if not distributed.all_ok(error is None):
+        if error is not None:
+            raise error
+        raise RunError(f"process 0 could not {what}; its own message says why")
+    return result
+
+
 def heldout_context_batches(
     cache: Any, lm: Any, n_contexts: int, batch_size: int = 4
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -664,13 +770,25 @@ def heldout_context_batches(
 
 def _summary_markdown(run: Run, table: str) -> str:
     timings = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in run.timings.items())
+    source = f"dataset: {run.config.dataset or 'built-in WordNet corpus'}"
+    if run.config.activations is not None:
+        source = f"activations: the existing cache {run.config.activations}"
     return (
         f"# Run {run.folder.name}\n\n"
         f"Model: {run.config.model or 'embedded Gemma 3 270M'}, layer: "
         f"{run.config.layer if run.config.layer is not None else 'middle'}, "
-        f"dataset: {run.config.dataset or 'built-in WordNet corpus'}\n\n"
+        f"{source}\n\n"
         f"{table}\n\nTimings: {timings or 'n/a'}\n"
     )
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run configuration with the defaults of settings added since it was written (an
+    older run.json lacks them), so that only real differences count."""
+    try:
+        return RunConfig(**saved).model_dump()
+    except (ConfigError, TypeError):
+        return saved
 
 
 def _describe_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str:

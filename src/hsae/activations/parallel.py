@@ -80,12 +80,16 @@ def harvest_parallel(
     progress: bool = True,
     lm: LanguageModel | None = None,
     on_progress: Callable[[], None] | None = None,
+    solo: bool = False,
 ) -> ActivationCache:
-    """This process's part of a multi-process harvest (also runs as the only process, e.g. to
-    finish a multi-process harvest without torchrun). Every process must call it."""
+    """This process's part of a multi-process harvest: every process of the torchrun group must
+    call it. ``solo`` runs it as the only process even inside a process group (e.g. rank 0
+    alone finishing a multi-process harvest, while the other processes wait elsewhere)."""
+    if solo:
+        return _harvest_parallel(config, root, overwrite, progress, lm, on_progress, True)
     joined = not distributed.is_distributed() and distributed.init()
     try:
-        return _harvest_parallel(config, root, overwrite, progress, lm, on_progress)
+        return _harvest_parallel(config, root, overwrite, progress, lm, on_progress, False)
     finally:
         if joined:
             distributed.destroy()
@@ -98,14 +102,16 @@ def _harvest_parallel(
     progress: bool,
     lm: LanguageModel | None,
     on_progress: Callable[[], None] | None,
+    solo: bool,
 ) -> ActivationCache:
-    rank, world = distributed.rank(), distributed.world_size()
-    model = _agree(lambda: _load(config, root, lm), "loading the model")
+    rank, world = (0, 1) if solo else (distributed.rank(), distributed.world_size())
+    model = _agree(lambda: _load(config, root, lm), "loading the model", solo)
     layer = config.layer if config.layer is not None else model.n_layers // 2
     if rank == 0:
-        _agree(lambda: _prepare(config, root, overwrite, model, layer), "preparing the cache")
+        prepare = lambda: _prepare(config, root, overwrite, model, layer)  # noqa: E731
+        _agree(prepare, "preparing the cache", solo)
     else:
-        _agree(lambda: None, "preparing the cache")
+        _agree(lambda: None, "preparing the cache", solo)
     manifest = read_manifest(root)
     if manifest.get("status") != "complete":
         _agree(
@@ -113,15 +119,16 @@ def _harvest_parallel(
                 config, root, manifest, model, layer, rank, world, progress, on_progress
             ),
             "harvesting",
+            solo,
         )
         if rank == 0:
-            _agree(lambda: _complete(config, root), "writing the manifest")
+            _agree(lambda: _complete(config, root), "writing the manifest", solo)
         else:
-            _agree(lambda: None, "writing the manifest")
+            _agree(lambda: None, "writing the manifest", solo)
     return ActivationCache(root)
 
 
-def _agree(step: Callable[[], Any], what: str) -> Any:
+def _agree(step: Callable[[], Any], what: str, solo: bool) -> Any:
     """Run `step` on every process; if it fails anywhere, every process raises (the one that
     failed its own error), so no process waits forever on the others."""
     error: BaseException | None = None
@@ -130,7 +137,7 @@ def _agree(step: Callable[[], Any], what: str) -> Any:
         result = step()
     except Exception as exc:  # re-raised below, after the others know
         error = exc
-    if not distributed.all_ok(error is None):
+    if not solo and not distributed.all_ok(error is None):
         if error is not None:
             raise error
         raise HarvestError(f"another process failed while {what}; see its error message")
@@ -297,19 +304,21 @@ def _harvest_own_shards(
                 buffer.filled += hi - lo
                 buffer.resume = {"batch": index, "row": hi}
                 if buffer.filled == len(buffer.acts):
-                    _write_shard(root, config, shard, buffers.pop(shard))
+                    _write_shard(root, config, shard, buffers.pop(shard), rank, world)
                     todo.discard(shard)
             if on_progress is not None:
                 on_progress()
         # the corpus ran out: the shard holding the last rows is shorter than planned
         for shard, buffer in buffers.items():
             if buffer.filled:
-                _write_shard(root, config, shard, buffer)
+                _write_shard(root, config, shard, buffer, rank, world)
     finally:
         bar.close()
 
 
-def _write_shard(root: Path, config: HarvestConfig, index: int, buffer: _Buffer) -> None:
+def _write_shard(
+    root: Path, config: HarvestConfig, index: int, buffer: _Buffer, rank: int, world: int
+) -> None:
     from hsae.io import write_json, write_npy
 
     acts, meta = buffer.acts[: buffer.filled], buffer.meta[: buffer.filled]
@@ -330,7 +339,7 @@ def _write_shard(root: Path, config: HarvestConfig, index: int, buffer: _Buffer)
         "tokens_sha256": _sha256(root / f"{stem}.tokens.npy"),
         "norm_sum": row_norm_sum(acts, config.dtype),
         "resume": buffer.resume,
-        "written_by": {"rank": distributed.rank(), "world_size": distributed.world_size()},
+        "written_by": {"rank": rank, "world_size": world},
     }
     write_json(root / f"{stem}{RECORD_SUFFIX}", entry)
 

@@ -88,7 +88,9 @@ class _FusedJumpReLUEncode(Function):
         bandwidth: float,
     ) -> tuple[Tensor, Tensor]:
         # (x - b_dec) W_enc + b_enc, without forming x - b_dec or its gradient.
-        pre = torch.addmm(b_enc - b_dec @ W_enc, x, W_enc)
+        # Under bf16 autocast the product runs in bf16; pre is float32 either way, so the
+        # threshold comparison, the straight-through estimator and the codes are float32.
+        pre = torch.addmm(b_enc - b_dec @ W_enc, x, W_enc).float()
         acts = pre * (pre > threshold)
         ctx.save_for_backward(x, W_enc, b_dec, threshold, pre)
         ctx.bandwidth = bandwidth
