@@ -288,27 +288,43 @@ def test_free_disk_is_checked_before_writing(tiny_model, tiny_lm, tmp_path):
     assert not (tmp_path / "acts").exists()
 
 
-def _torchrun(nproc: int, tiny_model: Path, out: Path, extra: tuple[str, ...] = ()) -> None:
+def _torchrun(nproc: int, tiny_model: Path, out: Path, program: tuple[str, ...] = ()) -> None:
+    """`torchrun -m hsae harvest` on the tiny model (or another `program` and its arguments)."""
     args = [f"--{key.replace('_', '-')}={value}" for key, value in SETTINGS.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), *sys.path])
+    harvest_cli = ("-m", "hsae", "harvest", f"--model={tiny_model}", f"--out={out}")
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc}",
-        "-m",
-        "hsae",
-        "harvest",
-        f"--model={tiny_model}",
-        f"--out={out}",
-        "--device=cpu",
-        *args,
-        *extra,
+        *(program or (*harvest_cli, "--device=cpu", *args)),
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+RANK0_SCRIPT = """
+import json, sys
+from hsae import distributed
+from hsae.activations import HarvestConfig, harvest
+distributed.init()
+if distributed.rank() == 0:  # as `hsae train` does: process 0 harvests, the others wait
+    harvest(HarvestConfig(**json.loads(sys.argv[1])), sys.argv[2], progress=False, parallel=False)
+distributed.barrier()
+distributed.destroy()
+"""
+
+
+@pytest.mark.slow
+def test_rank0_alone_can_harvest_inside_a_process_group(tiny_model, single, tmp_path):
+    script = tmp_path / "rank0.py"
+    script.write_text(RANK0_SCRIPT)
+    settings = json.dumps({"model": str(tiny_model), "device": "cpu", **SETTINGS})
+    _torchrun(2, tiny_model, tmp_path / "acts", (str(script), settings, str(tmp_path / "acts")))
+    _same_cache(single, ActivationCache(tmp_path / "acts"))
 
 
 @pytest.mark.slow
