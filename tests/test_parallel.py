@@ -83,7 +83,7 @@ from test_parallel import one_step_inputs
 distributed.init("gloo")
 group = DataParallel(torch.device("cpu"))
 saved = {}
-for kind in ("jumprelu", "batchtopk"):
+for kind in ("jumprelu", "batchtopk", "matryoshka"):
     model, x, dead = one_step_inputs(kind)
     share = x.shape[0] // group.size
     out = model.training_loss(x[group.rank * share : (group.rank + 1) * share],
@@ -101,16 +101,21 @@ distributed.destroy()
 
 
 def one_step_inputs(kind: str) -> tuple:
-    """A model with a forest, a batch of 64 and a third of each level flagged dead."""
+    """A model with a forest (none for the Matryoshka baseline, which trains without one), a
+    batch of 64 and a third of each level flagged dead."""
     from hsae.model import HSAE
 
-    config = HSAEConfig(**(CONFIG | {"level": kind}))
-    model = HSAE(config)
+    if kind == "matryoshka":
+        config = HSAEConfig(**(CONFIG | {"level": "batchtopk", "mode": "matryoshka"}))
+    else:
+        config = HSAEConfig(**(CONFIG | {"level": kind}))
+    model = HSAE.class_for(config.mode)(config)
     x = data()[:64] * 2.0
     for level in model.levels:
         level.initialise_from_data(x, config.target_l0)
-    model.set_parents(0, torch.arange(32) % 8)
-    model.set_parents(1, torch.arange(256) % 32)
+    if kind != "matryoshka":
+        model.set_parents(0, torch.arange(32) % 8)
+        model.set_parents(1, torch.arange(256) % 32)
     dead = [torch.arange(size) % 3 == 0 for size in config.level_sizes]
     return model, x, dead
 
@@ -192,7 +197,7 @@ def test_one_step_gradients_of_two_shares_equal_the_global_batch(tmp_path: Path)
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     saved = load_file(tmp_path / "grads.safetensors")
-    for kind in ("jumprelu", "batchtopk"):
+    for kind in ("jumprelu", "batchtopk", "matryoshka"):
         model, x, dead = one_step_inputs(kind)
         out = model.training_loss(x, LossWeights(torch.full((3,), 0.1), 0.3, 1.0), None, dead)
         out.total.backward()

@@ -42,7 +42,7 @@ from hsae.model.hsae import (
     centred_energy,
     per_token_variance_explained,
 )
-from hsae.model.level import LevelCodes
+from hsae.model.level import BatchGroup, LevelCodes
 from hsae.model.levels.batchtopk import BatchTopKLevel
 
 
@@ -168,17 +168,19 @@ class MatryoshkaSAE(HSAE):
         dead: list[Tensor] | None = None,
         keep_active: bool = False,
         exact_metrics: bool = True,
+        group: BatchGroup | None = None,
     ) -> TrainingLoss:
         """Sum over prefixes of the prefix's batch-mean squared error, plus ``weights.aux``
         times the AuxK loss of the whole dictionary's dead latents (``dead[-1]``).
         ``substituted`` and the sparsity weights do not apply (no forest in training, no
-        sparsity penalty)."""
+        sparsity penalty). ``group``: as for :meth:`HSAE.training_loss` (the BatchTopK cut,
+        the variance explained's centring and the AuxK normalisation over the global batch)."""
         cfg = self.config
         dictionary = self.dictionary
-        codes = dictionary.encode_for_training(x, cfg.bandwidth, cfg.sparse_kernels)
+        codes = self._encode_for_training(dictionary, x, cfg.sparse_kernels, group)
         active = dictionary.active(codes)
         fired_all = active.any(0)
-        energy = centred_energy(x)
+        energy = centred_energy(x, group)
         columns = torch.arange(dictionary.n_features, device=x.device)
         recon = dictionary.b_dec.expand_as(x)
         total = x.new_zeros(())
@@ -199,7 +201,7 @@ class MatryoshkaSAE(HSAE):
             start = size
         aux_total = x.new_zeros(())
         if dead is not None and weights.aux > 0 and bool(dead[-1].any()):
-            aux = self._dead_feature_loss(dictionary, x, (x - recon).detach(), dead[-1])
+            aux = self._dead_feature_loss(dictionary, x, (x - recon).detach(), dead[-1], group)
             total = total + weights.aux * aux
             aux_total = aux.detach()
         return TrainingLoss(
