@@ -18,7 +18,6 @@ from hsae.activations.corpora import (
 from hsae.activations.harvest import (
     ActivationStream,
     HarvestConfig,
-    harvest,
     stream_activations,
 )
 from hsae.activations.models import (
@@ -31,6 +30,7 @@ from hsae.activations.models import (
     load_language_model,
     load_tokenizer,
 )
+from hsae.activations.parallel import harvest
 
 __all__ = [
     "ActivationCache",

@@ -173,38 +173,23 @@ def batch_rows(
 # --------------------------------------------------------------------------- harvest
 
 
-def harvest(
+def harvest_in_process(
     config: HarvestConfig,
     out_dir: str | Path,
     overwrite: bool = False,
     progress: bool = True,
     lm: LanguageModel | None = None,
     on_progress: Callable[[], None] | None = None,
-    parallel: bool | None = None,
 ) -> ActivationCache:
-    """Fill (or resume filling) the activation cache at `out_dir`; returns it once complete.
+    """Fill (or resume filling) the activation cache at `out_dir` in this process alone;
+    returns it once complete. :func:`hsae.activations.harvest` (in
+    :mod:`hsae.activations.parallel`) chooses between this and a multi-process harvest.
 
     Everything is validated (output folder, device, an existing cache's settings, model, layer,
     corpus) before anything is written. Re-running on the same folder resumes after the last
     complete shard; `overwrite` starts over. `on_progress` is called after each model batch.
-    The free disk is checked against the cache's size first.
-
-    `parallel`: every process of the torchrun group calls harvest() and harvests its own shards
-    into the same cache (see hsae.activations.parallel and docs/scale.md); the rows, shards and
-    split are the same as a single process's. None (the default) means: when launched by
-    torchrun (WORLD_SIZE > 1). ``parallel=False`` harvests in this process alone, even under
-    torchrun (what a caller that runs the harvest on rank 0 only must pass)."""
-    from hsae import distributed
-
+    The free disk is checked against the cache's size first."""
     root = Path(out_dir).expanduser()
-    if parallel is None:
-        parallel = distributed.launched()
-    if parallel or _parallel_in_progress(root, overwrite):
-        from hsae.activations.parallel import harvest_parallel
-
-        return harvest_parallel(
-            config, root, overwrite, progress, lm, on_progress, solo=not parallel
-        )
     check_writable(root)
     if config.device is not None:
         from hsae.devices import device_problem
@@ -321,7 +306,7 @@ def check_writable(root: Path) -> None:
         raise HarvestError(f"output path {root} is not writable ({probe} denies write access)")
 
 
-def _parallel_in_progress(root: Path, overwrite: bool) -> bool:
+def parallel_in_progress(root: Path, overwrite: bool) -> bool:
     """An unfinished cache started by a multi-process harvest (resumed the same way)."""
     if overwrite or not (root / MANIFEST).is_file():
         return False

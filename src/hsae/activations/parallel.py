@@ -62,6 +62,8 @@ from hsae.activations.harvest import (
     context_batches,
     first_batch_or_error,
     folder_bytes,
+    harvest_in_process,
+    parallel_in_progress,
 )
 from hsae.activations.models import (
     HarvestError,
@@ -71,6 +73,38 @@ from hsae.activations.models import (
 )
 
 RECORD_SUFFIX = ".json"
+
+
+def harvest(
+    config: HarvestConfig,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    lm: LanguageModel | None = None,
+    on_progress: Callable[[], None] | None = None,
+    parallel: bool | None = None,
+) -> ActivationCache:
+    """Fill (or resume filling) the activation cache at `out_dir`; returns it once complete.
+
+    Everything is validated (output folder, device, an existing cache's settings, model, layer,
+    corpus) before anything is written. Re-running on the same folder resumes after the last
+    complete shard; `overwrite` starts over. `on_progress` is called after each model batch.
+    The free disk is checked against the cache's size first.
+
+    `parallel`: every process of the torchrun group calls harvest() and harvests its own shards
+    into the same cache (:func:`harvest_parallel`, docs/scale.md); the rows, shards and split
+    are the same as a single process's. None (the default) means: when launched by torchrun
+    (WORLD_SIZE > 1). ``parallel=False`` harvests in this process alone, even under torchrun
+    (what a caller that runs the harvest on rank 0 only must pass). A cache that a
+    multi-process harvest left unfinished is resumed the same way."""
+    root = Path(out_dir).expanduser()
+    if parallel is None:
+        parallel = distributed.launched()
+    if parallel or parallel_in_progress(root, overwrite):
+        return harvest_parallel(
+            config, root, overwrite, progress, lm, on_progress, solo=not parallel
+        )
+    return harvest_in_process(config, root, overwrite, progress, lm, on_progress)
 
 
 def harvest_parallel(
