@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hsae.model.kernels import lookup_entries
 from hsae.model.level import Level, LevelCodes
 
 
@@ -38,9 +39,9 @@ def parent_children_constraint(
     squared norms are kept as <d, d> rather than 1 so the gradient equals that of the
     unexpanded form (it differs along d itself, which Adam would otherwise see differently).
     """
-    n_tokens, n_parents = parent_codes.acts.shape
+    n_tokens, n_parents = parent_codes.pre.shape
     if not bool((parent_index >= 0).any()):
-        return parent_codes.acts.new_zeros(())
+        return parent_codes.pre.new_zeros(())
     with_children = has_children(parent_index, n_parents)
     parent_weights = parent_decoder.pow(2).sum(-1) * with_children
     parent_energy = (
@@ -51,8 +52,16 @@ def parent_children_constraint(
     cols = child_codes.cols[entries]
     parents = parent_index[cols]
     child_values = child_codes.values.index_select(0, entries)
-    flat_parent = child_codes.rows[entries] * n_parents + parents
-    parent_values = parent_codes.acts.reshape(-1).index_select(0, flat_parent)
+    # The parent's activation at each child entry's token, looked up in the parent's support
+    # (a parent off its support has value 0 and carries no gradient there).
+    parent_values = lookup_entries(
+        parent_codes.values,
+        parent_codes.rows,
+        parent_codes.cols,
+        n_parents,
+        child_codes.rows[entries],
+        parents,
+    )
     cross = (
         parent_values
         * child_values
@@ -81,13 +90,13 @@ def _co_active_sibling_products(
     group = codes.rows[entries] * n_parents + parent_index[codes.cols[entries]]
     # Siblings are mostly exclusive: keep only (token, parent) groups with two or more
     # entries before sorting, which usually leaves a small fraction of the support.
-    shared = torch.bincount(group, minlength=codes.acts.shape[0] * n_parents)[group] > 1
+    shared = torch.bincount(group, minlength=codes.n_tokens * n_parents)[group] > 1
     entries, group = entries[shared], group[shared]
     order = torch.argsort(group, stable=True)
     entries, group = entries[order], group[order]
     first, second = _pairs_within_groups(group)
     if first.numel() == 0:
-        return codes.acts.new_zeros(())
+        return codes.pre.new_zeros(())
     first, second = entries[first], entries[second]
     cols = codes.cols
     a_first = codes.values.index_select(0, first)
