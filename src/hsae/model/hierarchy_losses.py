@@ -89,8 +89,10 @@ def _co_active_sibling_products(
     entries = (parent_index[codes.cols] >= 0).nonzero(as_tuple=True)[0]
     group = codes.rows[entries] * n_parents + parent_index[codes.cols[entries]]
     # Siblings are mostly exclusive: keep only (token, parent) groups with two or more
-    # entries before sorting, which usually leaves a small fraction of the support.
-    shared = torch.bincount(group, minlength=codes.n_tokens * n_parents)[group] > 1
+    # entries before sorting, which usually leaves a small fraction of the support. (Counted
+    # by sorting the entries' groups, not by a [tokens x parents] bincount.)
+    _, where, counts = torch.unique(group, return_inverse=True, return_counts=True)
+    shared = counts.index_select(0, where) > 1
     entries, group = entries[shared], group[shared]
     order = torch.argsort(group, stable=True)
     entries, group = entries[order], group[order]
