@@ -31,6 +31,7 @@ model was built (interpreter, torch, the batches); on CUDA it is
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import statistics
@@ -342,10 +343,13 @@ def run_scale(args: argparse.Namespace) -> None:
     for name, values in l0s.items():
         mean_l0 = torch.stack(values[1:]).mean(0).tolist()
         print(f"{name:>14} L0 while timed: {[round(v, 1) for v in mean_l0]}")
+    names = list(steps)
+    del steps, trainers, l0s  # free this run's models before the probes build theirs
+    gc.collect()
     memory = {}
     if not args.no_memory:
-        memory = {name: peak_memory_mb(args, name) for name in steps}
-    for name in steps:
+        memory = {name: peak_memory_mb(args, name) for name in names}
+    for name in names:
         mem = memory.get(name)
         mem_text = "" if mem is None else f"  peak memory {mem:8.0f} MiB"
         print(

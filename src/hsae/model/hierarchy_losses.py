@@ -88,14 +88,14 @@ def _co_active_sibling_products(
     """sum over tokens and unordered pairs c < c' of supported siblings: a_c a_c' <d_c, d_c'>."""
     entries = (parent_index[codes.cols] >= 0).nonzero(as_tuple=True)[0]
     group = codes.rows[entries] * n_parents + parent_index[codes.cols[entries]]
-    # Siblings are mostly exclusive: keep only (token, parent) groups with two or more
-    # entries before sorting, which usually leaves a small fraction of the support. (Counted
-    # by sorting the entries' groups, not by a [tokens x parents] bincount.)
-    _, where, counts = torch.unique(group, return_inverse=True, return_counts=True)
-    shared = counts.index_select(0, where) > 1
-    entries, group = entries[shared], group[shared]
+    # One stable sort groups the entries by (token, parent), then only groups of two or more
+    # are kept: siblings are mostly exclusive, so few entries remain. (No [tokens x parents]
+    # count table: the cost follows the support, not the parent level's size.)
     order = torch.argsort(group, stable=True)
     entries, group = entries[order], group[order]
+    _, counts = torch.unique_consecutive(group, return_counts=True)
+    shared = torch.repeat_interleave(counts > 1, counts)
+    entries, group = entries[shared], group[shared]
     first, second = _pairs_within_groups(group)
     if first.numel() == 0:
         return codes.pre.new_zeros(())
