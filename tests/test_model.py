@@ -270,7 +270,9 @@ def test_support_kernels_match_dense_products_and_handle_an_empty_support() -> N
             kernels.sparse_t_times(rows, cols, values.detach(), other, 9), code.t() @ other
         )
         query_rows, query_cols = torch.arange(6).repeat(9), torch.arange(9).repeat_interleave(6)
-        looked_up = kernels.lookup_entries(values.detach(), rows, cols, 9, query_rows, query_cols)
+        looked_up = kernels.lookup_entries(
+            values.detach(), rows, cols, (6, 9), query_rows, query_cols
+        )
         torch.testing.assert_close(looked_up, code[query_rows, query_cols])
         scattered = kernels.scatter_entries(values.detach(), rows, cols, code.shape)
         torch.testing.assert_close(scattered, code)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hsae.model.kernels import lookup_entries
+from hsae.model.kernels import decoder_gram, lookup_entries
 from hsae.model.level import Level, LevelCodes
 
 
@@ -43,7 +43,8 @@ def parent_children_constraint(
     if not bool((parent_index >= 0).any()):
         return parent_codes.pre.new_zeros(())
     with_children = has_children(parent_index, n_parents)
-    parent_weights = parent_decoder.pow(2).sum(-1) * with_children
+    parent_sq, child_sq, child_parent = decoder_gram(parent_decoder, child_decoder, parent_index)
+    parent_weights = parent_sq * with_children
     parent_energy = (
         parent_codes.values.pow(2) * parent_weights.index_select(0, parent_codes.cols)
     ).sum()
@@ -58,28 +59,15 @@ def parent_children_constraint(
         parent_codes.values,
         parent_codes.rows,
         parent_codes.cols,
-        n_parents,
+        (n_tokens, n_parents),
         child_codes.rows[entries],
         parents,
     )
-    cross = (
-        parent_values
-        * child_values
-        * _child_parent_dots(child_decoder, parent_decoder, parent_index).index_select(0, cols)
-    ).sum()
-    child_norms = child_decoder.pow(2).sum(-1).index_select(0, cols)
+    cross = (parent_values * child_values * child_parent.index_select(0, cols)).sum()
+    child_norms = child_sq.index_select(0, cols)
     child_energy = (child_values.pow(2) * child_norms).sum()
     siblings = _co_active_sibling_products(child_codes, child_decoder, parent_index, n_parents)
     return (parent_energy - 2.0 * cross + child_energy + 2.0 * siblings) / n_tokens
-
-
-def _child_parent_dots(
-    child_decoder: Tensor, parent_decoder: Tensor, parent_index: Tensor
-) -> Tensor:
-    """<d_c, d_parent(c)> for every child (0 for unassigned ones), one row pair per child."""
-    parents = parent_index.clamp(min=0)
-    dots = (child_decoder * parent_decoder.index_select(0, parents)).sum(-1)
-    return dots * (parent_index >= 0)
 
 
 def _co_active_sibling_products(

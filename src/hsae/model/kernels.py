@@ -344,16 +344,73 @@ def scatter_entries(values: Tensor, rows: Tensor, cols: Tensor, shape: torch.Siz
 
 
 def lookup_entries(
-    values: Tensor, rows: Tensor, cols: Tensor, n_cols: int, query_rows: Tensor, query_cols: Tensor
+    values: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    shape: tuple[int, int],
+    query_rows: Tensor,
+    query_cols: Tensor,
 ) -> Tensor:
     """values at (query_rows, query_cols) where that pair is an entry, 0 elsewhere.
 
-    Entries must be sorted by (row, col), as ``nonzero`` returns them; differentiable in values.
+    Entries must be distinct; differentiable in ``values``. The position of every entry is
+    written into an int32 [rows x cols] table (a memset and one scatter: several times faster
+    than a binary search of the queries among the entries, and far cheaper than the float
+    [batch, n] activations and their gradient).
     """
-    keys = rows * n_cols + cols
-    query = query_rows * n_cols + query_cols
-    if keys.numel() == 0:
-        return values.new_zeros(query.shape)
-    position = torch.searchsorted(keys, query).clamp(max=keys.numel() - 1)
-    found = keys.index_select(0, position) == query
-    return values.index_select(0, position) * found
+    n_cols = shape[1]
+    if rows.numel() == 0:
+        return values.new_zeros(query_rows.shape)
+    table = torch.full((shape[0] * n_cols,), -1, dtype=torch.int32, device=values.device)
+    positions = torch.arange(rows.numel(), dtype=torch.int32, device=values.device)
+    table.index_copy_(0, rows * n_cols + cols, positions)
+    position = table.index_select(0, query_rows * n_cols + query_cols)
+    found = position >= 0
+    return values.index_select(0, position.clamp(min=0).long()) * found
+
+
+def gather_support(pre: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """pre[rows, cols] as one flat index_select (faster than advanced indexing on CPU)."""
+    return pre.reshape(-1).index_select(0, rows * pre.shape[1] + cols)
+
+
+class _DecoderGram(Function):
+    """(<d_p, d_p> for every parent, <d_c, d_c> and <d_c, d_parent(c)> for every child).
+
+    The constraint's per-feature decoder terms in one pass each way; autograd's version of the
+    same formulas makes a dozen passes over the decoders and allocates a zero gradient per
+    index_select. Unassigned children (parent_index < 0) get a dot of 0 and no gradient from it.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, parent_decoder: Tensor, child_decoder: Tensor, parent_index: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        assigned = parent_index >= 0
+        parent_rows = parent_decoder.index_select(0, parent_index.clamp(min=0))
+        parent_sq = parent_decoder.pow(2).sum(-1)
+        child_sq = child_decoder.pow(2).sum(-1)
+        dots = (child_decoder * parent_rows).sum(-1) * assigned
+        ctx.save_for_backward(parent_decoder, child_decoder, parent_index, assigned)
+        return parent_sq, child_sq, dots
+
+    @staticmethod
+    def backward(ctx, g_parent_sq: Tensor, g_child_sq: Tensor, g_dots: Tensor):  # type: ignore[override]
+        parent_decoder, child_decoder, parent_index, assigned = ctx.saved_tensors
+        g_dots = g_dots * assigned
+        parents = parent_index.clamp(min=0)
+        grad_parent = grad_child = None
+        if ctx.needs_input_grad[0]:
+            grad_parent = parent_decoder * (2.0 * g_parent_sq).unsqueeze(1)
+            grad_parent.index_add_(0, parents, child_decoder * g_dots.unsqueeze(1))
+        if ctx.needs_input_grad[1]:
+            grad_child = child_decoder * (2.0 * g_child_sq).unsqueeze(1)
+            grad_child.addcmul_(parent_decoder.index_select(0, parents), g_dots.unsqueeze(1))
+        return grad_parent, grad_child, None
+
+
+def decoder_gram(
+    parent_decoder: Tensor, child_decoder: Tensor, parent_index: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Squared norms of parent and child decoder rows and each child's dot with its parent."""
+    return _DecoderGram.apply(parent_decoder, child_decoder, parent_index)

@@ -134,7 +134,7 @@ class Level(nn.Module):
         """Support-only codes of a kind whose training activations are pre on a selection
         (TopK kinds): the gradient reaches the encoder through the selected entries alone."""
         rows, cols = entries_of(selected)
-        pre_support = pre[rows, cols]
+        pre_support = kernels.gather_support(pre, rows, cols)
         values = kernels.support_encode(
             x, self.W_enc, self.b_enc, self.b_dec, None, pre_support, rows, cols, 0.0
         )

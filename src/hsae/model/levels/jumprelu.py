@@ -48,7 +48,7 @@ class JumpReLULevel(Level):
             # The support-only step: one dense matmul, then O(support) work (kernels.py).
             pre = kernels.encoder_pre_activations(x, self.W_enc, self.b_enc, self.b_dec)
             rows, cols = support_of(pre, threshold.detach(), bandwidth)
-            pre_support = pre[rows, cols]
+            pre_support = kernels.gather_support(pre, rows, cols)
             values = kernels.support_encode(
                 x, self.W_enc, self.b_enc, self.b_dec, threshold, pre_support, rows, cols, bandwidth
             )
