@@ -50,6 +50,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "hsae-no-perturbation": {"perturbation_rate": 0.0},
     "baseline-conditional": {"mode": "independent", "similarity": "conditional"},
     "hsae-conditional": {"similarity": "conditional"},
+    "hsae-warmup": {"forest_warmup": 0.3},
 }
 """Variant name -> HSAEConfig fields on top of the shared settings (empty: current defaults)."""
 

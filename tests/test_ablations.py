@@ -9,13 +9,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from typer.testing import CliRunner
 
 from hsae.ablations import AblationSettings, plan, select_variants
 from hsae.cli import app
-from hsae.config import ConfigError
+from hsae.config import ConfigError, Similarity
 from hsae.io import read_json
 from hsae.runs import Run
 
@@ -36,7 +37,10 @@ def test_selection_expands_groups_and_names_in_table_order() -> None:
         "rho=0.1",
     ]
     everything = select_variants(AblationSettings())
-    assert len(everything) == 4 + 4 + 3 + 4 + 5
+    assert len(everything) == 4 + 4 + 4 + 4 + 5
+    # Every forest similarity the config accepts is a variant (one place lists them).
+    similarities = {v.overrides["similarity"] for v in everything if v.group == "similarity"}
+    assert similarities == set(get_args(Similarity))
 
 
 @pytest.mark.parametrize(

@@ -54,9 +54,9 @@ def test_local_text_jsonl_and_parquet(tmp_path):
 def test_bad_local_sources_have_clear_errors(tmp_path):
     with pytest.raises(CorpusError, match="no such file or folder"):
         open_corpus(str(tmp_path / "missing.txt"))
-    (tmp_path / "data.csv").write_text("x")
+    (tmp_path / "data.xlsx").write_text("x")  # (.csv is a supported type since issue 15)
     with pytest.raises(CorpusError, match="unsupported type"):
-        open_corpus(str(tmp_path / "data.csv"))
+        open_corpus(str(tmp_path / "data.xlsx"))
     (tmp_path / "broken.txt.gz").write_bytes(b"not gzip at all")
     with pytest.raises(CorpusError, match="not readable"):
         list(open_corpus(str(tmp_path / "broken.txt.gz")))
@@ -134,3 +134,89 @@ def test_text_that_is_not_utf8_is_refused_naming_the_file(tmp_path):
         handle.write(noise)
     with pytest.raises(CorpusError, match="noise.jsonl.gz' is not UTF-8 text"):
         list(open_corpus(str(tmp_path / "noise.jsonl.gz")))
+
+
+# --------------------------------------------------------------------------- any dataset
+
+
+def test_saved_dataset_folder_is_read_with_its_text_column(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    table = {"body": ["first text", "  ", "second text"], "label": [0, 1, 2]}
+    datasets.Dataset.from_dict(table).save_to_disk(str(tmp_path / "ds"))
+    source = open_corpus(str(tmp_path / "ds"), text_field="body")
+    assert source.kind == "hf_disk" and source.describe()["text_field"] == "body"
+    assert list(source) == ["first text", "second text"]
+    with pytest.raises(CorpusError, match="no column 'text'.*fields: body, label") as info:
+        open_corpus(str(tmp_path / "ds"))  # refused up front, listing the columns
+    assert "--text-field" in str(info.value) and "invalid JSON" not in str(info.value)
+
+
+def test_saved_dataset_dict_takes_train_or_its_only_split(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    splits = {
+        "train": datasets.Dataset.from_dict({"text": ["a train doc"]}),
+        "test": datasets.Dataset.from_dict({"text": ["a test doc"]}),
+    }
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "both"))
+    assert list(open_corpus(str(tmp_path / "both"))) == ["a train doc"]
+    assert list(open_corpus(str(tmp_path / "both" / "test"))) == ["a test doc"]  # a split folder
+    datasets.DatasetDict({"validation": splits["test"]}).save_to_disk(str(tmp_path / "one"))
+    assert list(open_corpus(str(tmp_path / "one"))) == ["a test doc"]
+    no_train = {"validation": splits["test"], "test": splits["test"]}
+    datasets.DatasetDict(no_train).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(CorpusError, match="splits validation, test and none is 'train'") as info:
+        open_corpus(str(tmp_path / "two"))
+    assert "two/validation" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_json_array_and_json_lines_with_a_text_field(tmp_path):
+    records = [{"content": "one", "id": 1}, {"content": "two", "id": 2}]
+    (tmp_path / "array.json").write_text(json.dumps(records, indent=2))
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in records))
+    (tmp_path / "lines.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    (tmp_path / "strings.json").write_text(json.dumps(["plain one", "plain two"]))
+    for name in ("array.json", "lines.json", "lines.jsonl"):
+        assert list(open_corpus(str(tmp_path / name), text_field="content")) == ["one", "two"]
+        with pytest.raises(CorpusError, match="no field 'text' .fields: content, id; choose"):
+            open_corpus(str(tmp_path / name))
+    assert list(open_corpus(str(tmp_path / "strings.json"))) == ["plain one", "plain two"]
+    (tmp_path / "bad.json").write_text('[{"text": "ok"},\n {oops}]')
+    with pytest.raises(CorpusError, match=r"bad.json:2: invalid JSON"):
+        open_corpus(str(tmp_path / "bad.json"))
+    (tmp_path / "number.json").write_text('[{"text": 5}]')
+    with pytest.raises(CorpusError, match="array item 0: field 'text' is not a string"):
+        open_corpus(str(tmp_path / "number.json"))
+
+
+def test_csv_and_tsv_with_a_text_field(tmp_path):
+    import csv
+
+    with open(tmp_path / "t.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "review"])
+        writer.writerow([1, 'a long review, with a comma and "quotes"\nand a second line'])
+        writer.writerow([2, ""])
+        writer.writerow([3, "short"])
+    with gzip.open(tmp_path / "t.tsv.gz", "wt") as handle:
+        handle.write("review\tid\nfirst\t1\nsecond\t2\n")
+    expected = ['a long review, with a comma and "quotes"\nand a second line', "short"]
+    assert list(open_corpus(str(tmp_path / "t.csv"), text_field="review")) == expected
+    assert list(open_corpus(str(tmp_path / "t.tsv.gz"), text_field="review")) == ["first", "second"]
+    with pytest.raises(CorpusError, match="t.csv' has no column 'text' .fields: id, review"):
+        open_corpus(str(tmp_path / "t.csv"))
+    assert len(list(open_corpus(str(tmp_path), text_field="review"))) == 4  # a folder of both
+
+
+def test_parquet_with_a_text_field(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"doc": ["x1", "x2"], "n": [1, 2]}), tmp_path / "d.parquet")
+    assert list(open_corpus(str(tmp_path / "d.parquet"), text_field="doc")) == ["x1", "x2"]
+    with pytest.raises(CorpusError, match="no column 'text' .fields: doc, n"):
+        open_corpus(str(tmp_path / "d.parquet"))
+
+
+def test_empty_text_field_is_refused():
+    with pytest.raises(CorpusError, match="text_field"):
+        open_corpus("builtin", text_field="")

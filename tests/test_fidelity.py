@@ -321,3 +321,32 @@ def test_trained_hsae_links_exist_at_defaults() -> None:
     model = hsae.train(config, sparse_data(), progress=False)
     assert config.similarity == "decoder"
     assert all(int((links >= 0).sum()) > 0 for links in model.forest())
+
+
+# --- option: a warm-up before the first rebuild -----------------------------------------------
+
+
+def test_forest_warmup_delays_the_first_rebuild_then_keeps_the_interval() -> None:
+    config = HSAEConfig(**BASE, train_tokens=64 * 60, update_interval=5, forest_warmup=0.25)
+    assert config.first_rebuild_step == 15
+    trainer = Trainer(config, TensorBatches(sparse_data(), 64))
+    trainer.initialise()
+    updates = []
+    outs = []
+    for _ in range(26):
+        outs.append(trainer.train_step())
+        updates.append(trainer.forest_updates)
+    # No forest before step 15: the levels train as independent SAEs (no constraint).
+    assert updates[13] == 0 and updates[14] == 1
+    assert all(float(out.constraint) == 0 for out in outs[:15])
+    assert any(float(out.constraint) > 0 for out in outs[15:])
+    assert updates[19] == 2 and updates[24] == 3  # then every update_interval steps
+    # The default is the paper's schedule: first rebuild after update_interval steps.
+    assert HSAEConfig(**BASE, train_tokens=64 * 60, update_interval=5).first_rebuild_step == 5
+
+
+def test_forest_warmup_is_validated_up_front() -> None:
+    with pytest.raises(ConfigError, match=r"forest_warmup.*must lie in \[0, 1\), got 1.0"):
+        HSAEConfig(**BASE, train_tokens=64 * 60, forest_warmup=1.0)
+    # The last allowed share still leaves steps after the first rebuild.
+    assert HSAEConfig(**BASE, train_tokens=64 * 60, forest_warmup=0.99).first_rebuild_step == 59

@@ -32,6 +32,7 @@ from typer.testing import CliRunner
 import hsae
 from hsae import HSAE, HSAEConfig, HSAEError
 from hsae.cli import app
+from hsae.interop.saelens import MAX_CFG_BYTES
 from hsae.io import write_json, write_text
 from hsae.runs import Run, RunConfig
 from hsae.training import NonFiniteLossError, Trainer
@@ -407,7 +408,7 @@ def test_import_saelens_refuses_bad_out_and_malformed_cfg(run_dir: Path, tmp_pat
     (deep / "cfg.json").write_text("[" * 200_000 + "]" * 200_000)
     huge = tmp_path / "huge"
     shutil.copytree(levels[0], huge)
-    (huge / "cfg.json").write_text('{"pad": "' + "x" * (2 << 20) + '"}')
+    (huge / "cfg.json").write_text('{"pad": "' + "x" * MAX_CFG_BYTES + '"}')
     for folder, reason in ((deep, "nested too deeply"), (huge, "larger than")):
         before = digest(folder)
         result = cli("import-saelens", folder, "--out", tmp_path / "m")

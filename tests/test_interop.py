@@ -21,6 +21,7 @@ from hsae.interop.saebench import SAEBenchSAE, saebench_saes, table1, table1_mar
 from hsae.interop.saelens import (
     export_saelens,
     forest_from_saelens,
+    import_forest,
     load_saelens_export,
     read_saelens,
 )
@@ -631,3 +632,365 @@ def test_run_saebench_calls_each_eval_with_its_own_config_and_collects_table1(
     }
     assert sorted(table["baseline"]) == ["baseline_level_2_32"]
     assert json.loads((out / "table1.json").read_text()) == table
+
+
+# --- sharing: the SAELens Hub layout, parent links, sparsity, provenance, upload -------------
+
+REPO_ID = "hsae-tests/tiny-forest"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class LocalHub:
+    """Stands in for the Hub's storage only (the Hub cannot be reached here): what an upload
+    sends lands in a local Hugging Face cache snapshot (``models--OWNER--NAME/snapshots/<commit>``
+    + ``refs/main``), where ``hf_hub_download`` finds files when offline, so SAELens' real
+    ``SAE.from_pretrained`` reads the repository exactly as the Hub serves it. Which files an
+    upload keeps follows ``huggingface_hub``'s own ``filter_repo_objects``."""
+
+    def __init__(self, cache: Path, repo_id: str = REPO_ID) -> None:
+        self.repo = cache / f"models--{repo_id.replace('/', '--')}"
+        self.snapshot = self.repo / "snapshots" / COMMIT
+        self.calls: list[tuple[str, dict]] = []
+
+    def create_repo(self, repo_id: str, **kwargs: object) -> None:
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+        self.snapshot.mkdir(parents=True, exist_ok=True)
+        (self.repo / "refs").mkdir(exist_ok=True)
+        (self.repo / "refs" / "main").write_text(COMMIT)
+
+    def repo_info(self, repo_id: str, **kwargs: object) -> None:
+        self.create_repo(repo_id)
+
+    def create_branch(self, repo_id: str, **kwargs: object) -> None:
+        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
+
+    def upload_folder(self, *, folder_path, path_in_repo=None, allow_patterns=None, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+
+        self.calls.append(("upload_folder", {"path_in_repo": path_in_repo, **kwargs}))
+        folder = Path(folder_path)
+        files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns):
+            target = self.snapshot / (path_in_repo or "") / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((folder / name).read_bytes())
+        return f"https://hub.invalid/{kwargs.get('repo_id')}/commit/{COMMIT}"
+
+    def upload_file(self, *, path_or_fileobj, path_in_repo, **kwargs) -> None:
+        (self.snapshot / path_in_repo).write_bytes(path_or_fileobj.read())
+
+    def serve(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Make hf_hub_download (and so SAE.from_pretrained) read this cache, offline."""
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(self.repo.parent))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def same_forest(a: HSAE, b: HSAE) -> bool:
+    first, second = a.forest(), b.forest()
+    return len(first) == len(second) and all(
+        torch.equal(x, y) for x, y in zip(first, second, strict=True)
+    )
+
+
+def as_served(export: Path, cache: Path) -> LocalHub:
+    """The export folder laid out in a local cache exactly as the Hub would serve it."""
+    hub = LocalHub(cache)
+    hub.create_repo(REPO_ID)
+    hub.upload_folder(folder_path=export, repo_id=REPO_ID)
+    return hub
+
+
+def heldout_run(tmp_path: Path, run_dir: Path, n_heldout: int = 300) -> tuple[Path, torch.Tensor]:
+    """``run_dir`` with a real activation cache (train + held-out shards) in place of its
+    manifest-only one, from a model with a recorded revision; returns the held-out rows."""
+    import shutil
+
+    import numpy as np
+
+    from hsae.activations.cache import (
+        FORMAT,
+        FORMAT_VERSION,
+        TOKEN_COLUMNS,
+        ResumePoint,
+        ShardWriter,
+    )
+
+    shutil.rmtree(run_dir / "activations")
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model": {"name": "openai-community/gpt2", "revision": "607a30d", "d_model": D_IN},
+        "layer": 3,
+        "d_model": D_IN,
+        "dtype": "float32",
+        "context_length": 64,
+        "bos_prepended": True,
+        "dataset": {"spec": "NeelNanda/pile-10k", "kind": "hf"},
+        "shard_tokens": 128,
+        "token_columns": list(TOKEN_COLUMNS),
+        "config": {},
+    }
+    writer = ShardWriter.create(run_dir / "activations", manifest)
+    heldout = raw_activations(n_heldout, seed=7)
+    for split, acts in (("train", raw_activations(200, seed=8)), ("heldout", heldout)):
+        meta = np.zeros((acts.shape[0], len(TOKEN_COLUMNS)), dtype=np.int64)
+        writer.append(split, acts.numpy(), meta, 0, 0)
+    writer.finish(ResumePoint(1, 0))
+    return run_dir, heldout
+
+
+def test_reimport_recovers_every_parent_link(run_dir: Path, tmp_path: Path) -> None:
+    """The CLI and the library read the links the export carries: 100% recovery, where a
+    post-hoc rebuild (the old default) recovers only part of them."""
+    from typer.testing import CliRunner
+
+    from hsae.cli import app
+
+    export_saelens(run_dir, tmp_path / "out")
+    original = hsae.load(run_dir)
+    levels = [str(tmp_path / "out" / "hsae" / f"level_{i}") for i in range(len(SIZES))]
+    runner = CliRunner()
+    result = runner.invoke(app, ["import-saelens", *levels, "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert "read from the export" in result.output
+    imported = hsae.load(tmp_path / "m")
+    total = sum(links.numel() for links in original.forest())
+    same = sum(
+        int((a == b).sum()) for a, b in zip(imported.forest(), original.forest(), strict=True)
+    )
+    assert same == total
+    assert imported.config.similarity == original.config.similarity
+    assert imported.scale == pytest.approx(SCALE)  # the export's c: the trained weights back
+    for ours, theirs in zip(imported.levels, original.levels, strict=True):
+        for name, tensor in theirs.state_dict().items():
+            assert (ours.state_dict()[name] - tensor).abs().max() < 1e-5, name
+
+    baseline = [tmp_path / "out" / "baseline" / f"level_{i}" for i in range(len(SIZES))]
+    imported_baseline = forest_from_saelens(baseline)
+    assert imported_baseline.config.mode == "independent"
+    assert same_forest(imported_baseline, hsae.load(run_dir, which="baseline"))
+
+    rebuilt = forest_from_saelens(levels, similarity="encoder")  # asked for: post hoc
+    pairs = zip(rebuilt.forest(), original.forest(), strict=True)
+    agree = sum(int((a == b).sum()) for a, b in pairs)
+    assert agree < total
+    # Links are used only when they point into exactly the SAE given before: another export's
+    # level 0 gives a post-hoc forest (decoder similarity, the HSAEConfig default) and says why.
+    other = random_hsae(seed=5)
+    other.save(tmp_path / "other_run_model")
+    export_saelens(tmp_path / "other_run_model", tmp_path / "other", layer=3)
+    mixed = [str(tmp_path / "other" / "hsae" / "level_0"), *levels[1:]]
+    model, source = import_forest(mixed)
+    assert "decoder similarity" in source and "are not into" in source
+    expected = forest_ops.rebuild_forest(list(model.levels), "decoder", 0.2, None)
+    assert all(torch.equal(a, b) for a, b in zip(model.forest(), expected, strict=True))
+    broken = json.loads((Path(levels[1]) / "cfg.json").read_text())
+    broken["metadata"]["hsae"]["parents"][0] = SIZES[0]  # out of range
+    (Path(levels[1]) / "cfg.json").write_text(json.dumps(broken))
+    with pytest.raises(InteropError, match="malformed metadata.hsae.parents"):
+        forest_from_saelens(levels)
+
+
+def test_hub_layout_loads_with_sae_lens_from_pretrained(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir, heldout = heldout_run(tmp_path, run_dir)
+    export_saelens(run_dir, tmp_path / "out")
+    hub = as_served(tmp_path / "out", tmp_path / "hf_cache")
+    hub.serve(monkeypatch)
+    original = hsae.load(run_dir)
+    x = raw_activations()
+    for level in range(len(SIZES)):
+        sae, cfg, log_sparsity = sae_lens.SAE.from_pretrained_with_cfg_and_sparsity(
+            REPO_ID, f"hsae/level_{level}"
+        )
+        assert isinstance(sae, sae_lens.JumpReLUSAE)
+        assert error(sae.encode(x), original.encode_level(x, level)) < TOL
+        assert error(sae(x), original.reconstruct(x)[level]) < TOL
+        # sparsity.safetensors: SAELens' log10 feature frequency, on the run's held-out rows
+        fired = (sae.encode(heldout) > 0).double().mean(0)
+        assert torch.allclose(log_sparsity.double(), (fired + 1e-10).log10(), atol=1e-5)
+        assert sae.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
+        links = sae.cfg.metadata.hsae.get("parents")
+        if level == 0:
+            assert links is None
+        else:
+            assert links == original.parents(level - 1).tolist()
+            assert cfg["metadata"]["hsae"]["parent_sae_id"] == f"hsae/level_{level - 1}"
+    # The whole forest straight from the served snapshot.
+    served = [hub.snapshot / "hsae" / f"level_{i}" for i in range(len(SIZES))]
+    restored = forest_from_saelens(served, activation_scale=SCALE)
+    assert same_forest(restored, original)
+    card = (hub.snapshot / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: saelens\n") and "hsae/level_2" in card
+    assert "base_model: openai-community/gpt2" in card
+
+
+def test_sae_lens_own_uploader_keeps_the_parent_links(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SAELens' real ``upload_saes_to_huggingface`` (its Hub client replaced by LocalHub)
+    keeps only cfg.json, the weights and sparsity of each SAE: forest.json is dropped, yet the
+    forest comes back whole from the levels' cfg.json."""
+    uploader = pytest.importorskip("sae_lens.training.upload_saes_to_huggingface")
+    run_dir, _ = heldout_run(tmp_path, run_dir)
+    written = export_saelens(run_dir, tmp_path / "out")
+    hub = LocalHub(tmp_path / "hf_cache")
+    monkeypatch.setattr(uploader, "HfApi", lambda: hub)
+    monkeypatch.setattr(uploader, "create_repo", hub.create_repo)
+    monkeypatch.setattr(
+        uploader, "_repo_file_exists", lambda repo, name, rev: (hub.snapshot / name).exists()
+    )
+    saes = {f"hsae/{folder.name}": folder for folder in written["hsae"]}
+    uploader.upload_saes_to_huggingface(saes, REPO_ID, show_progress=False)
+    kept = sorted(p.relative_to(hub.snapshot).as_posix() for p in hub.snapshot.rglob("*.*"))
+    assert "hsae/forest.json" not in kept
+    assert "hsae/level_1/sparsity.safetensors" in kept and "README.md" in kept
+    hub.serve(monkeypatch)
+    sae = sae_lens.SAE.from_pretrained(REPO_ID, "hsae/level_2")
+    assert sae.cfg.d_sae == SIZES[2]
+    restored = load_saelens_export(hub.snapshot / "hsae")  # no forest.json: cfg.json links
+    original = hsae.load(run_dir)
+    assert same_forest(restored, original)
+    x = raw_activations()
+    pairs = zip(restored.encode(x), original.encode(x), strict=True)
+    assert all(error(a, b) < TOL for a, b in pairs)
+
+
+def test_export_records_provenance_and_the_real_sae_lens_version(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    import importlib.metadata
+
+    run_dir, _ = heldout_run(tmp_path, run_dir)
+    trained = hsae.load(run_dir)
+    trained.training_config = HSAEConfig(
+        d_in=D_IN, level_sizes=SIZES, target_l0=4, train_tokens=1_234_567
+    )
+    trained.save(run_dir / "hsae")
+    export_saelens(run_dir, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "hsae" / "level_1" / "cfg.json").read_text())
+    meta = cfg["metadata"]
+    assert meta["sae_lens_version"] == importlib.metadata.version("sae-lens")
+    assert meta["model_from_pretrained_kwargs"] == {"revision": "607a30d"}
+    assert meta["training_tokens"] == 1_234_567
+    provenance = meta["hsae"]["provenance"]
+    assert provenance["model_name"] == "openai-community/gpt2"
+    assert provenance["model_revision"] == "607a30d"
+    assert provenance["model_origin"] == "hub:openai-community/gpt2"
+    assert provenance["hook_name"] == "blocks.3.hook_resid_post" and provenance["layer"] == 3
+    assert provenance["dataset_path"] == "NeelNanda/pile-10k"
+    assert provenance["harvested_tokens"] == {"train": 200, "heldout": 300}
+    assert meta["hsae"]["hsae_version"] == hsae.__version__
+    assert meta["hsae"]["sparsity_tokens"] == 300
+    export_saelens(run_dir, tmp_path / "fewer", sparsity_tokens=100)
+    cfg = json.loads((tmp_path / "fewer" / "hsae" / "level_0" / "cfg.json").read_text())
+    assert cfg["metadata"]["hsae"]["sparsity_tokens"] == 100
+    export_saelens(run_dir, tmp_path / "none", sparsity_tokens=0)
+    assert not list((tmp_path / "none").rglob("sparsity.safetensors"))
+
+
+def test_export_accepts_a_bare_model_folder(run_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hsae.cli import app
+
+    runner = CliRunner()
+    bare = tmp_path / "shared_model"
+    hsae.load(run_dir, which="baseline").save(bare)
+    result = runner.invoke(app, ["export", str(bare), str(tmp_path / "a")])
+    assert result.exit_code == 2 and "pass --layer" in result.output
+    assert result.output.count("\n") == 1 and not (tmp_path / "a").exists()
+    args = ["export", str(bare), str(tmp_path / "a"), "--layer", "5", "--model-name", "gpt2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "no sparsity.safetensors" in result.output
+    cfg = json.loads((tmp_path / "a" / "baseline" / "level_0" / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.5.hook_resid_post"
+    assert cfg["metadata"]["model_name"] == "gpt2"
+    assert not (tmp_path / "a" / "hsae").exists()  # an independent baseline is named so
+    # A model folder inside a run: the run's provenance, the folder's own name.
+    result = runner.invoke(app, ["export", str(run_dir / "hsae"), str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((tmp_path / "b" / "hsae" / "level_2" / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["README.md", "hsae"]
+    model = forest_from_saelens([tmp_path / "b" / "hsae" / f"level_{i}" for i in range(len(SIZES))])
+    assert same_forest(model, hsae.load(run_dir))
+
+
+def test_upload_refuses_offline_in_one_line_before_any_work(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+    import tempfile
+
+    from huggingface_hub import constants
+    from typer.testing import CliRunner
+
+    from hsae.cli import app
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
+    runner = CliRunner()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = runner.invoke(app, ["upload", str(run_dir), REPO_ID])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "HF_HUB_OFFLINE is set" in result.output and "hsae export" in result.output
+    # Not offline by setting, but nothing answers at the endpoint (a closed local port).
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    result = runner.invoke(app, ["upload", str(run_dir), REPO_ID])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "cannot reach the Hugging Face Hub" in result.output and "offline" in result.output
+    # Reachable (a local socket listens there), but no token is set.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        result = runner.invoke(app, ["upload", str(run_dir), REPO_ID])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "no Hugging Face token" in result.output and "hf auth login" in result.output
+    for args, message in (
+        ([str(run_dir), "no-owner"], "owner/name"),
+        ([str(run_dir), "bad id/x y"], "not a Hub repository id"),
+        ([str(tmp_path / "missing"), REPO_ID], "does not exist"),
+    ):
+        result = runner.invoke(app, ["upload", *args])
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert message in result.output
+    assert not any(scratch.iterdir())  # no export was staged
+
+
+def test_upload_pushes_the_staged_export_in_one_commit(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thin Hub call: create the repository (private, branch) and upload the staged
+    export; LocalHub stands in for the Hub, and the reachability check (a socket to the real
+    endpoint) is skipped."""
+    from hsae.interop import hub as hub_module
+
+    hub = LocalHub(tmp_path / "hf_cache")
+    monkeypatch.setattr(hub_module, "check_hub_reachable", lambda: None)
+    monkeypatch.setattr(hub_module, "_api", lambda: hub)
+    url = hub_module.upload(run_dir, REPO_ID, private=True, revision="v1")
+    assert url.endswith(COMMIT)
+    assert [name for name, _ in hub.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert hub.calls[0][1]["private"] is True and hub.calls[2][1]["revision"] == "v1"
+    card = (hub.snapshot / "README.md").read_text()
+    assert f'SAE.from_pretrained("{REPO_ID}", "hsae/level_0")' in card
+    hub.serve(monkeypatch)
+    for which in ("hsae", "baseline"):
+        sae = sae_lens.SAE.from_pretrained(REPO_ID, f"{which}/level_1")
+        assert sae.cfg.d_sae == SIZES[1]

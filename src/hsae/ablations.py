@@ -28,12 +28,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from tqdm.auto import tqdm
 
-from hsae.config import ConfigError, HSAEConfig
+from hsae.config import ConfigError, HSAEConfig, Similarity
 from hsae.io import write_json, write_text
 from hsae.layout import MODEL_NAMES, Which
 from hsae.model import load_hsae
@@ -43,7 +43,7 @@ from hsae.runs import Run, RunConfig, RunError
 
 GROUPS = ("core", "tree", "similarity", "rho", "r")
 TREES = ("partial", "full", "binary", "fixed")
-SIMILARITIES = ("encoder", "decoder", "coactivation")
+SIMILARITIES: tuple[str, ...] = get_args(Similarity)
 DEFAULT_RHO_SWEEP = (0.03, 0.1, 0.3, 1.0)
 DEFAULT_R_SWEEP = (0.0, 0.02, 0.05, 0.1, 0.2)
 REFERENCE = "hsae"

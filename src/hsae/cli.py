@@ -25,6 +25,7 @@ def harvest(
     model: str = typer.Option(None, help="hub id, local folder or .gguf [embedded Gemma 3 270M]"),
     layer: int = typer.Option(None, help="capture after this 0-based block [middle block]"),
     dataset: str = typer.Option(None, help="builtin | file/folder | hf:NAME[:CONFIG][@SPLIT]"),
+    text_field: str = typer.Option("text", help="dataset column/field holding the text"),
     tokens: int = typer.Option(1_000_000, help="activation rows to harvest (train + held-out)"),
     out: str = typer.Option("activations", help="cache folder; an existing one is resumed"),
     context_length: int = typer.Option(128, help="tokens per context, BOS included"),
@@ -53,6 +54,7 @@ def harvest(
             heldout_fraction=heldout_fraction,
             seed=seed,
             device=device,
+            text_field=text_field,
         )
         cache = run_harvest(config, out, overwrite=overwrite)
     except _user_errors() as error:
@@ -115,7 +117,12 @@ def train(
     model: str = typer.Option(None, help="hub id or local path [embedded Gemma 3 270M]"),
     layer: int = typer.Option(None, help="residual stream after this block [middle]"),
     dataset: str = typer.Option(None, help="HF dataset, local file/folder [built-in WordNet]"),
+    text_field: str = typer.Option(None, help="dataset column/field holding the text [text]"),
     tokens: int = typer.Option(None, help="activations to harvest (train + held-out)"),
+    context_length: int = typer.Option(None, help="tokens per context, BOS included [128]"),
+    activations: str = typer.Option(
+        None, help="train on this existing activation cache instead of harvesting"
+    ),
     train_tokens: int = typer.Option(None, help="tokens each model trains on"),
     level_sizes: str = typer.Option(None, help="comma-separated sizes, e.g. 256,512,1024,2048"),
     target_l0: float = typer.Option(None, help="L0 the sparsity controller steers to"),
@@ -140,7 +147,10 @@ def train(
         "model": model,
         "layer": layer,
         "dataset": dataset,
+        "text_field": text_field,
         "harvest_tokens": tokens,
+        "context_length": context_length,
+        "activations": activations,
         "seed": seed,
         "device": device,
         "tensorboard": tensorboard or None,
@@ -171,6 +181,13 @@ def train(
                 run = Run.open(resume)
                 held.enter_context(run.lock("hsae train --resume"))
             else:
+                if activations is not None and (tokens, dataset, text_field) != (None,) * 3:
+                    raise _fail(
+                        ValueError(
+                            "--activations trains on an existing cache: --tokens, --dataset and "
+                            "--text-field do not apply"
+                        )
+                    )
                 values = load_run_config_file(config_file) if config_file else {}
                 values |= given
                 values["hsae"] = dict(values.get("hsae", {})) | given_hsae
@@ -335,16 +352,21 @@ def report(
 
 @app.command("export")
 def export_run(
-    run_dir: str = typer.Argument(..., help="a run folder (or an extracted run archive)"),
+    run_dir: str = typer.Argument(..., help="a run folder, an extracted archive or a model folder"),
     out: str = typer.Argument(..., help="folder (saelens) or .tar.gz file (archive) to write"),
     format: str = typer.Option("saelens", "--format", help="saelens | archive"),
     model_name: str = typer.Option(None, help="model name for SAELens/SAEBench [the run's]"),
+    layer: int = typer.Option(None, help="layer of a model folder outside any run [the run's]"),
+    sparsity_tokens: int = typer.Option(
+        65_536, help="held-out rows for sparsity.safetensors (0: leave it out)"
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace an existing OUT (never the run's own files)"
     ),
 ) -> None:
-    """Export a run: each level as a SAELens JumpReLU SAE, or one shareable run archive."""
+    """Export a run: each level as a SAELens SAE (a Hub-ready folder), or one run archive."""
     from hsae.interop import export_archive, export_saelens
+    from hsae.interop.saelens import SPARSITY_FILE
 
     if format not in ("saelens", "archive"):
         raise _fail(ValueError(f"--format must be 'saelens' or 'archive', got {format!r}"))
@@ -352,36 +374,72 @@ def export_run(
         if format == "archive":
             typer.echo(f"wrote {export_archive(run_dir, out, overwrite=overwrite)}")
             return
-        written = export_saelens(run_dir, out, model_name, overwrite=overwrite)
+        written = export_saelens(
+            run_dir, out, model_name, overwrite, layer, sparsity_tokens=sparsity_tokens
+        )
     except _user_errors() as error:
         raise _fail(error) from None
     for which, folders in written.items():
-        typer.echo(f"{which}: {len(folders)} SAELens SAEs + forest.json in {folders[0].parent}")
+        sparsity = (
+            "sparsity.safetensors from held-out activations"
+            if (folders[0] / SPARSITY_FILE).is_file()
+            else "no sparsity.safetensors (no held-out activations, or --sparsity-tokens 0)"
+        )
+        typer.echo(
+            f"{which}: {len(folders)} SAELens SAEs with parent links + forest.json, {sparsity}, "
+            f"in {folders[0].parent}"
+        )
+
+
+@app.command("upload")
+def upload_run(
+    run_dir: str = typer.Argument(..., help="a run folder, an extracted archive or a model folder"),
+    repo_id: str = typer.Argument(..., help="Hugging Face Hub model repository: owner/name"),
+    private: bool = typer.Option(False, "--private", help="create the repository private"),
+    revision: str = typer.Option("main", help="branch to commit to (created if missing)"),
+    model_name: str = typer.Option(None, help="model name for SAELens/SAEBench [the run's]"),
+    layer: int = typer.Option(None, help="layer of a model folder outside any run [the run's]"),
+) -> None:
+    """Push the SAELens export of a run to the Hugging Face Hub (needs network and a token)."""
+    from hsae.interop.hub import upload
+
+    try:
+        url = upload(run_dir, repo_id, private, revision, model_name, layer)
+    except _user_errors() as error:
+        raise _fail(error) from None
+    typer.echo(f"uploaded {run_dir} to {repo_id}: {url}")
+    typer.echo(f'load a level with SAE.from_pretrained("{repo_id}", "hsae/level_0")')
 
 
 @app.command("import-saelens")
 def import_saelens(
     folders: list[str] = typer.Argument(..., help="SAELens JumpReLU SAEs, smallest first"),  # noqa: B008
     out: str = typer.Option(..., help="model folder to write (open it with hsae.load)"),
-    similarity: str = typer.Option("encoder", help="forest similarity: encoder | decoder"),
+    similarity: str = typer.Option(
+        None,
+        help="rebuild the forest with encoder | decoder similarity [the folders' own parent "
+        "links when they carry them (an hsae export), else decoder]",
+    ),
     tree: str = typer.Option("partial", help="partial | full | binary"),
-    scale: float = typer.Option(1.0, help="activation scale c the HSAE applies to raw inputs"),
+    scale: float = typer.Option(
+        None, help="activation scale c the HSAE applies to raw inputs [an export's own, else 1]"
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace the model in an existing --out folder"
     ),
 ) -> None:
-    """Build an HSAE and its post-hoc forest from SAELens JumpReLU SAEs of growing size."""
-    from hsae.interop import forest_from_saelens
-    from hsae.interop.saelens import check_model_out, save_model_folder
+    """Build an HSAE from SAELens JumpReLU SAEs of growing size: the parent links an hsae
+    export carries, or a post-hoc forest."""
+    from hsae.interop.saelens import check_model_out, import_forest, save_model_folder
 
     try:
         check_model_out(out, overwrite)  # before the work: the same check as the save
-        model = forest_from_saelens(folders, similarity, scale, tree=tree)
+        model, source = import_forest(folders, similarity, scale, tree=tree)
         save_model_folder(model, out, overwrite=overwrite)
     except _user_errors() as error:
         raise _fail(error) from None
     linked = sum(int((links >= 0).sum()) for links in model.forest())
-    typer.echo(f"wrote {out}: levels {model.config.level_sizes}, {linked} parent links")
+    typer.echo(f"wrote {out}: levels {model.config.level_sizes}, {linked} parent links: {source}")
 
 
 @app.command("saebench")

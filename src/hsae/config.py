@@ -167,6 +167,12 @@ class HSAEConfig(ArchitectureConfig):
     update_interval: int | None = None
     """Steps between forest rebuilds (paper: 5000). None: a twentieth of the run. Must be
     less than the run's steps, or an HSAE would never build its forest."""
+    forest_warmup: float = 0.0
+    """Share of the run, in [0, 1), trained before the first forest rebuild, which then comes at
+    step max(update_interval, forest_warmup x steps) and the later ones every update_interval
+    steps. 0 (the paper): the first rebuild after update_interval steps. Before the first
+    rebuild no link exists, so the constraint and the perturbation do nothing and the levels
+    learn as independent SAEs: a longer warm-up lets them settle first (our option)."""
     coactivation_every: int = 10
     """With similarity='coactivation' or 'conditional', update the firing EMAs every this many
     steps."""
@@ -239,6 +245,13 @@ class HSAEConfig(ArchitectureConfig):
             raise ValueError(f"must lie in [0, 1], got {value}")
         return value
 
+    @field_validator("forest_warmup")
+    @classmethod
+    def _warmup_share(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0 or math.isnan(value):
+            raise ValueError(f"must lie in [0, 1), got {value}")
+        return value
+
     @field_validator("adam_beta2", "l0_ema_momentum", "coactivation_momentum")
     @classmethod
     def _momentum(cls, value: float) -> float:
@@ -304,6 +317,11 @@ class HSAEConfig(ArchitectureConfig):
         if self.update_interval is not None:
             return self.update_interval
         return max(1, self.total_steps // 20)
+
+    @property
+    def first_rebuild_step(self) -> int:
+        """The step after which the forest is first rebuilt."""
+        return max(self.forest_update_interval, int(self.forest_warmup * self.total_steps))
 
     @property
     def dead_window_tokens(self) -> int:

@@ -77,11 +77,17 @@ class RunConfig(BaseModel):
     layer: int | None = Field(None, ge=0)
     """Residual stream after this block; None: the middle block."""
     dataset: str | None = None
-    """HF dataset id, local text/JSONL/Parquet file or folder; None: the built-in WordNet corpus."""
+    """HF dataset id, local text/JSON/JSONL/CSV/Parquet file or folder, or a datasets
+    save_to_disk folder; None: the built-in WordNet corpus."""
     harvest_tokens: int = Field(1_000_000, ge=1024)
     """Activations to harvest, train and held-out together."""
     context_length: int = Field(128, ge=2)
     """Tokens per context (BOS included)."""
+    text_field: str = Field("text", min_length=1)
+    """Column (or JSON field) of the dataset that holds the text; not used for plain text files."""
+    activations: str | None = None
+    """An existing complete activation cache (hsae harvest --out) to train on instead of
+    harvesting; its model, layer and context length must be the run's."""
     harvest_batch_size: int = Field(32, ge=1)
     """Contexts per forward pass while harvesting."""
     heldout_fraction: float = Field(0.05, gt=0.0, lt=1.0)
@@ -156,7 +162,17 @@ class RunConfig(BaseModel):
             heldout_fraction=self.heldout_fraction,
             seed=self.seed,
             device=device,
+            text_field=self.text_field,
         )
+
+    def check_activations(self) -> dict[str, Any] | None:
+        """The manifest of ``activations`` (the cache to reuse) once checked against this
+        run's model, layer and context length; None when the run harvests its own."""
+        if self.activations is None:
+            return None
+        from hsae.activations.harvest import check_reusable
+
+        return check_reusable(self.activations, self.model, self.layer, self.context_length)
 
 
 def demo_config() -> RunConfig:
@@ -232,12 +248,16 @@ def _yaml_problem(file: Path, error: Exception) -> str:
 
 def check_run_config(config: RunConfig) -> None:
     """What a run needs from this machine, checked before anything is written: the device
-    exists and a local dataset is there and readable (UTF-8 text, known file type)."""
+    exists, a local dataset is there and readable (UTF-8 text, known file type, its text field
+    present) and a cache to reuse (``activations``) is complete and matches the run."""
     from hsae.activations import open_corpus
     from hsae.devices import parse_device
 
     parse_device(config.device)
-    open_corpus(config.dataset)
+    if config.activations is not None:
+        config.check_activations()
+    else:
+        open_corpus(config.dataset, config.text_field)
 
 
 def prepare_run_folder(folder: str | Path) -> Path:
@@ -284,6 +304,8 @@ class Run:
         self.folder = Path(folder)
         self.config = config
         self.timings: dict[str, float] = {}
+        if activations_dir is None and config.activations is not None:
+            activations_dir = Path(config.activations).expanduser()  # reused, never written
         self._activations_dir = Path(activations_dir) if activations_dir is not None else None
 
     # --- opening ------------------------------------------------------------------------
@@ -301,10 +323,11 @@ class Run:
             existing = _read_record(record) if record.exists() else None
             if existing is not None and not _has_work(root):
                 existing = None  # nothing done yet (e.g. a refused start): take the new settings
-            if existing is not None and existing.get("config", {}) != config.model_dump():
+            saved = _with_defaults(existing.get("config", {})) if existing is not None else {}
+            if existing is not None and saved != config.model_dump():
                 raise RunError(
                     f"{root} already holds a run with other settings "
-                    f"({_describe_difference(existing.get('config', {}), config.model_dump())}); "
+                    f"({_describe_difference(saved, config.model_dump())}); "
                     f"continue it with --resume {root} or choose another --out"
                 )
             run = cls(root, config, activations_dir)
@@ -359,6 +382,13 @@ class Run:
     @property
     def activations_dir(self) -> Path:
         return self._activations_dir or self.layout.activations
+
+    @property
+    def reuses_cache(self) -> bool:
+        """Whether the run trains on an existing cache (``activations``) it never writes."""
+        return self.config.activations is not None and (
+            self._activations_dir == Path(self.config.activations).expanduser()
+        )
 
     @property
     def layout(self) -> RunLayout:
@@ -435,6 +465,8 @@ class Run:
             manifest = self.check_cache()
             if manifest is not None and manifest.get("status") == "complete":
                 return ActivationCache(self.activations_dir)
+            if self.reuses_cache:  # checked complete above: only a vanished cache gets here
+                raise RunError(f"activation cache {self.activations_dir} is gone or incomplete")
             with self._stage_clock("harvest") as tick:
                 harvest(
                     self.config.harvest_config(),
@@ -451,6 +483,8 @@ class Run:
         from hsae.activations.cache import read_manifest
         from hsae.activations.harvest import check_manifest_matches
 
+        if self.reuses_cache:
+            return self.config.check_activations()
         if not (self.activations_dir / CACHE_MANIFEST).is_file():
             return None
         manifest = read_manifest(self.activations_dir)
@@ -664,13 +698,25 @@ def heldout_context_batches(
 
 def _summary_markdown(run: Run, table: str) -> str:
     timings = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in run.timings.items())
+    source = f"dataset: {run.config.dataset or 'built-in WordNet corpus'}"
+    if run.config.activations is not None:
+        source = f"activations: the existing cache {run.config.activations}"
     return (
         f"# Run {run.folder.name}\n\n"
         f"Model: {run.config.model or 'embedded Gemma 3 270M'}, layer: "
         f"{run.config.layer if run.config.layer is not None else 'middle'}, "
-        f"dataset: {run.config.dataset or 'built-in WordNet corpus'}\n\n"
+        f"{source}\n\n"
         f"{table}\n\nTimings: {timings or 'n/a'}\n"
     )
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run configuration with the defaults of settings added since it was written (an
+    older run.json lacks them), so that only real differences count."""
+    try:
+        return RunConfig(**saved).model_dump()
+    except (ConfigError, TypeError):
+        return saved
 
 
 def _describe_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str:

@@ -26,6 +26,8 @@ from hsae.activations.models import (
     LanguageModel,
     ModelLoadError,
     capture_residual,
+    check_capture,
+    decoder_layers,
     load_language_model,
     load_tokenizer,
 )
@@ -45,6 +47,8 @@ __all__ = [
     "TextSource",
     "TokenInfo",
     "capture_residual",
+    "check_capture",
+    "decoder_layers",
     "harvest",
     "load_language_model",
     "load_noun_taxonomy",

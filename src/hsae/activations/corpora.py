@@ -4,6 +4,7 @@ the WordNet noun taxonomy loader, and the tokenising builder that packs document
 from __future__ import annotations
 
 import codecs
+import csv
 import gzip
 import io
 import itertools
@@ -23,8 +24,15 @@ BUILTIN_NAMES = frozenset({"builtin", "wordnet", "default"})
 BUILTIN_CORPUS = "wordnet_corpus.txt.xz"
 NOUN_TAXONOMY = "wordnet_nouns.tsv.gz"
 TEXT_SUFFIXES = (".txt", ".text", ".md")
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+JSON_SUFFIXES = (".json",)  # JSON lines, or one array of records (or strings)
+CSV_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet",)
+DEFAULT_TEXT_FIELD = "text"
+# A folder written by `datasets`' save_to_disk: a Dataset has these two files, a DatasetDict
+# has dataset_dict.json and one such folder per split.
+_SAVED_DATASET = ("state.json", "dataset_info.json")
+_SAVED_DATASET_DICT = "dataset_dict.json"
 _COMPRESSIONS = (".gz", ".xz")
 
 
@@ -50,32 +58,54 @@ class TextSource:
 
     spec: str
     kind: str
+    field: str = DEFAULT_TEXT_FIELD
 
     def __iter__(self) -> Iterator[str]:
         if self.kind == "builtin":
             return _iter_lines(_data_file(BUILTIN_CORPUS))
         if self.kind == "hf":
-            return _iter_hf_dataset(self.spec)
-        return _iter_local(Path(self.spec))
+            return _iter_hf_dataset(self.spec, self.field)
+        if self.kind == "hf_disk":
+            return _iter_saved_dataset(Path(self.spec), self.field)
+        return _iter_local(Path(self.spec), self.field)
 
     def describe(self) -> dict[str, str]:
-        return {"spec": self.spec, "kind": self.kind}
+        described = {"spec": self.spec, "kind": self.kind}
+        if self.kind != "builtin":
+            described["text_field"] = self.field
+        return described
 
 
-def open_corpus(dataset: str | None = None) -> TextSource:
+def open_corpus(dataset: str | None = None, text_field: str = DEFAULT_TEXT_FIELD) -> TextSource:
     """Resolve a dataset spec: None/"builtin"/"wordnet" (shipped WordNet glosses), a local file or
-    folder (.txt/.jsonl/.parquet, optionally .gz/.xz), or a Hugging Face dataset as
-    "hf:NAME[:CONFIG][@SPLIT]" (or a bare "owner/name" that is not a local path)."""
+    folder (.txt, .jsonl, .json lines or array, .csv/.tsv, .parquet, optionally .gz/.xz), a folder
+    written by ``datasets``' ``save_to_disk`` (its "train" split if it holds several), or a
+    Hugging Face dataset as "hf:NAME[:CONFIG][@SPLIT]" (or a bare "owner/name" that is not a local
+    path). ``text_field`` names the column/field holding the text (not used for plain text).
+
+    Local sources are checked now (type, readability, the text field in the first record), not
+    mid-harvest."""
+    if not isinstance(text_field, str) or not text_field:
+        raise CorpusError(f"text_field must be a non-empty column name, got {text_field!r}")
     if dataset is None or dataset in BUILTIN_NAMES:
         return TextSource("builtin", "builtin")
     if dataset.startswith("hf:"):
-        return TextSource(dataset[3:], "hf")
+        return TextSource(dataset[3:], "hf", text_field)
     path = Path(dataset).expanduser()
     if path.exists():
-        _local_files(path)  # validates kind and readability now, not mid-harvest
-        return TextSource(str(path), "local")
+        if _is_saved_dataset(path):
+            source = TextSource(str(path), "hf_disk", text_field)
+        else:
+            _local_files(path)  # validates kind and readability now, not mid-harvest
+            source = TextSource(str(path), "local", text_field)
+        documents = iter(source)
+        try:
+            next(documents, None)  # a missing text field or a broken first record, named now
+        finally:
+            documents.close()  # type: ignore[attr-defined]  # a generator: closes its file
+        return source
     if _looks_like_hub_id(dataset):
-        return TextSource(dataset, "hf")
+        return TextSource(dataset, "hf", text_field)
     raise CorpusError(f"dataset {dataset!r}: no such file or folder (use hf:NAME for hub datasets)")
 
 
@@ -91,6 +121,8 @@ def _kind_of(path: Path) -> str | None:
     for kind, suffixes in (
         ("text", TEXT_SUFFIXES),
         ("jsonl", JSONL_SUFFIXES),
+        ("json", JSON_SUFFIXES),
+        ("csv", CSV_SUFFIXES),
         ("parquet", PARQUET_SUFFIXES),
     ):
         if name.endswith(suffixes):
@@ -102,12 +134,15 @@ def _local_files(path: Path) -> list[Path]:
     if path.is_dir():
         found = sorted(p for p in path.rglob("*") if p.is_file() and _kind_of(p) is not None)
         if not found:
-            raise CorpusError(f"dataset folder {str(path)!r} holds no .txt/.jsonl/.parquet files")
+            raise CorpusError(
+                f"dataset folder {str(path)!r} holds no .txt/.jsonl/.json/.csv/.parquet files "
+                "and is no datasets save_to_disk folder"
+            )
         return found
     if _kind_of(path) is None:
         raise CorpusError(
-            f"dataset file {str(path)!r}: unsupported type (expected .txt, .jsonl or .parquet, "
-            "optionally .gz/.xz)"
+            f"dataset file {str(path)!r}: unsupported type (expected .txt, .jsonl, .json, .csv, "
+            ".tsv or .parquet, optionally .gz/.xz)"
         )
     try:
         with open(path, "rb") as handle:
@@ -135,12 +170,15 @@ def _open_text(path: Path) -> IO[str]:
         raise CorpusError(f"dataset file {str(path)!r} is not readable: {exc.strerror}") from exc
 
 
-def _iter_local(path: Path) -> Iterator[str]:
+def _iter_local(path: Path, field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
     for file in _local_files(path):
         kind = _kind_of(file)
-        reader = {"text": _iter_paragraphs, "jsonl": _iter_jsonl}.get(kind or "", _iter_parquet)
         try:
-            yield from reader(file)
+            if kind == "text":
+                yield from _iter_paragraphs(file)
+            else:
+                readers = {"jsonl": _iter_jsonl, "json": _iter_json, "csv": _iter_csv}
+                yield from readers.get(kind or "", _iter_parquet)(file, field)
         except UnicodeDecodeError:
             raise CorpusError(f"dataset file {str(file)!r} is not UTF-8 text") from None
         except (OSError, EOFError, lzma.LZMAError) as exc:
@@ -169,7 +207,7 @@ def _iter_paragraphs(path: Path) -> Iterator[str]:
         yield "\n".join(lines)
 
 
-def _iter_jsonl(path: Path, field: str = "text") -> Iterator[str]:
+def _iter_jsonl(path: Path, field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
     with _open_text(path) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -180,12 +218,72 @@ def _iter_jsonl(path: Path, field: str = "text") -> Iterator[str]:
                 raise CorpusError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
             text = record.get(field) if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise CorpusError(f"{path}:{number}: record has no string field {field!r}")
+                raise CorpusError(f"{path}:{number}: {_no_field(record, field)}")
             if text.strip():
                 yield text
 
 
-def _iter_parquet(path: Path, column: str = "text") -> Iterator[str]:
+def _no_field(record: Any, field: str) -> str:
+    """Why a record gives no text: a missing field (naming the ones there) or a wrong type."""
+    if not isinstance(record, dict):
+        return f"record is a JSON {type(record).__name__}, not an object with a {field!r} field"
+    if field in record:
+        return f"field {field!r} is not a string ({type(record[field]).__name__})"
+    return f"record has no field {field!r} ({_choices(record)})"
+
+
+def _choices(names: Iterable[Any]) -> str:
+    shown = [str(name) for name in names]
+    listed = ", ".join(shown[:20]) + (", ..." if len(shown) > 20 else "")
+    return f"fields: {listed or 'none'}; choose one with --text-field"
+
+
+def _iter_json(path: Path, field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
+    """A .json file: JSON lines, or a single array of records (or of strings)."""
+    with _open_text(path) as handle:
+        head = handle.read(4096).lstrip()
+    if not head.startswith("["):
+        yield from _iter_jsonl(path, field)
+        return
+    with _open_text(path) as handle:
+        try:
+            records = json.load(handle)
+        except json.JSONDecodeError as exc:
+            raise CorpusError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+    for number, record in enumerate(records):
+        text = record if isinstance(record, str) else None
+        if isinstance(record, dict):
+            text = record.get(field)
+        if not isinstance(text, str):
+            raise CorpusError(f"{path}: array item {number}: {_no_field(record, field)}")
+        if text.strip():
+            yield text
+
+
+def _iter_csv(path: Path, field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
+    """CSV (.csv) or tab-separated (.tsv) with a header row; ``field`` names the column."""
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # documents can be long
+    name = path.name.lower()
+    for suffix in _COMPRESSIONS:
+        name = name.removesuffix(suffix)
+    delimiter = "\t" if name.endswith(".tsv") else ","
+    with _open_text(path) as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        try:
+            columns = reader.fieldnames or []
+            if field not in columns:
+                raise CorpusError(
+                    f"CSV file {str(path)!r} has no column {field!r} ({_choices(columns)})"
+                )
+            for row in reader:
+                text = row.get(field)
+                if isinstance(text, str) and text.strip():
+                    yield text
+        except csv.Error as exc:
+            raise CorpusError(f"{path}:{reader.line_num}: invalid CSV ({exc})") from exc
+
+
+def _iter_parquet(path: Path, column: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
@@ -197,7 +295,10 @@ def _iter_parquet(path: Path, column: str = "text") -> Iterator[str]:
     except Exception as exc:
         raise CorpusError(f"dataset file {str(path)!r} is not a readable Parquet file") from exc
     if column not in table.schema_arrow.names:
-        raise CorpusError(f"Parquet file {str(path)!r} has no {column!r} column")
+        raise CorpusError(
+            f"Parquet file {str(path)!r} has no column {column!r} "
+            f"({_choices(table.schema_arrow.names)})"
+        )
     for batch in table.iter_batches(columns=[column]):
         yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str) and t.strip())
 
@@ -209,12 +310,13 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
     return name, config or None, split or "train"
 
 
-def _iter_hf_dataset(spec: str, field: str = "text") -> Iterator[str]:
+def _iter_hf_dataset(spec: str, field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
     try:
         import datasets
     except ImportError as exc:
         raise CorpusError(
-            f"dataset {spec!r} needs the optional `datasets` package (pip install 'hsae[datasets]')"
+            f"dataset {spec!r} needs the `datasets` package, which is not installed "
+            "(pip install datasets)"
         ) from exc
     name, config, split = parse_hf_spec(spec)
     try:
@@ -222,10 +324,53 @@ def _iter_hf_dataset(spec: str, field: str = "text") -> Iterator[str]:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CorpusError(f"cannot open Hugging Face dataset {spec!r}: {first}") from exc
-    for record in stream:
+    for number, record in enumerate(stream):
+        if number == 0 and field not in record:
+            raise CorpusError(
+                f"Hugging Face dataset {spec!r} has no column {field!r} ({_choices(record)})"
+            )
         text = record.get(field)
         if isinstance(text, str) and text.strip():
             yield text
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` or
+    ``DatasetDict.save_to_disk``."""
+    return path.is_dir() and (
+        (path / _SAVED_DATASET_DICT).is_file() or all((path / f).is_file() for f in _SAVED_DATASET)
+    )
+
+
+def _iter_saved_dataset(path: Path, field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
+    """Texts of a ``save_to_disk`` folder (memory-mapped Arrow, read in batches); of a
+    DatasetDict its "train" split, or its only split."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise CorpusError(
+            f"dataset folder {str(path)!r} was written by `datasets`, which is not installed "
+            "(pip install datasets)"
+        ) from exc
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorpusError(f"cannot read the saved dataset {str(path)!r}: {first}") from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        if "train" not in splits and len(splits) != 1:
+            raise CorpusError(
+                f"saved dataset {str(path)!r} holds the splits {', '.join(splits)} and none is "
+                f"'train': give the split's own folder, e.g. {str(path / splits[0])!r}"
+            )
+        loaded = loaded["train" if "train" in splits else splits[0]]
+    if field not in loaded.column_names:
+        raise CorpusError(
+            f"saved dataset {str(path)!r} has no column {field!r} ({_choices(loaded.column_names)})"
+        )
+    for batch in loaded.select_columns([field]).iter(batch_size=1024):
+        yield from (t for t in batch[field] if isinstance(t, str) and t.strip())
 
 
 # --------------------------------------------------------------------------- taxonomy

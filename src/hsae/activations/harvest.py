@@ -30,6 +30,7 @@ from hsae.activations.cache import (
 )
 from hsae.activations.corpora import (
     BUILTIN_NAMES,
+    DEFAULT_TEXT_FIELD,
     ContextBatch,
     ContextBuilder,
     CorpusError,
@@ -41,9 +42,9 @@ from hsae.activations.models import (
     HarvestError,
     LanguageModel,
     capture_residual,
+    check_capture,
     load_language_model,
     model_description,
-    validate_layer,
 )
 
 # Settings that must match for a harvest to resume into an existing cache.
@@ -58,7 +59,10 @@ _RESUME_KEYS = (
     "dtype",
     "heldout_fraction",
     "seed",
+    "text_field",
 )
+# Keys added to _RESUME_KEYS after caches were written without them: their value in such caches.
+_ADDED_KEY_DEFAULTS = {"text_field": DEFAULT_TEXT_FIELD}
 
 
 class HarvestConfig(BaseModel):
@@ -78,6 +82,7 @@ class HarvestConfig(BaseModel):
     heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     seed: int = Field(0, ge=0, le=2**63 - 1)
     device: str | None = None
+    text_field: str = Field(DEFAULT_TEXT_FIELD, min_length=1)
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -115,11 +120,16 @@ def document_stream(source: Iterable[str], seed: int, buffer: int = 4096) -> Ite
 
 
 def context_batches(
-    lm: LanguageModel, dataset: str | None, context_length: int, batch_size: int, seed: int
+    lm: LanguageModel,
+    dataset: str | None,
+    context_length: int,
+    batch_size: int,
+    seed: int,
+    text_field: str = DEFAULT_TEXT_FIELD,
 ) -> Iterator[ContextBatch]:
     """Deterministic stream of tokenised context batches for a dataset."""
     builder = ContextBuilder(lm.tokenizer, context_length, lm.bos_token_id, lm.pad_token_id)
-    return builder.batches(document_stream(open_corpus(dataset), seed), batch_size)
+    return builder.batches(document_stream(open_corpus(dataset, text_field), seed), batch_size)
 
 
 def first_batch_or_error(batches: Iterator[ContextBatch], dataset: str | None) -> ContextBatch:
@@ -181,11 +191,11 @@ def harvest(
             return ActivationCache(root)
     lm = lm if lm is not None else load_language_model(config.model, device=config.device)
     layer = config.layer if config.layer is not None else lm.n_layers // 2
-    validate_layer(lm, layer)
+    check_capture(lm, layer)
     if existing is not None:
         _check_same_settings(existing, config, layer)
     batches = context_batches(
-        lm, config.dataset, config.context_length, config.batch_size, config.seed
+        lm, config.dataset, config.context_length, config.batch_size, config.seed, config.text_field
     )
     batches = chain([first_batch_or_error(batches, config.dataset)], batches)
     if overwrite:
@@ -215,6 +225,52 @@ def check_manifest_matches(
         raise CacheError(f"{root / MANIFEST} is malformed ({exc!r}); re-harvest it") from None
     layer = config.layer if config.layer is not None else middle
     _check_same_settings(manifest, config, layer, f"{root} holds a cache", advice)
+
+
+def check_reusable(
+    root: str | Path, model: str | None, layer: int | None, context_length: int
+) -> dict[str, Any]:
+    """The manifest of the complete cache at ``root``, once checked to hold the activations a run
+    of ``model`` (None: the embedded one) at ``layer`` (None: the middle block) with contexts of
+    ``context_length`` tokens wants; the other harvest settings (dataset, tokens, seed, ...) may
+    differ. Raises CacheError in one line naming every mismatch."""
+    root = Path(root).expanduser()
+    manifest = read_manifest(root)
+    if manifest.get("status") != "complete":
+        raise CacheError(
+            f"activation cache {root} is incomplete; finish it with hsae harvest --out {root} "
+            "before training on it"
+        )
+    try:
+        stored = manifest["config"]
+        middle = int(manifest["model"]["n_layers"]) // 2
+        have = {
+            "model": stored["model"],
+            "layer": int(manifest["layer"]),
+            "context_length": int(manifest["context_length"]),
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CacheError(f"{root / MANIFEST} is malformed ({exc!r}); re-harvest it") from None
+    want = {
+        "model": EMBEDDED_MODEL if model is None or model in EMBEDDED_ALIASES else model,
+        "layer": layer if layer is not None else middle,
+        "context_length": context_length,
+    }
+    same = {k: have[k] == want[k] for k in have}
+    same["model"] = _model_key(have["model"]) == _model_key(want["model"])
+    differ = [f"{k} {have[k]!r} (cache) vs {want[k]!r} (run)" for k in have if not same[k]]
+    if differ:
+        raise CacheError(
+            f"activation cache {root} does not match this run: {'; '.join(differ)}; "
+            "train on a cache harvested with the run's model, layer and context length"
+        )
+    return manifest
+
+
+def _model_key(name: Any) -> str:
+    """A model name to compare: a local path resolved (``./m`` and ``m`` are one model)."""
+    path = Path(str(name)).expanduser()
+    return str(path.resolve()) if path.exists() else str(name)
 
 
 def check_writable(root: Path) -> None:
@@ -258,10 +314,9 @@ def _check_same_settings(
     advice: str = "use --overwrite to start over or choose another --out",
 ) -> None:
     stored, wanted = manifest["config"], _settings(config, layer)
+    stored = {k: stored.get(k, _ADDED_KEY_DEFAULTS.get(k)) for k in _RESUME_KEYS}
     differ = [
-        f"{k}: {stored.get(k)!r} -> {wanted[k]!r}"
-        for k in _RESUME_KEYS
-        if stored.get(k) != wanted[k]
+        f"{k}: {stored[k]!r} -> {wanted[k]!r}" for k in _RESUME_KEYS if stored[k] != wanted[k]
     ]
     if differ:
         raise CacheError(f"{what} harvested with other settings ({'; '.join(differ)}); {advice}")
@@ -274,7 +329,7 @@ def _new_manifest(config: HarvestConfig, lm: LanguageModel, layer: int) -> dict[
         "model": model_description(lm),
         "layer": layer,
         "hook": f"residual stream after block {layer} (0-based) = hidden_states[{layer + 1}]",
-        "dataset": open_corpus(config.dataset).describe(),
+        "dataset": open_corpus(config.dataset, config.text_field).describe(),
         "d_model": lm.d_model,
         "dtype": config.dtype,
         "context_length": config.context_length,
@@ -413,14 +468,16 @@ class ActivationStream:
         seed: int = 0,
         loop: bool = True,
         scaled: bool = False,
+        text_field: str = DEFAULT_TEXT_FIELD,
     ) -> None:
-        validate_layer(lm, layer)
+        check_capture(lm, layer)
         for name, value in (("batch_size", batch_size), ("model_batch_size", model_batch_size)):
             if value < 1:
                 raise HarvestError(f"{name} must be >= 1, got {value}")
         self.lm, self.layer, self.dataset = lm, layer, dataset
         self.batch_size, self.context_length, self.seed = batch_size, context_length, seed
         self.model_batch_size, self.loop, self.scaled = model_batch_size, loop, scaled
+        self.text_field = text_field
         self.has_bos = lm.bos_token_id is not None
         tokens_per_batch = model_batch_size * (context_length - (1 if self.has_bos else 0))
         self.batches_per_block = max(
@@ -446,7 +503,12 @@ class ActivationStream:
 
     def _context_batches(self) -> Iterator[ContextBatch]:
         return context_batches(
-            self.lm, self.dataset, self.context_length, self.model_batch_size, self.seed
+            self.lm,
+            self.dataset,
+            self.context_length,
+            self.model_batch_size,
+            self.seed,
+            self.text_field,
         )
 
     def _next_block(self) -> None:
@@ -510,6 +572,7 @@ def stream_activations(
     scaled: bool = False,
     device: str | None = None,
     lm: LanguageModel | None = None,
+    text_field: str = DEFAULT_TEXT_FIELD,
 ) -> ActivationStream:
     """Iterator of float32 [batch_size, d] activation tensors straight from the model (no cache).
     Pass an already loaded `lm` to skip loading `model_name`."""
@@ -526,4 +589,5 @@ def stream_activations(
         seed,
         loop,
         scaled,
+        text_field,
     )

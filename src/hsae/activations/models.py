@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,12 +104,13 @@ def load_language_model(
     model.to(dev).eval()
     model.requires_grad_(False)
     text_config = model.config.get_text_config()
+    blocks = decoder_layers(model)  # an unsupported architecture fails here, in one line
     return LanguageModel(
         model=model,
         tokenizer=tokenizer,
         name=label,
         d_model=int(text_config.hidden_size),
-        n_layers=int(text_config.num_hidden_layers),
+        n_layers=len(blocks),
         device=dev,
         dtype=dt,
     )
@@ -223,14 +225,141 @@ class _StopForwardError(Exception):
     """Raised by the capture hook to end the forward pass after the requested block."""
 
 
-def decoder_layers(model: Any) -> Any:
-    """The ModuleList of transformer blocks of a transformers causal LM."""
-    base = getattr(model, "base_model", model)
-    for attr in ("layers", "h", "blocks"):
-        layers = getattr(base, attr, None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return layers
-    raise ModelLoadError(f"cannot find the transformer blocks of {type(model).__name__}")
+_BLOCK_NAMES = ("layers", "h", "blocks", "layer", "block", "decoder_layers")
+_NOT_TEXT = ("vision", "visual", "audio", "image", "speech", "mm_projector")
+_FOUND_BLOCKS: weakref.WeakKeyDictionary[Any, torch.nn.ModuleList] = weakref.WeakKeyDictionary()
+
+
+def declared_layer_counts(model: Any) -> list[int]:
+    """The block counts its (text) config declares, most usual name first (``num_hidden_layers``;
+    models derived from encoder-decoders also say ``decoder_layers``); empty if it says none."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    counts = []
+    for attr in ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers"):
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            counts.append(value)
+    return list(dict.fromkeys(counts))
+
+
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The ModuleList of transformer blocks of a transformers causal LM, found by structure, not
+    by attribute name: under the decoder (``get_decoder()``, else the base model), the shallowest
+    ModuleList whose length is a block count the config declares (the longest one if it declares
+    none), outside vision/audio towers. Raises ModelLoadError (one line) when there is none or
+    the choice is ambiguous."""
+    found = _FOUND_BLOCKS.get(model)
+    if found is None:
+        found = _find_blocks(model)
+        _FOUND_BLOCKS[model] = found
+    return found
+
+
+def _decoder_root(model: Any) -> Any:
+    try:
+        decoder = model.get_decoder()
+    except Exception:  # some models raise for a missing bespoke rule: fall back to the base
+        decoder = None
+    if isinstance(decoder, torch.nn.Module):
+        return decoder
+    return getattr(model, "base_model", model)
+
+
+def _find_blocks(model: Any) -> torch.nn.ModuleList:
+    declared = declared_layer_counts(model)
+    for root in dict.fromkeys((_decoder_root(model), getattr(model, "base_model", model), model)):
+        lists = [
+            (name, module)
+            for name, module in root.named_modules()
+            if isinstance(module, torch.nn.ModuleList)
+            and len(module) > 0
+            and not any(part in name.lower() for part in _NOT_TEXT)
+        ]
+        candidates: list[tuple[str, torch.nn.ModuleList]] = []
+        for count in declared:  # the first declared count that some list has
+            candidates = [(n, m) for n, m in lists if len(m) == count]
+            if candidates:
+                break
+        if not declared and lists:
+            longest = max(len(m) for _, m in lists)
+            candidates = [(n, m) for n, m in lists if len(m) == longest]
+        if not candidates:
+            continue
+        depth = min(name.count(".") for name, _ in candidates)
+        shallow = [(n, m) for n, m in candidates if n.count(".") == depth]
+        named = [(n, m) for n, m in shallow if n.rsplit(".", 1)[-1] in _BLOCK_NAMES]
+        chosen = named or shallow
+        if len(chosen) == 1:
+            return chosen[0][1]
+        names = ", ".join(n for n, _ in chosen)
+        raise ModelLoadError(
+            f"cannot tell which module list holds the transformer blocks of "
+            f"{type(model).__name__} (candidates: {names})"
+        )
+    wanted = f"{' or '.join(map(str, declared))} blocks" if declared else "blocks"
+    raise ModelLoadError(
+        f"cannot find the transformer blocks of {type(model).__name__}: no module list of "
+        f"{wanted} in it; this model is not supported"
+    )
+
+
+def check_capture(lm: LanguageModel, layer: int) -> None:
+    """Fail early (before anything is written) when the residual stream after block ``layer``
+    cannot be captured: blocks not found, or a three-token forward pass never reaching the block,
+    giving a hidden state of the wrong shape, or (for every block but the last) one that is none
+    of the model's own ``output_hidden_states``. Raises ModelLoadError in one line."""
+    validate_layer(lm, layer)
+    decoder_layers(lm.model)
+    token = lm.bos_token_id if lm.bos_token_id is not None else lm.pad_token_id
+    ids = torch.full((1, 3), int(token), dtype=torch.long)
+    what = f"block {layer} of {lm.name} ({type(lm.model).__name__})"
+    try:
+        hidden = capture_residual(lm, ids, torch.ones_like(ids), layer)
+        states = _hidden_states(lm, ids) if layer < lm.n_layers - 1 else None
+    except HSAEError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot capture {what}: {reason}") from exc
+    if tuple(hidden.shape) != (1, 3, lm.d_model):
+        raise ModelLoadError(
+            f"{what} returned a hidden state of shape {tuple(hidden.shape)}, expected "
+            f"(1, 3, {lm.d_model}); this model is not supported"
+        )
+    if states and not any(_same(hidden, state) for state in states):
+        raise ModelLoadError(
+            f"{what}: its output is none of the model's hidden states (output_hidden_states); "
+            "this model is not supported"
+        )
+
+
+@torch.inference_mode()
+def _hidden_states(lm: LanguageModel, ids: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """The model's own ``output_hidden_states`` for ``ids`` (None if it gives none)."""
+    base = getattr(lm.model, "base_model", lm.model)
+    ids = ids.to(lm.device)
+    out = base(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    states = getattr(out, "hidden_states", None)
+    return tuple(states) if isinstance(states, (tuple, list)) else None
+
+
+def _same(a: torch.Tensor, b: Any) -> bool:
+    """Equal up to rounding: the truncated and the full forward run the same kernels, but a GPU
+    may reorder a reduction; a few units in the last place of the dtype (bfloat16: 2^-7) are
+    allowed, far below the difference between two blocks' outputs."""
+    if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+        return False
+    tolerance = max(1e-3, 8 * torch.finfo(a.dtype).eps) if a.is_floating_point() else 0.0
+    a, b = a.float(), b.float()
+    return bool((a - b).abs().max() <= tolerance * b.abs().max() + 1e-6)
 
 
 def validate_layer(lm: LanguageModel, layer: int) -> None:
@@ -253,7 +382,7 @@ def capture_residual(
     captured: list[torch.Tensor] = []
 
     def hook(_module: Any, _inputs: Any, output: Any) -> None:
-        captured.append(output[0] if isinstance(output, tuple) else output)
+        captured.append(output[0] if isinstance(output, (tuple, list)) else output)
         raise _StopForwardError
 
     handle = decoder_layers(lm.model)[layer].register_forward_hook(hook)

@@ -46,12 +46,15 @@ def replaced_output(block: torch.nn.Module, keep: Keep, replace: Replacement) ->
     """Within the context, the block's output ``h`` becomes ``replace(h)`` where ``keep``."""
 
     def hook(_module: Any, _inputs: Any, output: Any) -> Any:
-        hidden = output[0] if isinstance(output, tuple) else output
+        packed = isinstance(output, (tuple, list))  # (hidden, ...) or, e.g. OpenAI GPT, a list
+        hidden = output[0] if packed else output
         where = keep(hidden) if callable(keep) else keep
         new = replace(hidden).to(hidden.dtype)
         if where is not None:
             new = torch.where(where.to(hidden.device).unsqueeze(-1), new, hidden)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        if not packed:
+            return new
+        return (new, *output[1:]) if isinstance(output, tuple) else [new, *output[1:]]
 
     handle = block.register_forward_hook(hook)
     try:

@@ -241,7 +241,9 @@ class Trainer:
             return False
         if cfg.tree == "fixed" and self.forest_updates > 0:
             return False
-        return self.step % cfg.forest_update_interval == 0 and self.step < cfg.total_steps
+        since = self.step - cfg.first_rebuild_step
+        due = since >= 0 and since % cfg.forest_update_interval == 0
+        return due and self.step < cfg.total_steps
 
     def update_forest(self) -> None:
         cfg = self.config
