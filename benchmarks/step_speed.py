@@ -218,14 +218,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step: Callable[[], object], steps: int, device: str) -> list[float]:
+def time_steps(step: Callable[[], object], steps: int, device: str) -> list[tuple[float, float]]:
+    """(wall seconds, process CPU seconds) of each step."""
     times = []
     for _ in range(steps):
         _sync(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start, time.process_time() - start_cpu))
     return times
 
 
@@ -273,7 +274,9 @@ def peak_memory_mb(args: argparse.Namespace, name: str) -> float | None:
         str(args.target_l0),
         "--device",
         args.device,
-    ] + (["--dense-kernels"] if args.dense_kernels else [])
+    ]
+    command += ["--dense-kernels"] if args.dense_kernels else []
+    command += [] if args.threads is None else ["--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
@@ -283,7 +286,11 @@ def peak_memory_mb(args: argparse.Namespace, name: str) -> float | None:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    # VmHWM, not ru_maxrss: Linux carries the parent's peak into ru_maxrss across exec.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _current_rss_mb() -> float:
@@ -328,7 +335,7 @@ def run_scale(args: argparse.Namespace) -> None:
         f"\n== d={args.d} sizes={args.sizes} batch={args.batch} target L0={args.target_l0} "
         f"device={args.device} (built and settled in {time.perf_counter() - started:.0f} s)"
     )
-    samples: dict[str, list[float]] = {name: [] for name in steps}
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
     l0s: dict[str, list[torch.Tensor]] = {name: [] for name in trainers}
     for name, trainer in trainers.items():  # record the L0 of the steps that are timed
         steps[name] = _recording(trainer, l0s[name])
@@ -338,8 +345,6 @@ def run_scale(args: argparse.Namespace) -> None:
         for name, step in steps.items():
             samples[name] += time_steps(step, args.steps, args.device)
 
-    median = {name: statistics.median(times) for name, times in samples.items()}
-    tokens_per_s = {name: args.batch / t for name, t in median.items()}
     for name, values in l0s.items():
         mean_l0 = torch.stack(values[1:]).mean(0).tolist()
         print(f"{name:>14} L0 while timed: {[round(v, 1) for v in mean_l0]}")
@@ -349,26 +354,37 @@ def run_scale(args: argparse.Namespace) -> None:
     memory = {}
     if not args.no_memory:
         memory = {name: peak_memory_mb(args, name) for name in names}
-    for name in names:
-        mem = memory.get(name)
-        mem_text = "" if mem is None else f"  peak memory {mem:8.0f} MiB"
+    # Wall-clock medians; on CPU also process CPU time, which a shared machine disturbs far
+    # less (compare like with like: the same thread count for every contender).
+    clocks = [("wall", 0)] + ([] if args.device.startswith("cuda") else [("cpu", 1)])
+    for clock, index in clocks:
+        median = {name: statistics.median(t[index] for t in samples[name]) for name in names}
+        tokens_per_s = {name: args.batch / t for name, t in median.items()}
+        print(f"-- {clock} clock, median of {len(samples[names[0]])} steps each")
+        for name in names:
+            mem = memory.get(name)
+            mem_text = "" if mem is None else f"  peak memory {mem:8.0f} MiB"
+            print(
+                f"{name:>14}: {median[name] * 1e3:9.1f} ms/step  {tokens_per_s[name]:9.0f} "
+                f"tokens/s{mem_text}"
+            )
+        print(f"HSAE cost / independent stack: {median['hsae'] / median['independent']:.3f}x")
         print(
-            f"{name:>14}: {median[name] * 1e3:9.1f} ms/step  {tokens_per_s[name]:9.0f} tokens/s"
-            f"  (n={len(samples[name])}){mem_text}"
+            f"encoder-forward floor share of the HSAE step: {median['floor'] / median['hsae']:.2f}"
         )
-    print(f"HSAE cost / independent stack: {median['hsae'] / median['independent']:.3f}x")
-    print(f"encoder-forward floor share of the HSAE step: {median['floor'] / median['hsae']:.2f}")
-    print(
-        "encoder-forward floor share of the independent step: "
-        f"{median['floor'] / median['independent']:.2f}"
-    )
-    if "saelens" in tokens_per_s:
-        print(f"HSAE tokens/s over SAELens: {tokens_per_s['hsae'] / tokens_per_s['saelens']:.2f}x")
-    else:
-        print("SAELens not installed: pip install 'hsae[bench]' to compare against it")
-    if "dense-pytorch" in tokens_per_s:
-        over_dense = tokens_per_s["hsae"] / tokens_per_s["dense-pytorch"]
-        print(f"HSAE tokens/s over dense PyTorch: {over_dense:.2f}x")
+        print(
+            "encoder-forward floor share of the independent step: "
+            f"{median['floor'] / median['independent']:.2f}"
+        )
+        if "saelens" in tokens_per_s:
+            print(
+                f"HSAE tokens/s over SAELens: {tokens_per_s['hsae'] / tokens_per_s['saelens']:.2f}x"
+            )
+        else:
+            print("SAELens not installed: pip install 'hsae[bench]' to compare against it")
+        if "dense-pytorch" in tokens_per_s:
+            over_dense = tokens_per_s["hsae"] / tokens_per_s["dense-pytorch"]
+            print(f"HSAE tokens/s over dense PyTorch: {over_dense:.2f}x")
 
 
 def _recording(trainer: Trainer, into: list[torch.Tensor]) -> Callable[[], object]:
@@ -391,6 +407,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default per scale)")
     parser.add_argument("--settle", type=int, help="controller steps before timing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     parser.add_argument("--dense-loop", action="store_true", help="also time a plain loop")
     parser.add_argument(
@@ -398,6 +415,8 @@ def main() -> None:
     )
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.memory_probe:
         memory_probe(args)
         return
