@@ -238,16 +238,17 @@ def test_reported_variance_explained_is_unperturbed() -> None:
 
 
 def test_independent_mode_has_no_constraint_perturbation_or_rebuild(monkeypatch) -> None:
-    import hsae.training.trainer as trainer_module
+    import hsae.model.forest as forest_module
 
     rebuilds: list[int] = []
-    real_rebuild = trainer_module.rebuild_forest
+    real_rebuild = forest_module.rebuild_forest
 
     def counting_rebuild(*args, **kwargs):
         rebuilds.append(1)
         return real_rebuild(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "rebuild_forest", counting_rebuild)
+    # Every forest (the HSAE's rebuilds, the post-hoc one) comes from this one function.
+    monkeypatch.setattr(forest_module, "rebuild_forest", counting_rebuild)
     config = HSAEConfig(
         **BASE, train_tokens=64 * 60, update_interval=5, mode="independent", rho=1.0
     )

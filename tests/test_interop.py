@@ -404,11 +404,12 @@ def test_saebench_wrapper_follows_the_documented_interface_and_the_model(run_dir
     assert moved.dtype == torch.float64 and moved.cfg.dtype == "float64"
 
 
+@pytest.mark.saebench
 def test_saebench_wrapper_passes_saebench_own_checks(run_dir: Path) -> None:
-    general_utils = pytest.importorskip("sae_bench.sae_bench_utils.general_utils")
-    core = pytest.importorskip("sae_bench.evals.core.main")
     from sae_bench.custom_saes.custom_sae_config import CustomSAEConfig
     from sae_bench.custom_saes.jumprelu_sae import JumpReluSAE
+    from sae_bench.evals.core import main as core
+    from sae_bench.sae_bench_utils import general_utils
 
     x = raw_activations()
     for name, sae in saebench_saes(run_dir):
@@ -454,11 +455,12 @@ def test_table1_reads_saebench_result_files(tmp_path: Path) -> None:
         table1(tmp_path)
 
 
+@pytest.mark.saebench
 def test_saebench_core_eval_runs_on_the_wrapper_and_agrees_with_the_model() -> None:
     """SAEBench's own core evaluation, on CPU, with a tiny random TransformerLens model."""
-    core = pytest.importorskip("sae_bench.evals.core.main")
-    general_utils = pytest.importorskip("sae_bench.sae_bench_utils.general_utils")
     from datasets import Dataset
+    from sae_bench.evals.core import main as core
+    from sae_bench.sae_bench_utils import general_utils
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from hsae.interop.saelens import Provenance
@@ -569,12 +571,12 @@ def test_cli_exports_saelens_and_archive_and_imports_saelens(run_dir: Path, tmp_
         assert message in result.output and result.output.count("\n") == 1
 
 
+@pytest.mark.saebench
 def test_run_saebench_calls_each_eval_with_its_own_config_and_collects_table1(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The glue to SAEBench's evaluations, with the evaluations replaced by recorders (they need
     a GPU, the Hub and the real language model); configs are SAEBench's own classes."""
-    pytest.importorskip("sae_bench.evals.core.main")
     import importlib
 
     from hsae.interop.saebench import run_saebench
@@ -609,6 +611,9 @@ def test_run_saebench_calls_each_eval_with_its_own_config_and_collects_table1(
     monkeypatch.setattr(modules["sparse_probing"], "run_eval", recorder("probing", probing))
 
     out = tmp_path / "saebench"
+    with pytest.raises(InteropError, match="TransformerLens does not know the model 'gemma-9x'"):
+        run_saebench(run_dir, out, model_name="gemma-9x", device="cpu")
+    assert calls == {} and not out.exists()  # refused before any evaluation started
     table = run_saebench(run_dir, out, levels=[2], device="cpu", llm_dtype="float32")
     assert sorted(calls) == [
         "absorption",
@@ -632,6 +637,28 @@ def test_run_saebench_calls_each_eval_with_its_own_config_and_collects_table1(
     }
     assert sorted(table["baseline"]) == ["baseline_level_2_32"]
     assert json.loads((out / "table1.json").read_text()) == table
+
+
+def test_saebench_refuses_a_model_transformerlens_does_not_know_in_one_line(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """Checked against TransformerLens's own names before SAEBench (or the Hub) is touched."""
+    from typer.testing import CliRunner
+
+    from hsae.cli import app
+    from hsae.interop.saebench import check_transformerlens_name
+
+    pytest.importorskip("transformer_lens")
+    check_transformerlens_name("gpt2")  # the run's own model: known, no error
+    out = tmp_path / "results"
+    args = ["saebench", str(run_dir), "--out", str(out), "--model-name", "no-such-model-7b"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(
+        "error: TransformerLens does not know the model 'no-such-model-7b'"
+    )
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert not out.exists()
 
 
 # --- sharing: the SAELens Hub layout, parent links, sparsity, provenance, upload -------------

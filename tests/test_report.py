@@ -15,6 +15,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from hsae.activations import load_language_model
+from hsae.activations.models import LanguageModel
 from hsae.cli import app
 from hsae.evaluation.contexts import LevelStats, RowSource
 from hsae.report import (
@@ -29,6 +31,7 @@ from hsae.report import (
 from hsae.report.explorer import forest_view
 from hsae.report.html import embed_json
 from hsae.runs import Run
+from hsae.steering import logit_effect
 
 REPORT = ReportSettings(projection="pca", max_features=80, chunk_size=500)
 XSS_SCRIPT = "<script>alert(1)</script>"
@@ -66,8 +69,13 @@ def tokenizer(run: Run) -> Any:
 
 
 @pytest.fixture(scope="module")
-def data(run: Run, tokenizer: Any) -> dict[str, Any]:
-    return build_report_data(run, REPORT, tokenizer=tokenizer)
+def lm() -> LanguageModel:
+    return load_language_model(device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def data(run: Run, tokenizer: Any, lm: LanguageModel) -> dict[str, Any]:
+    return build_report_data(run, REPORT, tokenizer=tokenizer, lm=lm)
 
 
 # --------------------------------------------------------------------------- numbers
@@ -190,12 +198,14 @@ def test_forest_is_truncated_to_whole_largest_trees(run: Run, data: dict) -> Non
     assert not whole.truncated and len(whole.shown) == meta["total_features"]
 
 
-def test_baseline_without_metrics_or_projection(run: Run, tokenizer: Any, tmp_path: Path) -> None:
+def test_baseline_without_metrics_or_projection(
+    run: Run, tokenizer: Any, lm: LanguageModel, tmp_path: Path
+) -> None:
     bare = Run.create(tmp_path / "bare", run.config)
     for part in ("activations", "hsae", "baseline"):
         (bare.folder / part).symlink_to(run.folder / part, target_is_directory=True)
     settings = ReportSettings(which="baseline", projection="none", max_features=30)
-    data = build_report_data(bare, settings, tokenizer=tokenizer)
+    data = build_report_data(bare, settings, tokenizer=tokenizer, lm=lm)
     assert data["metrics"] is None and data["projection"] is None
     assert data["meta"]["which"] == "baseline" and 0 < data["meta"]["shown_features"] <= 30
     baseline = run.load("baseline")
@@ -206,6 +216,65 @@ def test_baseline_without_metrics_or_projection(run: Run, tokenizer: Any, tmp_pa
     with pytest.raises(ReportError, match="no trained baseline"):
         (bare.folder / "baseline").unlink()
         build_report_data(bare, settings, tokenizer=tokenizer)
+
+
+def _same_tokens(got: list, expected: list) -> None:
+    """Same (token, score) lists, up to the order of tokens whose scores tie within 1e-3."""
+    assert [s for _, s in got] == pytest.approx([s for _, s in expected], rel=1e-4, abs=1e-4)
+    for n, ((token, score), (want, _)) in enumerate(zip(got, expected, strict=True)):
+        gaps = [abs(score - other) for m, (_, other) in enumerate(expected) if m != n]
+        if not gaps or min(gaps) > 1e-3:
+            assert token == want, (n, got, expected)
+
+
+def test_logit_lens_of_each_shown_feature_matches_steering(
+    run: Run, data: dict, lm: LanguageModel
+) -> None:
+    model = run.load("hsae")
+    k = REPORT.logit_lens
+    assert data["meta"]["logit_lens"] == {"k": k, "model": "gemma-3-270m", "note": ""}
+    features = data["features"]
+    by_level: dict[int, list[str]] = {}
+    for key, feature in features.items():
+        up, down = feature["lens"]["promoted"], feature["lens"]["suppressed"]
+        assert len(up) == len(down) == k
+        assert [s for _, s in up] == sorted((s for _, s in up), reverse=True)
+        assert [s for _, s in down] == sorted(s for _, s in down)
+        assert up[0][1] > 0 > down[0][1]
+        by_level.setdefault(feature["level"], []).append(key)
+    assert sorted(by_level) == list(range(len(model.config.level_sizes)))
+    for key in [key for keys in by_level.values() for key in keys[:3]]:
+        feature = features[key]
+        expected = logit_effect(lm, model, feature["level"], feature["index"], k=k)
+        for side in ("promoted", "suppressed"):
+            got = [(data["tokens"][t], s) for t, s in feature["lens"][side]]
+            _same_tokens(got, expected[side])
+
+
+def test_report_without_its_language_model_says_why(
+    run: Run, tokenizer: Any, tmp_path: Path
+) -> None:
+    moved = Run.create(tmp_path / "moved", run.config)
+    (moved.folder / "hsae").symlink_to(run.folder / "hsae", target_is_directory=True)
+    activations = moved.folder / "activations"
+    activations.mkdir()
+    for entry in (run.folder / "activations").iterdir():
+        if entry.name != "manifest.json":
+            (activations / entry.name).symlink_to(entry)
+    manifest = json.loads((run.folder / "activations" / "manifest.json").read_text())
+    manifest["model"]["name"] = str(tmp_path / "no-such-model")
+    (activations / "manifest.json").write_text(json.dumps(manifest))
+    settings = ReportSettings(projection="none", max_features=20)
+    data = build_report_data(moved, settings, tokenizer=tokenizer)
+    note = data["meta"]["logit_lens"]["note"]
+    assert "could not be loaded here" in note and "no-such-model" in note
+    assert data["features"] and all(f["lens"] is None for f in data["features"].values())
+    assert data["meta"]["shown_features"] == len(data["features"]) > 0
+    quiet = ReportSettings(projection="none", max_features=20, logit_lens=0)
+    off = build_report_data(moved, quiet, tokenizer=tokenizer)
+    assert off["meta"]["logit_lens"]["note"] == "the logit lens is off (logit_lens=0)"
+    with pytest.raises(ReportError, match="logit_lens must be an integer >= 0"):
+        ReportSettings(logit_lens=-1)
 
 
 def _root(features: dict[str, Any], feature: dict[str, Any]) -> dict[str, Any]:
@@ -249,6 +318,8 @@ def test_cli_writes_report_and_plots(run: Run, tmp_path: Path) -> None:
     html = out.read_text(encoding="utf-8")
     embedded = _embedded(html)
     assert embedded["projection"]["method"] == "pca"
+    assert embedded["meta"]["logit_lens"]["note"] == ""  # the run's model, loaded by its name
+    assert all(len(f["lens"]["promoted"]) == 8 for f in embedded["features"].values())
     assert embedded["meta"]["shown_features"] <= 40
     assert 'type="application/json"' in html and "http://" not in html.replace(
         "http://www.w3.org/2000/svg", ""
@@ -342,6 +413,9 @@ def test_browser_expands_to_the_deepest_level_and_searches(
         leaf.wait_for(state="visible")
         leaf.locator(":scope > .row > .name").click()
         leaf_level = leaf.get_attribute("data-level")
+        lens = [
+            page.locator(f"#detail .lens-{kind} .chip").all_inner_texts() for kind in ("up", "down")
+        ]
         page.fill("#search", query)
         page.locator("#results .result").first.wait_for()
         n_results = page.locator("#results .result").count()
@@ -353,12 +427,16 @@ def test_browser_expands_to_the_deepest_level_and_searches(
         charts = page.locator("#charts svg").count()
         points = page.locator("#projection circle").count()
         page.screenshot(path=str(shot), full_page=True)
-        return leaf_level, n_results, hot, label, searched, charts, points
+        return leaf_level, lens, n_results, hot, label, searched, charts, points
 
     result = _open(path, actions)
-    leaf_level, n_results, hot, label, searched, charts, points = result["outcome"]
+    leaf_level, lens, n_results, hot, label, searched, charts, points = result["outcome"]
     assert result["problems"] == [] and result["dialogs"] == []
     assert leaf_level == str(levels - 1)
+    for shown, side in zip(lens, ("promoted", "suppressed"), strict=True):
+        expected = [data["tokens"][t] for t, _ in data["features"][deepest]["lens"][side]]
+        assert len(shown) == REPORT.logit_lens  # the leaf's own tokens, as the page shows text
+        assert [t.strip() for t in shown] == [t.replace("\n", "\u23ce").strip() for t in expected]
     assert n_results >= 1 and hot >= 1
     assert "first root" in label
     assert searched in ("1:0", deepest)
@@ -375,6 +453,8 @@ def test_browser_shows_hostile_corpus_text_as_text(data: dict, tmp_path: Path) -
     hostile["tokens"].extend([XSS_SCRIPT, XSS_IMG])
     ctx["t"][0], ctx["t"][-1] = len(hostile["tokens"]) - 2, len(hostile["tokens"]) - 1
     root["label"] = XSS_IMG
+    root["lens"] = None  # as when the language model did not load: the node view says why
+    hostile["meta"]["logit_lens"]["note"] = "no model " + XSS_IMG
     hostile["metrics"], hostile["projection"] = None, None  # the page copes without both
     path = tmp_path / "hostile.html"
     path.write_text(render_html(hostile), encoding="utf-8")
@@ -388,6 +468,8 @@ def test_browser_shows_hostile_corpus_text_as_text(data: dict, tmp_path: Path) -
     text, pwned, images, notes = result["outcome"]
     assert "No metrics.json" in notes and "Projection disabled" in notes
     assert XSS_SCRIPT in text and XSS_IMG in text
+    assert "Next-token effect (logit lens)" in text
+    assert "Not in this report: no model " + XSS_IMG in text
     assert pwned is None and images == 0
     assert result["dialogs"] == [] and result["problems"] == []
 

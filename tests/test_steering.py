@@ -28,6 +28,7 @@ from hsae.steering import (
     steer_run,
     steered,
     steering_plan,
+    top_logit_effects,
     zero,
 )
 
@@ -154,6 +155,31 @@ def test_adding_a_direction_moves_logits_along_its_logit_lens(
         assert effect["suppressed"][0][1] == pytest.approx(float(lens.min()), rel=1e-3)
         assert shift[int(lens.argmax())] > shift[int(lens.argmin())]
         assert top  # the promoted token's text maps back to a token
+
+
+def test_batched_logit_effects_match_one_feature_at_a_time(
+    lm: LanguageModel, setup: tuple[HSAE, int]
+):
+    model, _ = setup
+    rows = model.levels[1].W_dec.detach()[:7].float() / model.activation_scale
+    whole = top_logit_effects(lm, rows, k=6)
+    vocab = min(lm.model.get_output_embeddings().weight.shape[0], len(lm.tokenizer))
+    chunked = top_logit_effects(lm, rows, k=6, max_elements=3 * vocab)  # chunks of 3 rows
+    for name in ("promoted_ids", "suppressed_ids"):
+        assert torch.equal(getattr(whole, name), getattr(chunked, name))
+    torch.testing.assert_close(whole.promoted_scores, chunked.promoted_scores)
+    assert whole.promoted_ids.shape == (7, 6) and int(whole.promoted_ids.max()) < vocab
+    for n in (0, 6):
+        single = logit_effect(lm, model, 1, n, k=6)
+        assert [s for _, s in single["promoted"]] == pytest.approx(
+            whole.promoted_scores[n].tolist(), rel=1e-4, abs=1e-4
+        )
+        assert [s for _, s in single["suppressed"]] == pytest.approx(
+            whole.suppressed_scores[n].tolist(), rel=1e-4, abs=1e-4
+        )
+        assert single["promoted"][0][0] == lm.tokenizer.decode([int(whole.promoted_ids[n, 0])])
+    with pytest.raises(SteeringError, match="k must be >= 1"):
+        top_logit_effects(lm, rows, k=0)
 
 
 def test_spliced_context_matches_the_evaluation_splice(

@@ -13,7 +13,14 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "hsae"
 
-FOUNDATION = {"hsae.config", "hsae.errors", "hsae.io", "hsae.layout", "hsae.devices"}
+FOUNDATION = {
+    "hsae.config",
+    "hsae.errors",
+    "hsae.io",
+    "hsae.layout",
+    "hsae.devices",
+    "hsae.distributed",  # the torchrun process group: torch.distributed and hsae.errors only
+}
 ALLOWED_BELOW = {
     # layer: the modules (by prefix) it may import besides itself
     "hsae.model": FOUNDATION,

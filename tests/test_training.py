@@ -203,3 +203,28 @@ def test_requested_logging_backend_must_be_installed() -> None:
             RunConfig(tensorboard=True)
     else:
         assert RunConfig(tensorboard=True).tensorboard
+
+
+def test_bf16_autocast_trains_like_float32_and_keeps_float32_state() -> None:
+    """autocast="bf16" (the CUDA default, "auto") runs the step's matmuls in bf16 while
+    parameters, Adam's state and the codes stay float32; the trained model matches float32."""
+    data = sparse_data()
+    results = {}
+    for autocast in ("off", "bf16"):
+        config = HSAEConfig(
+            **(BASE | {"train_tokens": 64 * 300, "lr": 3e-3, "autocast": autocast}),
+            l0_ema_momentum=0.9,
+            l0_decay_rate=0.01,
+            device="cpu",
+        )
+        trainer = Trainer(config, TensorBatches(data[:16000], 64))
+        assert trainer.autocast == (autocast == "bf16")
+        model = trainer.fit(progress=False)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        adam = trainer.optimizer.state.values()
+        assert {v.dtype for s in adam for v in s.values() if v.ndim > 0} == {torch.float32}
+        results[autocast] = evaluate(model, data[16000:])
+    assert not Trainer(HSAEConfig(**BASE, device="cpu"), iter([])).autocast  # auto: CUDA only
+    for plain, bf16 in zip(results["off"].levels, results["bf16"].levels, strict=True):
+        assert bf16.l0 == pytest.approx(plain.l0, rel=0.1)
+        assert bf16.variance_explained == pytest.approx(plain.variance_explained, abs=0.02)

@@ -30,7 +30,8 @@ __all__ = ["HSAE", "ConfigError", "HSAEConfig", "HSAEError", "load", "train", "_
 
 
 def load(path: str | Path, which: str = "hsae", device: str | torch.device = "cpu") -> HSAE:
-    """Load a saved model folder, or the ``which`` model ("hsae" or "baseline") of a run folder."""
+    """Load a saved model folder, or the ``which`` model ("hsae", "baseline", "matryoshka") of
+    a run folder."""
     folder = Path(path)
     if (folder / CONFIG_FILE).is_file():
         return load_hsae(folder, device)

@@ -6,6 +6,8 @@ from contextlib import ExitStack
 
 import typer
 
+from hsae.layout import MODEL_NAMES
+
 app = typer.Typer(
     name="hsae",
     help="Train Hierarchical Sparse Autoencoders and explore their feature forest.",
@@ -31,7 +33,7 @@ def harvest(
     context_length: int = typer.Option(128, help="tokens per context, BOS included"),
     batch_size: int = typer.Option(32, help="contexts per forward pass"),
     shard_tokens: int = typer.Option(65_536, help="activation rows per shard file"),
-    dtype: str = typer.Option("float32", help="storage dtype: float32 | float16"),
+    dtype: str = typer.Option("float32", help="storage dtype: float32 | float16 | bfloat16"),
     heldout_fraction: float = typer.Option(0.05, help="fraction of tokens kept for held-out"),
     seed: int = typer.Option(0, help="document-order seed"),
     device: str = typer.Option(None, help="torch device [cuda if available, else cpu]"),
@@ -109,6 +111,11 @@ def _parse_sizes(text: str | None, option: str = "--level-sizes") -> list[int] |
         ) from None
 
 
+def _parse_names(text: str) -> list[str]:
+    """Comma-separated names (e.g. ``--baselines independent,matryoshka``)."""
+    return [part for part in text.replace(" ", "").split(",") if part]
+
+
 @app.command()
 def train(
     config_file: str = typer.Argument(None, help="YAML file of run settings (optional)"),
@@ -136,12 +143,19 @@ def train(
     batch_size: int = typer.Option(None, help="tokens per training step"),
     seed: int = typer.Option(None, help="random seed"),
     device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
-    no_baseline: bool = typer.Option(False, "--no-baseline", help="skip the independent SAEs"),
+    no_baseline: bool = typer.Option(False, "--no-baseline", help="train no baseline at all"),
+    baselines: str = typer.Option(
+        None, help="baselines to train, comma-separated: independent,matryoshka [independent]"
+    ),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="also log to TensorBoard"),
     wandb_project: str = typer.Option(None, help="also log to this W&B project"),
 ) -> None:
-    """Harvest (if needed), then train the HSAE and its independent baseline in a run folder."""
-    from hsae.runs import Run, RunConfig, load_run_config_file
+    """Harvest (if needed), then train the HSAE and its independent baseline in a run folder.
+
+    Under torchrun (torchrun --nproc-per-node N -m hsae train ...) the processes train one
+    model data-parallel, batch_size being the global batch (docs/scale.md)."""
+    from hsae import distributed
+    from hsae.runs import Run, RunConfig, load_run_config_file, on_main_process
 
     run_settings = {
         "model": model,
@@ -174,12 +188,15 @@ def train(
     with ExitStack() as held:
         try:
             if resume is not None:
-                if given or given_hsae or config_file or no_baseline or out:
+                if given or given_hsae or config_file or no_baseline or baselines or out:
                     raise _fail(
                         ValueError("--resume takes no other settings: the run keeps its own")
                     )
                 run = Run.open(resume)
-                held.enter_context(run.lock("hsae train --resume"))
+                _join_processes(run.config.device)
+                held.callback(distributed.destroy)
+                if distributed.rank() == 0:
+                    held.enter_context(run.lock("hsae train --resume"))
             else:
                 if activations is not None and (tokens, dataset, text_field) != (None,) * 3:
                     raise _fail(
@@ -191,20 +208,47 @@ def train(
                 values = load_run_config_file(config_file) if config_file else {}
                 values |= given
                 values["hsae"] = dict(values.get("hsae", {})) | given_hsae
+                if no_baseline and baselines:
+                    raise _fail(ValueError("--no-baseline and --baselines contradict each other"))
                 if no_baseline:
-                    values["baseline"] = False
+                    values["baselines"] = []
+                if baselines is not None:
+                    values["baselines"] = _parse_names(baselines)
                 config = RunConfig(**values)
+                if distributed.launched() and out is None:
+                    raise _fail(ValueError("--out: a multi-process run needs the run folder named"))
                 folder = out or _default_run_folder()
-                held.enter_context(Run.claim(folder, "hsae train", config))
-                run = Run.create(folder, config)
+                _join_processes(config.device)
+                held.callback(distributed.destroy)
+
+                def create() -> Run:
+                    held.enter_context(Run.claim(folder, "hsae train", config))
+                    return Run.create(folder, config)
+
+                run = on_main_process(create, f"create the run folder {folder}")
+                if run is None:
+                    run = Run.open(folder)
             run.check_cache()
-            typer.echo(f"run folder: {run.folder}")
-            run.harvest()
+            if distributed.rank() == 0:
+                typer.echo(f"run folder: {run.folder}")
+            on_main_process(run.harvest, "harvest the activations")
             for which in run.wanted_models():
                 run.train(which)
+            main = distributed.rank() == 0
         except _user_errors() as error:
             raise _fail(error) from None
-    typer.echo(f"trained models are in {run.folder}; evaluate with: hsae eval {run.folder}")
+    if main:
+        typer.echo(f"trained models are in {run.folder}; evaluate with: hsae eval {run.folder}")
+
+
+def _join_processes(device: str) -> None:
+    """Join the torchrun process group (no-op in a single process): NCCL when the run
+    trains on CUDA, gloo on the CPU."""
+    from hsae import distributed
+    from hsae.devices import parse_device
+
+    if distributed.launched():
+        distributed.init("nccl" if parse_device(device).type == "cuda" else "gloo")
 
 
 def _default_run_folder() -> str:
@@ -257,7 +301,7 @@ def evaluate_run(
         results = run.evaluate(splice=not no_lm, suite=suite, suite_settings=settings)
     except _user_errors() as error:
         raise _fail(error) from None
-    names = [n for n in ("hsae", "baseline") if n in results]
+    names = [n for n in MODEL_NAMES if n in results]
     typer.echo(comparison_table(results, names))
     if "suite" in results:
         typer.echo("\n" + full_suite_table(results, names))
@@ -270,12 +314,15 @@ def evaluate_run(
 def demo(
     out: str = typer.Option("runs/demo", help="run folder (an ordinary run folder)"),
     suite: str = typer.Option("standard", help="standard | full (adds about 10 min on a CPU)"),
+    baselines: str = typer.Option(
+        None, help="baselines to train, comma-separated: independent,matryoshka [independent]"
+    ),
 ) -> None:
     """Offline end to end on the embedded model and corpus: harvest, train both, evaluate."""
     import time
 
     from hsae.evaluation.suite import SUITES
-    from hsae.runs import Run, demo_config
+    from hsae.runs import Run, RunConfig, demo_config
 
     if suite not in SUITES:
         raise _fail(ValueError(f"--suite must be one of {list(SUITES)}, got {suite!r}"))
@@ -283,6 +330,8 @@ def demo(
     held = ExitStack()
     try:
         config = demo_config()
+        if baselines is not None:
+            config = RunConfig(**config.model_dump() | {"baselines": _parse_names(baselines)})
         held.enter_context(Run.claim(out, "hsae demo", config))
         run = Run.create(out, config)
         typer.echo(f"run folder: {run.folder}")
@@ -301,9 +350,10 @@ def demo(
         held.close()
     from hsae.evaluation.suite import comparison_table, full_suite_table
 
-    typer.echo(comparison_table(results, ["hsae", "baseline"]))
+    names = [n for n in MODEL_NAMES if n in results]
+    typer.echo(comparison_table(results, names))
     if "suite" in results:
-        typer.echo("\n" + full_suite_table(results, ["hsae", "baseline"]))
+        typer.echo("\n" + full_suite_table(results, names))
     stages = ", ".join(f"{stage}: {seconds:.0f} s" for stage, seconds in run.timings.items())
     typer.echo(f"\nstage times: {stages}; total {time.perf_counter() - started:.0f} s")
     typer.echo(f"results: {run.folder / 'summary.md'} and {run.folder / 'metrics.json'}")
@@ -314,11 +364,14 @@ def demo(
 def report(
     run_dir: str = typer.Argument(..., help="a run folder with a trained HSAE"),
     out: str = typer.Option(None, help="HTML file to write [RUN_DIR/report.html]"),
-    which: str = typer.Option("hsae", help="hsae | baseline: whose forest to explore"),
+    which: str = typer.Option("hsae", help="hsae | baseline | matryoshka: whose forest to explore"),
     max_features: int = typer.Option(400, help="features embedded in the page"),
     max_children: int = typer.Option(16, help="children shown per node"),
     max_tokens: int = typer.Option(100_000, help="activation rows scanned for contexts"),
     projection: str = typer.Option("auto", help="auto (UMAP if installed) | umap | pca | none"),
+    logit_lens: int = typer.Option(
+        8, help="tokens each feature promotes/suppresses through the LM head (0: off)"
+    ),
     no_plots: bool = typer.Option(False, "--no-plots", help="skip RUN_DIR/plots/*.png"),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace an existing --out file (never the run's own files)"
@@ -335,6 +388,7 @@ def report(
             max_children=max_children,
             max_tokens=max_tokens,
             projection=projection,
+            logit_lens=logit_lens,
         )
         run = Run.open(run_dir)
         with run.lock("hsae report"):  # one writer per run folder (docs/reliability.md)
@@ -346,6 +400,8 @@ def report(
         f"wrote {result.html} ({result.size_bytes / 1e6:.2f} MB, {meta['shown_features']} of "
         f"{meta['total_features']} features) in {result.seconds:.1f} s"
     )
+    if meta["logit_lens"]["note"]:
+        typer.echo(f"no logit lens in the page: {meta['logit_lens']['note']}")
     for path in result.plots:
         typer.echo(f"wrote {path}")
 
@@ -576,7 +632,7 @@ def steer(
     ),
     children: bool = typer.Option(False, "--children", help="also steer with each child"),
     max_new_tokens: int = typer.Option(24, help="greedy tokens generated per line"),
-    which: str = typer.Option("hsae", help="hsae | baseline: whose features"),
+    which: str = typer.Option("hsae", help="hsae | baseline | matryoshka: whose features"),
     lens: int = typer.Option(
         5, help="tokens each feature promotes/suppresses via the head (0: off)"
     ),

@@ -28,7 +28,7 @@ from hsae.errors import ConfigError
 
 Similarity = Literal["encoder", "decoder", "coactivation", "conditional"]
 TreeVariant = Literal["partial", "full", "binary", "fixed"]
-Mode = Literal["hsae", "independent"]
+Autocast = Literal["auto", "bf16", "off"]
 
 
 class _Settings(BaseModel):
@@ -62,8 +62,11 @@ class ArchitectureConfig(_Settings):
     """Width of the activations (the LLM's d_model)."""
     level_sizes: list[int] = [2048, 4096, 8192, 16384]
     """Dictionary size of each level, strictly increasing (paper: 2048 ... 16384)."""
-    mode: Mode = "hsae"
-    """"hsae", or "independent" for the baseline (no constraint, no perturbation)."""
+    mode: str = "hsae"
+    """"hsae", or a baseline: "independent" (the same levels trained without constraint or
+    perturbation, forest post hoc) or "matryoshka" (one BatchTopK dictionary trained on nested
+    prefixes at the level sizes; needs level "batchtopk"). Baselines are registered in
+    hsae.layout.BASELINES."""
     level: str = "jumprelu"
     """Architecture of every level (docs/method.md, "Level kinds"): "jumprelu" (learned
     per-feature thresholds, lambda * L0 steered to target_l0 by the sparsity controller),
@@ -102,6 +105,17 @@ class ArchitectureConfig(_Settings):
         if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
             raise ValueError(f"sizes must be strictly increasing, got {sizes}")
         return sizes
+
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, value: str) -> str:
+        from hsae.layout import BASELINES
+
+        modes = ("hsae", *BASELINES)
+        if value not in modes:
+            choices = ", ".join(repr(name) for name in modes)
+            raise ValueError(f"must be one of {choices}, got {value!r}")
+        return value
 
     @field_validator("level")
     @classmethod
@@ -214,6 +228,9 @@ class HSAEConfig(ArchitectureConfig):
     """Seed of initialisation, data order and perturbation draws."""
     device: str = "auto"
     """"auto" (CUDA when available), "cpu", "cuda", "cuda:N"."""
+    autocast: Autocast = "auto"
+    """bf16 autocast of the training step's matmuls: "auto" on CUDA only, "bf16" on any
+    device, "off" never. Parameters, Adam's state, thresholds, L0 and the loss stay float32."""
 
     # --- validation ----------------------------------------------------------------------
     @field_validator("device")

@@ -21,6 +21,7 @@ import torch
 
 from hsae.errors import HSAEError
 from hsae.evaluation.contexts import RowSource, context_windows, window_activations
+from hsae.layout import MODEL_NAMES
 from hsae.model.navigation import check_node
 
 
@@ -58,8 +59,8 @@ def feature_contexts(
             raise ExploreError(f"{name} must be an integer >= {low}, got {value!r}")
     if split not in ("train", "heldout"):
         raise ExploreError(f"split must be train or heldout, got {split!r}")
-    if which not in ("hsae", "baseline"):
-        raise ExploreError(f"which must be hsae or baseline, got {which!r}")
+    if which not in MODEL_NAMES:
+        raise ExploreError(f"which must be one of {', '.join(MODEL_NAMES)}, got {which!r}")
     model = run.load(which)
     chosen = [int(f) for f in features]
     if not chosen:

@@ -4,7 +4,8 @@ This module is the one place that knows where things live in a run folder (see d
 
     RUN/run.json                 the validated run settings and what they resolved to
     RUN/activations/             the activation cache (manifest.json, shards)
-    RUN/hsae/, RUN/baseline/     the trained models (hsae.safetensors + hsae_config.json)
+    RUN/hsae/, RUN/baseline/,    the trained models (hsae.safetensors + hsae_config.json):
+    RUN/matryoshka/              the HSAE and each wanted baseline (BASELINES)
     RUN/checkpoints/<model>/     resumable trainer state while training
     RUN/logs/train_<model>.jsonl one JSON line per logged step
     RUN/metrics.json, summary.md evaluation of the models side by side
@@ -23,9 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-MODEL_NAMES = ("hsae", "baseline")
+BASELINES: dict[str, str] = {
+    "independent": "baseline",
+    "matryoshka": "matryoshka",
+}
+"""The baselines a run can train beside the HSAE (``--baselines``): baseline name (also the
+model's ``ArchitectureConfig.mode``) -> the model's name in a run folder. Adding a baseline is
+one line here plus its model class (docs/extending.md)."""
+MODEL_NAMES = ("hsae", *BASELINES.values())
 """The models a run trains, in the order they are trained, evaluated and shown."""
-Which = Literal["hsae", "baseline"]
+Which = Literal["hsae", "baseline", "matryoshka"]
+"""A model name of a run (one of MODEL_NAMES; for type checkers only)."""
 
 RUN_FILE = "run.json"
 ACTIVATIONS_DIR = "activations"
@@ -60,6 +69,12 @@ RUN_OWNED = (
     "saebench",
 )
 """A run folder's own entries (besides the report): nothing hsae exports may replace them."""
+
+
+def baseline_mode(which: str) -> str:
+    """The ``ArchitectureConfig.mode`` of run model ``which`` ("hsae" for the HSAE)."""
+    modes = {name: mode for mode, name in BASELINES.items()}
+    return modes.get(check_model_name(which), "hsae")
 
 
 def check_model_name(which: str) -> Which:

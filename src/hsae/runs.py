@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,13 +27,16 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
+from hsae import distributed
 from hsae.config import ConfigError, HSAEConfig, refuse_bool
 from hsae.errors import HSAEError
 from hsae.io import write_json, write_text
 from hsae.layout import (
     ACTIVATIONS_DIR,
+    BASELINES,
     CACHE_MANIFEST,
     CHECKPOINTS_DIR,
     METRICS_FILE,
@@ -42,6 +45,7 @@ from hsae.layout import (
     TENSORBOARD_DIR,
     RunLayout,
     Which,
+    baseline_mode,
 )
 from hsae.locking import LOCK_FILE, FolderInUseError, folder_lock
 from hsae.model import HSAE, load_hsae
@@ -54,6 +58,7 @@ from hsae.training.logging import (
     tensorboard_sink,
     wandb_sink,
 )
+from hsae.training.parallel import rank_share
 
 if TYPE_CHECKING:
     from hsae.evaluation.suite import SuiteSettings
@@ -94,8 +99,10 @@ class RunConfig(BaseModel):
     """Share of harvested tokens kept for evaluation."""
     hsae: dict[str, Any] = {}
     """HSAEConfig settings (d_in and the activation scale come from the activations)."""
-    baseline: bool = True
-    """Also train the independent-SAE baseline."""
+    baselines: list[str] = ["independent"]
+    """Baselines trained beside the HSAE on the same activations (hsae.layout.BASELINES):
+    "independent" (the same levels trained independently, forest post hoc) and "matryoshka"
+    (Matryoshka BatchTopK SAE, nested prefixes at the level sizes; docs/baselines.md)."""
     checkpoint_every: int = Field(500, ge=1)
     """Steps between training checkpoints."""
     log_every: int = Field(50, ge=1)
@@ -135,6 +142,32 @@ class RunConfig(BaseModel):
     @classmethod
     def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         return refuse_bool(cls, value, info)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_baseline_switch(cls, values: Any) -> Any:
+        """Run files written before ``baselines`` said ``baseline: true/false``."""
+        if isinstance(values, dict) and "baseline" in values:
+            values = dict(values)
+            old = values.pop("baseline")
+            if not isinstance(old, bool):
+                raise ValueError(f"baseline: expected true or false, got {old!r}")
+            if "baselines" not in values:
+                values["baselines"] = ["independent"] if old else []
+            elif bool(values["baselines"]) != old:
+                raise ValueError("baseline: give baselines only (baseline is the old switch)")
+        return values
+
+    @field_validator("baselines")
+    @classmethod
+    def _known_baselines(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in BASELINES:
+                choices = ", ".join(repr(known) for known in BASELINES)
+                raise ValueError(f"unknown baseline {name!r}; choose from {choices}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"each baseline may be named once, got {names}")
+        return names
 
     @field_validator("hsae")
     @classmethod
@@ -407,7 +440,8 @@ class Run:
         return (self.model_dir(which) / CONFIG_FILE).is_file()
 
     def wanted_models(self) -> list[Which]:
-        return list(MODEL_NAMES) if self.config.baseline else ["hsae"]
+        wanted = {BASELINES[name] for name in self.config.baselines}
+        return [name for name in MODEL_NAMES if name == "hsae" or name in wanted]
 
     def unfinished_models(self) -> dict[str, str]:
         """The wanted models without a saved model, each with what is known of it: "still
@@ -473,6 +507,7 @@ class Run:
                     self.activations_dir,
                     progress=progress,
                     on_progress=tick,
+                    parallel=False,  # under torchrun only process 0 harvests a run's cache
                 )
             return ActivationCache(self.activations_dir)
 
@@ -511,22 +546,40 @@ class Run:
         return ActivationCache(self.activations_dir)
 
     def train(self, which: Which, progress: bool = True) -> HSAE:
-        """Train (or resume training) one of the run's models and save it."""
-        with self.lock(f"train {which}"):
+        """Train (or resume training) one of the run's models and save it.
+
+        Under ``torchrun`` every process calls it (data-parallel training, docs/scale.md):
+        each reads its share of every batch; process 0 alone holds the lock and writes the
+        log, checkpoints, stage times and the saved model."""
+        main = distributed.rank() == 0
+        with self.lock(f"train {which}") if main else nullcontext():
+            distributed.barrier()  # every process looks at the folder in the same state
             if self.trained(which):
                 return load_hsae(self.model_dir(which))
             cache = self.cache()
-            mode = "hsae" if which == "hsae" else "independent"
-            config = self.config.hsae_config(cache.d_model, mode, cache.scale)
+            mode = baseline_mode(which)
+            model_class = HSAE.class_for(mode)
+            config = model_class.adapt_training_config(
+                self.config.hsae_config(cache.d_model, mode, cache.scale)
+            )
             reader = cache.reader(
                 config.batch_size, split="train", seed=self.config.seed, loop=True
             )
-            trainer = Trainer(config, reader)
+            trainer = Trainer(config, rank_share(reader), model_class(config))
             checkpoint = self.checkpoint_dir(which)
             if (checkpoint / "trainer.json").is_file() or checkpoint.with_name(
                 f".{checkpoint.name}.old"
             ).exists():
                 trainer.resume(checkpoint)
+            if not main:
+                model = trainer.fit(
+                    progress=False,
+                    log_every=self.config.log_every,
+                    checkpoint_dir=checkpoint,
+                    checkpoint_every=self.config.checkpoint_every,
+                )
+                distributed.barrier()  # process 0 saves the model
+                return model
             # The log keeps the steps the resumed state has (none without a checkpoint), so a
             # step is never logged twice.
             _truncate_log(self.log_path(which), trainer.step)
@@ -547,6 +600,7 @@ class Run:
                     checkpoint_every=self.config.checkpoint_every,
                 )
                 model.save(self.model_dir(which))
+            distributed.barrier()
             return model
 
     def evaluate(
@@ -671,6 +725,24 @@ class Run:
         from hsae.explore import top_contexts
 
         return top_contexts(self, level, index, k, which, **options)
+
+
+def on_main_process(action: Callable[[], Any], what: str) -> Any:
+    """Run ``action`` on process 0 only (a single process: just run it); every process then
+    learns whether it succeeded, so the others fail with a one-line error instead of waiting
+    for a process that has stopped. A collective under ``torchrun``: every process calls it."""
+    result: Any = None
+    error: BaseException | None = None
+    if distributed.rank() == 0:
+        try:
+            result = action()
+        except Exception as caught:  # passed on below, after the others have been told
+            error = caught
+    if not distributed.all_ok(error is None):
+        if error is not None:
+            raise error
+        raise RunError(f"process 0 could not {what}; its own message says why")
+    return result
 
 
 def heldout_context_batches(

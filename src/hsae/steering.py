@@ -378,6 +378,44 @@ def logit_lens_scores(lm: LanguageModel, vectors: Tensor) -> Tensor:
     return (v @ weight.t()).float()
 
 
+@dataclass(frozen=True)
+class LensTops:
+    """Top tokens of many directions at once (:func:`top_logit_effects`): [n, k] ids and
+    scores, strongest first; suppressed scores are the (negative) logit changes."""
+
+    promoted_ids: Tensor
+    promoted_scores: Tensor
+    suppressed_ids: Tensor
+    suppressed_scores: Tensor
+
+
+@torch.no_grad()
+def top_logit_effects(
+    lm: LanguageModel, vectors: Tensor, k: int = 10, max_elements: int = 1 << 25
+) -> LensTops:
+    """:func:`logit_effect` of many raw-residual directions ``vectors`` [n, d] at once: one
+    :func:`logit_lens_scores` matmul per chunk of rows (each chunk's [rows, vocab] scores hold
+    at most ``max_elements`` numbers), the ``k`` highest and lowest tokens per row kept.
+    Tokens past the tokenizer's length (padding rows of the head) are never picked."""
+    if k < 1:
+        raise SteeringError(f"k must be >= 1, got {k}")
+    head = lm.model.get_output_embeddings().weight
+    vocab = min(int(head.shape[0]), len(lm.tokenizer))
+    rows = max(1, max_elements // max(vocab, 1))
+    k = min(k, vocab)
+    parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+    for start in range(0, vectors.shape[0], rows):
+        scores = logit_lens_scores(lm, vectors[start : start + rows])[:, :vocab]
+        top, bottom = scores.topk(k, dim=1), (-scores).topk(k, dim=1)
+        parts.append((top.indices, top.values, bottom.indices, -bottom.values))
+        del scores
+    if not parts:
+        empty = torch.zeros((0, k))
+        return LensTops(empty.long(), empty, empty.long(), empty)
+    joined = [torch.cat([part[i] for part in parts]).cpu() for i in range(4)]
+    return LensTops(*joined)
+
+
 @torch.no_grad()
 def logit_effect(
     lm: LanguageModel, model: HSAE, level: int, feature: int, k: int = 10

@@ -4,10 +4,14 @@ state_dict for exact resumption)."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import itertools
 import math
+import queue
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +29,8 @@ MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 SPLITS = ("train", "heldout")
 TOKEN_COLUMNS = ("token_id", "doc_id", "context_id", "position")
-STORAGE_DTYPES = ("float32", "float16")
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+"""bfloat16 is stored as its raw 16 bits (numpy has no bfloat16: .npy files of uint16)."""
 
 
 class CacheError(HarvestError):
@@ -61,6 +66,62 @@ def _check_split(split: str) -> None:
         raise CacheError(f"split must be one of {SPLITS}, got {split!r}")
 
 
+# --------------------------------------------------------------------------- storage dtypes
+
+
+def storage_dtype(name: str) -> np.dtype:
+    """The numpy dtype of the shard files for a manifest dtype."""
+    if name not in STORAGE_DTYPES:
+        raise CacheError(f"cache dtype must be one of {STORAGE_DTYPES}, got {name!r}")
+    return np.dtype(np.uint16) if name == "bfloat16" else np.dtype(name)
+
+
+def to_storage(acts: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    """Float rows in the storage form of `name` (bfloat16: round to nearest even, raw bits)."""
+    if name == "bfloat16":
+        tensor = torch.as_tensor(acts).to(torch.bfloat16)
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    array = acts.numpy() if isinstance(acts, torch.Tensor) else acts
+    return array.astype(storage_dtype(name), copy=False)
+
+
+def as_float32(raw: np.ndarray, name: str) -> np.ndarray:
+    """Stored rows as a new float32 array."""
+    if name == "bfloat16":
+        out = np.empty(np.shape(raw), dtype=np.float32)
+        bits = out.view(np.uint32)
+        bits[...] = raw
+        bits <<= 16
+        return out
+    return np.array(raw, dtype=np.float32)
+
+
+def storage_finite(raw: np.ndarray, name: str) -> bool:
+    if name == "bfloat16":
+        return not bool(((raw & 0x7F80) == 0x7F80).any())
+    return bool(np.isfinite(raw).all())
+
+
+class Bfloat16Rows:
+    """A memory-mapped bfloat16 shard seen as float32 rows: indexing converts what it reads."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, raw: np.ndarray) -> None:
+        self.raw = raw
+        self.shape = raw.shape
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return as_float32(self.raw[key], "bfloat16")
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = as_float32(self.raw, "bfloat16")
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
 # --------------------------------------------------------------------------- writer
 
 
@@ -83,7 +144,8 @@ class ShardWriter:
         self.manifest = manifest
         self.shard_tokens = int(manifest["shard_tokens"])
         self.d_model = int(manifest["d_model"])
-        self.dtype = np.dtype(manifest["dtype"])
+        self.dtype_name = str(manifest["dtype"])
+        self.dtype = storage_dtype(self.dtype_name)
         self._acts = np.empty((self.shard_tokens, self.d_model), dtype=self.dtype)
         self._meta = np.empty((self.shard_tokens, len(TOKEN_COLUMNS)), dtype=np.int64)
         self._filled = 0
@@ -128,7 +190,10 @@ class ShardWriter:
     def append(
         self, split: str, acts: np.ndarray, meta: np.ndarray, batch: int, first_row: int
     ) -> None:
-        """Add rows `first_row ..` of model batch `batch`; shards are flushed as they fill up."""
+        """Add rows `first_row ..` of model batch `batch` (float rows, or rows already in the
+        storage form of `to_storage`); shards are flushed as they fill up."""
+        if acts.dtype != self.dtype:
+            acts = to_storage(acts, self.dtype_name)
         if split != self._split and self._filled:
             self.flush(ResumePoint(batch, first_row))
         self._split = split
@@ -146,9 +211,9 @@ class ShardWriter:
         if not self._filled:
             return
         acts, meta = self._acts[: self._filled], self._meta[: self._filled]
-        if not np.isfinite(acts).all():
+        if not storage_finite(acts, self.dtype_name):
             raise HarvestError(
-                f"non-finite activations (overflow in {self.dtype.name} storage?); "
+                f"non-finite activations (overflow in {self.dtype_name} storage?); "
                 "use dtype float32"
             )
         index = len(self.manifest["shards"])
@@ -163,7 +228,7 @@ class ShardWriter:
             "n_tokens": int(self._filled),
             "sha256": _sha256(self.root / f"{stem}.acts.npy"),
             "tokens_sha256": _sha256(self.root / f"{stem}.tokens.npy"),
-            "norm_sum": float(np.linalg.norm(acts.astype(np.float64), axis=1).sum()),
+            "norm_sum": row_norm_sum(acts, self.dtype_name),
             "resume": {"batch": resume.batch, "row": resume.row},
         }
         self.manifest["shards"].append(entry)
@@ -193,6 +258,11 @@ class ShardWriter:
                 path.unlink()
         for path in self.root.glob(f".{MANIFEST}.*.tmp"):
             path.unlink()
+
+
+def row_norm_sum(raw: np.ndarray, name: str) -> float:
+    """Sum of the L2 norms of stored rows (float64 accumulation)."""
+    return float(np.linalg.norm(as_float32(raw, name).astype(np.float64), axis=1).sum())
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -243,7 +313,7 @@ def _open_shard(
     root: Path, manifest: dict[str, Any], shard: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray]:
     expected = {
-        "acts": ((shard["n_tokens"], manifest["d_model"]), np.dtype(manifest["dtype"])),
+        "acts": ((shard["n_tokens"], manifest["d_model"]), storage_dtype(manifest["dtype"])),
         "tokens": ((shard["n_tokens"], len(TOKEN_COLUMNS)), np.dtype(np.int64)),
     }
     arrays = []
@@ -303,6 +373,11 @@ class ActivationCache:
         return int(self.manifest["d_model"])
 
     @property
+    def dtype(self) -> str:
+        """Storage dtype: float32, float16 or bfloat16 (rows are always read as float32)."""
+        return str(self.manifest["dtype"])
+
+    @property
     def complete(self) -> bool:
         return self.manifest.get("status") == "complete"
 
@@ -321,13 +396,18 @@ class ActivationCache:
             self._verified.add(shard["index"])
 
     def open_shard(
-        self, shard: dict[str, Any], verify: bool = True
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Memory-mapped (activations, token metadata) of one shard, checksummed on first use."""
+        self, shard: dict[str, Any], verify: bool = True, raw: bool = False
+    ) -> tuple[Any, np.ndarray]:
+        """Memory-mapped (activations, token metadata) of one shard, checksummed on first use.
+        A bfloat16 shard's activations come as a Bfloat16Rows view (indexing it gives float32)
+        unless `raw` asks for the stored uint16 bits."""
         if verify and shard["index"] not in self._verified:
             _verify_shard(self.root, self.manifest, shard)
             self._verified.add(shard["index"])
-        return _open_shard(self.root, self.manifest, shard)
+        acts, meta = _open_shard(self.root, self.manifest, shard)
+        if self.dtype == "bfloat16" and not raw:
+            return Bfloat16Rows(acts), meta
+        return acts, meta
 
     def reader(
         self,
@@ -338,14 +418,32 @@ class ActivationCache:
         loop: bool = True,
         scaled: bool = False,
         drop_last: bool = False,
+        mix_shards: int = 16,
+        prefetch: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> ActivationReader:
+        """The shuffling, prefetching reader of one split (see ActivationReader); `rank` and
+        `world_size` give each data-parallel process its own disjoint stream."""
         return ActivationReader(
-            self, batch_size, split, seed, shuffle_buffer, loop, scaled, drop_last
+            self,
+            batch_size,
+            split,
+            seed,
+            shuffle_buffer,
+            loop,
+            scaled,
+            drop_last,
+            mix_shards=mix_shards,
+            prefetch=prefetch,
+            rank=rank,
+            world_size=world_size,
         )
 
     def all_activations(self, split: str = "heldout", scaled: bool = False) -> torch.Tensor:
         """Every activation of a split as one float32 tensor [n, d] (meant for small splits)."""
-        parts = [np.asarray(self.open_shard(s)[0], dtype=np.float32) for s in self.shards(split)]
+        shards = self.shards(split)
+        parts = [as_float32(self.open_shard(s, raw=True)[0], self.dtype) for s in shards]
         acts = np.concatenate(parts) if parts else np.zeros((0, self.d_model), np.float32)
         tensor = torch.from_numpy(acts)
         return tensor * self.scale if scaled else tensor
@@ -402,13 +500,35 @@ class ActivationCache:
 class ActivationReader:
     """Iterator of float32 [batch, d] tensors over one split of a cache.
 
-    Order: per epoch, a seeded permutation of the split's shards; their rows, concatenated, are cut
-    into blocks of `shuffle_buffer` rows and each block is permuted (seeded by seed, epoch, block).
-    Only one block is in memory at a time. The stream is a pure function of (seed, position), so
-    `state_dict()` is tiny and `load_state_dict()` resumes the exact batch sequence.
-    `loop=True` runs epoch after epoch forever (batches may straddle epochs); `loop=False` makes a
-    single pass whose last batch may be smaller (or is dropped with `drop_last`).
-    `shuffle_buffer=0` reads in storage order."""
+    Order: the split's shards are cut into chunks of ``ceil(shuffle_buffer / mix_shards)``
+    contiguous rows. Per epoch the chunks are permuted (seeded by seed, epoch) and grouped
+    ``mix_shards`` at a time into blocks of about ``shuffle_buffer`` rows, so one block mixes rows
+    of up to ``mix_shards`` shards from anywhere in the cache; each block's rows are permuted
+    (seeded by seed, epoch, block). ``shuffle_buffer=0`` reads in storage order.
+
+    Reading: chunks are contiguous reads of memory-mapped shard files. With ``prefetch > 0`` two
+    background threads work ahead of the consumer: one reads up to ``prefetch`` blocks (in their
+    storage dtype), the other cuts them into float32 batches (up to ``ready_batches`` of them),
+    so ``next()`` only hands over a finished batch and training does not wait on the disk while
+    it computes. Memory: about ``(prefetch + 2) x shuffle_buffer x d x bytes per stored value``
+    plus ``ready_batches x batch_size x d x 4``. An error in a thread (a corrupted shard, ...) is
+    raised by ``next()``. ``prefetch=0`` does everything in the calling thread.
+
+    The stream is a pure function of (seed, rank, world_size, position), so ``state_dict()`` is
+    tiny (the rows handed over so far, not those prefetched) and ``load_state_dict()`` resumes
+    the exact batch sequence.
+
+    Several processes (data-parallel training): ``rank=r, world_size=w`` gives process r the
+    blocks g = r, r + w, r + 2w, ... of the global block sequence (epoch after epoch), so the w
+    streams are disjoint within each pass over the data and together cover every row once per
+    pass; each process reads only its own blocks. ``world_size=1`` is the plain stream. A state
+    saved by one rank resumes only on the same rank and world size.
+
+    ``loop=True`` runs epoch after epoch forever (batches may straddle epochs); ``loop=False``
+    makes a single pass (the blocks of epoch 0 that belong to this rank; ranks may then get
+    different numbers of batches) whose last batch may be smaller (or is dropped with
+    ``drop_last``). ``close()`` (or a ``with`` block) stops the threads early; they are daemon
+    threads and also stop when the reader is garbage-collected."""
 
     def __init__(
         self,
@@ -420,12 +540,25 @@ class ActivationReader:
         loop: bool = True,
         scaled: bool = False,
         drop_last: bool = False,
+        mix_shards: int = 16,
+        prefetch: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
+        ready_batches: int = 4,
     ) -> None:
         _check_split(split)
-        if batch_size < 1:
-            raise CacheError(f"batch_size must be >= 1, got {batch_size}")
-        if shuffle_buffer < 0:
-            raise CacheError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        for name, value, low in (
+            ("batch_size", batch_size, 1),
+            ("shuffle_buffer", shuffle_buffer, 0),
+            ("mix_shards", mix_shards, 1),
+            ("prefetch", prefetch, 0),
+            ("world_size", world_size, 1),
+            ("ready_batches", ready_batches, 1),
+        ):
+            if value < low:
+                raise CacheError(f"{name} must be >= {low}, got {value}")
+        if not 0 <= rank < world_size:
+            raise CacheError(f"rank must be in [0, {world_size - 1}] (world_size), got {rank}")
         self.cache, self.batch_size, self.split, self.seed = cache, batch_size, split, seed
         self.shuffle_buffer, self.loop, self.scaled, self.drop_last = (
             shuffle_buffer,
@@ -433,72 +566,155 @@ class ActivationReader:
             scaled,
             drop_last,
         )
+        self.mix_shards = mix_shards if shuffle_buffer > 0 else 1
+        self.prefetch, self.rank, self.world_size = prefetch, rank, world_size
+        self.ready_batches = ready_batches
         self.shards = cache.shards(split)
         self.sizes = np.array([s["n_tokens"] for s in self.shards], dtype=np.int64)
         self.n_rows = int(self.sizes.sum())
         if self.n_rows == 0:
             raise CacheError(f"split {split!r} of {cache.root} has no activations")
-        self.block_size = shuffle_buffer if shuffle_buffer > 0 else max(batch_size, 65536)
+        if shuffle_buffer > 0:
+            self.chunk_rows = max(1, math.ceil(shuffle_buffer / self.mix_shards))
+        else:
+            self.chunk_rows = max(batch_size, 65536)
+        shard_of, lo, hi = [], [], []
+        for index, size in enumerate(self.sizes.tolist()):
+            starts = np.arange(0, size, self.chunk_rows, dtype=np.int64)
+            shard_of.append(np.full(len(starts), index, dtype=np.int64))
+            lo.append(starts)
+            hi.append(np.minimum(starts + self.chunk_rows, size))
+        self._chunk_shard = np.concatenate(shard_of)
+        self._chunk_lo, self._chunk_hi = np.concatenate(lo), np.concatenate(hi)
+        self.n_blocks = math.ceil(len(self._chunk_lo) / self.mix_shards)
         self.position = 0
-        self._block_key: tuple[int, int] | None = None
-        self._block: np.ndarray = np.zeros((0, cache.d_model), np.float32)
+        self._epochs: dict[int, np.ndarray] = {}
+        self._source: Iterator[torch.Tensor] | _Pipe | None = None
+        self._finite_rows = (
+            None if loop else sum(self._block_size(m) for m in range(self._finite_blocks()))
+        )
 
     # -- iteration
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self
 
     def __len__(self) -> int:
-        if self.loop:
+        if self._finite_rows is None:
             raise TypeError("a looping reader has no length")
-        full, rest = divmod(self.n_rows, self.batch_size)
+        full, rest = divmod(self._finite_rows, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
     def __next__(self) -> torch.Tensor:
-        want = self.batch_size
-        if not self.loop:
-            left = self.n_rows - self.position
-            if left <= 0 or (self.drop_last and left < want):
-                raise StopIteration
-            want = min(want, left)
-        parts = []
-        while want:
-            part = self._take(want)
-            parts.append(part)
-            want -= len(part)
-        batch = torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])
+        if self._source is None:
+            if self.prefetch == 0:
+                self._source = self._batches(self.position)
+            else:
+                # The threads work on a copy, so they keep no reference to this reader: a reader
+                # dropped without close() is garbage-collected and its __del__ stops them.
+                worker, start = copy.copy(self), self.position
+                self._source = _Pipe(
+                    lambda: worker._batches(start), self.ready_batches, "hsae-cache-batches"
+                )
+        batch = next(self._source)
+        self.position += len(batch)
         return batch * self.cache.scale if self.scaled else batch
 
-    def _take(self, want: int) -> np.ndarray:
-        epoch, offset = divmod(self.position, self.n_rows)
-        block, start = divmod(offset, self.block_size)
-        data = self._load_block(epoch, block)
-        count = min(want, len(data) - start)
-        self.position += count
-        return data[start : start + count]
+    def __enter__(self) -> ActivationReader:
+        return self
 
-    # -- blocks
-    def _shard_order(self, epoch: int) -> np.ndarray:
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the background threads (iterating again restarts them where it stopped)."""
+        source, self._source = getattr(self, "_source", None), None
+        if isinstance(source, _Pipe):
+            source.close()
+
+    # -- the stream: rank block m is global block g = rank + m * world_size
+    def _global(self, m: int) -> tuple[int, int]:
+        return divmod(self.rank + m * self.world_size, self.n_blocks)
+
+    def _finite_blocks(self) -> int:
+        return max(0, math.ceil((self.n_blocks - self.rank) / self.world_size))
+
+    def _chunk_order(self, epoch: int) -> np.ndarray:
+        n_chunks = len(self._chunk_lo)
         if self.shuffle_buffer == 0:
-            return np.arange(len(self.shards))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+            return np.arange(n_chunks)
+        return np.random.default_rng([self.seed, epoch]).permutation(n_chunks)
 
-    def _load_block(self, epoch: int, block: int) -> np.ndarray:
-        if self._block_key == (epoch, block):
-            return self._block
-        order = self._shard_order(epoch)
-        ends = np.cumsum(self.sizes[order])
-        starts = ends - self.sizes[order]
-        lo, hi = block * self.block_size, min((block + 1) * self.block_size, self.n_rows)
-        pieces = []
-        for k in np.flatnonzero((starts < hi) & (ends > lo)):
-            acts, _ = self.cache.open_shard(self.shards[order[k]])
-            a, b = max(lo, starts[k]) - starts[k], min(hi, ends[k]) - starts[k]
-            pieces.append(np.asarray(acts[a:b], dtype=np.float32))
-        data = np.concatenate(pieces) if len(pieces) > 1 else np.array(pieces[0], copy=True)
-        if self.shuffle_buffer:
-            data = data[np.random.default_rng([self.seed, epoch, block]).permutation(len(data))]
-        self._block_key, self._block = (epoch, block), data
-        return data
+    def _block_size(self, m: int) -> int:
+        epoch, block = self._global(m)
+        if epoch not in self._epochs:
+            sizes = (self._chunk_hi - self._chunk_lo)[self._chunk_order(epoch)]
+            block_sizes = np.add.reduceat(sizes, np.arange(0, len(sizes), self.mix_shards))
+            self._epochs = {k: v for k, v in self._epochs.items() if k >= epoch - 1}
+            self._epochs[epoch] = block_sizes
+        return int(self._epochs[epoch][block])
+
+    def _batches(self, position: int) -> Iterator[torch.Tensor]:
+        """float32 batches from `position` on (in the batch thread when prefetching)."""
+        m, start = 0, 0
+        while start + self._block_size(m) <= position:
+            start += self._block_size(m)
+            m += 1
+        last = None if self._finite_rows is None else self._finite_blocks()
+        ms = itertools.count(m) if last is None else iter(range(m, last))
+        loads = (self._load_block(k) for k in ms)
+        blocks: Iterator[tuple[np.ndarray, np.ndarray | None]] = (
+            _Pipe(lambda: loads, self.prefetch, "hsae-cache-blocks") if self.prefetch else loads
+        )
+        try:
+            raw, order = next(blocks)
+            offset = position - start
+            while True:
+                want = self.batch_size
+                if self._finite_rows is not None:
+                    left = self._finite_rows - position
+                    if left <= 0 or (self.drop_last and left < want):
+                        return
+                    want = min(want, left)
+                parts = []
+                while want:
+                    if offset == len(raw):
+                        raw, order = next(blocks)
+                        offset = 0
+                    take = min(want, len(raw) - offset)
+                    rows = (
+                        raw[offset : offset + take]
+                        if order is None
+                        else raw[order[offset : offset + take]]
+                    )
+                    parts.append(as_float32(rows, self.cache.dtype))
+                    offset, want = offset + take, want - take
+                batch = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                position += len(batch)
+                yield torch.from_numpy(batch)
+        finally:
+            if isinstance(blocks, _Pipe):
+                blocks.close()
+
+    def _load_block(self, m: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Stored rows of rank block m (in the block thread when prefetching) and their order."""
+        epoch, block = self._global(m)
+        chunks = self._chunk_order(epoch)[block * self.mix_shards : (block + 1) * self.mix_shards]
+        sizes = self._chunk_hi[chunks] - self._chunk_lo[chunks]
+        raw = np.empty(
+            (int(sizes.sum()), self.cache.d_model), dtype=storage_dtype(self.cache.dtype)
+        )
+        at = 0
+        for chunk, size in zip(chunks.tolist(), sizes.tolist(), strict=True):
+            acts, _ = self.cache.open_shard(self.shards[self._chunk_shard[chunk]], raw=True)
+            lo = int(self._chunk_lo[chunk])
+            raw[at : at + size] = acts[lo : lo + size]
+            at += size
+        if not self.shuffle_buffer:
+            return raw, None
+        return raw, np.random.default_rng([self.seed, epoch, block]).permutation(len(raw))
 
     # -- resumption
     def state_dict(self) -> dict[str, Any]:
@@ -510,13 +726,89 @@ class ActivationReader:
             "shuffle_buffer": self.shuffle_buffer,
             "n_rows": self.n_rows,
             "loop": self.loop,
+            "mix_shards": self.mix_shards,
+            "rank": self.rank,
+            "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "split", "shuffle_buffer", "n_rows"):
-            if state.get(key) != getattr(self, key):
+        defaults = {"rank": 0, "world_size": 1}
+        for key in ("seed", "split", "shuffle_buffer", "n_rows", "mix_shards", *defaults):
+            saved = state.get(key, defaults.get(key, getattr(self, key)))
+            if saved != getattr(self, key):
                 raise CacheError(
-                    f"reader state has {key}={state.get(key)!r} but this reader has "
+                    f"reader state has {key}={saved!r} but this reader has "
                     f"{key}={getattr(self, key)!r}"
                 )
+        self.close()
         self.position = int(state["position"])
+
+
+_END = object()
+
+
+class _Pipe:
+    """Runs an iterator on a daemon thread, `depth` items ahead, behind a bounded queue; it is
+    itself an iterator of the same items, and re-raises the thread's error in the consumer."""
+
+    def __init__(self, source: Callable[[], Iterator[Any]], depth: int, name: str) -> None:
+        self._queue: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(source,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, source: Callable[[], Iterator[Any]]) -> None:
+        iterator = None
+        try:
+            iterator = source()
+            for item in iterator:
+                if not self._put((item, None)):
+                    return
+            self._put((_END, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put((None, exc))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()  # a generator's finally blocks (its own pipes) run here
+
+    def _put(self, item: tuple[Any, BaseException | None]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        while True:
+            try:
+                item, error = self._queue.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise CacheError("a reader thread stopped without a word") from None
+        if error is not None:
+            self._done = True
+            raise error
+        if item is _END:
+            self._done = True
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)

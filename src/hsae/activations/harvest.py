@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from hsae.activations.cache import (
     ShardWriter,
     read_manifest,
     remove_cache,
+    storage_dtype,
+    to_storage,
 )
 from hsae.activations.corpora import (
     BUILTIN_NAMES,
@@ -78,7 +81,7 @@ class HarvestConfig(BaseModel):
     context_length: int = Field(128, ge=2, le=1_048_576)
     batch_size: int = Field(32, ge=1, le=65_536)
     shard_tokens: int = Field(65_536, ge=1, le=16_777_216)
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     seed: int = Field(0, ge=0, le=2**63 - 1)
     device: str | None = None
@@ -139,6 +142,21 @@ def first_batch_or_error(batches: Iterator[ContextBatch], dataset: str | None) -
     return first
 
 
+def batch_meta(batch: ContextBatch, has_bos: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Which positions of a batch are kept (real tokens: BOS and padding dropped) and the token
+    metadata [n, 4] of the kept rows (see TOKEN_COLUMNS); needs no model."""
+    keep = batch.attention_mask.astype(bool)
+    if has_bos:
+        keep[:, 0] = False
+    n, length = keep.shape
+    context_ids = np.broadcast_to(np.arange(n)[:, None] + batch.first_context, keep.shape)
+    positions = np.broadcast_to(np.arange(length)[None, :], keep.shape)
+    meta = np.stack(
+        [batch.input_ids[keep], batch.doc_ids[keep], context_ids[keep], positions[keep]], axis=1
+    )
+    return keep, meta.astype(np.int64, copy=False)
+
+
 def batch_rows(
     lm: LanguageModel, layer: int, batch: ContextBatch, has_bos: bool
 ) -> tuple[torch.Tensor, np.ndarray]:
@@ -147,17 +165,9 @@ def batch_rows(
     ids = torch.from_numpy(batch.input_ids)
     mask = torch.from_numpy(batch.attention_mask)
     hidden = capture_residual(lm, ids, mask, layer)
-    keep = batch.attention_mask.astype(bool)
-    if has_bos:
-        keep[:, 0] = False
+    keep, meta = batch_meta(batch, has_bos)
     acts = hidden[torch.from_numpy(keep).to(hidden.device)].float().cpu()
-    n, length = keep.shape
-    context_ids = np.broadcast_to(np.arange(n)[:, None] + batch.first_context, keep.shape)
-    positions = np.broadcast_to(np.arange(length)[None, :], keep.shape)
-    meta = np.stack(
-        [batch.input_ids[keep], batch.doc_ids[keep], context_ids[keep], positions[keep]], axis=1
-    )
-    return acts, meta.astype(np.int64, copy=False)
+    return acts, meta
 
 
 # --------------------------------------------------------------------------- harvest
@@ -170,13 +180,31 @@ def harvest(
     progress: bool = True,
     lm: LanguageModel | None = None,
     on_progress: Callable[[], None] | None = None,
+    parallel: bool | None = None,
 ) -> ActivationCache:
     """Fill (or resume filling) the activation cache at `out_dir`; returns it once complete.
 
     Everything is validated (output folder, device, an existing cache's settings, model, layer,
     corpus) before anything is written. Re-running on the same folder resumes after the last
-    complete shard; `overwrite` starts over. `on_progress` is called after each model batch."""
+    complete shard; `overwrite` starts over. `on_progress` is called after each model batch.
+    The free disk is checked against the cache's size first.
+
+    `parallel`: every process of the torchrun group calls harvest() and harvests its own shards
+    into the same cache (see hsae.activations.parallel and docs/scale.md); the rows, shards and
+    split are the same as a single process's. None (the default) means: when launched by
+    torchrun (WORLD_SIZE > 1). ``parallel=False`` harvests in this process alone, even under
+    torchrun (what a caller that runs the harvest on rank 0 only must pass)."""
+    from hsae import distributed
+
     root = Path(out_dir).expanduser()
+    if parallel is None:
+        parallel = distributed.launched()
+    if parallel or _parallel_in_progress(root, overwrite):
+        from hsae.activations.parallel import harvest_parallel
+
+        return harvest_parallel(
+            config, root, overwrite, progress, lm, on_progress, solo=not parallel
+        )
     check_writable(root)
     if config.device is not None:
         from hsae.devices import device_problem
@@ -194,6 +222,13 @@ def harvest(
     check_capture(lm, layer)
     if existing is not None:
         _check_same_settings(existing, config, layer)
+    check_free_disk(
+        root,
+        _rows_left(existing, config, overwrite),
+        lm.d_model,
+        config.dtype,
+        folder_bytes(root) if overwrite else 0,
+    )
     batches = context_batches(
         lm, config.dataset, config.context_length, config.batch_size, config.seed, config.text_field
     )
@@ -286,6 +321,53 @@ def check_writable(root: Path) -> None:
         raise HarvestError(f"output path {root} is not writable ({probe} denies write access)")
 
 
+def _parallel_in_progress(root: Path, overwrite: bool) -> bool:
+    """An unfinished cache started by a multi-process harvest (resumed the same way)."""
+    if overwrite or not (root / MANIFEST).is_file():
+        return False
+    manifest = read_manifest(root)
+    return bool(manifest.get("parallel")) and manifest.get("status") != "complete"
+
+
+def _rows_left(manifest: dict[str, Any] | None, config: HarvestConfig, overwrite: bool) -> int:
+    if manifest is None or overwrite:
+        return config.tokens
+    return max(0, config.tokens - sum(int(n) for n in manifest["n_tokens"].values()))
+
+
+def check_free_disk(root: Path, rows: int, d_model: int, dtype: str, reclaimable: int = 0) -> None:
+    """Refuse (before anything is written) a harvest whose remaining rows would not fit on the
+    disk: rows x (d_model x bytes per value + the token metadata) against the free space (plus
+    `reclaimable`: the bytes of an old cache that --overwrite deletes first)."""
+    per_row = d_model * storage_dtype(dtype).itemsize + 8 * len(TOKEN_COLUMNS)
+    needed = rows * per_row
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free + reclaimable
+    if needed > free:
+        raise HarvestError(
+            f"not enough free disk for the activation cache at {root}: it needs "
+            f"{_size(needed)} more ({rows:,} rows x {d_model} x {dtype} + token metadata), "
+            f"{_size(free)} is free; free some disk, lower --tokens or use --dtype bfloat16"
+        )
+
+
+def folder_bytes(root: Path) -> int:
+    """Bytes of the files under `root` (0 when it does not exist)."""
+    if not root.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
 def _existing_manifest(root: Path) -> dict[str, Any] | None:
     if not root.is_dir():
         return None
@@ -359,7 +441,6 @@ def _run_harvest(
         done=writer.stored("train") + writer.stored("heldout"),
         last_train_context=writer.last_context("train"),
     )
-    storage = np.dtype(config.dtype)
     has_bos = lm.bos_token_id is not None
     bar = _progress_bar(config.tokens, state.done, progress)
     point = start
@@ -373,7 +454,7 @@ def _run_harvest(
             acts, meta = batch_rows(lm, layer, batch, has_bos)
             before = state.done
             consumed = _store_batch(
-                writer, config, acts.numpy().astype(storage, copy=False), meta, index, skip, state
+                writer, config, to_storage(acts, config.dtype), meta, index, skip, state
             )
             point = ResumePoint(index, consumed)
             bar.update(state.done - before)
@@ -406,25 +487,40 @@ def _store_batch(
     first_row: int,
     state: _Placement,
 ) -> int:
-    """Store rows `first_row ..` of one model batch: train rows until the train target is met,
-    then held-out rows. The held-out split starts at a context boundary: the rest of the context
-    that straddles the boundary is skipped. Returns the number of the batch's rows consumed."""
+    """Store rows `first_row ..` of one model batch (see _place). Returns the number of the
+    batch's rows consumed."""
+    train, heldout, row = _place(config, meta, first_row, state)
+    for split, (lo, hi) in (("train", train), ("heldout", heldout)):
+        if hi > lo:
+            writer.append(split, acts[lo:hi], meta[lo:hi], batch, lo)
+    return row
+
+
+def _place(
+    config: HarvestConfig, meta: np.ndarray, first_row: int, state: _Placement
+) -> tuple[tuple[int, int], tuple[int, int], int]:
+    """Which rows `first_row ..` of one model batch go to the train split and which to the
+    held-out split ((lo, hi) ranges of the batch's rows), from the token metadata alone: train
+    rows until the train target is met, then held-out rows. The held-out split starts at a
+    context boundary: the rest of the context that straddles the boundary is skipped. Updates
+    `state`; the third value is the number of the batch's rows consumed."""
     row = first_row
+    train = heldout = (row, row)
     train_left = config.train_tokens - state.done
-    if train_left > 0 and row < len(acts):
-        take = min(train_left, len(acts) - row)
-        writer.append("train", acts[row : row + take], meta[row : row + take], batch, row)
+    if train_left > 0 and row < len(meta):
+        take = min(train_left, len(meta) - row)
+        train = (row, row + take)
         state.last_train_context = int(meta[row + take - 1, _CONTEXT])
         state.done, row = state.done + take, row + take
     if state.done == config.train_tokens and state.last_train_context is not None:
         straddling = meta[row:, _CONTEXT] == state.last_train_context
         row += len(straddling) if straddling.all() else int(np.argmin(straddling))
     heldout_left = config.tokens - state.done
-    if heldout_left > 0 and row < len(acts):
-        take = min(heldout_left, len(acts) - row)
-        writer.append("heldout", acts[row : row + take], meta[row : row + take], batch, row)
+    if heldout_left > 0 and row < len(meta):
+        take = min(heldout_left, len(meta) - row)
+        heldout = (row, row + take)
         state.done, row = state.done + take, row + take
-    return row
+    return train, heldout, row
 
 
 _CONTEXT = TOKEN_COLUMNS.index("context_id")

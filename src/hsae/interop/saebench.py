@@ -217,6 +217,7 @@ def run_saebench(
     unknown = sorted(set(evals) - set(TABLE1_EVALS))
     if unknown:
         raise InteropError(f"unknown SAEBench eval(s) {unknown}; choose from {TABLE1_EVALS}")
+    check_transformerlens_name(run_provenance(run_dir, model_name).model_name)
     if importlib.util.find_spec("sae_bench") is None:
         raise InteropError("SAEBench is not installed here; pip install sae-bench (see interop.md)")
     selected = saebench_saes(run_dir, model_name, levels, trust_remote_code)
@@ -231,6 +232,25 @@ def run_saebench(
     table = table1(root)
     write_json(root / "table1.json", table)
     return table
+
+
+def check_transformerlens_name(name: str) -> None:
+    """Refuse, in one line and before any download, a model name TransformerLens does not know:
+    SAEBench loads the language model with ``HookedTransformer.from_pretrained*(name)``, which
+    accepts only TransformerLens's official names and their aliases. Nothing is checked where
+    TransformerLens is not installed (SAEBench, which needs it, is then missing too)."""
+    if importlib.util.find_spec("transformer_lens") is None:
+        return
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        get_official_model_name(name)
+    except ValueError:
+        raise InteropError(
+            f"TransformerLens does not know the model {name!r}, and SAEBench loads the model "
+            "through it: pass --model-name (model_name=) with one of its official names, e.g. "
+            "'google/gemma-2-2b' (transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES)"
+        ) from None
 
 
 def _run_one_eval(

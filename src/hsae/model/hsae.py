@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, ClassVar, overload
 
 import torch
 from safetensors import SafetensorError
@@ -27,7 +27,7 @@ from hsae.io import sha256_file, write_json, write_safetensors
 from hsae.model import forest as forest_ops
 from hsae.model import navigation
 from hsae.model.hierarchy_losses import parent_children_constraint, perturbed_reconstruction
-from hsae.model.level import Level, LevelCodes
+from hsae.model.level import BatchGroup, Level, LevelCodes
 from hsae.model.levels import LEVEL_KINDS
 
 WEIGHTS_FILE = "hsae.safetensors"
@@ -77,7 +77,32 @@ class TrainingLoss:
 
 
 class HSAE(nn.Module):
-    """Hierarchical sparse autoencoder: levels of growing size and a forest between them."""
+    """Hierarchical sparse autoencoder: levels of growing size and a forest between them.
+
+    Also the independent baseline (``mode="independent"``). Another model trained beside it
+    (e.g. :class:`hsae.model.matryoshka.MatryoshkaSAE`) subclasses it and names the modes it
+    implements in ``modes``; :meth:`class_for` finds the class of a saved model's mode.
+    """
+
+    modes: ClassVar[tuple[str, ...]] = ("hsae", "independent")
+    """The ``ArchitectureConfig.mode`` values this class builds."""
+    _classes: ClassVar[dict[str, type[HSAE]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for mode in cls.__dict__.get("modes", ()):
+            HSAE._classes[mode] = cls
+
+    @staticmethod
+    def class_for(mode: str) -> type[HSAE]:
+        """The model class of ``mode`` (HSAE itself unless a subclass registered the mode)."""
+        return HSAE._classes.get(mode, HSAE)
+
+    @classmethod
+    def adapt_training_config(cls, config: HSAEConfig) -> HSAEConfig:
+        """A run's settings as this model trains them (a subclass may fix, e.g., its level
+        kind); HSAE trains them as given."""
+        return config
 
     def __init__(self, config: ArchitectureConfig, seed: int | None = None):
         """Levels of ``config`` with random decoder directions drawn with ``seed``.
@@ -201,6 +226,7 @@ class HSAE(nn.Module):
         dead: list[Tensor] | None = None,
         keep_active: bool = False,
         exact_metrics: bool = True,
+        group: BatchGroup | None = None,
     ) -> TrainingLoss:
         """Loss on a batch ``x`` already in scaled units, weighted by ``weights``.
 
@@ -210,11 +236,16 @@ class HSAE(nn.Module):
         ``variance_explained`` are those of the model itself (unperturbed), which costs one
         more decode of each perturbed level; ``exact_metrics=False`` skips it and reports the
         perturbed ones (the trainer does so on steps it does not log).
+
+        ``group``: in data-parallel training, the processes sharing the global batch, ``x``
+        being this process's equal share of it. Every term is then this process's part of the
+        global batch's loss, so that the mean of the processes' gradients is the gradient of
+        the global loss; the reported metrics are this process's (the trainer averages them).
         """
         cfg = self.config
         fused = cfg.sparse_kernels
-        codes = [level.encode_for_training(x, cfg.bandwidth, fused) for level in self.levels]
-        energy = centred_energy(x)
+        codes = [self._encode_for_training(level, x, fused, group) for level in self.levels]
+        energy = centred_energy(x) if group is None else centred_energy(x, group)
         zero = x.new_zeros(())
         total, aux_total, constraint = zero, zero, zero
         mses, l0s, explained, fired, active_masks = [], [], [], [], []
@@ -250,7 +281,7 @@ class HSAE(nn.Module):
             if keep_active:
                 active_masks.append(level.active(codes[index]))
             if dead is not None and weights.aux > 0 and bool(dead[index].any()):
-                aux = self._dead_feature_loss(level, x, (x - recon).detach(), dead[index])
+                aux = self._dead_feature_loss(level, x, (x - recon).detach(), dead[index], group)
                 total = total + weights.aux * aux
                 aux_total = aux_total + aux.detach()
         if cfg.uses_hierarchy_losses and weights.rho > 0:
@@ -266,6 +297,15 @@ class HSAE(nn.Module):
             fired=fired,
             active=active_masks,
         )
+
+    def _encode_for_training(
+        self, level: Level, x: Tensor, fused: bool, group: BatchGroup | None
+    ) -> LevelCodes:
+        if group is not None and level.batch_dependent:
+            return level.encode_for_training(  # type: ignore[call-arg]
+                x, self.config.bandwidth, fused, group=group
+            )
+        return level.encode_for_training(x, self.config.bandwidth, fused)
 
     def _perturbs(self, index: int, substituted: list[Tensor] | None) -> bool:
         """Whether level ``index`` swaps some parents for their children this step."""
@@ -289,8 +329,19 @@ class HSAE(nn.Module):
             )
         return total
 
-    def _dead_feature_loss(self, level: Level, x: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
-        """AuxK-style revival: the top dead latents (by ReLU pre-activation) fit the residual."""
+    def _dead_feature_loss(
+        self,
+        level: Level,
+        x: Tensor,
+        residual: Tensor,
+        dead: Tensor,
+        group: BatchGroup | None = None,
+    ) -> Tensor:
+        """AuxK-style revival: the top dead latents (by ReLU pre-activation) fit the residual.
+
+        Normalised by the residual's centred energy over the whole batch; with a ``group``
+        that energy is the global batch's, and the result is scaled so that the processes'
+        mean is the global value (the dead set is the same on every process)."""
         dead_index = dead.nonzero(as_tuple=True)[0]
         k = min(max(1, self.config.d_in // 2), dead_index.numel())
         pre = (x - level.b_dec.detach()) @ level.W_enc[:, dead_index] + level.b_enc[dead_index]
@@ -298,8 +349,27 @@ class HSAE(nn.Module):
         fitted = nn.functional.embedding_bag(
             chosen, level.W_dec[dead_index], mode="sum", per_sample_weights=values
         )
+        if group is not None and group.size > 1:
+            n_global = residual.shape[0] * group.size
+            mean = group.sum(residual.sum(0)) / n_global
+            energy = group.sum((residual - mean).pow(2).sum().reshape(1))[0].clamp(min=1e-8)
+            return group.size * (fitted - residual).pow(2).sum() / energy
         residual_energy = (residual - residual.mean(0)).pow(2).sum().clamp(min=1e-8)
         return (fitted - residual).pow(2).sum() / residual_energy
+
+    @torch.no_grad()
+    def build_forest(
+        self,
+        similarity: str,
+        quantile: float,
+        max_children: int | None,
+        tracker: forest_ops.CoactivationTracker | None = None,
+    ) -> list[Tensor]:
+        """A new forest by ``similarity`` (parameters untouched): the HSAE's periodic rebuild
+        and the independent baseline's post-hoc forest (:func:`forest_ops.rebuild_forest`)."""
+        return forest_ops.rebuild_forest(
+            list(self.levels), similarity, quantile, max_children, tracker
+        )
 
     @torch.no_grad()
     def normalise_decoders(self) -> None:
@@ -357,7 +427,7 @@ def load_hsae(path: str | Path, device: str | torch.device = "cpu") -> HSAE:
             f"{weights_path} is corrupt or was replaced (sha256 differs from the one recorded "
             f"in {CONFIG_FILE}); save the model again or restore the file"
         )
-    model = HSAE(config)
+    model = HSAE.class_for(config.mode)(config)
     model.training_config = training
     try:
         state = load_file(str(weights_path), device=str(device))
@@ -425,9 +495,13 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return payload
 
 
-def centred_energy(x: Tensor) -> Tensor:
-    """||x - batch_mean(x)||^2 per token: the denominator of variance explained."""
-    return (x - x.mean(0)).pow(2).sum(-1)
+def centred_energy(x: Tensor, group: BatchGroup | None = None) -> Tensor:
+    """||x - batch_mean(x)||^2 per token: the denominator of variance explained. With a
+    ``group``, ``x`` is one process's share and the mean is the global batch's."""
+    if group is None or group.size == 1:
+        return (x - x.mean(0)).pow(2).sum(-1)
+    mean = group.sum(x.sum(0)) / (x.shape[0] * group.size)
+    return (x - mean).pow(2).sum(-1)
 
 
 def per_token_variance_explained(sq_error: Tensor, energy: Tensor) -> Tensor:

@@ -250,7 +250,9 @@ def support_encode(
 def encoder_pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
     """(x - b_dec) W_enc + b_enc as one addmm, without gradient (the step's one dense matmul)."""
     with torch.no_grad():
-        return torch.addmm(b_enc - b_dec @ W_enc, x, W_enc)
+        # Under bf16 autocast the product runs in bf16; pre is float32 either way, so the
+        # threshold comparison, the estimator and the codes are float32.
+        return torch.addmm(b_enc - b_dec @ W_enc, x, W_enc).float()
 
 
 class _SupportL0(Function):

@@ -12,12 +12,33 @@ The kinds live in :mod:`hsae.model.levels` (one file each) and are registered by
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from hsae.model import kernels
+
+
+class BatchGroup(Protocol):
+    """The processes that share one global batch in data-parallel training, each holding an
+    equal share of its rows (``hsae.training.parallel.DataParallel``). What depends on the
+    whole batch (BatchTopK's selection, the auxiliary loss's normalisation) reduces over it."""
+
+    size: int
+    """Number of processes."""
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """Elementwise sum of ``tensor`` over the processes."""
+        ...
+
+    def min(self, tensor: Tensor) -> Tensor:
+        """Elementwise minimum of ``tensor`` over the processes."""
+        ...
+
+    def gather(self, tensor: Tensor) -> Tensor:
+        """Every process's ``tensor`` (equal shapes) concatenated along dim 0, in rank order."""
+        ...
 
 
 class LevelCodes:
@@ -83,6 +104,10 @@ class Level(nn.Module):
     controller steers lambda to the target L0; False when the kind fixes its L0 itself."""
     saelens_architecture: ClassVar[str] = ""
     """The SAELens ``architecture`` the level is exported as (docs/interop.md)."""
+    batch_dependent: ClassVar[bool] = False
+    """True when a token's code depends on the other tokens of the batch (BatchTopK): such a
+    kind's :meth:`encode_for_training` takes ``group`` (a :class:`BatchGroup` or None) and
+    selects over the global batch of a data-parallel step."""
 
     def __init__(
         self,
@@ -103,7 +128,8 @@ class Level(nn.Module):
 
     # --- shared maths -----------------------------------------------------------------------
     def pre_activations(self, x: Tensor) -> Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        """float32 pre-activations, also when the product runs under bf16 autocast."""
+        return ((x - self.b_dec) @ self.W_enc).float() + self.b_enc
 
     def decode(self, acts: Tensor) -> Tensor:
         return acts @ self.W_dec + self.b_dec

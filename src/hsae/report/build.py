@@ -32,6 +32,7 @@ def build_report(
     plots: bool = True,
     tokenizer: Any = None,
     overwrite: bool = False,
+    lm: Any = None,
 ) -> ReportResult:
     """Write the explorer page of ``run`` (e.g. ``hsae.runs.Run.open(folder)``; default
     RUN/report.html) and, unless ``plots=False``, the PNGs.
@@ -39,6 +40,7 @@ def build_report(
     The default page and the plots are the report's own files and are replaced on every call;
     an existing ``out`` elsewhere is refused unless ``overwrite``, and a run folder's own files
     (run.json, metrics.json, the models, ...) are refused always. Checked before any work.
+    ``lm``: the run's language model for the logit lens (None: loaded by name when possible).
     """
     started = time.perf_counter()
     layout = RunLayout(run.folder)
@@ -46,7 +48,7 @@ def build_report(
     target = Path(out) if out is not None else default
     if target.absolute() != default.absolute():
         check_output_path(target, overwrite=overwrite, runs=[run.folder])
-    data = build_report_data(run, settings or ReportSettings(), tokenizer=tokenizer)
+    data = build_report_data(run, settings or ReportSettings(), tokenizer=tokenizer, lm=lm)
     html = render_html(data)
     write_text(target, html)
     pngs = write_plots(data, layout.plots) if plots else []

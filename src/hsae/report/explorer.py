@@ -33,7 +33,7 @@ from hsae.evaluation.contexts import (
 from hsae.evaluation.suite import suite_charts
 from hsae.io import read_json
 from hsae.labels import load_labels
-from hsae.layout import MODEL_NAMES, RunLayout, RunView
+from hsae.layout import MODEL_NAMES, RunLayout, RunView, Which
 from hsae.model import HSAE
 
 Projection = Literal["auto", "umap", "pca", "none"]
@@ -47,7 +47,7 @@ class ReportError(HSAEError, ValueError):
 class ReportSettings:
     """What the report scans and how much of it it embeds."""
 
-    which: Literal["hsae", "baseline"] = "hsae"
+    which: Which = "hsae"
     """Model whose forest is explored."""
     split: Literal["train", "heldout"] = "train"
     """Cache split the contexts come from."""
@@ -73,6 +73,9 @@ class ReportSettings:
     """2-D projection: UMAP when installed (auto), always UMAP, PCA, or none."""
     projection_points: int = 64
     """Sampled activations per feature in the projection."""
+    logit_lens: int = 8
+    """Tokens each feature's direction promotes and suppresses most through the LM head
+    (computed with the run's language model when it loads here; 0 turns it off)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -87,14 +90,15 @@ class ReportSettings:
             "context_after": 0,
             "chunk_size": 1,
             "projection_points": 2,
+            "logit_lens": 0,
             "seed": 0,
         }
         for name, low in minimum.items():
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ReportError(f"report setting {name} must be an integer >= {low}, got {value}")
-        if self.which not in ("hsae", "baseline"):
-            raise ReportError(f"which must be hsae or baseline, got {self.which}")
+        if self.which not in MODEL_NAMES:
+            raise ReportError(f"which must be one of {', '.join(MODEL_NAMES)}, got {self.which}")
         if self.split not in ("train", "heldout"):
             raise ReportError(f"split must be train or heldout, got {self.split}")
         if self.projection not in ("auto", "umap", "pca", "none"):
@@ -189,9 +193,13 @@ def _tree_nodes(
 
 
 def build_report_data(
-    run: RunView, settings: ReportSettings, tokenizer: Any = None
+    run: RunView, settings: ReportSettings, tokenizer: Any = None, lm: Any = None
 ) -> dict[str, Any]:
-    """Everything the page shows, as a JSON-able dict (see docs/report.md for the fields)."""
+    """Everything the page shows, as a JSON-able dict (see docs/report.md for the fields).
+
+    ``lm``: the run's language model (a :class:`hsae.activations.LanguageModel`) for the logit
+    lens; None loads it by the cache's model name, and a model that does not load here leaves
+    the lens out with the reason in ``meta["logit_lens"]["note"]``."""
     started = time.perf_counter()
     if not run.trained(settings.which):
         raise ReportError(f"{run.folder} has no trained {settings.which} model yet")
@@ -205,7 +213,10 @@ def build_report_data(
     stats, scanned, vocab = scan(model, source, info.token_ids, settings.scan_settings())
     frequency = [(s.fires.double() / max(scanned, 1)).numpy() for s in stats]
     view = forest_view(model, frequency, settings.max_features, settings.max_children)
-    features, contexts, token_ids = _features(model, source, info, stats, view, settings, vocab)
+    lens, lens_meta = _logit_lens(run, cache, model, view.shown, settings, lm)
+    features, contexts, token_ids = _features(
+        model, source, info, stats, view, settings, vocab, lens
+    )
     if tokenizer is None:
         from hsae.activations.models import load_tokenizer
 
@@ -222,12 +233,71 @@ def build_report_data(
         "projection": projection(model, source, stats, view, features, settings),
         "labels": {"judge": labels.get("judge")},
     }
+    data["meta"]["logit_lens"] = lens_meta
     data["meta"]["seconds"] = round(time.perf_counter() - started, 2)
     return data
 
 
+LensRow = tuple[list[int], list[float], list[int], list[float]]
+"""One feature's logit lens: promoted token ids and scores, suppressed ids and scores."""
+
+
+def _logit_lens(
+    run: RunView,
+    cache: Any,
+    model: HSAE,
+    nodes: list[tuple[int, int]],
+    settings: ReportSettings,
+    lm: Any,
+) -> tuple[dict[tuple[int, int], LensRow], dict[str, Any]]:
+    """Each shown feature's top promoted and suppressed tokens through the LM head (one
+    batched matmul per chunk, :func:`hsae.steering.top_logit_effects`), or, when the language
+    model is off or cannot be used here, no rows and the reason."""
+    model_info = cache.manifest.get("model", {})
+    name = model_info.get("name") if isinstance(model_info, dict) else model_info
+    meta: dict[str, Any] = {"k": settings.logit_lens, "model": name, "note": ""}
+    if settings.logit_lens == 0:
+        meta["note"] = "the logit lens is off (logit_lens=0)"
+        return {}, meta
+    if lm is None:
+        if not name:
+            meta["note"] = "the activation cache does not name its language model"
+            return {}, meta
+        from hsae.activations import load_language_model
+
+        device = getattr(run.config, "device", "auto")
+        try:
+            lm = load_language_model(name, device=None if device == "auto" else device)
+        except (HSAEError, OSError, ImportError) as error:
+            reason = " ".join(str(error).split()) or type(error).__name__
+            meta["note"] = f"the language model could not be loaded here: {reason}"
+            return {}, meta
+    if lm.d_model != model.config.d_in:
+        meta["note"] = (
+            f"the model reads {model.config.d_in}-dim activations but {lm.name} has d_model "
+            f"{lm.d_model}"
+        )
+        return {}, meta
+    from hsae.steering import top_logit_effects
+
+    rows: dict[tuple[int, int], LensRow] = {}
+    for level in sorted({level for level, _ in nodes}):
+        picked = [index for lv, index in nodes if lv == level]
+        weights = model.levels[level].W_dec.detach()[torch.tensor(picked, dtype=torch.long)]
+        tops = top_logit_effects(lm, weights.float() / model.activation_scale, settings.logit_lens)
+        up, down = tops.promoted_ids.tolist(), tops.suppressed_ids.tolist()
+        up_s, down_s = tops.promoted_scores.tolist(), tops.suppressed_scores.tolist()
+        for n, index in enumerate(picked):
+            rows[(level, index)] = (up[n], _rounded(up_s[n]), down[n], _rounded(down_s[n]))
+    return rows, meta
+
+
 def _shown(node: tuple[int, int], features: dict[str, Any]) -> bool:
     return feature_key(*node) in features
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [round(value, 4) for value in values]
 
 
 def _features(
@@ -238,6 +308,7 @@ def _features(
     view: ForestView,
     settings: ReportSettings,
     vocab: int,
+    lens: dict[tuple[int, int], LensRow] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[int]]:
     shown_set = set(view.shown)
     features: dict[str, Any] = {}
@@ -262,6 +333,7 @@ def _features(
             ],
             "descendants": int(view.descendants[level][index]),
             "top_tokens": top_tokens[level].get(index, []),
+            "lens": (lens or {}).get((level, index)),
             "top": [],
             "sampled": [],
         }
@@ -284,12 +356,19 @@ def _features(
     contexts = _contexts(model, source, info, requests, features, settings)
     used = {t for ctx in contexts for t in ctx["t"]}
     used |= {t for f in features.values() for t, _ in f["top_tokens"]}
+    used |= {t for f in features.values() if f["lens"] for t in f["lens"][0] + f["lens"][2]}
     token_ids = sorted(used)
     position = {token: i for i, token in enumerate(token_ids)}
     for ctx in contexts:
         ctx["t"] = [position[t] for t in ctx["t"]]
     for feature in features.values():
         feature["top_tokens"] = [[position[t], count] for t, count in feature["top_tokens"]]
+        if feature["lens"]:
+            up, up_s, down, down_s = feature["lens"]
+            feature["lens"] = {
+                "promoted": [[position[t], s] for t, s in zip(up, up_s, strict=True)],
+                "suppressed": [[position[t], s] for t, s in zip(down, down_s, strict=True)],
+            }
     return features, contexts, token_ids
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from hsae.io import write_with
 
-COLOURS = {"hsae": "#1f6fd1", "baseline": "#f08c2e"}
+COLOURS = {"hsae": "#1f6fd1", "baseline": "#f08c2e", "matryoshka": "#2ca02c"}
 GROUP_COLOURS = ["#1f6fd1", "#2ca02c", "#9467bd", "#17becf", "#bcbd22"]
 HIERARCHY = (
     ("hamming_per_1k", "Hamming per 1k tokens\n(lower is better)"),

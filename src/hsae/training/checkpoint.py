@@ -120,7 +120,7 @@ def save_checkpoint(state: TrainerState, folder: str | Path) -> Path:
     return target
 
 
-def _restore_interrupted_swap(target: Path) -> None:
+def restore_interrupted_swap(target: Path) -> None:
     """If a crash hit between the two renames of :func:`save_checkpoint`, undo it."""
     previous = target.with_name(f".{target.name}.old")
     if not target.exists() and previous.exists():
@@ -129,7 +129,7 @@ def _restore_interrupted_swap(target: Path) -> None:
 
 def read_trainer_record(folder: str | Path) -> dict[str, Any]:
     target = Path(folder)
-    _restore_interrupted_swap(target)
+    restore_interrupted_swap(target)
     path = target / TRAINER_FILE
     if not path.is_file():
         raise CheckpointError(f"no checkpoint in {target} (missing {TRAINER_FILE})")

@@ -19,21 +19,24 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hsae import distributed
 from hsae.config import ConfigError, HSAEConfig
 from hsae.devices import parse_device
 from hsae.errors import HSAEError
 from hsae.model import HSAE, TrainingLoss
-from hsae.model.forest import make_tracker, rebuild_forest
+from hsae.model.forest import make_tracker
 from hsae.model.hierarchy_losses import sample_perturbation
 from hsae.model.hsae import LossWeights
 from hsae.training.checkpoint import (
     CheckpointError,
     TrainerState,
     load_checkpoint,
+    restore_interrupted_swap,
     save_checkpoint,
 )
 from hsae.training.data import ActivationDataError, as_batches, check_batch
 from hsae.training.diagnose import non_finite_report
+from hsae.training.parallel import DataParallel, rank_share
 from hsae.training.schedule import warmup_cosine
 from hsae.training.sparsity import AdaptiveSparsity
 
@@ -65,8 +68,12 @@ class StepLog:
 
 
 def resolve_device(name: str) -> torch.device:
-    """The device of ``config.device``; a device this machine lacks is a ConfigError."""
-    return parse_device(name)
+    """The device of ``config.device``; a device this machine lacks is a ConfigError. In a
+    multi-process run, "auto" and "cuda" mean this process's GPU, cuda:LOCAL_RANK."""
+    device = parse_device(name)
+    if device.type == "cuda" and device.index is None and distributed.is_distributed():
+        device = torch.device("cuda", distributed.local_rank())
+    return device
 
 
 def estimate_activation_scale(sample: Tensor) -> float:
@@ -90,13 +97,32 @@ class Trainer:
         initialise_from_data: bool = True,
     ):
         """``initialise_from_data=False`` keeps the given model's weights, thresholds and
-        activation scale (e.g. SAEs imported from SAELens) instead of :meth:`initialise`."""
+        activation scale (e.g. SAEs imported from SAELens) instead of :meth:`initialise`.
+
+        In a multi-process run (``torchrun``; :mod:`hsae.training.parallel`) ``batches``
+        yields this process's share of each global batch of ``config.batch_size`` rows
+        (:func:`hsae.training.parallel.rank_share`), and every process builds its trainer
+        with the same config."""
         if model is None and not initialise_from_data:
             raise ValueError("initialise_from_data=False needs a model whose weights to keep")
         self.config = config
         self.device = resolve_device(config.device)
+        self.parallel = DataParallel.current(self.device)
+        if self.parallel is not None and config.batch_size % self.parallel.size:
+            raise ConfigError(
+                f"batch_size: {config.batch_size} is not divisible by the {self.parallel.size} "
+                "training processes (each takes batch_size / processes rows a step)"
+            )
+        self.autocast = config.autocast == "bf16" or (
+            config.autocast == "auto" and self.device.type == "cuda"
+        )
+        """Whether the loss's forward runs under bf16 autocast (config.autocast)."""
+        if self.device.type == "cuda":
+            # TF32 matmuls (float32 storage, 10-bit mantissa products) on Ampere and later.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.batches = batches
-        self.model = (model or HSAE(config)).to(self.device)
+        self.model = (model or HSAE.class_for(config.mode)(config)).to(self.device)
         self.model.training_config = config
         self.optimizer = torch.optim.Adam(
             _parameter_groups(self.model, config),
@@ -150,19 +176,25 @@ class Trainer:
         self.initialised = True
 
     def _initialisation_sample(self) -> Tensor:
-        # These batches are replayed afterwards, so the scale estimate costs no data.
+        # These batches are replayed afterwards, so the scale estimate costs no data. In a
+        # multi-process run every process initialises from the same global batches.
         cfg = self.config
         needed = max(cfg.batch_size, min(SCALE_ESTIMATION_TOKENS, cfg.train_tokens // 20))
+        processes = 1 if self.parallel is None else self.parallel.size
         batches, rows = [], 0
         while rows < needed:
             batch = self._draw()
             batches.append(batch)
-            rows += batch.shape[0]
+            rows += batch.shape[0] * processes
         self._replay = batches
+        if self.parallel is not None:
+            return torch.cat(self.parallel.gather_batches(batches))
         return torch.cat(batches)
 
     def _next_batch(self) -> Tensor:
         batch = self._replay.pop(0) if self._replay else self._draw()
+        if self.device.type == "cuda" and batch.device.type == "cpu":
+            batch = batch.pin_memory()  # the copy below then overlaps with queued GPU work
         return batch.to(self.device, torch.float32, non_blocking=True) * self.model.activation_scale
 
     def _draw(self) -> Tensor:
@@ -174,7 +206,7 @@ class Trainer:
                 f"train_tokens asks for {self.config.train_tokens}"
             ) from None
         check_batch(batch, self.config.d_in)
-        self.tokens_drawn += batch.shape[0]
+        self.tokens_drawn += batch.shape[0] * (1 if self.parallel is None else self.parallel.size)
         return batch
 
     # --- one step ---------------------------------------------------------------------------
@@ -184,32 +216,47 @@ class Trainer:
         x = self._next_batch()
         substituted = self._draw_perturbation()
         dead = self._dead_masks()
-        out = self.model.training_loss(
-            x,
-            LossWeights(self.sparsity.weights, self.config.rho, self.config.aux_coefficient),
-            substituted,
-            dead,
-            keep_active=self._tracks_coactivation_now(),
-            exact_metrics=exact_metrics,
-        )
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model.training_loss(
+                x,
+                LossWeights(self.sparsity.weights, self.config.rho, self.config.aux_coefficient),
+                substituted,
+                dead,
+                keep_active=self._tracks_coactivation_now(),
+                exact_metrics=exact_metrics,
+                group=self.parallel,
+            )
         if not torch.isfinite(out.total):
             raise NonFiniteLossError(
                 non_finite_report(self.step, x, out, self.model, self.last_checkpoint)
             )
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
+        n_tokens = x.shape[0]
+        if self.parallel is not None:
+            out.l0, out.fired = self._reduce_step(out)
+            n_tokens *= self.parallel.size
         self.optimizer.step()
         self.scheduler.step()
         self.model.normalise_decoders()
         if self._controls_sparsity:
             self.sparsity.update(out.l0)
-        self._count_firing(out.fired, x.shape[0])
+        self._count_firing(out.fired, n_tokens)
         if self.coactivation is not None and out.active:
             self.coactivation.update(out.active)
         self.step += 1
         if self._forest_due():
             self.update_forest()
         return out
+
+    def _reduce_step(self, out: TrainingLoss) -> tuple[Tensor, list[Tensor]]:
+        """Average gradients; the global batch's L0 and firing flags (one all-reduce)."""
+        assert self.parallel is not None
+        fired = [f.to(torch.float32) for f in out.fired]
+        total_l0, *fired_counts = self.parallel.reduce_step(
+            list(self.model.parameters()), [out.l0.detach(), *fired]
+        )
+        return total_l0 / self.parallel.size, [count > 0 for count in fired_counts]
 
     def _draw_perturbation(self) -> list[Tensor] | None:
         cfg = self.config
@@ -247,16 +294,28 @@ class Trainer:
 
     def update_forest(self) -> None:
         cfg = self.config
-        links = rebuild_forest(
-            list(self.model.levels),
+        self._sync_statistics()
+        links = self.model.build_forest(
             cfg.similarity,
             cfg.effective_quantile,
             2 if cfg.tree == "binary" else None,
             self.coactivation,
         )
+        links = [link.to(self.device) for link in links]
+        if self.parallel is not None:  # the same forest on every process, whatever rounding
+            self.parallel.broadcast_(links)
         for level, level_links in enumerate(links):
             self.model.set_parents(level, level_links)
         self.forest_updates += 1
+
+    def _sync_statistics(self) -> None:
+        """Every process's co-firing EMAs become the global batch's (their mean: EMAs are
+        linear in the batches, and every process tracks on the same steps)."""
+        if self.parallel is None or self.coactivation is None:
+            return
+        tensors = list(self.coactivation.frequencies)
+        tensors += list(getattr(self.coactivation, "rates", []))
+        self.parallel.average_(tensors)
 
     # --- the loop -------------------------------------------------------------------------
     def fit(
@@ -267,13 +326,20 @@ class Trainer:
         checkpoint_dir: str | Path | None = None,
         checkpoint_every: int = 500,
     ) -> HSAE:
-        """Train until ``config.total_steps``; checkpoint every ``checkpoint_every`` steps."""
+        """Train until ``config.total_steps``; checkpoint every ``checkpoint_every`` steps.
+
+        In a multi-process run only process 0 shows progress, calls ``on_log`` and writes
+        checkpoints (every process holds the same state)."""
         if not self.initialised:
             self.initialise()
         cfg = self.config
-        label = "HSAE" if cfg.mode == "hsae" else "baseline"
+        main = self.parallel is None or self.parallel.is_main
+        label = {"hsae": "HSAE", "independent": "baseline"}.get(cfg.mode, cfg.mode)
         bar = tqdm(
-            total=cfg.total_steps, initial=self.step, disable=not progress, desc=f"train {label}"
+            total=cfg.total_steps,
+            initial=self.step,
+            disable=not (progress and main),
+            desc=f"train {label}",
         )
         self.model.train()
         while self.step < cfg.total_steps:
@@ -282,13 +348,15 @@ class Trainer:
             if self._log_due(self.step, log_every):
                 log = self.step_log(out)
                 bar.set_postfix_str(_postfix(log))
-                if on_log is not None:
+                if on_log is not None and main:
                     on_log(log)
             if checkpoint_dir is not None and self._checkpoint_due(checkpoint_every):
-                save_checkpoint(self.state_dict(), checkpoint_dir)
+                self._sync_statistics()  # a collective: every process, then process 0 writes
+                if main:
+                    save_checkpoint(self.state_dict(), checkpoint_dir)
                 self.last_checkpoint = (Path(checkpoint_dir), self.step)
         bar.close()
-        if cfg.mode == "independent" or cfg.n_levels == 1:
+        if not cfg.uses_hierarchy_losses:
             self.build_post_hoc_forest()
         self.model.eval()
         return self.model
@@ -301,7 +369,13 @@ class Trainer:
         return not self._replay and (self.step % every == 0 or self.step == self.config.total_steps)
 
     def resume(self, checkpoint_dir: str | Path) -> None:
-        """Continue from a checkpoint written by :meth:`fit` (same config, same data)."""
+        """Continue from a checkpoint written by :meth:`fit` (same config, same data). In a
+        multi-process run every process calls it and loads the same checkpoint."""
+        if self.parallel is not None:
+            # Process 0 alone repairs a checkpoint swap a kill interrupted, then all read.
+            if self.parallel.is_main:
+                restore_interrupted_swap(Path(checkpoint_dir))
+            distributed.barrier()
         state = load_checkpoint(checkpoint_dir, like=self.state_dict())
         try:
             self.load_state_dict(state)
@@ -365,18 +439,35 @@ class Trainer:
             self.update_forest()
 
     def step_log(self, out: TrainingLoss) -> StepLog:
+        """The step's log line; in a multi-process run, the processes' mean of each value (a
+        collective: every process calls it at the same steps). The global batch's L0 is
+        exact, and so is variance explained (each share's tokens are centred on the global
+        batch's mean)."""
         window = self.config.dead_window_tokens
+        n_levels = self.config.n_levels
+        values = torch.cat(
+            [
+                out.total.detach().reshape(1),
+                out.mse.detach(),
+                out.variance_explained.detach(),
+                out.constraint.detach().reshape(1).to(out.mse.dtype),
+                out.aux.detach().reshape(1).to(out.mse.dtype),
+            ]
+        )
+        if self.parallel is not None:
+            values = self.parallel.sum(values.float()) / self.parallel.size
+        loss, mse, explained, rest = values.split([1, n_levels, n_levels, 2])
         return StepLog(
             step=self.step,
             tokens=self.step * self.config.batch_size,
-            loss=float(out.total.detach()),
+            loss=float(loss[0]),
             lr=float(self.scheduler.get_last_lr()[0]),
-            mse=out.mse.tolist(),
+            mse=mse.tolist(),
             l0=out.l0.tolist(),
-            variance_explained=out.variance_explained.tolist(),
+            variance_explained=explained.tolist(),
             sparsity_weight=(self.sparsity.weights * self._controlled).tolist(),
-            constraint=float(out.constraint),
-            aux=float(out.aux),
+            constraint=float(rest[0]),
+            aux=float(rest[1]),
             dead_fraction=[float((c >= window).float().mean()) for c in self.tokens_since_fired],
         )
 
@@ -407,10 +498,11 @@ def train(
 
     ``activations`` is a float tensor [N, d_in] of raw activations, drawn in shuffled order
     epoch after epoch until ``config.train_tokens`` tokens have been seen, or any iterable of
-    [n, d_in] tensors.
+    [n, d_in] tensors. Under ``torchrun`` every process passes the same activations and takes
+    its share of each global batch of ``config.batch_size`` rows (docs/scale.md).
     """
     if not isinstance(config, HSAEConfig):
         raise ConfigError(f"config must be an HSAEConfig, got {type(config).__name__}")
     batches = as_batches(activations, config.batch_size, config.seed, config.d_in)
-    trainer = Trainer(config, batches)
+    trainer = Trainer(config, rank_share(batches))
     return trainer.fit(progress=progress, on_log=on_log)

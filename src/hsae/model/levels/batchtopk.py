@@ -17,7 +17,7 @@ from torch import Tensor
 
 from hsae.model import kernels
 from hsae.model.kernels import gather_entries
-from hsae.model.level import Level, LevelCodes, entries_of
+from hsae.model.level import BatchGroup, Level, LevelCodes, entries_of
 
 THRESHOLD_MOMENTUM = 0.99
 """The inference threshold's running average keeps this share of its value per step."""
@@ -29,6 +29,7 @@ class BatchTopKLevel(Level):
     kind = "batchtopk"
     uses_sparsity_controller = False
     saelens_architecture = "jumprelu"
+    batch_dependent = True
 
     inference_threshold: Tensor
 
@@ -45,9 +46,15 @@ class BatchTopKLevel(Level):
         self.k = min(float(n_features), float(target_l0))
         self.register_buffer("inference_threshold", torch.tensor(0.0))
 
-    def select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+    def select(self, pre: Tensor, group: BatchGroup | None = None) -> tuple[Tensor, Tensor]:
         """Mask of the round(k * batch) largest positive entries of ``pre`` over the whole
-        batch, and the smallest selected value (inf when none is positive)."""
+        batch, and the smallest selected value (inf when none is positive).
+
+        With a ``group`` (data-parallel training: ``pre`` holds this process's share of the
+        batch) the selection is over the global batch: the round(k * global batch) largest
+        entries of all processes, found from each process's own top candidates."""
+        if group is not None and group.size > 1:
+            return self._select_global(pre, group)
         flat = pre.reshape(-1)
         n_selected = max(1, min(flat.numel(), round(self.k * pre.shape[0])))
         values, index = flat.topk(n_selected, sorted=False)
@@ -56,19 +63,35 @@ class BatchTopKLevel(Level):
         smallest = values.masked_fill(~positive, float("inf")).min()
         return mask.view_as(pre), smallest
 
+    def _select_global(self, pre: Tensor, group: BatchGroup) -> tuple[Tensor, Tensor]:
+        # The global top n lies among the union of each process's own top n: gather those,
+        # take the n-th largest as the cut and keep every local entry at or above it (ties at
+        # the cut, a measure-zero event for float pre-activations, all stay selected).
+        flat = pre.reshape(-1)
+        n_global = flat.numel() * group.size
+        n_selected = max(1, min(n_global, round(self.k * pre.shape[0] * group.size)))
+        local_top = flat.topk(min(n_selected, flat.numel()), sorted=False).values
+        cut = group.gather(local_top).topk(n_selected, sorted=False).values.min()
+        mask = (pre >= cut) & (pre > 0)
+        smallest = group.min(pre.masked_fill(~mask, float("inf")).min().reshape(1))[0]
+        return mask, smallest
+
     def encode(self, x: Tensor, bandwidth: float = 1e-3) -> Tensor:
         """JumpReLU with the learned inference threshold (>= 0) shared by every latent."""
         pre = self.pre_activations(x)
         return pre * (pre > self.inference_threshold)
 
-    def encode_for_training(self, x: Tensor, bandwidth: float, fused: bool) -> LevelCodes:
-        """The batch's top entries; in training mode also updates the inference threshold."""
+    def encode_for_training(
+        self, x: Tensor, bandwidth: float, fused: bool, group: BatchGroup | None = None
+    ) -> LevelCodes:
+        """The batch's top entries (over the global batch of ``group``); in training mode also
+        updates the inference threshold."""
         if fused:
             pre = kernels.encoder_pre_activations(x, self.W_enc, self.b_enc, self.b_dec)
         else:
             pre_with_grad = self.pre_activations(x)
             pre = pre_with_grad.detach()
-        selected, smallest = self.select(pre)
+        selected, smallest = self.select(pre, group)
         if self.training:
             self._update_threshold(smallest)
         if fused:

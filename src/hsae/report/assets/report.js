@@ -6,7 +6,7 @@
   const F = data.features;
   const meta = data.meta;
   const SVG = "http://www.w3.org/2000/svg";
-  const MODEL_COLOURS = { hsae: "#1f6fd1", baseline: "#f08c2e" };
+  const MODEL_COLOURS = { hsae: "#1f6fd1", baseline: "#f08c2e", matryoshka: "#2ca02c" };
   const GROUP_COLOURS = ["#1f6fd1", "#2ca02c", "#9467bd", "#17becf", "#bcbd22", "#d62728"];
   const nodes = {};
   let selectedRow = null;
@@ -154,6 +154,29 @@
     return table;
   }
 
+  // What adding the feature's direction does to the next-token logits (direct path only).
+  function lensView(f) {
+    const box = el("div", "lens");
+    const info = meta.logit_lens || {};
+    box.append(el("h3", "", "Next-token effect (logit lens)"));
+    if (!f.lens) {
+      box.append(el("p", "muted", "Not in this report" + (info.note ? ": " + info.note : "") + "."));
+      return box;
+    }
+    const rows = [["promotes", f.lens.promoted, "up"], ["suppresses", f.lens.suppressed, "down"]];
+    for (const [title, entries, kind] of rows) {
+      const line = el("div", "chips lens-" + kind);
+      line.append(el("span", "muted lens-title", title));
+      for (const [token, score] of entries) {
+        const chip = el("span", "chip " + kind, shown(data.tokens[token]));
+        chip.title = "direct logit score " + (score > 0 ? "+" : "") + fmt(score) + " (compare within a feature)";
+        line.append(chip);
+      }
+      box.append(line);
+    }
+    return box;
+  }
+
   function select(key) {
     const f = F[key];
     const detail = document.getElementById("detail");
@@ -176,7 +199,7 @@
     const chips = el("div", "chips");
     for (const [token, count] of f.top_tokens) chips.append(el("span", "chip", shown(data.tokens[token]) + " \u00d7" + count));
     if (!f.top_tokens.length) chips.append(el("span", "muted", "never fired on the scanned tokens"));
-    detail.append(chips);
+    detail.append(chips, lensView(f));
     const peak = Math.max(1e-9, ...f.top.map((i) => data.contexts[i].a[data.contexts[i].at]));
     detail.append(el("h3", "", "Top activations"));
     for (const i of f.top) detail.append(contextView(i, peak));
