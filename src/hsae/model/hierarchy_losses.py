@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hsae.model.kernels import decoder_gram, lookup_entries
+from hsae.model.kernels import decoder_gram, lookup_entries, row_pair_dots
 from hsae.model.level import Level, LevelCodes
 
 
@@ -95,7 +95,7 @@ def _co_active_sibling_products(
     high = torch.maximum(cols[first], cols[second])
     pair_keys, which = torch.unique(low * decoder.shape[0] + high, return_inverse=True)
     u, v = pair_keys // decoder.shape[0], pair_keys % decoder.shape[0]
-    dots = (decoder.index_select(0, u) * decoder.index_select(0, v)).sum(-1)
+    dots = row_pair_dots(decoder, u, v)
     return (a_first * a_second * dots.index_select(0, which)).sum()
 
 

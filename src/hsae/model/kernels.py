@@ -416,3 +416,27 @@ def decoder_gram(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Squared norms of parent and child decoder rows and each child's dot with its parent."""
     return _DecoderGram.apply(parent_decoder, child_decoder, parent_index)
+
+
+class _RowPairDots(Function):
+    """<W[u_k], W[v_k]> for index pairs; the backward writes one [n, d] gradient (autograd's two
+    index_selects would each allocate and zero their own)."""
+
+    @staticmethod
+    def forward(ctx, matrix: Tensor, u: Tensor, v: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(matrix, u, v)
+        return (matrix.index_select(0, u) * matrix.index_select(0, v)).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        matrix, u, v = ctx.saved_tensors
+        weights = grad.unsqueeze(1)
+        out = torch.zeros_like(matrix)
+        out.index_add_(0, u, matrix.index_select(0, v) * weights)
+        out.index_add_(0, v, matrix.index_select(0, u) * weights)
+        return out, None, None
+
+
+def row_pair_dots(matrix: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """<matrix[u_k], matrix[v_k]> for every k, differentiable in ``matrix``."""
+    return _RowPairDots.apply(matrix, u, v)
