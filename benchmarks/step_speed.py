@@ -19,9 +19,15 @@ hits all of them alike. Our trainers' timed steps are the unlogged kind (``exact
 as ``Trainer.fit`` runs between log points); SAELens's are its non-logging steps.
 
 Peak memory: each contender is built and stepped in a fresh subprocess (``--memory-probe``).
-On CPU the figure is the process's peak resident set (``ru_maxrss``) minus its peak before the
-model was built (interpreter, torch, the batches); on CUDA it is
-``torch.cuda.max_memory_allocated`` of the probe. Parameters, gradients and Adam state count.
+On CPU the figure is the probe's peak resident set (VmHWM) minus its resident set just before
+the model was built (interpreter, torch, the batches; for SAELens and the floor, also the model
+their weights are copied from); on CUDA it is ``torch.cuda.max_memory_allocated`` above the
+allocation before. Parameters, gradients and Adam state count.
+
+Timings: wall clock, and on CPU also process CPU time, which a shared machine disturbs far
+less; with several threads a busy machine inflates the wall clock of a step made of many small
+operations (ours) much more than one of a few large ones, so compare on a quiet machine or with
+``--threads 1`` and the CPU clock.
 
     python benchmarks/step_speed.py                      # both scales, on CUDA when present
     python benchmarks/step_speed.py --scale small        # d = 640 only
