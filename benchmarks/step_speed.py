@@ -1,38 +1,88 @@
-"""Training-step throughput: HSAE vs the same levels trained independently, in one run.
+"""Training-step throughput at steady state: HSAE vs its independent stack vs SAELens, in one run.
 
-Also times a plain dense PyTorch JumpReLU loop over the same levels and, when ``sae-lens`` is
-installed (``pip install 'hsae[bench]'``), SAELens's JumpReLU training step for the same sizes
-on the same batches. Every number comes from this run, on this machine; the script prints
-tokens/s and the ratios (HSAE / independent cost, our tokens/s over the others').
+For each scale (d = 640 with levels 256/512/1024/2048, and d = 2304 with 2048/4096/8192/16384,
+batch 1024) the script builds, on the same batches:
 
-    python benchmarks/step_speed.py                       # d=640, 256/512/1024/2048, batch 1024
-    python benchmarks/step_speed.py --device cuda --d 2304 --sizes 2048 4096 8192 16384
+* ``hsae``: our trainer's step of the HSAE (constraint and perturbation active from step one);
+* ``independent``: the same levels trained independently (our baseline);
+* ``saelens``: SAELens's JumpReLU training step for the same sizes, started from our levels'
+  weights and thresholds (needs ``pip install 'hsae[bench]'``);
+* ``floor``: one matmul of the batch by all levels' encoders at once, the part of any step
+  that sparsity cannot remove.
+
+Steady state: before anything is timed, every JumpReLU level is brought to its target L0. Each
+feature's threshold is set to its (1 - target_l0 / n) quantile of pre-activations on a batch (so
+the mean L0 is the target), then the trainer runs ``--settle`` steps with its sparsity
+controller; the L0 of the timed steps is printed beside the timings. Timed steps are
+interleaved by round (every contender runs a few steps in turn), so drift of a shared machine
+hits all of them alike. Our trainers' timed steps are the unlogged kind (``exact_metrics=False``,
+as ``Trainer.fit`` runs between log points); SAELens's are its non-logging steps.
+
+Peak memory: each contender is built and stepped in a fresh subprocess (``--memory-probe``).
+On CPU the figure is the probe's peak resident set (VmHWM) minus its resident set just before
+the model was built (interpreter, torch, the batches; for SAELens and the floor, also the model
+their weights are copied from); on CUDA it is ``torch.cuda.max_memory_allocated`` above the
+allocation before. Parameters, gradients and Adam state count.
+
+Timings: wall clock, and on CPU also process CPU time, which a shared machine disturbs far
+less; with several threads a busy machine inflates the wall clock of a step made of many small
+operations (ours) much more than one of a few large ones, so compare on a quiet machine or with
+``--threads 1`` and the CPU clock.
+
+    python benchmarks/step_speed.py                      # both scales, on CUDA when present
+    python benchmarks/step_speed.py --scale small        # d = 640 only
+    python benchmarks/step_speed.py --d 1024 --sizes 1024 4096 --steps 5   # a custom scale
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+import hsae.training.trainer as trainer_module
 from hsae import HSAEConfig
 from hsae.model.kernels import JumpReLU
 from hsae.training import Trainer
 
+SCALES: dict[str, dict[str, object]] = {
+    # name: d, sizes, timed steps per round, rounds, controller steps before timing
+    "small": {"d": 640, "sizes": [256, 512, 1024, 2048], "steps": 10, "rounds": 3, "settle": 10},
+    "large": {"d": 2304, "sizes": [2048, 4096, 8192, 16384], "steps": 2, "rounds": 2, "settle": 2},
+}
+N_BATCHES = 6
+CONTENDERS = ("hsae", "independent", "saelens", "floor")
+
 
 def sparse_batches(d: int, n_batches: int, batch: int, seed: int = 0) -> list[torch.Tensor]:
-    """Activations made of a few active directions out of a larger dictionary."""
+    """Activations made of ~40 active directions (of a 4d dictionary) per token, plus noise."""
     generator = torch.Generator().manual_seed(seed)
-    dictionary = torch.nn.functional.normalize(torch.randn(4 * d, d, generator=generator), dim=1)
+    atoms = 4 * d
+    dictionary = torch.nn.functional.normalize(torch.randn(atoms, d, generator=generator), dim=1)
+    per_token = 40
     out = []
     for _ in range(n_batches):
-        codes = (torch.rand(batch, 4 * d, generator=generator) < 0.01).float()
-        codes *= torch.rand(batch, 4 * d, generator=generator) * 3
-        out.append(codes @ dictionary + 0.05 * torch.randn(batch, d, generator=generator))
+        index = torch.randint(0, atoms, (batch, per_token), generator=generator)
+        weights = torch.rand(batch, per_token, generator=generator) * 3
+        mixed = torch.nn.functional.embedding_bag(
+            index, dictionary, mode="sum", per_sample_weights=weights
+        )
+        out.append(mixed + 0.05 * torch.randn(batch, d, generator=generator))
     return out
+
+
+def _cycle(batches: list[torch.Tensor]):
+    while True:
+        yield from batches
 
 
 def make_trainer(args: argparse.Namespace, mode: str, batches: list[torch.Tensor]) -> Trainer:
@@ -44,18 +94,102 @@ def make_trainer(args: argparse.Namespace, mode: str, batches: list[torch.Tensor
         batch_size=args.batch,
         mode=mode,
         device=args.device,
-        update_interval=10**9,
+        update_interval=99_999,  # the forest is built once, below, and never rebuilt while timed
+        sparse_kernels=not args.dense_kernels,
     )
+    # The activation scale is estimated from one batch rather than 16k tokens: at d = 2304 the
+    # data-dependent initialisation would otherwise form [16k, 16k] pre-activations.
+    trainer_module.SCALE_ESTIMATION_TOKENS = args.batch
     trainer = Trainer(config, _cycle(batches))
     trainer.initialise()
+    calibrate_thresholds(trainer, batches[0])
     if mode == "hsae":
         trainer.update_forest()  # perturbation and constraint are active from the first step
     return trainer
 
 
-def _cycle(batches: list[torch.Tensor]):
-    while True:
-        yield from batches
+@torch.no_grad()
+def calibrate_thresholds(trainer: Trainer, batch: torch.Tensor) -> None:
+    """Each JumpReLU threshold at its feature's (1 - target / n) pre-activation quantile."""
+    x = batch.to(trainer.device) * trainer.model.activation_scale
+    for level in trainer.model.levels:
+        if not hasattr(level, "log_threshold"):
+            continue
+        pre = level.pre_activations(x)
+        rate = min(0.5, trainer.config.target_l0 / level.n_features)
+        quantile = torch.quantile(pre, 1.0 - rate, dim=0)
+        level.log_threshold.copy_(quantile.clamp(min=1e-3).log())
+
+
+def settle(trainer: Trainer, steps: int) -> None:
+    for _ in range(steps):
+        trainer.train_step(exact_metrics=False)
+
+
+def saelens_step(
+    args: argparse.Namespace, batches: list[torch.Tensor], source: Trainer
+) -> Callable[[], object] | None:
+    """SAELens JumpReLU training step for the same sizes, from ``source``'s levels' weights."""
+    try:
+        from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+        from sae_lens.saes.sae import TrainStepInput
+    except ImportError:
+        return None
+    device = source.device
+    saes = []
+    for level in source.model.levels:
+        sae = JumpReLUTrainingSAE(
+            JumpReLUTrainingSAEConfig(
+                d_in=args.d,
+                d_sae=level.n_features,
+                device=str(device),
+                dtype="float32",
+                jumprelu_bandwidth=source.config.bandwidth,
+            )
+        )
+        with torch.no_grad():
+            sae.W_enc.copy_(level.W_enc)
+            sae.b_enc.copy_(level.b_enc)
+            sae.W_dec.copy_(level.W_dec)
+            sae.b_dec.copy_(level.b_dec)
+            sae.threshold.copy_(level.threshold)
+        saes.append(sae)
+    params = [p for sae in saes for p in sae.parameters()]
+    optimizer = torch.optim.Adam(params, lr=3e-4, betas=(0.0, 0.995))
+    stream = _cycle(batches)
+    scale = source.model.activation_scale
+
+    def step() -> None:
+        x = next(stream).to(device) * scale
+        optimizer.zero_grad(set_to_none=True)
+        total = x.new_zeros(())
+        for sae in saes:
+            out = sae.training_forward_pass(
+                step_input=TrainStepInput(
+                    sae_in=x,
+                    coefficients={"l0": 1.0, "pre_act": 0.0},
+                    dead_neuron_mask=None,
+                    n_training_steps=1000,
+                    is_logging_step=False,
+                )
+            )
+            total = total + out.loss
+        total.backward()
+        optimizer.step()
+
+    return step
+
+
+def floor_step(batches: list[torch.Tensor], source: Trainer) -> Callable[[], object]:
+    """The batch times every level's encoder in one matmul (no bias, no backward)."""
+    encoders = torch.cat([level.W_enc.detach() for level in source.model.levels], dim=1).clone()
+    stream = _cycle(batches)
+    device = source.device
+
+    def step() -> torch.Tensor:
+        return next(stream).to(device) @ encoders
+
+    return step
 
 
 class DenseLoop:
@@ -85,105 +219,226 @@ class DenseLoop:
                 level.W_dec.div_(level.W_dec.norm(dim=1, keepdim=True))
 
 
-def saelens_step(
-    args: argparse.Namespace, batches: list[torch.Tensor]
-) -> Callable[[], None] | None:
-    try:
-        from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
-        from sae_lens.saes.sae import TrainStepInput
-    except ImportError:
-        return None
-    device = torch.device(args.device)
-    saes = [
-        JumpReLUTrainingSAE(
-            JumpReLUTrainingSAEConfig(d_in=args.d, d_sae=size, device=str(device), dtype="float32")
-        )
-        for size in args.sizes
-    ]
-    params = [p for sae in saes for p in sae.parameters()]
-    optimizer = torch.optim.Adam(params, lr=3e-4, betas=(0.0, 0.995))
-    stream = _cycle(batches)
-
-    def step() -> None:
-        x = next(stream).to(device)
-        optimizer.zero_grad(set_to_none=True)
-        total = x.new_zeros(())
-        for sae in saes:
-            out = sae.training_forward_pass(
-                step_input=TrainStepInput(
-                    sae_in=x,
-                    coefficients={"l0": 1.0, "pre_act": 0.0},
-                    dead_neuron_mask=None,
-                    n_training_steps=1000,
-                    is_logging_step=False,
-                )
-            )
-            total = total + out.loss
-        total.backward()
-        optimizer.step()
-
-    return step
-
-
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def time_steps(step: Callable[[], object], steps: int, device: str) -> list[float]:
+def time_steps(step: Callable[[], object], steps: int, device: str) -> list[tuple[float, float]]:
+    """(wall seconds, process CPU seconds) of each step."""
     times = []
     for _ in range(steps):
         _sync(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start, time.process_time() - start_cpu))
     return times
+
+
+def build(
+    args: argparse.Namespace, names: list[str], batches: list[torch.Tensor]
+) -> tuple[dict[str, Callable[[], object]], dict[str, Trainer]]:
+    """The contenders' step functions (settled), and our trainers by name."""
+    trainers: dict[str, Trainer] = {}
+    steps: dict[str, Callable[[], object]] = {}
+    source = None
+    for name in names:
+        if name in ("hsae", "independent"):
+            trainer = make_trainer(args, name, batches)
+            settle(trainer, args.settle)
+            trainers[name] = trainer
+            steps[name] = lambda t=trainer: t.train_step(exact_metrics=False)
+        elif name == "dense-pytorch":
+            steps[name] = DenseLoop(args, batches).step
+        else:
+            if source is None:  # saelens and the floor read the levels' weights from it
+                source = trainers.get("independent") or make_trainer(args, "independent", batches)
+            if name == "floor":
+                steps[name] = floor_step(batches, source)
+            else:
+                saelens = saelens_step(args, batches, source)
+                if saelens is not None:
+                    steps[name] = saelens
+    return steps, trainers
+
+
+def peak_memory_mb(args: argparse.Namespace, name: str) -> float | None:
+    """Peak memory of a fresh process that builds and steps ``name`` (module docstring)."""
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--memory-probe",
+        name,
+        "--d",
+        str(args.d),
+        "--sizes",
+        *map(str, args.sizes),
+        "--batch",
+        str(args.batch),
+        "--target-l0",
+        str(args.target_l0),
+        "--device",
+        args.device,
+    ]
+    command += ["--dense-kernels"] if args.dense_kernels else []
+    command += [] if args.threads is None else ["--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        print(f"  memory probe of {name} failed: {done.stderr.strip()[-300:]}")
+        return None
+    return json.loads(lines[-1])["peak_mb"]
+
+
+def _peak_rss_mb() -> float:
+    # VmHWM, not ru_maxrss: Linux carries the parent's peak into ru_maxrss across exec.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_rss_mb() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    name = args.memory_probe
+    batches = sparse_batches(args.d, N_BATCHES, args.batch)
+    args.settle = 1
+    cuda = args.device.startswith("cuda")
+    step: Callable[[], object] | None
+    if name in ("saelens", "floor"):
+        # Their weights come from one of our models; its memory is not theirs.
+        source = make_trainer(args, "independent", batches)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated() / 2**20
+        else:
+            before = _current_rss_mb()
+        step = (
+            floor_step(batches, source) if name == "floor" else saelens_step(args, batches, source)
+        )
+    else:
+        before = torch.cuda.memory_allocated() / 2**20 if cuda else _current_rss_mb()
+        step = build(args, [name], batches)[0].get(name)
+    if step is None:
+        raise SystemExit(f"{name} unavailable")
+    time_steps(step, 2, args.device)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
+    print(json.dumps({"peak_mb": peak - before}))
+
+
+def run_scale(args: argparse.Namespace) -> None:
+    batches = sparse_batches(args.d, N_BATCHES, args.batch)
+    names = list(CONTENDERS) + (["dense-pytorch"] if args.dense_loop else [])
+    started = time.perf_counter()
+    steps, trainers = build(args, names, batches)
+    print(
+        f"\n== d={args.d} sizes={args.sizes} batch={args.batch} target L0={args.target_l0} "
+        f"device={args.device} (built and settled in {time.perf_counter() - started:.0f} s)"
+    )
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
+    l0s: dict[str, list[torch.Tensor]] = {name: [] for name in trainers}
+    for name, trainer in trainers.items():  # record the L0 of the steps that are timed
+        steps[name] = _recording(trainer, l0s[name])
+    for step in steps.values():  # one untimed step each: allocator and caches warm
+        step()
+    for _ in range(args.rounds):  # interleaved rounds, so drift hits everyone alike
+        for name, step in steps.items():
+            samples[name] += time_steps(step, args.steps, args.device)
+
+    for name, values in l0s.items():
+        mean_l0 = torch.stack(values[1:]).mean(0).tolist()
+        print(f"{name:>14} L0 while timed: {[round(v, 1) for v in mean_l0]}")
+    names = list(steps)
+    del steps, trainers, l0s  # free this run's models before the probes build theirs
+    gc.collect()
+    memory = {}
+    if not args.no_memory:
+        memory = {name: peak_memory_mb(args, name) for name in names}
+    # Wall-clock medians; on CPU also process CPU time, which a shared machine disturbs far
+    # less (compare like with like: the same thread count for every contender).
+    clocks = [("wall", 0)] + ([] if args.device.startswith("cuda") else [("cpu", 1)])
+    for clock, index in clocks:
+        median = {name: statistics.median(t[index] for t in samples[name]) for name in names}
+        tokens_per_s = {name: args.batch / t for name, t in median.items()}
+        print(f"-- {clock} clock, median of {len(samples[names[0]])} steps each")
+        for name in names:
+            mem = memory.get(name)
+            mem_text = "" if mem is None else f"  peak memory {mem:8.0f} MiB"
+            print(
+                f"{name:>14}: {median[name] * 1e3:9.1f} ms/step  {tokens_per_s[name]:9.0f} "
+                f"tokens/s{mem_text}"
+            )
+        print(f"HSAE cost / independent stack: {median['hsae'] / median['independent']:.3f}x")
+        print(
+            f"encoder-forward floor share of the HSAE step: {median['floor'] / median['hsae']:.2f}"
+        )
+        print(
+            "encoder-forward floor share of the independent step: "
+            f"{median['floor'] / median['independent']:.2f}"
+        )
+        if "saelens" in tokens_per_s:
+            print(
+                f"HSAE tokens/s over SAELens: {tokens_per_s['hsae'] / tokens_per_s['saelens']:.2f}x"
+            )
+        else:
+            print("SAELens not installed: pip install 'hsae[bench]' to compare against it")
+        if "dense-pytorch" in tokens_per_s:
+            over_dense = tokens_per_s["hsae"] / tokens_per_s["dense-pytorch"]
+            print(f"HSAE tokens/s over dense PyTorch: {over_dense:.2f}x")
+
+
+def _recording(trainer: Trainer, into: list[torch.Tensor]) -> Callable[[], object]:
+    def step() -> object:
+        out = trainer.train_step(exact_metrics=False)
+        into.append(out.l0.detach().cpu())
+        return out
+
+    return step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--d", type=int, default=640)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    parser.add_argument("--scale", choices=[*SCALES, "both"], default="both")
+    parser.add_argument("--d", type=int, help="custom scale: width (with --sizes)")
+    parser.add_argument("--sizes", type=int, nargs="+", help="custom scale: level sizes")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--target-l0", type=float, default=50)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--steps", type=int, help="timed steps per round (default per scale)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default per scale)")
+    parser.add_argument("--settle", type=int, help="controller steps before timing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    parser.add_argument("--dense-loop", action="store_true", help="also time a plain loop")
+    parser.add_argument(
+        "--dense-kernels", action="store_true", help="our models on the dense reference path"
+    )
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    batches = sparse_batches(args.d, 16, args.batch)
-    contenders: dict[str, Callable[[], object]] = {}
-    hsae_trainer = make_trainer(args, "hsae", batches)
-    independent = make_trainer(args, "independent", batches)
-    contenders["hsae"] = hsae_trainer.train_step
-    contenders["independent"] = independent.train_step
-    contenders["dense-pytorch"] = DenseLoop(args, batches).step
-    saelens = saelens_step(args, batches)
-    if saelens is not None:
-        contenders["saelens"] = saelens
-
-    for step in contenders.values():  # warm-up: thresholds settle, allocator warms
-        time_steps(step, args.warmup, args.device)
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(args.rounds):  # interleaved rounds, so drift hits everyone alike
-        for name, step in contenders.items():
-            samples[name] += time_steps(step, args.steps, args.device)
-
-    median = {name: statistics.median(times) for name, times in samples.items()}
-    tokens_per_s = {name: args.batch / t for name, t in median.items()}
-    l0 = [round(v) for v in hsae_trainer.sparsity.l0_ema.tolist()]
-    print(f"device={args.device} d={args.d} sizes={args.sizes} batch={args.batch} HSAE L0~{l0}")
-    for name in contenders:
-        print(f"{name:>14}: {median[name] * 1e3:8.1f} ms/step  {tokens_per_s[name]:9.0f} tokens/s")
-    print(f"HSAE cost / independent stack: {median['hsae'] / median['independent']:.3f}x")
-    over_dense = tokens_per_s["hsae"] / tokens_per_s["dense-pytorch"]
-    print(f"HSAE tokens/s over dense PyTorch: {over_dense:.2f}x")
-    if "saelens" in tokens_per_s:
-        print(f"HSAE tokens/s over SAELens: {tokens_per_s['hsae'] / tokens_per_s['saelens']:.2f}x")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        memory_probe(args)
+        return
+    if args.d is not None or args.sizes is not None:
+        if args.d is None or args.sizes is None:
+            parser.error("a custom scale needs both --d and --sizes")
+        scales = [{"d": args.d, "sizes": args.sizes, "steps": 3, "rounds": 2, "settle": 5}]
     else:
-        print("SAELens not installed: pip install 'hsae[bench]' to compare against it")
+        scales = [SCALES[name] for name in (SCALES if args.scale == "both" else [args.scale])]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    for scale in scales:
+        run = argparse.Namespace(**vars(args))
+        for key, value in scale.items():
+            if key in ("d", "sizes") or getattr(args, key) is None:
+                setattr(run, key, value)
+        run_scale(run)
 
 
 if __name__ == "__main__":

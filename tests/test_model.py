@@ -155,6 +155,129 @@ def test_fused_kernels_match_dense_reference(
         torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-5)
 
 
+DENSITIES = [0.005, 0.02, 0.1, 0.5]
+
+
+def model_at_density(kind: str, density: float, sparse: bool) -> tuple[HSAE, torch.Tensor]:
+    """A 3-level model (d = 16, 64/128/256 features, batch 64) whose codes have ``density``:
+    JumpReLU thresholds at each feature's (1 - density) quantile, TopK k = density * 64."""
+    sizes, batch = [64, 128, 256], 64
+    config = HSAEConfig(
+        level=kind,
+        d_in=16,
+        level_sizes=sizes,
+        target_l0=max(0.5, density * sizes[0]),
+        train_tokens=4096,
+        batch_size=batch,
+        bandwidth=0.3,
+        sparse_kernels=sparse,
+        seed=5,
+    )
+    model = HSAE(config)
+    x = torch.randn(batch, 16, generator=torch.Generator().manual_seed(11)) * 2
+    with torch.no_grad():
+        for level in model.levels:
+            level.initialise_from_data(x, config.target_l0)
+            if kind == "jumprelu":
+                quantile = torch.quantile(level.pre_activations(x), 1 - density, dim=0)
+                level.log_threshold.copy_(quantile.clamp(min=1e-3).log())
+    gen = torch.Generator().manual_seed(13)
+    for index in range(len(sizes) - 1):
+        links = torch.randint(0, sizes[index], (sizes[index + 1],), generator=gen)
+        links[torch.rand(sizes[index + 1], generator=gen) < 0.2] = -1
+        model.set_parents(index, links)
+    return model, x
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("force_sparse", [False, True], ids=["auto-paths", "sparse-paths"])
+def test_support_step_matches_dense_reference_at_several_densities(
+    monkeypatch, kind: str, density: float, force_sparse: bool
+) -> None:
+    """The whole loss (reconstruction, L0, perturbation, constraint, aux) and the gradient of
+    every parameter: support-only step == dense reference, from 0.5% to 50% active entries."""
+    if force_sparse:
+        monkeypatch.setattr(kernels, "SPARSE_BACKWARD_MAX_DENSITY", 1.0)
+        monkeypatch.setattr(kernels, "DENSE_DECODE_DENSITY", 1.0)
+    results = []
+    for sparse in (True, False):
+        model, x = model_at_density(kind, density, sparse)
+        sizes = model.config.level_sizes
+        substituted = [
+            sample_perturbation(model.parents(i), sizes[i], 0.3, torch.Generator().manual_seed(i))
+            for i in range(len(sizes) - 1)
+        ] + [torch.zeros(sizes[-1], dtype=torch.bool)]
+        dead = [torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.2 for n in sizes]
+        weights = LossWeights(torch.tensor([0.5, 0.7, 0.9]), rho=0.3, aux=1 / 32)
+        out = model.training_loss(x, weights, substituted, dead)
+        out.total.backward()
+        results.append((out, _grads(model), model))
+    (fast, fast_grads, model), (slow, slow_grads, _) = results
+    assert slow.l0.min() > 0  # the density leaves every level some active entries
+    torch.testing.assert_close(fast.total, slow.total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.mse, slow.mse)
+    torch.testing.assert_close(fast.l0, slow.l0)
+    torch.testing.assert_close(fast.constraint, slow.constraint, rtol=1e-5, atol=1e-5)
+    for fast_fired, slow_fired in zip(fast.fired, slow.fired, strict=True):
+        assert torch.equal(fast_fired, slow_fired)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert fast_grads.keys() == slow_grads.keys() == trained
+    for name in slow_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_support_step_forms_no_dense_activations(monkeypatch, kind: str) -> None:
+    """At low density the fast path decodes, constrains and back-propagates without ever
+    writing the [batch, n] activation tensor."""
+    model, x = model_at_density(kind, 0.02, sparse=True)
+    bandwidth = model.config.bandwidth
+    codes = [level.encode_for_training(x, bandwidth, fused=True) for level in model.levels]
+    substituted = torch.zeros(64, dtype=torch.bool)
+    substituted[::3] = True
+    recon = perturbed_reconstruction(
+        model.levels[0], codes[0], model.levels[1], codes[1], model.parents(0), substituted, True
+    )
+    loss = (recon - x).pow(2).sum() + model._constraint(codes)
+    if kind == "jumprelu":
+        for level, level_codes in zip(model.levels, codes, strict=True):
+            loss = loss + level.sparsity_loss(level_codes, bandwidth)
+    loss.backward()
+    assert all(c._acts is None for c in codes)
+    assert model.levels[1].W_enc.grad.abs().sum() > 0
+
+
+def test_support_kernels_match_dense_products_and_handle_an_empty_support() -> None:
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.randn(6, 9, generator=gen) * (torch.rand(6, 9, generator=gen) < 0.3)
+    for code in (dense, torch.zeros(6, 9)):
+        rows, cols = code.nonzero(as_tuple=True)
+        values = code[rows, cols].clone().requires_grad_()
+        W = torch.randn(9, 5, generator=gen, requires_grad=True)
+        out = kernels.support_decode(values, rows, cols, W, 6)
+        upstream = torch.randn(6, 5, generator=gen)
+        (out * upstream).sum().backward()
+        W_ref = W.detach().clone().requires_grad_()
+        code_ref = code.clone().requires_grad_()
+        ref = code_ref @ W_ref
+        (ref * upstream).sum().backward()
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(W.grad, W_ref.grad)
+        torch.testing.assert_close(values.grad, code_ref.grad[rows, cols])
+        other = torch.randn(6, 4, generator=gen)
+        torch.testing.assert_close(
+            kernels.sparse_t_times(rows, cols, values.detach(), other, 9), code.t() @ other
+        )
+        query_rows, query_cols = torch.arange(6).repeat(9), torch.arange(9).repeat_interleave(6)
+        looked_up = kernels.lookup_entries(
+            values.detach(), rows, cols, (6, 9), query_rows, query_cols
+        )
+        torch.testing.assert_close(looked_up, code[query_rows, query_cols])
+        scattered = kernels.scatter_entries(values.detach(), rows, cols, code.shape)
+        torch.testing.assert_close(scattered, code)
+
+
 def test_jumprelu_threshold_gradient_matches_rectangle_kernel() -> None:
     pre = torch.tensor([[0.95, 1.04, 2.0, 0.5]])
     threshold = torch.tensor([1.0, 1.0, 1.0, 1.0], requires_grad=True)

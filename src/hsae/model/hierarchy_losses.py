@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hsae.model.kernels import decoder_gram, lookup_entries, row_pair_dots
 from hsae.model.level import Level, LevelCodes
 
 
@@ -38,11 +39,12 @@ def parent_children_constraint(
     squared norms are kept as <d, d> rather than 1 so the gradient equals that of the
     unexpanded form (it differs along d itself, which Adam would otherwise see differently).
     """
-    n_tokens, n_parents = parent_codes.acts.shape
+    n_tokens, n_parents = parent_codes.pre.shape
     if not bool((parent_index >= 0).any()):
-        return parent_codes.acts.new_zeros(())
+        return parent_codes.pre.new_zeros(())
     with_children = has_children(parent_index, n_parents)
-    parent_weights = parent_decoder.pow(2).sum(-1) * with_children
+    parent_sq, child_sq, child_parent = decoder_gram(parent_decoder, child_decoder, parent_index)
+    parent_weights = parent_sq * with_children
     parent_energy = (
         parent_codes.values.pow(2) * parent_weights.index_select(0, parent_codes.cols)
     ).sum()
@@ -51,26 +53,21 @@ def parent_children_constraint(
     cols = child_codes.cols[entries]
     parents = parent_index[cols]
     child_values = child_codes.values.index_select(0, entries)
-    flat_parent = child_codes.rows[entries] * n_parents + parents
-    parent_values = parent_codes.acts.reshape(-1).index_select(0, flat_parent)
-    cross = (
-        parent_values
-        * child_values
-        * _child_parent_dots(child_decoder, parent_decoder, parent_index).index_select(0, cols)
-    ).sum()
-    child_norms = child_decoder.pow(2).sum(-1).index_select(0, cols)
+    # The parent's activation at each child entry's token, looked up in the parent's support
+    # (a parent off its support has value 0 and carries no gradient there).
+    parent_values = lookup_entries(
+        parent_codes.values,
+        parent_codes.rows,
+        parent_codes.cols,
+        (n_tokens, n_parents),
+        child_codes.rows[entries],
+        parents,
+    )
+    cross = (parent_values * child_values * child_parent.index_select(0, cols)).sum()
+    child_norms = child_sq.index_select(0, cols)
     child_energy = (child_values.pow(2) * child_norms).sum()
     siblings = _co_active_sibling_products(child_codes, child_decoder, parent_index, n_parents)
     return (parent_energy - 2.0 * cross + child_energy + 2.0 * siblings) / n_tokens
-
-
-def _child_parent_dots(
-    child_decoder: Tensor, parent_decoder: Tensor, parent_index: Tensor
-) -> Tensor:
-    """<d_c, d_parent(c)> for every child (0 for unassigned ones), one row pair per child."""
-    parents = parent_index.clamp(min=0)
-    dots = (child_decoder * parent_decoder.index_select(0, parents)).sum(-1)
-    return dots * (parent_index >= 0)
 
 
 def _co_active_sibling_products(
@@ -79,15 +76,17 @@ def _co_active_sibling_products(
     """sum over tokens and unordered pairs c < c' of supported siblings: a_c a_c' <d_c, d_c'>."""
     entries = (parent_index[codes.cols] >= 0).nonzero(as_tuple=True)[0]
     group = codes.rows[entries] * n_parents + parent_index[codes.cols[entries]]
-    # Siblings are mostly exclusive: keep only (token, parent) groups with two or more
-    # entries before sorting, which usually leaves a small fraction of the support.
-    shared = torch.bincount(group, minlength=codes.acts.shape[0] * n_parents)[group] > 1
-    entries, group = entries[shared], group[shared]
+    # One stable sort groups the entries by (token, parent), then only groups of two or more
+    # are kept: siblings are mostly exclusive, so few entries remain. (No [tokens x parents]
+    # count table: the cost follows the support, not the parent level's size.)
     order = torch.argsort(group, stable=True)
     entries, group = entries[order], group[order]
+    _, counts = torch.unique_consecutive(group, return_counts=True)
+    shared = torch.repeat_interleave(counts > 1, counts)
+    entries, group = entries[shared], group[shared]
     first, second = _pairs_within_groups(group)
     if first.numel() == 0:
-        return codes.acts.new_zeros(())
+        return codes.pre.new_zeros(())
     first, second = entries[first], entries[second]
     cols = codes.cols
     a_first = codes.values.index_select(0, first)
@@ -96,7 +95,7 @@ def _co_active_sibling_products(
     high = torch.maximum(cols[first], cols[second])
     pair_keys, which = torch.unique(low * decoder.shape[0] + high, return_inverse=True)
     u, v = pair_keys // decoder.shape[0], pair_keys % decoder.shape[0]
-    dots = (decoder.index_select(0, u) * decoder.index_select(0, v)).sum(-1)
+    dots = row_pair_dots(decoder, u, v)
     return (a_first * a_second * dots.index_select(0, which)).sum()
 
 

@@ -277,10 +277,9 @@ class HSAE(nn.Module):
             mses.append(own_error.mean())
             l0s.append(level.l0(codes[index]))
             explained.append(per_token_variance_explained(own_error, energy).mean())
-            active = level.active(codes[index])
-            fired.append(active.any(0))
+            fired.append(level.fired(codes[index]))
             if keep_active:
-                active_masks.append(active)
+                active_masks.append(level.active(codes[index]))
             if dead is not None and weights.aux > 0 and bool(dead[index].any()):
                 aux = self._dead_feature_loss(level, x, (x - recon).detach(), dead[index], group)
                 total = total + weights.aux * aux
@@ -319,7 +318,7 @@ class HSAE(nn.Module):
         return level.decode_columns(codes[index], None, fused) + level.b_dec
 
     def _constraint(self, codes: list[LevelCodes]) -> Tensor:
-        total = codes[0].acts.new_zeros(())
+        total = codes[0].pre.new_zeros(())
         for index in range(self.n_levels - 1):
             total = total + parent_children_constraint(
                 codes[index],

@@ -1,14 +1,20 @@
-"""Fast paths of the JumpReLU level: fused encode with a sparse backward, and sparse decoding.
+"""The JumpReLU estimator, and the support-only kernels of every level kind's training step.
 
 Everything here computes exactly the same values and gradients as the plain dense formulas in
-:mod:`hsae.model.level` (the tests compare them); it only skips work on inactive latents:
+:mod:`hsae.model.level` (the tests compare them at several densities); it only skips work on
+entries that carry no gradient. A level's training forward computes its dense pre-activations
+once (the encoder's forward matmul: the floor of any step) and then works on its *support*:
+the (token, latent) entries above threshold plus those inside the estimator's band just below
+it (TopK kinds: the selected entries). Band entries contribute nothing to the output but must
+receive a gradient, because the threshold's pseudo-derivative reads it.
 
-* :func:`jumprelu_encode` fuses ``pre = (x - b_dec) W_enc + b_enc`` with the JumpReLU and its
-  straight-through estimator (Rajamanoharan et al. 2024). Its backward forms the encoder
-  gradient from the active entries only (a sparse-dense product) when they are few.
-* :func:`decode_support` decodes only the *support* of a code: the latents above threshold plus
-  those inside the estimator's band just below it. Band latents contribute nothing to the
-  output but must receive a gradient, because the threshold's pseudo-derivative reads it.
+* :func:`support_encode`: the support's activations, whose backward forms the encoder's weight
+  gradient, its biases' and the thresholds' from the support entries only;
+* :func:`support_decode`: decoding from the support (embedding_bag with per-sample weights),
+  with a sparse backward for both the values and the decoder;
+* :func:`support_l0`: the L0 estimator read from the support;
+* :func:`lookup_entries` / :func:`scatter_entries`: a code's value at given entries, and its
+  dense form for the paths that want one.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-SPARSE_BACKWARD_MAX_DENSITY = 0.04
-"""Above this share of active entries the dense ``x^T @ grad`` product is faster on CPU/GPU."""
+SPARSE_BACKWARD_MAX_DENSITY = 0.15
+"""Above this share of support entries the encoder's weight gradient is one dense product
+(x^T grad) rather than an embedding_bag over the entries (their costs cross near 20% on CPU)."""
 DENSE_DECODE_DENSITY = 0.12
 """Above this share of support entries one dense decoder product beats gathering rows."""
 
@@ -74,70 +81,6 @@ class L0WithSTE(Function):
         return None, grad_threshold, None
 
 
-class _FusedJumpReLUEncode(Function):
-    """Encoder matmul + JumpReLU whose backward touches only the active entries' inputs."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        x: Tensor,
-        W_enc: Tensor,
-        b_enc: Tensor,
-        b_dec: Tensor,
-        threshold: Tensor,
-        bandwidth: float,
-    ) -> tuple[Tensor, Tensor]:
-        # (x - b_dec) W_enc + b_enc, without forming x - b_dec or its gradient.
-        # Under bf16 autocast the product runs in bf16; pre is float32 either way, so the
-        # threshold comparison, the straight-through estimator and the codes are float32.
-        pre = torch.addmm(b_enc - b_dec @ W_enc, x, W_enc).float()
-        acts = pre * (pre > threshold)
-        ctx.save_for_backward(x, W_enc, b_dec, threshold, pre)
-        ctx.bandwidth = bandwidth
-        ctx.mark_non_differentiable(pre)
-        return acts, pre
-
-    @staticmethod
-    def backward(ctx, grad_acts: Tensor, _grad_pre: Tensor | None):  # type: ignore[override]
-        x, W_enc, b_dec, threshold, pre = ctx.saved_tensors
-        active = pre > threshold
-        grad_pre = grad_acts * active
-        grad_b_enc = grad_pre.sum(0)
-
-        grad_x = grad_pre @ W_enc.t() if ctx.needs_input_grad[0] else None
-        grad_W_enc = None
-        if ctx.needs_input_grad[1]:
-            grad_W_enc = _input_times_sparse_grad(x, grad_pre, active)
-            grad_W_enc -= torch.outer(b_dec, grad_b_enc)
-        grad_b_dec = -(W_enc @ grad_b_enc) if ctx.needs_input_grad[3] else None
-        grad_threshold = None
-        if ctx.needs_input_grad[4]:
-            grad_threshold = threshold_pseudo_gradient(grad_acts, pre, threshold, ctx.bandwidth)
-        grad_b_enc_out = grad_b_enc if ctx.needs_input_grad[2] else None
-        return grad_x, grad_W_enc, grad_b_enc_out, grad_b_dec, grad_threshold, None
-
-
-def _input_times_sparse_grad(x: Tensor, grad_pre: Tensor, active: Tensor) -> Tensor:
-    """x^T @ grad_pre, as a sparse-dense product when few entries are active."""
-    n_active = int(active.sum())
-    if n_active > SPARSE_BACKWARD_MAX_DENSITY * active.numel():
-        return x.t() @ grad_pre
-    rows, cols = active.nonzero(as_tuple=True)
-    values = grad_pre[rows, cols]
-    n_tokens, n_latents = grad_pre.shape
-    transposed = torch.sparse_coo_tensor(
-        torch.stack([cols, rows]), values, (n_latents, n_tokens), is_coalesced=False
-    )
-    return torch.sparse.mm(transposed, x).t()
-
-
-def jumprelu_encode(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshold: Tensor, bandwidth: float
-) -> tuple[Tensor, Tensor]:
-    """Return (activations, pre-activations) of one JumpReLU level; pre carries no gradient."""
-    return _FusedJumpReLUEncode.apply(x, W_enc, b_enc, b_dec, threshold, bandwidth)
-
-
 def support_of(pre: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
     """(rows, cols) of latents above theta - eps/2: the active ones and the band below theta."""
     return (pre > threshold - bandwidth / 2).nonzero(as_tuple=True)
@@ -169,10 +112,331 @@ def gather_entries(dense: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return _GatherDistinct.apply(dense, rows * dense.shape[1] + cols)
 
 
-def decode_support(
+# --- the support-only training step --------------------------------------------------------
+# A level's training forward computes the dense pre-activations once (the encoder's forward
+# matmul, the step's floor) and from there works on the support only: the (token, latent)
+# entries that are active or inside the estimator's band, a few per cent of [batch, features].
+# The values, the encoder's gradients, the decoder both ways and the L0 estimator all run on
+# those entries; nothing else of [batch, features] is read again.
+
+
+def column_order(cols: Tensor, n_columns: int) -> tuple[Tensor, Tensor]:
+    """(permutation sorting entries by column, start offset of each column in that order)."""
+    order = torch.argsort(cols, stable=True)
+    counts = torch.bincount(cols, minlength=n_columns)
+    return order, torch.cumsum(counts, 0) - counts
+
+
+def row_offsets(rows: Tensor, n_rows: int) -> Tensor:
+    """Start of each row's entries in a row-sorted entry list (embedding_bag's offsets)."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    return torch.cumsum(counts, 0) - counts
+
+
+def sparse_t_times(
+    rows: Tensor, cols: Tensor, values: Tensor, dense: Tensor, n_cols: int
+) -> Tensor:
+    """S^T @ dense for S[rows, cols] = values ([n_cols, dense.shape[1]]), without forming S.
+
+    One embedding_bag over the entries sorted by column: bag j sums values[k] dense[rows[k]]
+    over the entries of column j. Faster on CPU than torch.sparse.mm with COO or CSR operands
+    (benchmarks/step_speed.py's note) and a single kernel on GPU.
+    """
+    order, offsets = column_order(cols, n_cols)
+    return F.embedding_bag(
+        rows.index_select(0, order),
+        dense,
+        offsets,
+        mode="sum",
+        per_sample_weights=values.index_select(0, order),
+    )
+
+
+class _SupportEncode(Function):
+    """values[k] = a(pre[rows[k], cols[k]]) of the support entries, with sparse gradients.
+
+    ``pre`` (no gradient) was computed as (x - b_dec) W_enc + b_enc; ``gate`` is None for kinds
+    whose support entries all pass their pre-activation through (TopK kinds), else the JumpReLU
+    threshold: a = pre H(pre - theta) with the rectangle-kernel estimator for theta. The
+    backward forms every parameter gradient from the support entries alone.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        b_dec: Tensor,
+        threshold: Tensor | None,
+        pre_support: Tensor,
+        rows: Tensor,
+        cols: Tensor,
+        bandwidth: float,
+    ) -> Tensor:
+        if threshold is None:
+            values = pre_support.clone()
+        else:
+            values = pre_support * (pre_support > threshold.index_select(0, cols))
+        ctx.save_for_backward(x, W_enc, b_dec, threshold, pre_support, rows, cols)
+        ctx.bandwidth = bandwidth
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_values: Tensor):  # type: ignore[override]
+        x, W_enc, b_dec, threshold, pre_support, rows, cols = ctx.saved_tensors
+        n_tokens, n_latents = x.shape[0], W_enc.shape[1]
+        grad_threshold = None
+        if threshold is None:
+            grad_pre = grad_values
+        else:
+            theta = threshold.index_select(0, cols)
+            grad_pre = grad_values * (pre_support > theta)
+            if ctx.needs_input_grad[4]:
+                band = (pre_support - theta).abs() < (ctx.bandwidth / 2)
+                summed = grad_values.new_zeros(n_latents).index_add_(0, cols, grad_values * band)
+                grad_threshold = -(threshold / ctx.bandwidth) * summed
+        grad_b_enc = grad_pre.new_zeros(n_latents).index_add_(0, cols, grad_pre)
+        dense_grad = None
+        if cols.numel() > SPARSE_BACKWARD_MAX_DENSITY * n_tokens * n_latents:
+            dense_grad = grad_pre.new_zeros(n_tokens, n_latents).index_put_((rows, cols), grad_pre)
+        grad_x = grad_W_enc = grad_b_dec = None
+        if ctx.needs_input_grad[0]:
+            if dense_grad is None:
+                dense_grad = grad_pre.new_zeros(n_tokens, n_latents)
+                dense_grad.index_put_((rows, cols), grad_pre)
+            grad_x = dense_grad @ W_enc.t()
+        if ctx.needs_input_grad[1]:
+            # d pre / d W_enc = x - b_dec: centring the [batch, d] input once is cheaper than
+            # correcting the [d, n] gradient by an outer product afterwards.
+            centred = x - b_dec
+            if dense_grad is not None:
+                grad_W_enc = centred.t() @ dense_grad
+            else:
+                grad_W_enc = sparse_t_times(rows, cols, grad_pre, centred, n_latents).t()
+        if ctx.needs_input_grad[3]:
+            grad_b_dec = -(W_enc @ grad_b_enc)
+        grad_b_enc_out = grad_b_enc if ctx.needs_input_grad[2] else None
+        return (
+            grad_x,
+            grad_W_enc,
+            grad_b_enc_out,
+            grad_b_dec,
+            grad_threshold,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def support_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    threshold: Tensor | None,
+    pre_support: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    bandwidth: float,
+) -> Tensor:
+    """Differentiable activations of the support entries (see :class:`_SupportEncode`)."""
+    return _SupportEncode.apply(
+        x, W_enc, b_enc, b_dec, threshold, pre_support, rows, cols, bandwidth
+    )
+
+
+def encoder_pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
+    """(x - b_dec) W_enc + b_enc as one addmm, without gradient (the step's one dense matmul)."""
+    with torch.no_grad():
+        # Under bf16 autocast the product runs in bf16; pre is float32 either way, so the
+        # threshold comparison, the estimator and the codes are float32.
+        return torch.addmm(b_enc - b_dec @ W_enc, x, W_enc).float()
+
+
+class _SupportL0(Function):
+    """Batch-mean count of support entries above theta; gradient -(1/eps) K reaches theta.
+
+    The same estimator as :class:`L0WithSTE`, read from the support (which holds every entry
+    above theta and the whole band), so it costs O(support) instead of O(batch x features).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, threshold: Tensor, pre_support: Tensor, cols: Tensor, n_tokens: int, bandwidth: float
+    ) -> Tensor:
+        theta = threshold.index_select(0, cols)
+        band = (pre_support - theta).abs() < (bandwidth / 2)
+        band_count = torch.bincount(cols[band], minlength=threshold.shape[0]).to(threshold.dtype)
+        ctx.save_for_backward(band_count)
+        ctx.scale = bandwidth * n_tokens
+        return (pre_support > theta).sum().to(threshold.dtype) / n_tokens
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        (band_count,) = ctx.saved_tensors
+        return -grad_out * band_count / ctx.scale, None, None, None, None
+
+
+def support_l0(
+    threshold: Tensor, pre_support: Tensor, cols: Tensor, n_tokens: int, bandwidth: float
+) -> Tensor:
+    return _SupportL0.apply(threshold, pre_support, cols, n_tokens, bandwidth)
+
+
+class _SupportDecode(Function):
+    """sum_k values[k] W_dec[cols[k]] into row rows[k] (rows sorted), with a sparse backward.
+
+    Forward: one embedding_bag with per-sample weights. Backward: the values' gradient is the
+    per-entry dot <grad_out[row], W_dec[col]> (embedding_bag's own per-sample-weight kernel,
+    which forms no [entries, d] tensor); the decoder's gradient is S^T grad_out as one more
+    embedding_bag over the entries sorted by column (autograd's generic embedding_bag weight
+    gradient is several times slower on CPU).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, values: Tensor, W_dec: Tensor, rows: Tensor, cols: Tensor, n_tokens: int
+    ) -> Tensor:
+        offsets = row_offsets(rows, n_tokens)
+        ctx.save_for_backward(values, W_dec, rows, cols, offsets)
+        return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=values)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        values, W_dec, rows, cols, offsets = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_values = grad_W_dec = None
+        if ctx.needs_input_grad[0]:
+            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_out, W_dec, cols, offsets, rows, 0, -1
+            )
+        if ctx.needs_input_grad[1]:
+            grad_W_dec = sparse_t_times(rows, cols, values, grad_out, W_dec.shape[0])
+        return grad_values, grad_W_dec, None, None, None
+
+
+def support_decode(
     values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, n_tokens: int
 ) -> Tensor:
-    """sum over entries k of values[k] W_dec[cols[k]] into token rows[k] (rows sorted)."""
-    counts = torch.bincount(rows, minlength=n_tokens)
-    offsets = torch.cumsum(counts, 0) - counts
-    return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=values)
+    """:func:`decode_support` with the sparse backward of :class:`_SupportDecode`."""
+    return _SupportDecode.apply(values, W_dec, rows, cols, n_tokens)
+
+
+class _ScatterDistinct(Function):
+    """dense[flat_index] = values in a zero [shape] tensor (distinct indices); backward gathers."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, flat_index: Tensor, shape: torch.Size) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(flat_index)
+        dense = values.new_zeros(shape.numel())
+        dense.index_copy_(0, flat_index, values)
+        return dense.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (flat_index,) = ctx.saved_tensors
+        return grad.reshape(-1).index_select(0, flat_index), None, None
+
+
+def scatter_entries(values: Tensor, rows: Tensor, cols: Tensor, shape: torch.Size) -> Tensor:
+    """The dense [batch, n] tensor with ``values`` at distinct (rows, cols), zero elsewhere."""
+    return _ScatterDistinct.apply(values, rows * shape[1] + cols, shape)
+
+
+def lookup_entries(
+    values: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    shape: tuple[int, int],
+    query_rows: Tensor,
+    query_cols: Tensor,
+) -> Tensor:
+    """values at (query_rows, query_cols) where that pair is an entry, 0 elsewhere.
+
+    Entries must be distinct; differentiable in ``values``. The position of every entry is
+    written into an int32 [rows x cols] table (a memset and one scatter: several times faster
+    than a binary search of the queries among the entries, and far cheaper than the float
+    [batch, n] activations and their gradient).
+    """
+    n_cols = shape[1]
+    if rows.numel() == 0:
+        return values.new_zeros(query_rows.shape)
+    table = torch.full((shape[0] * n_cols,), -1, dtype=torch.int32, device=values.device)
+    positions = torch.arange(rows.numel(), dtype=torch.int32, device=values.device)
+    table.index_copy_(0, rows * n_cols + cols, positions)
+    position = table.index_select(0, query_rows * n_cols + query_cols)
+    found = position >= 0
+    return values.index_select(0, position.clamp(min=0).long()) * found
+
+
+def gather_support(pre: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """pre[rows, cols] as one flat index_select (faster than advanced indexing on CPU)."""
+    return pre.reshape(-1).index_select(0, rows * pre.shape[1] + cols)
+
+
+class _DecoderGram(Function):
+    """(<d_p, d_p> for every parent, <d_c, d_c> and <d_c, d_parent(c)> for every child).
+
+    The constraint's per-feature decoder terms in one pass each way; autograd's version of the
+    same formulas makes a dozen passes over the decoders and allocates a zero gradient per
+    index_select. Unassigned children (parent_index < 0) get a dot of 0 and no gradient from it.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, parent_decoder: Tensor, child_decoder: Tensor, parent_index: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        assigned = parent_index >= 0
+        parent_rows = parent_decoder.index_select(0, parent_index.clamp(min=0))
+        parent_sq = parent_decoder.pow(2).sum(-1)
+        child_sq = child_decoder.pow(2).sum(-1)
+        dots = (child_decoder * parent_rows).sum(-1) * assigned
+        ctx.save_for_backward(parent_decoder, child_decoder, parent_index, assigned)
+        return parent_sq, child_sq, dots
+
+    @staticmethod
+    def backward(ctx, g_parent_sq: Tensor, g_child_sq: Tensor, g_dots: Tensor):  # type: ignore[override]
+        parent_decoder, child_decoder, parent_index, assigned = ctx.saved_tensors
+        g_dots = g_dots * assigned
+        parents = parent_index.clamp(min=0)
+        grad_parent = grad_child = None
+        if ctx.needs_input_grad[0]:
+            grad_parent = parent_decoder * (2.0 * g_parent_sq).unsqueeze(1)
+            grad_parent.index_add_(0, parents, child_decoder * g_dots.unsqueeze(1))
+        if ctx.needs_input_grad[1]:
+            grad_child = child_decoder * (2.0 * g_child_sq).unsqueeze(1)
+            grad_child.addcmul_(parent_decoder.index_select(0, parents), g_dots.unsqueeze(1))
+        return grad_parent, grad_child, None
+
+
+def decoder_gram(
+    parent_decoder: Tensor, child_decoder: Tensor, parent_index: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Squared norms of parent and child decoder rows and each child's dot with its parent."""
+    return _DecoderGram.apply(parent_decoder, child_decoder, parent_index)
+
+
+class _RowPairDots(Function):
+    """<W[u_k], W[v_k]> for index pairs; the backward writes one [n, d] gradient (autograd's two
+    index_selects would each allocate and zero their own)."""
+
+    @staticmethod
+    def forward(ctx, matrix: Tensor, u: Tensor, v: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(matrix, u, v)
+        return (matrix.index_select(0, u) * matrix.index_select(0, v)).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        matrix, u, v = ctx.saved_tensors
+        weights = grad.unsqueeze(1)
+        out = torch.zeros_like(matrix)
+        out.index_add_(0, u, matrix.index_select(0, v) * weights)
+        out.index_add_(0, v, matrix.index_select(0, u) * weights)
+        return out, None, None
+
+
+def row_pair_dots(matrix: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """<matrix[u_k], matrix[v_k]> for every k, differentiable in ``matrix``."""
+    return _RowPairDots.apply(matrix, u, v)

@@ -12,14 +12,12 @@ The kinds live in :mod:`hsae.model.levels` (one file each) and are registered by
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from hsae.model import kernels
-from hsae.model.kernels import decode_support
 
 
 class BatchGroup(Protocol):
@@ -43,20 +41,49 @@ class BatchGroup(Protocol):
         ...
 
 
-@dataclass
 class LevelCodes:
-    """What one training forward of a level produces."""
+    """What one training forward of a level produces.
 
-    acts: Tensor
-    """[batch, n] activations (zero off the active set), differentiable."""
-    pre: Tensor
-    """[batch, n] pre-activations, no gradient."""
-    rows: Tensor
-    """Token index of each support entry (the entries that carry gradient), sorted."""
-    cols: Tensor
-    """Latent index of each support entry."""
-    values: Tensor
-    """acts[rows, cols], differentiable."""
+    The support (``rows``, ``cols``, ``values``) is what the loss is computed from; the dense
+    ``acts`` are formed from it only when something asks for them (the dense decode fallback,
+    tests), so the fast step never writes a [batch, n] activation tensor.
+    """
+
+    def __init__(
+        self,
+        pre: Tensor,
+        rows: Tensor,
+        cols: Tensor,
+        values: Tensor,
+        acts: Tensor | None = None,
+        active_entries: Tensor | None = None,
+        pre_support: Tensor | None = None,
+    ):
+        self.pre = pre
+        """[batch, n] pre-activations, no gradient."""
+        self.rows = rows
+        """Token index of each support entry (the entries that carry gradient); entries are
+        sorted by (row, col), as ``nonzero`` returns them."""
+        self.cols = cols
+        """Latent index of each support entry."""
+        self.values = values
+        """Activation of each support entry (acts[rows, cols]), differentiable."""
+        self.active_entries = active_entries
+        """[entries] booleans: which support entries fire (None: read them from ``acts``)."""
+        self.pre_support = pre_support
+        """pre[rows, cols] (no gradient), when the kind's fast path kept it."""
+        self._acts = acts
+
+    @property
+    def acts(self) -> Tensor:
+        """[batch, n] activations (zero off the active set), differentiable."""
+        if self._acts is None:
+            self._acts = kernels.scatter_entries(self.values, self.rows, self.cols, self.pre.shape)
+        return self._acts
+
+    @property
+    def n_tokens(self) -> int:
+        return self.pre.shape[0]
 
 
 class Level(nn.Module):
@@ -114,18 +141,37 @@ class Level(nn.Module):
         dense product when the code is dense enough for that to be cheaper. Both give every
         support entry its gradient.
         """
-        n_tokens = codes.acts.shape[0]
+        n_tokens = codes.n_tokens
         selected = None if columns is None else columns[codes.cols]
         n_selected = codes.values.numel() if selected is None else int(selected.sum())
-        if not fused or n_selected > kernels.DENSE_DECODE_DENSITY * codes.acts.numel():
+        if not fused or n_selected > kernels.DENSE_DECODE_DENSITY * codes.pre.numel():
             acts = codes.acts if columns is None else codes.acts * columns
             return acts @ self.W_dec
         if selected is None:
-            return decode_support(codes.values, codes.rows, codes.cols, self.W_dec, n_tokens)
+            return kernels.support_decode(
+                codes.values, codes.rows, codes.cols, self.W_dec, n_tokens
+            )
         entries = selected.nonzero(as_tuple=True)[0]
         values = codes.values.index_select(0, entries)
         rows, cols = codes.rows[entries], codes.cols[entries]
-        return decode_support(values, rows, cols, self.W_dec, n_tokens)
+        return kernels.support_decode(values, rows, cols, self.W_dec, n_tokens)
+
+    def selected_codes(self, x: Tensor, pre: Tensor, selected: Tensor) -> LevelCodes:
+        """Support-only codes of a kind whose training activations are pre on a selection
+        (TopK kinds): the gradient reaches the encoder through the selected entries alone."""
+        rows, cols = entries_of(selected)
+        pre_support = kernels.gather_support(pre, rows, cols)
+        values = kernels.support_encode(
+            x, self.W_enc, self.b_enc, self.b_dec, None, pre_support, rows, cols, 0.0
+        )
+        return LevelCodes(
+            pre=pre,
+            rows=rows,
+            cols=cols,
+            values=values,
+            active_entries=pre_support > 0,
+            pre_support=pre_support,
+        )
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:
@@ -152,7 +198,16 @@ class Level(nn.Module):
 
     def l0(self, codes: LevelCodes) -> Tensor:
         """Measured batch-mean L0 of a training forward (no gradient; logs and controller)."""
-        return self.active(codes).sum().to(codes.pre.dtype) / codes.pre.shape[0]
+        if codes.active_entries is not None:
+            return codes.active_entries.sum().to(codes.pre.dtype) / codes.n_tokens
+        return self.active(codes).sum().to(codes.pre.dtype) / codes.n_tokens
+
+    def fired(self, codes: LevelCodes) -> Tensor:
+        """[n] booleans: which features fired on this batch."""
+        if codes.active_entries is not None:
+            flags = torch.zeros(self.n_features, dtype=torch.bool, device=codes.pre.device)
+            return flags.index_fill_(0, codes.cols[codes.active_entries], True)
+        return self.active(codes).any(0)
 
     def threshold_parameters(self) -> list[nn.Parameter]:
         """Parameters trained at ``lr * threshold_lr_multiplier`` (none by default)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hsae.model import kernels
 from hsae.model.kernels import gather_entries
 from hsae.model.level import BatchGroup, Level, LevelCodes, entries_of
 
@@ -85,11 +86,16 @@ class BatchTopKLevel(Level):
     ) -> LevelCodes:
         """The batch's top entries (over the global batch of ``group``); in training mode also
         updates the inference threshold."""
-        pre_with_grad = self.pre_activations(x)
-        pre = pre_with_grad.detach()
+        if fused:
+            pre = kernels.encoder_pre_activations(x, self.W_enc, self.b_enc, self.b_dec)
+        else:
+            pre_with_grad = self.pre_activations(x)
+            pre = pre_with_grad.detach()
         selected, smallest = self.select(pre, group)
         if self.training:
             self._update_threshold(smallest)
+        if fused:
+            return self.selected_codes(x, pre, selected)
         acts = pre_with_grad * selected
         rows, cols = entries_of(selected)
         values = gather_entries(acts, rows, cols)

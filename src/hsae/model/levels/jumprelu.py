@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hsae.model.kernels import JumpReLU, L0WithSTE, gather_entries, jumprelu_encode, support_of
+from hsae.model import kernels
+from hsae.model.kernels import JumpReLU, L0WithSTE, gather_entries, support_of
 from hsae.model.level import Level, LevelCodes
 
 
@@ -44,17 +45,35 @@ class JumpReLULevel(Level):
     def encode_for_training(self, x: Tensor, bandwidth: float, fused: bool) -> LevelCodes:
         threshold = self.threshold
         if fused:
-            acts, pre = jumprelu_encode(x, self.W_enc, self.b_enc, self.b_dec, threshold, bandwidth)
-        else:
-            pre_with_grad = self.pre_activations(x)
-            acts = JumpReLU.apply(pre_with_grad, threshold, bandwidth)
-            pre = pre_with_grad.detach()
+            # The support-only step: one dense matmul, then O(support) work (kernels.py).
+            pre = kernels.encoder_pre_activations(x, self.W_enc, self.b_enc, self.b_dec)
+            rows, cols = support_of(pre, threshold.detach(), bandwidth)
+            pre_support = kernels.gather_support(pre, rows, cols)
+            values = kernels.support_encode(
+                x, self.W_enc, self.b_enc, self.b_dec, threshold, pre_support, rows, cols, bandwidth
+            )
+            active = pre_support > threshold.detach().index_select(0, cols)
+            return LevelCodes(
+                pre=pre,
+                rows=rows,
+                cols=cols,
+                values=values,
+                active_entries=active,
+                pre_support=pre_support,
+            )
+        pre_with_grad = self.pre_activations(x)
+        acts = JumpReLU.apply(pre_with_grad, threshold, bandwidth)
+        pre = pre_with_grad.detach()
         rows, cols = support_of(pre, threshold.detach(), bandwidth)
         values = gather_entries(acts, rows, cols)
         return LevelCodes(acts=acts, pre=pre, rows=rows, cols=cols, values=values)
 
     def sparsity_loss(self, codes: LevelCodes, bandwidth: float) -> Tensor:
         """Batch-mean L0 whose straight-through gradient trains the thresholds."""
+        if codes.pre_support is not None:
+            return kernels.support_l0(
+                self.threshold, codes.pre_support, codes.cols, codes.n_tokens, bandwidth
+            )
         return L0WithSTE.apply(codes.pre, self.threshold, bandwidth)
 
     def active(self, codes: LevelCodes) -> Tensor:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hsae.model import kernels
 from hsae.model.kernels import gather_entries
 from hsae.model.level import Level, LevelCodes, entries_of
 
@@ -48,6 +49,9 @@ class TopKLevel(Level):
         return pre * self.select(pre.detach())
 
     def encode_for_training(self, x: Tensor, bandwidth: float, fused: bool) -> LevelCodes:
+        if fused:
+            pre = kernels.encoder_pre_activations(x, self.W_enc, self.b_enc, self.b_dec)
+            return self.selected_codes(x, pre, self.select(pre))
         pre_with_grad = self.pre_activations(x)
         pre = pre_with_grad.detach()
         selected = self.select(pre)
