@@ -24,7 +24,11 @@ def non_finite_report(
     """
     found = _culprits(batch, out, model)
     what = "; ".join(found[:4]) + (f" (+{len(found) - 4} more)" if len(found) > 4 else "")
-    message = f"loss became {float(out.total)} at step {step}: {what or 'cause not found'}."
+    loss = float(out.total)
+    if _finite(loss):  # a parameter went bad where the support-only step does not read it
+        message = f"training went non-finite at step {step} (loss {loss:g}): {what}."
+    else:
+        message = f"loss became {loss} at step {step}: {what or 'cause not found'}."
     if found and found[0].startswith("input batch"):
         message += " Check the activations for inf/NaN (a corrupt cache or an overflowing model)."
     else:

@@ -226,7 +226,9 @@ class Trainer:
                 exact_metrics=exact_metrics,
                 group=self.parallel,
             )
-        if not torch.isfinite(out.total):
+        # The support-only step never reads a feature that does not fire, so a NaN in its
+        # weights leaves the loss finite: logged steps also check every parameter.
+        if not torch.isfinite(out.total) or (exact_metrics and not self._parameters_finite()):
             raise NonFiniteLossError(
                 non_finite_report(self.step, x, out, self.model, self.last_checkpoint)
             )
@@ -248,6 +250,10 @@ class Trainer:
         if self._forest_due():
             self.update_forest()
         return out
+
+    def _parameters_finite(self) -> bool:
+        finite = [torch.isfinite(p.detach()).all() for p in self.model.parameters()]
+        return bool(torch.stack(finite).all())
 
     def _reduce_step(self, out: TrainingLoss) -> tuple[Tensor, list[Tensor]]:
         """Average gradients; the global batch's L0 and firing flags (one all-reduce)."""
