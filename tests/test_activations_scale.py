@@ -21,8 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hsae.activations import ActivationCache, CacheError, HarvestConfig, HarvestError  # noqa: E402
 from hsae.activations import harvest as run_harvest  # noqa: E402
-from hsae.activations.cache import FORMAT, FORMAT_VERSION, ResumePoint, ShardWriter  # noqa: E402
+from hsae.activations.cache import ResumePoint, ShardWriter  # noqa: E402
 from hsae.activations.parallel import harvest_parallel  # noqa: E402
+from test_activations_cache import _manifest  # noqa: E402  (the same synthetic manifest)
 
 D = 8
 SETTINGS = {
@@ -37,20 +38,6 @@ SETTINGS = {
 
 
 # --------------------------------------------------------------------------- synthetic caches
-
-
-def _manifest(shard_tokens: int, dtype: str) -> dict:
-    return {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "model": {"name": "synthetic"},
-        "layer": 0,
-        "d_model": D,
-        "dtype": dtype,
-        "shard_tokens": shard_tokens,
-        "context_length": 4,
-        "config": {},
-    }
 
 
 def _cache(root: Path, dtype: str = "float32", n: int = 1000, shard_tokens: int = 128):
