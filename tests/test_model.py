@@ -7,6 +7,7 @@ import torch
 
 from hsae.config import HSAEConfig
 from hsae.model import HSAE, kernels, load_hsae
+from hsae.model import hierarchy_losses as losses
 from hsae.model.forest import rebuild_forest
 from hsae.model.hierarchy_losses import (
     parent_children_constraint,
@@ -65,9 +66,15 @@ def _grads(model: HSAE) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("rows", ["gathered-rows", "whole-decoders"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("level", [0, 1])
-def test_constraint_matches_naive_value_and_gradients(level: int, kind: str) -> None:
+def test_constraint_matches_naive_value_and_gradients(
+    monkeypatch, level: int, kind: str, rows: str
+) -> None:
+    # The constraint works on the decoder rows in the support, or on whole decoders when most
+    # rows are: both paths must give the reference's value and every gradient.
+    monkeypatch.setattr(losses, "FULL_ROWS_SHARE", 1.0 if rows == "gathered-rows" else 0.0)
     model, x = tiny_model(kind=kind)
     bandwidth = model.config.bandwidth
     parent = model.levels[level].encode_for_training(x, bandwidth, fused=False)

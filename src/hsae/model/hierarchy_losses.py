@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import Function
 
-from hsae.model.kernels import decoder_gram, lookup_entries, row_pair_dots
+from hsae.model.kernels import entry_positions, row_offsets
 from hsae.model.level import Level, LevelCodes
 
 
@@ -33,70 +34,254 @@ def parent_children_constraint(
 ) -> Tensor:
     """Batch mean of sum_p ||a_p d_p - sum_{c in C(p)} a_c d_c||^2 (unit-norm decoders).
 
-    Expanded as a_p^2 - 2 a_p sum_c a_c <d_p, d_c> + sum_{c, c'} a_c a_c' <d_c, d_c'>, every sum
-    running over support entries only (latents off the support have zero value and zero
-    gradient); the last sum over pairs of siblings both in the support at the same token. The
-    squared norms are kept as <d, d> rather than 1 so the gradient equals that of the
-    unexpanded form (it differs along d itself, which Adam would otherwise see differently).
+    Expanded as a_p^2 <d_p, d_p> - 2 a_p sum_c a_c <d_p, d_c> + sum_{c, c'} a_c a_c' <d_c, d_c'>
+    and summed over tokens first, the value needs only per-feature sums over the support
+    (alpha_p = sum_t a_p^2, gamma_c = sum_t a_c^2, beta_c = sum_t a_p a_c, and sigma of each
+    co-active sibling pair) and decoder products of the features in the support; so does the
+    gradient (:class:`_ParentChildrenConstraint`). Every sum runs over support entries only
+    (latents off the support have zero value and zero gradient). The squared norms are kept as
+    <d, d> rather than 1 so the gradient equals that of the unexpanded form (it differs along d
+    itself, which Adam would otherwise see differently).
     """
     n_tokens, n_parents = parent_codes.pre.shape
     if not bool((parent_index >= 0).any()):
         return parent_codes.pre.new_zeros(())
-    with_children = has_children(parent_index, n_parents)
-    parent_sq, child_sq, child_parent = decoder_gram(parent_decoder, child_decoder, parent_index)
-    parent_weights = parent_sq * with_children
-    parent_energy = (
-        parent_codes.values.pow(2) * parent_weights.index_select(0, parent_codes.cols)
-    ).sum()
+    # float32 throughout, also inside a bf16 autocast region (the products are reductions).
+    with torch.autocast(parent_codes.pre.device.type, enabled=False):
+        return _ParentChildrenConstraint.apply(
+            parent_codes.values,
+            child_codes.values,
+            parent_decoder,
+            child_decoder,
+            parent_codes.rows,
+            parent_codes.cols,
+            child_codes.rows,
+            child_codes.cols,
+            parent_index,
+            n_tokens,
+        )
 
-    entries = (parent_index[child_codes.cols] >= 0).nonzero(as_tuple=True)[0]
-    cols = child_codes.cols[entries]
-    parents = parent_index[cols]
-    child_values = child_codes.values.index_select(0, entries)
-    # The parent's activation at each child entry's token, looked up in the parent's support
-    # (a parent off its support has value 0 and carries no gradient there).
-    parent_values = lookup_entries(
-        parent_codes.values,
-        parent_codes.rows,
-        parent_codes.cols,
-        (n_tokens, n_parents),
-        child_codes.rows[entries],
-        parents,
+
+class _ParentChildrenConstraint(Function):
+    """The constraint of one level pair from per-feature sums, with an analytic backward.
+
+    Forward, for the support entries of both levels (a few per cent of [batch, features]):
+    the parent's value at every child entry's token (one int32 position table), the sums
+    alpha, beta, gamma by feature, the co-active sibling pairs (a count table finds the
+    (token, parent) groups with two or more child entries; only those few are sorted), then
+    decoder products for the features in the support alone. The backward gives the values'
+    gradients per entry and the decoders' gradients as row-sparse tensors over the features in
+    the support (autograd adds them into the reconstruction's dense decoder gradient in place),
+    so no step over a whole decoder happens here. About twenty kernels each way, against the
+    hundred-odd of the same formulas written with autograd.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        parent_values: Tensor,
+        child_values: Tensor,
+        parent_decoder: Tensor,
+        child_decoder: Tensor,
+        parent_rows: Tensor,
+        parent_cols: Tensor,
+        child_rows: Tensor,
+        child_cols: Tensor,
+        parent_index: Tensor,
+        n_tokens: int,
+    ) -> Tensor:
+        n_parents, n_children = parent_decoder.shape[0], child_decoder.shape[0]
+        device = parent_values.device
+        with_children = has_children(parent_index, n_parents)
+        # Child entries whose latent has a parent, and that parent's value at their token.
+        entry_parents = parent_index.index_select(0, child_cols)
+        entries = (entry_parents >= 0).nonzero(as_tuple=True)[0]
+        all_assigned = entries.numel() == child_cols.numel()
+        if not all_assigned:
+            entry_parents = entry_parents.index_select(0, entries)
+        cols = child_cols if all_assigned else child_cols.index_select(0, entries)
+        values = child_values if all_assigned else child_values.index_select(0, entries)
+        rows = child_rows if all_assigned else child_rows.index_select(0, entries)
+        group = rows * n_parents + entry_parents
+        position = entry_positions(parent_rows, parent_cols, n_tokens, n_parents, group)
+        found = position >= 0
+        position = position.clamp(min=0).long()
+        parent_at_child = parent_values.index_select(0, position) * found
+
+        alpha = _sum_by(parent_cols, parent_values.square(), n_parents) * with_children
+        beta = _sum_by(cols, parent_at_child * values, n_children)
+        gamma = _sum_by(cols, values.square(), n_children)
+        first, second, pair, pair_u, pair_v = _co_active_siblings(
+            group, cols, n_tokens * n_parents, n_children
+        )
+
+        sigma = values.new_zeros(pair_u.shape).index_add_(
+            0, pair, values.index_select(0, first) * values.index_select(0, second)
+        )
+
+        # Decoder products of the features in the support only (all rows when most are).
+        parents_used = _used_rows(_flags(parent_cols, n_parents, device) & with_children)
+        children_used = _used_rows(_flags(cols, n_children, device))
+        parent_matrix = _rows(parent_decoder, parents_used)
+        child_matrix = _rows(child_decoder, children_used)
+        their_parents = parent_decoder.index_select(
+            0, _rows(parent_index, children_used).clamp(min=0)
+        )
+        parent_sq = torch.linalg.vector_norm(parent_matrix, dim=1).square()
+        child_sq = torch.linalg.vector_norm(child_matrix, dim=1).square()
+        dots = torch.linalg.vecdot(child_matrix, their_parents)
+        u_rows = child_decoder.index_select(0, pair_u)
+        v_rows = child_decoder.index_select(0, pair_v)
+        pair_dots = torch.linalg.vecdot(u_rows, v_rows)
+
+        total = (
+            torch.dot(_rows(alpha, parents_used), parent_sq)
+            - 2.0 * torch.dot(_rows(beta, children_used), dots)
+            + torch.dot(_rows(gamma, children_used), child_sq)
+            + 2.0 * torch.dot(sigma, pair_dots)
+        ) / n_tokens
+        ctx.save_for_backward(
+            parent_values, parent_cols, values, cols, entries, position, found,
+            parent_at_child, first, second, pair, pair_u, pair_v, sigma, pair_dots,
+            alpha, beta, gamma, parents_used, children_used, parent_matrix, child_matrix,
+            their_parents, parent_sq, child_sq, dots, parent_index, u_rows, v_rows,
+        )  # fmt: skip
+        ctx.sizes = (n_tokens, n_parents, n_children, child_values.shape[0], all_assigned)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (
+            parent_values, parent_cols, values, cols, entries, position, found,
+            parent_at_child, first, second, pair, pair_u, pair_v, sigma, pair_dots,
+            alpha, beta, gamma, parents_used, children_used, parent_matrix, child_matrix,
+            their_parents, parent_sq, child_sq, dots, parent_index, u_rows, v_rows,
+        ) = ctx.saved_tensors  # fmt: skip
+        n_tokens, n_parents, n_children, n_child_entries, all_assigned = ctx.sizes
+        scale = 2.0 * grad / n_tokens
+        grads: list[Tensor | None] = [None] * 10
+        # Per-feature norms and parent dots as full-size vectors (zero off the rows used).
+        parent_sq_all = _full(parent_sq, parents_used, n_parents)
+        child_sq_all = _full(child_sq, children_used, n_children)
+        entry_dots = _full(dots, children_used, n_children).index_select(0, cols)
+        if ctx.needs_input_grad[0]:
+            # d/d a_p = 2/T (a_p <d_p, d_p> - sum of the children's a_c <d_c, d_p> at its token)
+            grad_parent = parent_values * parent_sq_all.index_select(0, parent_cols)
+            grad_parent.index_add_(0, position, -(values * entry_dots * found))
+            grads[0] = grad_parent * scale
+        if ctx.needs_input_grad[1]:
+            # d/d a_c = 2/T (a_c <d_c, d_c> - a_p <d_c, d_p> + sum of co-active siblings' terms)
+            grad_child = values * child_sq_all.index_select(0, cols) - parent_at_child * entry_dots
+            grad_child.index_add_(0, first, values.index_select(0, second) * pair_dots[pair])
+            grad_child.index_add_(0, second, values.index_select(0, first) * pair_dots[pair])
+            if not all_assigned:
+                grad_child = grad_child.new_zeros(n_child_entries).index_copy_(
+                    0, entries, grad_child
+                )
+            grads[1] = grad_child * scale
+        child_weights = _rows(beta, children_used) * -scale
+        if ctx.needs_input_grad[2]:
+            # d/d d_p = 2/T (alpha_p d_p - sum_c beta_c d_c) over the parent rows used; a
+            # child's beta is non-zero only when its parent is among them. The children's sum
+            # is one embedding_bag over the children grouped by parent (no [children, d] temp).
+            slot = _rows(parent_index, children_used)
+            if parents_used is not None:
+                mapped = _slots(parents_used, n_parents).index_select(0, slot.clamp(min=0))
+                slot = torch.where(slot >= 0, mapped, slot)
+            kept = (slot >= 0).nonzero(as_tuple=True)[0]
+            order = kept.index_select(0, torch.argsort(slot.index_select(0, kept), stable=True))
+            sorted_slots = slot.index_select(0, order)
+            rows = torch.nn.functional.embedding_bag(
+                order,
+                child_matrix,
+                row_offsets(sorted_slots, parent_matrix.shape[0]),
+                mode="sum",
+                per_sample_weights=child_weights.index_select(0, order),
+            )
+            rows.addcmul_(parent_matrix, (_rows(alpha, parents_used) * scale).unsqueeze(1))
+            grads[2] = _scatter_rows(rows, parents_used, n_parents)
+        if ctx.needs_input_grad[3]:
+            # d/d d_c = 2/T (gamma_c d_c - beta_c d_p + sum over co-active siblings sigma d_c')
+            rows = child_matrix * (_rows(gamma, children_used) * scale).unsqueeze(1)
+            rows.addcmul_(their_parents, child_weights.unsqueeze(1))
+            if pair_u.numel():
+                u_slot, v_slot = pair_u, pair_v
+                if children_used is not None:
+                    slot = _slots(children_used, n_children)
+                    u_slot, v_slot = slot.index_select(0, pair_u), slot.index_select(0, pair_v)
+                pair_weights = (sigma * scale).unsqueeze(1)
+                rows.index_add_(0, u_slot, v_rows * pair_weights)
+                rows.index_add_(0, v_slot, u_rows * pair_weights)
+            grads[3] = _scatter_rows(rows, children_used, n_children)
+        return tuple(grads)
+
+
+FULL_ROWS_SHARE = 0.5
+"""When more than this share of a decoder's rows are in the support, the constraint works on
+the whole decoder (a view) rather than gathering the rows and scattering their gradient."""
+
+
+def _used_rows(flags: Tensor) -> Tensor | None:
+    """The flagged rows' indices (sorted), or None, meaning all rows, when most are flagged."""
+    used = flags.nonzero(as_tuple=True)[0]
+    return None if used.numel() > FULL_ROWS_SHARE * flags.numel() else used
+
+
+def _rows(tensor: Tensor, used: Tensor | None) -> Tensor:
+    """``tensor``'s rows ``used`` (the tensor itself when None: all rows)."""
+    return tensor if used is None else tensor.index_select(0, used)
+
+
+def _full(values: Tensor, used: Tensor | None, size: int) -> Tensor:
+    """[size] vector with ``values`` at the rows ``used`` and 0 elsewhere."""
+    return values if used is None else values.new_zeros(size).index_copy_(0, used, values)
+
+
+def _scatter_rows(rows: Tensor, used: Tensor | None, size: int) -> Tensor:
+    """A [size, d] gradient with ``rows`` at the rows ``used`` and 0 elsewhere."""
+    if used is None:
+        return rows
+    return rows.new_zeros(size, rows.shape[1]).index_copy_(0, used, rows)
+
+
+def _sum_by(index: Tensor, weights: Tensor, size: int) -> Tensor:
+    """[size] sums of ``weights`` by ``index`` (bincount returns integers when empty)."""
+    return weights.new_zeros(size).index_add_(0, index, weights)
+
+
+def _flags(index: Tensor, size: int, device: torch.device) -> Tensor:
+    """[size] booleans, True at ``index``."""
+    return torch.zeros(size, dtype=torch.bool, device=device).index_fill_(0, index, True)
+
+
+def _slots(indices: Tensor, size: int) -> Tensor:
+    """[size] longs: the position of each feature in ``indices``, -1 for the others."""
+    slot = torch.full((size,), -1, dtype=torch.long, device=indices.device)
+    return slot.index_copy_(0, indices, torch.arange(indices.numel(), device=indices.device))
+
+
+def _co_active_siblings(
+    group: Tensor, cols: Tensor, n_groups: int, n_children: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Pairs of child entries in the same (token, parent) group, and their distinct latents.
+
+    Returns (first, second): entry index pairs, i < j in group order; ``pair``: each pair's
+    index among the distinct latent pairs (u, v), u < v. A count table over the groups keeps
+    only the entries of groups with two or more (siblings mostly fire apart, so few remain), and
+    only those are sorted. (No argsort of every entry: the cost follows the support.)
+    """
+    counts = torch.zeros(n_groups, dtype=torch.int32, device=group.device)
+    counts.index_add_(0, group, torch.ones_like(group, dtype=torch.int32))
+    shared = (counts.index_select(0, group) > 1).nonzero(as_tuple=True)[0]
+    order = torch.argsort(group.index_select(0, shared), stable=True)
+    shared = shared.index_select(0, order)
+    first, second = _pairs_within_groups(group.index_select(0, shared))
+    first, second = shared.index_select(0, first), shared.index_select(0, second)
+    a, b = cols.index_select(0, first), cols.index_select(0, second)
+    keys, pair = torch.unique(
+        torch.minimum(a, b) * n_children + torch.maximum(a, b), return_inverse=True
     )
-    cross = (parent_values * child_values * child_parent.index_select(0, cols)).sum()
-    child_norms = child_sq.index_select(0, cols)
-    child_energy = (child_values.pow(2) * child_norms).sum()
-    siblings = _co_active_sibling_products(child_codes, child_decoder, parent_index, n_parents)
-    return (parent_energy - 2.0 * cross + child_energy + 2.0 * siblings) / n_tokens
-
-
-def _co_active_sibling_products(
-    codes: LevelCodes, decoder: Tensor, parent_index: Tensor, n_parents: int
-) -> Tensor:
-    """sum over tokens and unordered pairs c < c' of supported siblings: a_c a_c' <d_c, d_c'>."""
-    entries = (parent_index[codes.cols] >= 0).nonzero(as_tuple=True)[0]
-    group = codes.rows[entries] * n_parents + parent_index[codes.cols[entries]]
-    # One stable sort groups the entries by (token, parent), then only groups of two or more
-    # are kept: siblings are mostly exclusive, so few entries remain. (No [tokens x parents]
-    # count table: the cost follows the support, not the parent level's size.)
-    order = torch.argsort(group, stable=True)
-    entries, group = entries[order], group[order]
-    _, counts = torch.unique_consecutive(group, return_counts=True)
-    shared = torch.repeat_interleave(counts > 1, counts)
-    entries, group = entries[shared], group[shared]
-    first, second = _pairs_within_groups(group)
-    if first.numel() == 0:
-        return codes.pre.new_zeros(())
-    first, second = entries[first], entries[second]
-    cols = codes.cols
-    a_first = codes.values.index_select(0, first)
-    a_second = codes.values.index_select(0, second)
-    low = torch.minimum(cols[first], cols[second])
-    high = torch.maximum(cols[first], cols[second])
-    pair_keys, which = torch.unique(low * decoder.shape[0] + high, return_inverse=True)
-    u, v = pair_keys // decoder.shape[0], pair_keys % decoder.shape[0]
-    dots = row_pair_dots(decoder, u, v)
-    return (a_first * a_second * dots.index_select(0, which)).sum()
+    return first, second, pair, keys // n_children, keys % n_children
 
 
 def _pairs_within_groups(sorted_groups: Tensor) -> tuple[Tensor, Tensor]:

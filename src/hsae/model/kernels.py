@@ -345,6 +345,22 @@ def scatter_entries(values: Tensor, rows: Tensor, cols: Tensor, shape: torch.Siz
     return _ScatterDistinct.apply(values, rows * shape[1] + cols, shape)
 
 
+def entry_positions(
+    rows: Tensor, cols: Tensor, n_rows: int, n_cols: int, query_keys: Tensor
+) -> Tensor:
+    """int32 position among the (distinct) entries (rows, cols) of each query key
+    row * n_cols + col; -1 where the key is not an entry.
+
+    The position of every entry is written into an int32 [rows x cols] table (a memset and one
+    scatter: several times faster than a binary search of the queries among the entries, and
+    far cheaper than the float [batch, n] activations and their gradient).
+    """
+    table = torch.full((n_rows * n_cols,), -1, dtype=torch.int32, device=rows.device)
+    positions = torch.arange(rows.numel(), dtype=torch.int32, device=rows.device)
+    table.index_copy_(0, rows * n_cols + cols, positions)
+    return table.index_select(0, query_keys)
+
+
 def lookup_entries(
     values: Tensor,
     rows: Tensor,
@@ -355,18 +371,11 @@ def lookup_entries(
 ) -> Tensor:
     """values at (query_rows, query_cols) where that pair is an entry, 0 elsewhere.
 
-    Entries must be distinct; differentiable in ``values``. The position of every entry is
-    written into an int32 [rows x cols] table (a memset and one scatter: several times faster
-    than a binary search of the queries among the entries, and far cheaper than the float
-    [batch, n] activations and their gradient).
+    Entries must be distinct; differentiable in ``values`` (:func:`entry_positions`).
     """
-    n_cols = shape[1]
     if rows.numel() == 0:
         return values.new_zeros(query_rows.shape)
-    table = torch.full((shape[0] * n_cols,), -1, dtype=torch.int32, device=values.device)
-    positions = torch.arange(rows.numel(), dtype=torch.int32, device=values.device)
-    table.index_copy_(0, rows * n_cols + cols, positions)
-    position = table.index_select(0, query_rows * n_cols + query_cols)
+    position = entry_positions(rows, cols, shape[0], shape[1], query_rows * shape[1] + query_cols)
     found = position >= 0
     return values.index_select(0, position.clamp(min=0).long()) * found
 
