@@ -24,6 +24,11 @@ the model was built (interpreter, torch, the batches; for SAELens and the floor,
 their weights are copied from); on CUDA it is ``torch.cuda.max_memory_allocated`` above the
 allocation before. Parameters, gradients and Adam state count.
 
+On CPU the trainer has glibc keep freed memory for reuse (``hsae.devices.keep_freed_cpu_memory``;
+at d = 2304 it saves the page faults of every large temporary); the setting is process-wide, so
+SAELens and the floor, timed in the same process, get it too. ``--system-malloc`` leaves malloc
+as it is, for comparison.
+
 Timings: wall clock, and on CPU also process CPU time, which a shared machine disturbs far
 less; with several threads a busy machine inflates the wall clock of a step made of many small
 operations (ours) much more than one of a few large ones, so compare on a quiet machine or with
@@ -39,6 +44,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -51,6 +57,7 @@ import torch
 
 import hsae.training.trainer as trainer_module
 from hsae import HSAEConfig
+from hsae.devices import KEEP_FREED_MEMORY_ENV, keep_freed_cpu_memory
 from hsae.model.kernels import JumpReLU
 from hsae.training import Trainer
 
@@ -419,8 +426,15 @@ def main() -> None:
     parser.add_argument(
         "--dense-kernels", action="store_true", help="our models on the dense reference path"
     )
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (the trainer otherwise keeps freed memory on CPU)",
+    )
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.system_malloc:  # read by hsae.devices.keep_freed_cpu_memory; the probes inherit it
+        os.environ[KEEP_FREED_MEMORY_ENV] = "0"
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.memory_probe:
@@ -433,6 +447,9 @@ def main() -> None:
     else:
         scales = [SCALES[name] for name in (SCALES if args.scale == "both" else [args.scale])]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    if not args.device.startswith("cuda"):
+        kept = keep_freed_cpu_memory()  # what the trainer does; every contender shares it
+        print(f"CPU malloc keeps freed memory (hsae.devices.keep_freed_cpu_memory): {kept}")
     for scale in scales:
         run = argparse.Namespace(**vars(args))
         for key, value in scale.items():

@@ -51,6 +51,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "baseline-conditional": {"mode": "independent", "similarity": "conditional"},
     "hsae-conditional": {"similarity": "conditional"},
     "hsae-warmup": {"forest_warmup": 0.3},
+    "hsae-warmup-conditional": {"forest_warmup": 0.3, "similarity": "conditional"},
 }
 """Variant name -> HSAEConfig fields on top of the shared settings (empty: current defaults)."""
 
@@ -278,8 +279,8 @@ def markdown(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        if "baseline" in by_variant and len(by_variant) > 1:
-            lines += _paired_table(family, by_variant, seeds_of, n_levels)
+        if args.reference in by_variant and len(by_variant) > 1:
+            lines += _paired_table(by_variant, seeds_of, n_levels, args.reference)
     lines.append(
         f"Settings: {args.steps} steps of batch {args.batch} (d = 64, level sizes from the "
         f"forest, rounded up to 16), target L0 = the family's active atoms per token, "
@@ -290,21 +291,22 @@ def markdown(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def _paired_table(
-    family: str,
     by_variant: dict[str, list[dict[str, float]]],
     seeds_of: dict[str, list[int]],
     n_levels: int,
+    reference: str = "baseline",
 ) -> list[str]:
+    """Every other variant minus ``reference``, paired by seed: mean ± 95 % half-width."""
     keys = ["precision_strict", "precision_lenient", "recall", "split_precision", "split_recall"]
     keys += [f"fve_{level}" for level in range(n_levels)]
-    head = ["variant − baseline (paired by seed)", "seeds"]
+    head = [f"variant − {reference} (paired by seed)", "seeds"]
     head += ["Δ precision (strict)", "Δ precision (lenient)", "Δ recall"]
     head += ["Δ split-link precision", "Δ split-link recall"]
     head += [f"Δ FVE level {level}" for level in range(n_levels)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    base = dict(zip(seeds_of["baseline"], by_variant["baseline"], strict=True))
+    base = dict(zip(seeds_of[reference], by_variant[reference], strict=True))
     for variant, rows in by_variant.items():
-        if variant == "baseline":
+        if variant == reference:
             continue
         pairs = [
             (row, base[seed])
@@ -330,6 +332,9 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--variants", nargs="+", default=["baseline", "hsae"], choices=VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument(
+        "--reference", default="baseline", choices=VARIANTS, help="the paired table subtracts it"
+    )
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--heldout", type=int, default=50_000)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from hsae import distributed
 from hsae.config import ConfigError, HSAEConfig
-from hsae.devices import parse_device
+from hsae.devices import keep_freed_cpu_memory, parse_device
 from hsae.errors import HSAEError
 from hsae.model import HSAE, TrainingLoss
 from hsae.model.forest import make_tracker
@@ -117,6 +117,8 @@ class Trainer:
             config.autocast == "auto" and self.device.type == "cuda"
         )
         """Whether the loss's forward runs under bf16 autocast (config.autocast)."""
+        if self.device.type == "cpu":
+            keep_freed_cpu_memory()  # large temporaries reuse their pages (hsae.devices)
         if self.device.type == "cuda":
             # TF32 matmuls (float32 storage, 10-bit mantissa products) on Ampere and later.
             torch.backends.cuda.matmul.allow_tf32 = True
