@@ -260,6 +260,7 @@ class HSAE(nn.Module):
                     self.parents(index),
                     substituted[index],  # type: ignore[index]
                     fused,
+                    child_decodes_itself=True,  # level index + 1 decodes below
                 )
             else:
                 recon = self._plain_reconstruction(index, codes, fused)

@@ -297,10 +297,17 @@ class _SupportDecode(Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, values: Tensor, W_dec: Tensor, rows: Tensor, cols: Tensor, n_tokens: int
+        ctx,
+        values: Tensor,
+        W_dec: Tensor,
+        rows: Tensor,
+        cols: Tensor,
+        n_tokens: int,
+        row_sparse_grad: bool = False,
     ) -> Tensor:
         offsets = row_offsets(rows, n_tokens)
         ctx.save_for_backward(values, W_dec, rows, cols, offsets)
+        ctx.row_sparse_grad = row_sparse_grad
         return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=values)
 
     @staticmethod
@@ -312,16 +319,34 @@ class _SupportDecode(Function):
             grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
                 grad_out, W_dec, cols, offsets, rows, 0, -1
             )
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and ctx.row_sparse_grad:
+            # Only the rows of the latents decoded here: a sparse gradient that autograd adds
+            # into the dense one the caller guarantees (no [n, d] tensor written for a few rows).
+            latents, slot = torch.unique(cols, return_inverse=True)
+            grad_rows = sparse_t_times(rows, slot, values, grad_out, latents.numel())
+            grad_W_dec = torch.sparse_coo_tensor(
+                latents.unsqueeze(0), grad_rows, W_dec.shape, is_coalesced=True
+            )
+        elif ctx.needs_input_grad[1]:
             grad_W_dec = sparse_t_times(rows, cols, values, grad_out, W_dec.shape[0])
-        return grad_values, grad_W_dec, None, None, None
+        return grad_values, grad_W_dec, None, None, None, None
 
 
 def support_decode(
-    values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, n_tokens: int
+    values: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    W_dec: Tensor,
+    n_tokens: int,
+    row_sparse_grad: bool = False,
 ) -> Tensor:
-    """:func:`decode_support` with the sparse backward of :class:`_SupportDecode`."""
-    return _SupportDecode.apply(values, W_dec, rows, cols, n_tokens)
+    """Decoding of support entries with the sparse backward of :class:`_SupportDecode`.
+
+    ``row_sparse_grad``: give W_dec a sparse COO gradient over the decoded latents' rows, for a
+    decode whose decoder also receives a dense gradient elsewhere in the same loss (autograd
+    then adds the rows into it in place); otherwise the gradient is a dense [n, d] tensor.
+    """
+    return _SupportDecode.apply(values, W_dec, rows, cols, n_tokens, row_sparse_grad)
 
 
 class _ScatterDistinct(Function):

@@ -134,12 +134,20 @@ class Level(nn.Module):
     def decode(self, acts: Tensor) -> Tensor:
         return acts @ self.W_dec + self.b_dec
 
-    def decode_columns(self, codes: LevelCodes, columns: Tensor | None, fused: bool) -> Tensor:
+    def decode_columns(
+        self,
+        codes: LevelCodes,
+        columns: Tensor | None,
+        fused: bool,
+        row_sparse_grad: bool = False,
+    ) -> Tensor:
         """Decoder output (without b_dec) of the features flagged in ``columns`` (None: all).
 
         The fast path decodes only support entries when they are few, and falls back to one
         dense product when the code is dense enough for that to be cheaper. Both give every
-        support entry its gradient.
+        support entry its gradient. ``row_sparse_grad``: the fast path gives W_dec a sparse
+        gradient over the decoded rows (:func:`kernels.support_decode`); only for a decode
+        whose decoder gets a dense gradient elsewhere in the same loss.
         """
         n_tokens = codes.n_tokens
         selected = None if columns is None else columns[codes.cols]
@@ -154,7 +162,7 @@ class Level(nn.Module):
         entries = selected.nonzero(as_tuple=True)[0]
         values = codes.values.index_select(0, entries)
         rows, cols = codes.rows[entries], codes.cols[entries]
-        return kernels.support_decode(values, rows, cols, self.W_dec, n_tokens)
+        return kernels.support_decode(values, rows, cols, self.W_dec, n_tokens, row_sparse_grad)
 
     def selected_codes(self, x: Tensor, pre: Tensor, selected: Tensor) -> LevelCodes:
         """Support-only codes of a kind whose training activations are pre on a selection
