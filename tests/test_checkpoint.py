@@ -79,3 +79,24 @@ def test_checkpoint_survives_crash_between_renames(tmp_path) -> None:
     (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old")  # as if killed mid-swap
     trainer.resume(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "trainer.json").is_file()
+
+
+def test_gradients_and_adam_state_keep_their_parameters_layout(tmp_path) -> None:
+    # Fused Adam walks parameter, gradient and state as flat memory: a state or gradient in
+    # another layout than its parameter (W_enc is a transposed view) pairs the wrong elements.
+    config = HSAEConfig(**CONFIG)
+    first = Trainer(config, TensorBatches(data(), 64, seed=1))
+    first.initialise()
+    for _ in range(20):
+        first.train_step()
+    save_checkpoint(first.state_dict(), tmp_path / "ckpt")
+    resumed = Trainer(config, TensorBatches(data(), 64, seed=1))
+    resumed.resume(tmp_path / "ckpt")
+    resumed.train_step()
+    for trainer in (first, resumed):
+        assert any(p.stride() != p.contiguous().stride() for p in trainer.model.parameters())
+        for param, state in trainer.optimizer.state.items():
+            assert param.grad is None or param.grad.stride() == param.stride()
+            for value in state.values():
+                if value.shape == param.shape:
+                    assert value.stride() == param.stride()

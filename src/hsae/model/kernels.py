@@ -325,7 +325,11 @@ class _SupportDecode(Function):
             latents, slot = torch.unique(cols, return_inverse=True)
             grad_rows = sparse_t_times(rows, slot, values, grad_out, latents.numel())
             grad_W_dec = torch.sparse_coo_tensor(
-                latents.unsqueeze(0), grad_rows, W_dec.shape, is_coalesced=True
+                latents.unsqueeze(0),
+                grad_rows,
+                W_dec.shape,
+                is_coalesced=True,
+                check_invariants=False,
             )
         elif ctx.needs_input_grad[1]:
             grad_W_dec = sparse_t_times(rows, cols, values, grad_out, W_dec.shape[0])

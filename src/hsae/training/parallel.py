@@ -104,7 +104,7 @@ class DataParallel:
                 if p.grad is not None:
                     p.grad.copy_(mean)
                 elif bool(flags[index] > 0):
-                    p.grad = mean.clone()
+                    p.grad = torch.empty_like(p).copy_(mean)  # the parameter's layout (fused Adam)
         out = []
         for s in statistics:
             out.append(flat[offset : offset + s.numel()].view_as(s))

@@ -86,6 +86,28 @@ def estimate_activation_scale(sample: Tensor) -> float:
     return math.sqrt(sample.shape[1]) / mean_norm
 
 
+def _fused_adam_available(device: torch.device) -> bool:
+    """Whether torch has the fused Adam kernel for ``device`` (CPU and CUDA here)."""
+    return device.type in ("cpu", "cuda")
+
+
+def _match_state_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give every loaded optimizer state tensor its parameter's memory layout.
+
+    Checkpoints store state tensors contiguous, while Adam created them with ``zeros_like`` of
+    the parameter (e.g. W_enc, a transposed [d, n] view); the fused kernel, which walks the
+    tensors as flat memory, would then pair the wrong elements after a resume.
+    """
+    for param, values in optimizer.state.items():
+        for key, value in values.items():
+            if (
+                isinstance(value, Tensor)
+                and value.shape == param.shape
+                and value.stride() != param.stride()
+            ):
+                values[key] = torch.empty_like(param).copy_(value)
+
+
 class Trainer:
     """Owns a model, its optimiser, schedule, controllers and data position for one run."""
 
@@ -130,6 +152,11 @@ class Trainer:
             _parameter_groups(self.model, config),
             lr=config.lr,
             betas=(config.adam_beta1, config.adam_beta2),
+            # One kernel per tensor instead of a dozen passes (4 ms against 17 ms a step at
+            # d = 640 on one CPU thread). It reads parameter, gradient and state as flat memory,
+            # so their layouts must agree: autograd keeps gradients in the parameter's layout,
+            # and _match_state_layouts restores a resumed state's.
+            fused=_fused_adam_available(self.device),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -433,6 +460,7 @@ class Trainer:
             self.coactivation.load_state_tensors(tensors)
         self.generator.set_state(tensors["generator"])
         self.optimizer.load_state_dict(state.optimizer)
+        _match_state_layouts(self.optimizer)
         self.scheduler.load_state_dict(record["scheduler"])
         if record.get("data") is not None and hasattr(self.batches, "load_state_dict"):
             self.batches.load_state_dict(record["data"])
