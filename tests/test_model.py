@@ -108,6 +108,27 @@ def test_constraint_matches_naive_value_and_gradients(
         assert child.rows.numel() == int((child.acts > 0).sum())
 
 
+def test_constraint_when_no_parent_is_in_its_support() -> None:
+    # Children fire while every parent is silent (no parent entry at all): the constraint is the
+    # children's energy, and the backward must not index the empty parent support.
+    model, x = tiny_model()
+    bandwidth = model.config.bandwidth
+    parent_level, child_level = model.levels[0], model.levels[1]
+    with torch.no_grad():
+        parent_level.log_threshold.fill_(10.0)  # thresholds far above every pre-activation
+    parent = parent_level.encode_for_training(x, bandwidth, fused=True)
+    child = child_level.encode_for_training(x, bandwidth, fused=True)
+    assert parent.values.numel() == 0 and child.values.numel() > 0
+    links = model.parents(0)
+    fast = parent_children_constraint(parent, child, parent_level.W_dec, child_level.W_dec, links)
+    fast.backward()
+    slow = naive_constraint(
+        parent.acts.detach(), child.acts.detach(), parent_level.W_dec, child_level.W_dec, links
+    )
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-5)
+    assert child_level.W_enc.grad is not None and torch.isfinite(child_level.W_enc.grad).all()
+
+
 def test_constraint_is_zero_when_children_sum_to_parent() -> None:
     parent_dec = torch.nn.functional.normalize(torch.randn(1, 4), dim=1)
     child_dec = torch.cat([parent_dec, parent_dec])  # two children along the parent direction

@@ -69,11 +69,12 @@ class _ParentChildrenConstraint(Function):
     the parent's value at every child entry's token (one int32 position table), the sums
     alpha, beta, gamma by feature, the co-active sibling pairs (a count table finds the
     (token, parent) groups with two or more child entries; only those few are sorted), then
-    decoder products for the features in the support alone. The backward gives the values'
-    gradients per entry and the decoders' gradients as row-sparse tensors over the features in
-    the support (autograd adds them into the reconstruction's dense decoder gradient in place),
-    so no step over a whole decoder happens here. About twenty kernels each way, against the
-    hundred-odd of the same formulas written with autograd.
+    decoder products for the rows in the support (whole decoders, as views, when most rows
+    are). The backward gives the values' gradients per entry and each decoder's gradient from
+    the same per-feature sums: alpha/gamma-weighted rows plus the beta-weighted rows of the other
+    level (one embedding_bag sums each parent's children), non-zero only on rows in the support.
+    About twenty kernels each way, against the hundred-odd of the same formulas written with
+    autograd.
     """
 
     @staticmethod
@@ -106,7 +107,10 @@ class _ParentChildrenConstraint(Function):
         position = entry_positions(parent_rows, parent_cols, n_tokens, n_parents, group)
         found = position >= 0
         position = position.clamp(min=0).long()
-        parent_at_child = parent_values.index_select(0, position) * found
+        if parent_values.numel():
+            parent_at_child = parent_values.index_select(0, position) * found
+        else:  # no parent fires or sits in its band anywhere in the batch
+            parent_at_child = values.new_zeros(values.shape)
 
         alpha = _sum_by(parent_cols, parent_values.square(), n_parents) * with_children
         beta = _sum_by(cols, parent_at_child * values, n_children)
@@ -167,7 +171,8 @@ class _ParentChildrenConstraint(Function):
         if ctx.needs_input_grad[0]:
             # d/d a_p = 2/T (a_p <d_p, d_p> - sum of the children's a_c <d_c, d_p> at its token)
             grad_parent = parent_values * parent_sq_all.index_select(0, parent_cols)
-            grad_parent.index_add_(0, position, -(values * entry_dots * found))
+            if parent_values.numel():
+                grad_parent.index_add_(0, position, -(values * entry_dots * found))
             grads[0] = grad_parent * scale
         if ctx.needs_input_grad[1]:
             # d/d a_c = 2/T (a_c <d_c, d_c> - a_p <d_c, d_p> + sum of co-active siblings' terms)
