@@ -67,7 +67,7 @@ def keep_freed_cpu_memory() -> bool:
     fresh mmap that it unmaps on free, so each [features, d] temporary of a training step at
     the paper's width pays its page faults again, step after step (about 50 ms per 150 MB on
     the machine of benchmarks/step_speed.py). Serving every block from the heap and never
-    trimming it lets the next step reuse the same pages: steps 20-30 % faster at d = 2304 on
+    trimming it lets the next step reuse the same pages: steps 35-45 % shorter at d = 2304 on
     CPU, no change at d = 640. The process then keeps its peak memory until it exits.
 
     Applied once per process, on Linux with glibc only (elsewhere, or when the environment
