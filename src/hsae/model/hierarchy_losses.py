@@ -20,9 +20,8 @@ from hsae.model.level import Level, LevelCodes
 
 
 def has_children(parent_index: Tensor, n_parents: int) -> Tensor:
-    flags = torch.zeros(n_parents, dtype=torch.bool, device=parent_index.device)
-    flags[parent_index[parent_index >= 0]] = True
-    return flags
+    """[n_parents] booleans: which parents have at least one child."""
+    return _flags(parent_index[parent_index >= 0], n_parents, parent_index.device)
 
 
 def parent_children_constraint(
@@ -165,9 +164,9 @@ class _ParentChildrenConstraint(Function):
         scale = 2.0 * grad / n_tokens
         grads: list[Tensor | None] = [None] * 10
         # Per-feature norms and parent dots as full-size vectors (zero off the rows used).
-        parent_sq_all = _full(parent_sq, parents_used, n_parents)
-        child_sq_all = _full(child_sq, children_used, n_children)
-        entry_dots = _full(dots, children_used, n_children).index_select(0, cols)
+        parent_sq_all = _scatter_rows(parent_sq, parents_used, n_parents)
+        child_sq_all = _scatter_rows(child_sq, children_used, n_children)
+        entry_dots = _scatter_rows(dots, children_used, n_children).index_select(0, cols)
         if ctx.needs_input_grad[0]:
             # d/d a_p = 2/T (a_p <d_p, d_p> - sum of the children's a_c <d_c, d_p> at its token)
             grad_parent = parent_values * parent_sq_all.index_select(0, parent_cols)
@@ -237,16 +236,12 @@ def _rows(tensor: Tensor, used: Tensor | None) -> Tensor:
     return tensor if used is None else tensor.index_select(0, used)
 
 
-def _full(values: Tensor, used: Tensor | None, size: int) -> Tensor:
-    """[size] vector with ``values`` at the rows ``used`` and 0 elsewhere."""
-    return values if used is None else values.new_zeros(size).index_copy_(0, used, values)
-
-
 def _scatter_rows(rows: Tensor, used: Tensor | None, size: int) -> Tensor:
-    """A [size, d] gradient with ``rows`` at the rows ``used`` and 0 elsewhere."""
+    """``rows`` (a vector or a [len(used), d] block) at the rows ``used`` of a zero tensor of
+    ``size`` rows (``rows`` itself when ``used`` is None: all rows)."""
     if used is None:
         return rows
-    return rows.new_zeros(size, rows.shape[1]).index_copy_(0, used, rows)
+    return rows.new_zeros((size, *rows.shape[1:])).index_copy_(0, used, rows)
 
 
 def _sum_by(index: Tensor, weights: Tensor, size: int) -> Tensor:

@@ -13,8 +13,8 @@ receive a gradient, because the threshold's pseudo-derivative reads it.
 * :func:`support_decode`: decoding from the support (embedding_bag with per-sample weights),
   with a sparse backward for both the values and the decoder;
 * :func:`support_l0`: the L0 estimator read from the support;
-* :func:`lookup_entries` / :func:`scatter_entries`: a code's value at given entries, and its
-  dense form for the paths that want one.
+* :func:`entry_positions` / :func:`scatter_entries`: where given (token, latent) pairs sit among
+  the entries, and a code's dense form for the paths that want one.
 """
 
 from __future__ import annotations
@@ -388,25 +388,6 @@ def entry_positions(
     positions = torch.arange(rows.numel(), dtype=torch.int32, device=rows.device)
     table.index_copy_(0, rows * n_cols + cols, positions)
     return table.index_select(0, query_keys)
-
-
-def lookup_entries(
-    values: Tensor,
-    rows: Tensor,
-    cols: Tensor,
-    shape: tuple[int, int],
-    query_rows: Tensor,
-    query_cols: Tensor,
-) -> Tensor:
-    """values at (query_rows, query_cols) where that pair is an entry, 0 elsewhere.
-
-    Entries must be distinct; differentiable in ``values`` (:func:`entry_positions`).
-    """
-    if rows.numel() == 0:
-        return values.new_zeros(query_rows.shape)
-    position = entry_positions(rows, cols, shape[0], shape[1], query_rows * shape[1] + query_cols)
-    found = position >= 0
-    return values.index_select(0, position.clamp(min=0).long()) * found
 
 
 def gather_support(pre: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
