@@ -52,15 +52,25 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "hsae-conditional": {"similarity": "conditional"},
     "hsae-warmup": {"forest_warmup": 0.3},
     "hsae-warmup-conditional": {"forest_warmup": 0.3, "similarity": "conditional"},
+    "baseline-hybrid": {"mode": "independent", "similarity": "hybrid"},
+    "hsae-hybrid": {"similarity": "hybrid"},
+    "hsae-then-conditional": {"similarity": "conditional"},
+    "hsae-then-hybrid": {"similarity": "hybrid"},
 }
 """Variant name -> HSAEConfig fields on top of the shared settings (empty: current defaults)."""
 
-POST_HOC = {"baseline-conditional": "baseline"}
-"""Variants that differ from another only in the post-hoc forest of an independent model (the
-weights do not depend on the similarity): with --models, the saved model of the other variant
-is reloaded and its forest rebuilt from firing statistics gathered like the trainer's
-(ConditionalTracker, momentum 0.99, one batch of 256 tokens per update, 1,000 updates over
-the training pool) instead of training it again."""
+POST_HOC = {
+    "baseline-conditional": "baseline",
+    "baseline-hybrid": "baseline",
+    "hsae-then-conditional": "hsae",
+    "hsae-then-hybrid": "hsae",
+}
+"""Variants made from another's saved model by rebuilding its forest with their similarity,
+from firing statistics gathered like the trainer's (ConditionalTracker, momentum 0.99, one
+batch of 256 tokens per update, 1,000 updates over the training pool), with --models, instead
+of training again. For an independent model this is exactly the variant trained with that
+similarity (its weights do not depend on the forest); for an HSAE ("hsae-then-...") it is the
+HSAE trained at the defaults (decoder cosine) with its final forest rebuilt by another rule."""
 
 
 def family_spec(family: str, seed: int) -> SyntheticSpec:

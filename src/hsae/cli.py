@@ -137,7 +137,9 @@ def train(
     rho: float = typer.Option(None, help="weight of the parent-children constraint"),
     r: float = typer.Option(None, "--r", help="parent/children perturbation rate"),
     update_interval: int = typer.Option(None, help="steps between forest rebuilds"),
-    similarity: str = typer.Option(None, help="encoder | decoder | coactivation | conditional"),
+    similarity: str = typer.Option(
+        None, help="encoder | decoder | coactivation | conditional | hybrid"
+    ),
     tree: str = typer.Option(None, help="partial | full | binary | fixed"),
     lr: float = typer.Option(None, help="Adam learning rate"),
     batch_size: int = typer.Option(None, help="tokens per training step"),

@@ -26,7 +26,7 @@ from pydantic import (
 
 from hsae.errors import ConfigError
 
-Similarity = Literal["encoder", "decoder", "coactivation", "conditional"]
+Similarity = Literal["encoder", "decoder", "coactivation", "conditional", "hybrid"]
 TreeVariant = Literal["partial", "full", "binary", "fixed"]
 Autocast = Literal["auto", "bf16", "off"]
 
@@ -85,8 +85,9 @@ class ArchitectureConfig(_Settings):
     """Forest similarity: "encoder" cosine, "decoder" cosine or "coactivation" frequency.
     The paper uses encoder cosine and found the three comparable; decoder cosine gave both
     HSAE and baseline far better P(parent given child) on the synthetic benchmark. Our option
-    "conditional": P(parent fires | child fires) - P(parent fires), from firing EMAs tracked
-    during training (``hsae.model.forest.ConditionalTracker``; docs/synthetic.md)."""
+    "conditional": P(parent fires | child fires) - P(parent fires), and "hybrid": decoder cosine
+    times P(parent fires | child fires), both from firing EMAs tracked during training
+    (``hsae.model.forest.ConditionalTracker``; docs/synthetic.md)."""
     sparse_kernels: bool = True
     """Use the sparsity-exploiting decoder/backward path (same maths as the dense reference)."""
 

@@ -700,7 +700,7 @@ def import_forest(
     **config: Any,
 ) -> tuple[HSAE, str]:
     """:func:`forest_from_saelens`, and a sentence saying where the parent links came from."""
-    if similarity in ("coactivation", "conditional"):
+    if similarity in forest_ops.FIRING_SIMILARITIES:
         raise InteropError(
             f"similarity={similarity!r} needs firing statistics from training; use 'encoder' "
             "or 'decoder' here"

@@ -9,12 +9,18 @@ highest similarity; children whose best similarity lies in the bottom ``q`` quan
 children's best similarities stay unassigned; the binary variant keeps at most two children
 per parent (the most similar).
 
-Similarities: encoder or decoder cosine, co-activation frequency (the paper's three), and our
-"conditional" option: how much more often the parent fires when the child fires than on
-average, ``P(parent | child) - P(parent)``, from EMAs tracked during training
-(:class:`ConditionalTracker`). A child is the more specific feature, so its true parent should
-fire whenever it does (``P(parent | child)`` near 1) whatever the two decoders look like; the
-``- P(parent)`` keeps a parent that fires on most tokens from winning every child.
+Similarities: encoder or decoder cosine, co-activation frequency (the paper's three), and two
+options of ours, both from firing EMAs tracked during training (:class:`ConditionalTracker`):
+
+* "conditional": how much more often the parent fires when the child fires than on average,
+  ``P(parent | child) - P(parent)``. A child is the more specific feature, so its true parent
+  should fire whenever it does (``P(parent | child)`` near 1) whatever the two decoders look
+  like; the ``- P(parent)`` keeps a parent that fires on most tokens from winning every child.
+* "hybrid": decoder cosine (clamped at 0) times ``P(parent | child)``: among the parents that
+  fire with the child, the one whose direction is closest. Co-firing alone prefers a coarser
+  ancestor that fires with the child more reliably than a parent which absorbed part of it;
+  the decoder cosine tells the two apart, and co-firing vetoes a parent that merely points the
+  same way.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from torch import Tensor
 
 UNASSIGNED = -1
 ROW_CHUNK = 4096
+FIRING_SIMILARITIES = ("coactivation", "conditional", "hybrid")
+"""The similarities read from firing statistics tracked during training (not from weights
+alone): a model imported without them cannot use these."""
 
 
 def unit_rows(vectors: Tensor) -> Tensor:
@@ -168,13 +177,19 @@ class ConditionalTracker(CoactivationTracker):
             rate.mul_(momentum).add_(level_active.to(rate.dtype).mean(0), alpha=1.0 - momentum)
         super().update(active)
 
+    def conditional(self, level: int) -> Tensor:
+        """[n_children, n_parents] ``P(parent | child)`` between levels ``level`` and
+        ``level + 1`` (0 for a child that never fired)."""
+        child_rate = self.rates[level + 1]
+        conditional = self.frequencies[level] / child_rate.clamp(min=1e-12)[:, None]
+        return torch.where(child_rate[:, None] > 0, conditional, torch.zeros_like(conditional))
+
     def lift(self, level: int) -> Tensor:
         """[n_children, n_parents] ``P(parent | child) - P(parent)`` between levels ``level``
         and ``level + 1`` (0 for a child that never fired)."""
-        child_rate = self.rates[level + 1]
-        conditional = self.frequencies[level] / child_rate.clamp(min=1e-12)[:, None]
-        lift = conditional - self.rates[level][None, :]
-        return torch.where(child_rate[:, None] > 0, lift, torch.zeros_like(lift))
+        lift = self.conditional(level) - self.rates[level][None, :]
+        fired = self.rates[level + 1][:, None] > 0
+        return torch.where(fired, lift, torch.zeros_like(lift))
 
     def state_tensors(self) -> dict[str, Tensor]:
         tensors = super().state_tensors()
@@ -193,9 +208,24 @@ def make_tracker(
     """The firing statistics a similarity needs during training (None for the cosines)."""
     if similarity == "coactivation":
         return CoactivationTracker(level_sizes, momentum, device)
-    if similarity == "conditional":
+    if similarity in ("conditional", "hybrid"):
         return ConditionalTracker(level_sizes, momentum, device)
     return None
+
+
+def tracker_scores(
+    similarity: str, tracker: CoactivationTracker | None, level: int
+) -> Tensor | None:
+    """The firing statistics between levels ``level`` and ``level + 1`` that ``similarity``
+    reads (:func:`best_parents`' ``coactivation``); None for the cosines."""
+    if tracker is None:
+        return None
+    if isinstance(tracker, ConditionalTracker):
+        if similarity == "conditional":
+            return tracker.lift(level)
+        if similarity == "hybrid":
+            return tracker.conditional(level)
+    return tracker.frequencies[level]
 
 
 def best_parents(
@@ -207,25 +237,36 @@ def best_parents(
     """Best parent and its similarity for each child, by one of the measures.
 
     ``coactivation``: the [n_children, n_parents] co-firing EMA for "coactivation", the lift
-    ``P(parent | child) - P(parent)`` (:meth:`ConditionalTracker.lift`) for "conditional".
-    A child without positive evidence (score <= 0) for either stays unassigned.
+    ``P(parent | child) - P(parent)`` (:meth:`ConditionalTracker.lift`) for "conditional",
+    ``P(parent | child)`` for "hybrid" (:func:`tracker_scores` picks it). A child without
+    positive evidence (score <= 0) for any of these stays unassigned.
     """
     with torch.no_grad():
         if similarity == "encoder":
             return best_parent_by_cosine(child_level.W_enc.t(), parent_level.W_enc.t())
         if similarity == "decoder":
             return best_parent_by_cosine(child_level.W_dec, parent_level.W_dec)
-        if similarity in ("coactivation", "conditional"):
+        if similarity in FIRING_SIMILARITIES:
             if coactivation is None:
                 raise ValueError(f"similarity={similarity!r} needs co-firing statistics")
-            index, score = best_parent_from_scores(
-                coactivation.shape[0], lambda rows: coactivation[rows]
-            )
+            if similarity == "hybrid":
+                children = unit_rows(child_level.W_dec.float())
+                parents = unit_rows(parent_level.W_dec.float())
+
+                def scores_for(rows: slice) -> Tensor:
+                    cosine = (children[rows] @ parents.t()).clamp(min=0)
+                    return cosine * coactivation[rows]
+            else:
+
+                def scores_for(rows: slice) -> Tensor:
+                    return coactivation[rows]
+
+            index, score = best_parent_from_scores(coactivation.shape[0], scores_for)
             # A child that never fired with any parent has no evidence for a link: the argmax
             # of an all-zero row (parent 0) would be arbitrary.
             return index.masked_fill(score <= 0, UNASSIGNED), score
     raise ValueError(
-        "similarity must be 'encoder', 'decoder', 'coactivation' or 'conditional', "
+        "similarity must be 'encoder', 'decoder', 'coactivation', 'conditional' or 'hybrid', "
         f"not {similarity!r}"
     )
 
@@ -240,11 +281,11 @@ def rebuild_forest(
     """A new forest over ``levels`` (parameters untouched): best parent, filter, cap."""
     links = []
     for index in range(len(levels) - 1):
-        frequencies = coactivation.frequencies[index] if coactivation is not None else None
-        if similarity == "conditional" and isinstance(coactivation, ConditionalTracker):
-            frequencies = coactivation.lift(index)
         best_index, best_score = best_parents(
-            similarity, levels[index], levels[index + 1], frequencies
+            similarity,
+            levels[index],
+            levels[index + 1],
+            tracker_scores(similarity, coactivation, index),
         )
         links.append(link_children(best_index, best_score, quantile, max_children))
     return links

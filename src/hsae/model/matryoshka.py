@@ -28,7 +28,7 @@ make every hierarchy metric trivially perfect for them.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -230,7 +230,7 @@ class MatryoshkaSAE(HSAE):
         for index in range(self.n_levels - 1):
             parent_size, child_size = sizes[index], sizes[index + 1]
             new = _Block(self.dictionary, parent_size, child_size)
-            scores = _tracker_scores(similarity, tracker, index)
+            scores = forest_ops.tracker_scores(similarity, tracker, index)
             if scores is not None:
                 scores = scores[parent_size:]
             best_index, best_score = forest_ops.best_parents(
@@ -252,14 +252,3 @@ class _Block:
     def __init__(self, dictionary: BatchTopKLevel, start: int, end: int):
         self.W_enc = dictionary.W_enc[:, start:end]
         self.W_dec = dictionary.W_dec[start:end]
-
-
-def _tracker_scores(
-    similarity: str, tracker: forest_ops.CoactivationTracker | None, index: int
-) -> Any:
-    """The firing statistics between levels ``index`` and ``index + 1`` a similarity uses."""
-    if tracker is None:
-        return None
-    if similarity == "conditional" and isinstance(tracker, forest_ops.ConditionalTracker):
-        return tracker.lift(index)
-    return tracker.frequencies[index]
