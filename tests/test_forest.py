@@ -1,4 +1,5 @@
-"""Forest rebuild rules: quantile filter, binary cap, co-activation and conditional similarity."""
+"""Forest rebuild rules: quantile filter, binary cap, co-activation, conditional and hybrid
+similarity."""
 
 from __future__ import annotations
 
@@ -114,6 +115,33 @@ def test_conditional_rebuild_follows_firing_not_direction() -> None:
     # P(parent | child) is 1 for the always-on parent 2 as well: the lift is 0 there
     assert torch.allclose(tracker.lift(0)[:, 2], torch.zeros(2), atol=1e-6)
     assert make_tracker("decoder", [3, 2], 0.9) is None
+
+
+def test_hybrid_rebuild_takes_the_closest_direction_among_co_firing_parents() -> None:
+    """Child 0 points mostly its own way (e3). Parent 0 (cosine 0.71) fires with it 80 % of the
+    time, parent 1 (cosine 0.10) every time and never otherwise, parent 2 (cosine 0.95) never.
+    Decoder cosine takes parent 2, the conditional rule parent 1 (lift 0.75 > 0.6), the hybrid
+    parent 0 (0.71 x 0.8 against 0.10 x 1). Child 1 never fires: no evidence, no parent."""
+    basis = torch.eye(8)
+    parents = torch.stack(
+        [basis[3] + basis[0], 0.1 * basis[3] + basis[1], 3 * basis[3] + basis[2]]
+    )
+    levels = [_Level(torch.nn.functional.normalize(parents, dim=1)), _Level(basis[[3, 2]])]
+    tokens = torch.arange(400)
+    with_child = tokens % 4 == 0
+    parent_fire = torch.stack(
+        [with_child & (tokens % 20 != 0), with_child, torch.zeros(400, dtype=torch.bool)], 1
+    )
+    child_fire = torch.stack([with_child, torch.zeros(400, dtype=torch.bool)], 1)
+    tracker = make_tracker("hybrid", [3, 2], momentum=0.9)
+    assert isinstance(tracker, ConditionalTracker)
+    tracker.update([parent_fire, child_fire])
+    torch.testing.assert_close(tracker.conditional(0)[0], torch.tensor([0.8, 1.0, 0.0]))
+    assert rebuild_forest(levels, "decoder", 0.0, None)[0].tolist() == [2, 2]
+    assert rebuild_forest(levels, "conditional", 0.0, None, tracker)[0].tolist() == [1, -1]
+    assert rebuild_forest(levels, "hybrid", 0.0, None, tracker)[0].tolist() == [0, -1]
+    with pytest.raises(ValueError, match="needs co-firing statistics"):
+        rebuild_forest(levels, "hybrid", 0.0, None)
 
 
 def test_conditional_tracker_state_round_trip() -> None:

@@ -811,6 +811,9 @@ def test_reimport_recovers_every_parent_link(run_dir: Path, tmp_path: Path) -> N
     mixed = [str(tmp_path / "other" / "hsae" / "level_0"), *levels[1:]]
     model, source = import_forest(mixed)
     assert "decoder similarity" in source and "are not into" in source
+    for needs_firing in forest_ops.FIRING_SIMILARITIES:  # nothing fired here to count
+        with pytest.raises(InteropError, match="needs firing statistics"):
+            import_forest(levels, similarity=needs_firing)
     expected = forest_ops.rebuild_forest(list(model.levels), "decoder", 0.2, None)
     assert all(torch.equal(a, b) for a, b in zip(model.forest(), expected, strict=True))
     broken = json.loads((Path(levels[1]) / "cfg.json").read_text())

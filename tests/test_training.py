@@ -145,8 +145,9 @@ def test_coactivation_similarity_trains() -> None:
     assert (trainer.model.parents(0) >= 0).any()
 
 
-def test_conditional_similarity_trains() -> None:
-    config = HSAEConfig(**(BASE | {"train_tokens": 64 * 60, "similarity": "conditional"}))
+@pytest.mark.parametrize("similarity", ["conditional", "hybrid"])
+def test_firing_rate_similarities_train(similarity: str) -> None:
+    config = HSAEConfig(**(BASE | {"train_tokens": 64 * 60, "similarity": similarity}))
     trainer = Trainer(config, TensorBatches(sparse_data(), 64))
     trainer.fit(progress=False)
     tracker = trainer.coactivation
