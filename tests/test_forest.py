@@ -123,9 +123,7 @@ def test_hybrid_rebuild_takes_the_closest_direction_among_co_firing_parents() ->
     Decoder cosine takes parent 2, the conditional rule parent 1 (lift 0.75 > 0.6), the hybrid
     parent 0 (0.71 x 0.8 against 0.10 x 1). Child 1 never fires: no evidence, no parent."""
     basis = torch.eye(8)
-    parents = torch.stack(
-        [basis[3] + basis[0], 0.1 * basis[3] + basis[1], 3 * basis[3] + basis[2]]
-    )
+    parents = torch.stack([basis[3] + basis[0], 0.1 * basis[3] + basis[1], 3 * basis[3] + basis[2]])
     levels = [_Level(torch.nn.functional.normalize(parents, dim=1)), _Level(basis[[3, 2]])]
     tokens = torch.arange(400)
     with_child = tokens % 4 == 0

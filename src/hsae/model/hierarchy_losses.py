@@ -317,16 +317,20 @@ def perturbed_reconstruction(
     substituted: Tensor,
     fused: bool,
     child_decodes_itself: bool = False,
+    with_bias: bool = True,
 ) -> Tensor:
     """Level reconstruction with each substituted parent replaced by its children's outputs.
 
     ``child_decodes_itself``: the same loss also holds the child level's own reconstruction
     (as the HSAE's does), so the child decoder's gradient from the few borrowed rows can be a
     sparse one added into that dense gradient, instead of a second [n, d] tensor.
+    ``with_bias=False``: the decoders' output only, without the level's b_dec (for a caller
+    that adds it inside its own error, as :func:`hsae.model.kernels.squared_error` does).
     """
     own = level.decode_columns(codes, ~substituted, fused)
     borrowed_columns = (parent_index >= 0) & substituted[parent_index.clamp(min=0)]
     borrowed = child_level.decode_columns(
         child_codes, borrowed_columns, fused, row_sparse_grad=child_decodes_itself
     )
-    return own + borrowed + level.b_dec
+    decoded = own + borrowed
+    return decoded + level.b_dec if with_bias else decoded

@@ -27,6 +27,7 @@ from hsae.io import sha256_file, write_json, write_safetensors
 from hsae.model import forest as forest_ops
 from hsae.model import navigation
 from hsae.model.hierarchy_losses import parent_children_constraint, perturbed_reconstruction
+from hsae.model.kernels import squared_error
 from hsae.model.level import BatchGroup, Level, LevelCodes
 from hsae.model.levels import LEVEL_KINDS
 
@@ -252,7 +253,7 @@ class HSAE(nn.Module):
         for index, level in enumerate(self.levels):
             perturbed = self._perturbs(index, substituted)
             if perturbed:
-                recon = perturbed_reconstruction(
+                decoded = perturbed_reconstruction(
                     level,
                     codes[index],
                     self.levels[index + 1],
@@ -261,10 +262,11 @@ class HSAE(nn.Module):
                     substituted[index],  # type: ignore[index]
                     fused,
                     child_decodes_itself=True,  # level index + 1 decodes below
+                    with_bias=False,
                 )
             else:
-                recon = self._plain_reconstruction(index, codes, fused)
-            sq_error = (recon - x).pow(2).sum(-1)
+                decoded = level.decode_columns(codes[index], None, fused)
+            sq_error = squared_error(decoded, level.b_dec, x)
             if level.uses_sparsity_controller:
                 penalty = level.sparsity_loss(codes[index], cfg.bandwidth)
                 total = total + sq_error.mean() + weights.sparsity[index] * penalty
@@ -272,7 +274,8 @@ class HSAE(nn.Module):
                 total = total + sq_error.mean()
             if perturbed and exact_metrics:
                 with torch.no_grad():
-                    own_error = (self._plain_reconstruction(index, codes, fused) - x).pow(2).sum(-1)
+                    own = level.decode_columns(codes[index], None, fused)
+                    own_error = squared_error(own, level.b_dec, x)
             else:
                 own_error = sq_error.detach()
             mses.append(own_error.mean())
@@ -282,7 +285,8 @@ class HSAE(nn.Module):
             if keep_active:
                 active_masks.append(level.active(codes[index]))
             if dead is not None and weights.aux > 0 and bool(dead[index].any()):
-                aux = self._dead_feature_loss(level, x, (x - recon).detach(), dead[index], group)
+                residual = (x - decoded - level.b_dec).detach()
+                aux = self._dead_feature_loss(level, x, residual, dead[index], group)
                 total = total + weights.aux * aux
                 aux_total = aux_total + aux.detach()
         if cfg.uses_hierarchy_losses and weights.rho > 0:
@@ -313,10 +317,6 @@ class HSAE(nn.Module):
         return (
             substituted is not None and index < self.n_levels - 1 and bool(substituted[index].any())
         )
-
-    def _plain_reconstruction(self, index: int, codes: list[LevelCodes], fused: bool) -> Tensor:
-        level = self.levels[index]
-        return level.decode_columns(codes[index], None, fused) + level.b_dec
 
     def _constraint(self, codes: list[LevelCodes]) -> Tensor:
         total = codes[0].pre.new_zeros(())

@@ -14,7 +14,9 @@ receive a gradient, because the threshold's pseudo-derivative reads it.
   with a sparse backward for both the values and the decoder;
 * :func:`support_l0`: the L0 estimator read from the support;
 * :func:`entry_positions` / :func:`scatter_entries`: where given (token, latent) pairs sit among
-  the entries, and a code's dense form for the paths that want one.
+  the entries, and a code's dense form for the paths that want one;
+* :func:`squared_error`: ||decoded + b_dec - x||^2 per token in two passes over [batch, d_in]
+  forward and two backward (autograd's add, sub, pow and sum take about twice that).
 """
 
 from __future__ import annotations
@@ -393,3 +395,26 @@ def entry_positions(
 def gather_support(pre: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """pre[rows, cols] as one flat index_select (faster than advanced indexing on CPU)."""
     return pre.reshape(-1).index_select(0, rows * pre.shape[1] + cols)
+
+
+class _SquaredError(Function):
+    """e = decoded + b_dec - x; per-token ||e||^2, with d/d decoded = 2 e g and d/d b_dec its
+    sum over tokens. ``x`` gets no gradient (it is data)."""
+
+    @staticmethod
+    def forward(ctx, decoded: Tensor, b_dec: Tensor, x: Tensor) -> Tensor:  # type: ignore[override]
+        error = torch.add(decoded, b_dec).sub_(x)
+        ctx.save_for_backward(error)
+        return torch.linalg.vecdot(error, error)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (error,) = ctx.saved_tensors
+        grad_decoded = error * (2 * grad).unsqueeze(1)
+        grad_b_dec = grad_decoded.sum(0) if ctx.needs_input_grad[1] else None
+        return grad_decoded, grad_b_dec, None
+
+
+def squared_error(decoded: Tensor, b_dec: Tensor, x: Tensor) -> Tensor:
+    """[batch] ||decoded + b_dec - x||^2 (see :class:`_SquaredError`)."""
+    return _SquaredError.apply(decoded, b_dec, x)
