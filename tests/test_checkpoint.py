@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -81,9 +83,10 @@ def test_checkpoint_survives_crash_between_renames(tmp_path) -> None:
     assert (tmp_path / "ckpt" / "trainer.json").is_file()
 
 
-def test_gradients_and_adam_state_keep_their_parameters_layout(tmp_path) -> None:
-    # Fused Adam walks parameter, gradient and state as flat memory: a state or gradient in
-    # another layout than its parameter (W_enc is a transposed view) pairs the wrong elements.
+def test_adam_steps_contiguous_tensors_in_every_layout(tmp_path) -> None:
+    # Fused Adam walks parameter, gradient and state as flat memory (and copies non-contiguous
+    # ones each step): W_enc, a transposed [d, n] view, is stepped through a contiguous alias
+    # of its memory, and a state or gradient in another layout would pair the wrong elements.
     config = HSAEConfig(**CONFIG)
     first = Trainer(config, TensorBatches(data(), 64, seed=1))
     first.initialise()
@@ -94,9 +97,40 @@ def test_gradients_and_adam_state_keep_their_parameters_layout(tmp_path) -> None
     resumed.resume(tmp_path / "ckpt")
     resumed.train_step()
     for trainer in (first, resumed):
-        assert any(p.stride() != p.contiguous().stride() for p in trainer.model.parameters())
+        assert len(trainer._aliases) == len(config.level_sizes)  # one W_enc per level
+        for param, alias in trainer._aliases:
+            assert alias.data_ptr() == param.data_ptr() and torch.equal(alias, param.t())
+            assert param.grad is not None and param.grad.stride() == param.stride()
         for param, state in trainer.optimizer.state.items():
-            assert param.grad is None or param.grad.stride() == param.stride()
+            assert param.is_contiguous()
             for value in state.values():
                 if value.shape == param.shape:
                     assert value.stride() == param.stride()
+
+
+def test_checkpoint_with_adam_state_in_the_parameters_shape_resumes(tmp_path) -> None:
+    """Checkpoints from before the aliases hold W_enc's Adam state as [d, n] (also when
+    d == n, as level 1 here: the record, not the shape, tells the layout)."""
+    config = HSAEConfig(**CONFIG)
+    first = Trainer(config, TensorBatches(data(), 64, seed=1))
+    first.initialise()
+    for _ in range(20):
+        first.train_step()
+    new = first.state_dict()
+    old = copy.deepcopy(new)  # a state dict shares Adam's state tensors and dicts
+    old.record.pop("adam_state_layout")
+    aliases = {id(alias) for _, alias in first._aliases}
+    stepped = [p for group in first.optimizer.param_groups for p in group["params"]]
+    for index, param in enumerate(stepped):
+        if id(param) in aliases:
+            for key in ("exp_avg", "exp_avg_sq"):
+                state = old.optimizer["state"][index]
+                state[key] = state[key].t().contiguous()  # as [d, n], the parameter's shape
+    after = []
+    for state in (new, old):
+        trainer = Trainer(config, TensorBatches(data(), 64, seed=1))
+        trainer.load_state_dict(state)
+        trainer.train_step()
+        after.append(trainer.model.state_dict())
+    for name, value in after[0].items():
+        assert torch.equal(value, after[1][name]), name

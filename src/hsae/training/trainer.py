@@ -86,12 +86,32 @@ def estimate_activation_scale(sample: Tensor) -> float:
     return math.sqrt(sample.shape[1]) / mean_norm
 
 
+ADAM_STATE_LAYOUT = "contiguous"
+"""Recorded in checkpoints whose Adam state of a transposed parameter (W_enc) is kept for its
+contiguous alias (:func:`_contiguous_alias`), i.e. in [n, d]; older checkpoints hold it in the
+parameter's [d, n] shape."""
+
+
+def _contiguous_alias(param: Tensor) -> torch.nn.Parameter | None:
+    """A contiguous parameter over the memory of ``param`` when that is a transposed matrix
+    (W_enc: a [d, n] view of [n, d] rows), for the optimizer; None for every other parameter.
+
+    torch's fused Adam copies a non-contiguous parameter, its gradient and its state to
+    contiguous tensors and back on every step (5 ms of the d = 640 benchmark's step on two CPU
+    threads). The update is elementwise, so stepping the transposed alias with the transposed
+    gradient (a view, since autograd keeps gradients in the parameter's layout) is the same.
+    """
+    if param.dim() != 2 or param.is_contiguous() or not param.t().is_contiguous():
+        return None
+    return torch.nn.Parameter(param.detach().t())
+
+
 def _match_state_layouts(optimizer: torch.optim.Optimizer) -> None:
     """Give every loaded optimizer state tensor its parameter's memory layout.
 
     Checkpoints store state tensors contiguous, while Adam created them with ``zeros_like`` of
-    the parameter (e.g. W_enc, a transposed [d, n] view); the fused kernel, which walks the
-    tensors as flat memory, would then pair the wrong elements after a resume.
+    the parameter; the fused kernel, which walks the tensors as flat memory, would then pair
+    the wrong elements after a resume if the two differed.
     """
     for param, values in optimizer.state.items():
         for key, value in values.items():
@@ -143,14 +163,26 @@ class Trainer:
         self.batches = batches
         self.model = (model or HSAE.class_for(config.mode)(config)).to(self.device)
         self.model.training_config = config
+        groups = _parameter_groups(self.model, config)
+        self._aliases: list[tuple[Tensor, torch.nn.Parameter]] = []
+        """(model parameter, the contiguous alias the optimizer steps in its place)."""
+        for group in groups:
+            stepped = []
+            for param in group["params"]:
+                alias = _contiguous_alias(param)
+                if alias is not None:
+                    self._aliases.append((param, alias))
+                stepped.append(param if alias is None else alias)
+            group["params"] = stepped
         self.optimizer = torch.optim.Adam(
-            _parameter_groups(self.model, config),
+            groups,
             lr=config.lr,
             betas=(config.adam_beta1, config.adam_beta2),
             # One kernel per tensor instead of a dozen passes (7 ms against 10 ms a step of the
             # d = 640 benchmark on one CPU thread). It reads parameter, gradient and state as
             # flat memory, so their layouts must agree: autograd keeps gradients in the
-            # parameter's layout, and _match_state_layouts restores a resumed state's.
+            # parameter's layout, and _match_state_layouts restores a resumed state's. A
+            # transposed W_enc is stepped through a contiguous alias (_contiguous_alias).
             fused=self.device.type in ("cpu", "cuda"),  # where torch has the kernel
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -256,13 +288,17 @@ class Trainer:
             raise NonFiniteLossError(
                 non_finite_report(self.step, x, out, self.model, self.last_checkpoint)
             )
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         out.total.backward()
         n_tokens = x.shape[0]
         if self.parallel is not None:
             out.l0, out.fired = self._reduce_step(out)
             n_tokens *= self.parallel.size
+        for param, alias in self._aliases:
+            alias.grad = None if param.grad is None else param.grad.t().contiguous()
         self.optimizer.step()
+        for _, alias in self._aliases:
+            alias.grad = None
         self.scheduler.step()
         self.model.normalise_decoders()
         if self._controls_sparsity:
@@ -436,6 +472,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "data": self.batches.state_dict() if hasattr(self.batches, "state_dict") else None,
             "config": config,
+            "adam_state_layout": ADAM_STATE_LAYOUT,
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         optional = frozenset({"sparsity.smoothed"})  # checkpoints before its introduction
@@ -455,6 +492,13 @@ class Trainer:
             self.coactivation.load_state_tensors(tensors)
         self.generator.set_state(tensors["generator"])
         self.optimizer.load_state_dict(state.optimizer)
+        if record.get("adam_state_layout") != ADAM_STATE_LAYOUT:
+            # Written before the aliases: the state of W_enc is in its [d, n] shape.
+            for _, alias in self._aliases:
+                values = self.optimizer.state.get(alias, {})
+                for key, value in values.items():
+                    if isinstance(value, Tensor) and value.dim() == 2:
+                        values[key] = value.t().contiguous()
         _match_state_layouts(self.optimizer)
         self.scheduler.load_state_dict(record["scheduler"])
         if record.get("data") is not None and hasattr(self.batches, "load_state_dict"):
