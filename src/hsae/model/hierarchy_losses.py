@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from hsae.model.kernels import entry_positions, row_offsets
+from hsae.model.kernels import entry_positions, gathered_dots, row_offsets
 from hsae.model.level import Level, LevelCodes
 
 
@@ -127,15 +127,13 @@ class _ParentChildrenConstraint(Function):
         children_used = _used_rows(_flags(cols, n_children, device))
         parent_matrix = _rows(parent_decoder, parents_used)
         child_matrix = _rows(child_decoder, children_used)
-        their_parents = parent_decoder.index_select(
-            0, _rows(parent_index, children_used).clamp(min=0)
-        )
+        # Each used child's parent (parent 0 for a child without one: its beta is 0).
+        their_parents = _rows(parent_index, children_used).clamp(min=0)
         parent_sq = torch.linalg.vector_norm(parent_matrix, dim=1).square()
         child_sq = torch.linalg.vector_norm(child_matrix, dim=1).square()
-        dots = torch.linalg.vecdot(child_matrix, their_parents)
-        u_rows = child_decoder.index_select(0, pair_u)
-        v_rows = child_decoder.index_select(0, pair_v)
-        pair_dots = torch.linalg.vecdot(u_rows, v_rows)
+        used = torch.arange(child_matrix.shape[0], device=device)
+        dots = gathered_dots(child_matrix, used, parent_decoder, their_parents)
+        pair_dots = gathered_dots(child_decoder, pair_u, child_decoder, pair_v)
 
         total = (
             torch.dot(_rows(alpha, parents_used), parent_sq)
@@ -147,7 +145,8 @@ class _ParentChildrenConstraint(Function):
             parent_values, parent_cols, values, cols, entries, position, found,
             parent_at_child, first, second, pair, pair_u, pair_v, sigma, pair_dots,
             alpha, beta, gamma, parents_used, children_used, parent_matrix, child_matrix,
-            their_parents, parent_sq, child_sq, dots, parent_index, u_rows, v_rows,
+            their_parents, parent_sq, child_sq, dots, parent_index, parent_decoder,
+            child_decoder, used,
         )  # fmt: skip
         ctx.sizes = (n_tokens, n_parents, n_children, child_values.shape[0], all_assigned)
         return total
@@ -158,7 +157,8 @@ class _ParentChildrenConstraint(Function):
             parent_values, parent_cols, values, cols, entries, position, found,
             parent_at_child, first, second, pair, pair_u, pair_v, sigma, pair_dots,
             alpha, beta, gamma, parents_used, children_used, parent_matrix, child_matrix,
-            their_parents, parent_sq, child_sq, dots, parent_index, u_rows, v_rows,
+            their_parents, parent_sq, child_sq, dots, parent_index, parent_decoder,
+            child_decoder, used,
         ) = ctx.saved_tensors  # fmt: skip
         n_tokens, n_parents, n_children, n_child_entries, all_assigned = ctx.sizes
         scale = 2.0 * grad / n_tokens
@@ -206,16 +206,19 @@ class _ParentChildrenConstraint(Function):
             grads[2] = _scatter_rows(rows, parents_used, n_parents)
         if ctx.needs_input_grad[3]:
             # d/d d_c = 2/T (gamma_c d_c - beta_c d_p + sum over co-active siblings sigma d_c')
-            rows = child_matrix * (_rows(gamma, children_used) * scale).unsqueeze(1)
-            rows.addcmul_(their_parents, child_weights.unsqueeze(1))
+            # The parents' rows weighted per child in one embedding_bag (no gathered copy).
+            rows = torch.nn.functional.embedding_bag(
+                their_parents, parent_decoder, used, mode="sum", per_sample_weights=child_weights
+            )
+            rows.addcmul_(child_matrix, (_rows(gamma, children_used) * scale).unsqueeze(1))
             if pair_u.numel():
                 u_slot, v_slot = pair_u, pair_v
                 if children_used is not None:
                     slot = _slots(children_used, n_children)
                     u_slot, v_slot = slot.index_select(0, pair_u), slot.index_select(0, pair_v)
                 pair_weights = (sigma * scale).unsqueeze(1)
-                rows.index_add_(0, u_slot, v_rows * pair_weights)
-                rows.index_add_(0, v_slot, u_rows * pair_weights)
+                rows.index_add_(0, u_slot, child_decoder.index_select(0, pair_v) * pair_weights)
+                rows.index_add_(0, v_slot, child_decoder.index_select(0, pair_u) * pair_weights)
             grads[3] = _scatter_rows(rows, children_used, n_children)
         return tuple(grads)
 
