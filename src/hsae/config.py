@@ -189,8 +189,8 @@ class HSAEConfig(ArchitectureConfig):
     rebuild no link exists, so the constraint and the perturbation do nothing and the levels
     learn as independent SAEs: a longer warm-up lets them settle first (our option)."""
     coactivation_every: int = 10
-    """With similarity='coactivation' or 'conditional', update the firing EMAs every this many
-    steps."""
+    """With a similarity read from firing rates ('coactivation', 'conditional', 'hybrid'),
+    update the firing EMAs every this many steps."""
     coactivation_momentum: float = 0.99
     """Momentum of the co-firing EMA."""
 
