@@ -30,14 +30,16 @@ def rebuild(
     settings: hsae.HSAEConfig,
     train: torch.Tensor,
     similarity: str,
-    args: argparse.Namespace,
+    batch: int = 1024,
+    momentum: float = 0.99,
 ) -> None:
-    """Replace ``model``'s forest by ``similarity``'s (the run's quantile and tree cap kept)."""
-    tracker = make_tracker(similarity, model.config.level_sizes, args.momentum)
+    """Replace ``model``'s forest by ``similarity``'s (the run's quantile and tree cap kept),
+    with firing statistics from one pass over ``train`` (raw activations) in ``batch`` rows."""
+    tracker = make_tracker(similarity, model.config.level_sizes, momentum)
     if tracker is not None:
         with torch.no_grad():
-            for start in range(0, len(train), args.batch):
-                codes = model.encode(train[start : start + args.batch])
+            for start in range(0, len(train), batch):
+                codes = model.encode(train[start : start + batch])
                 tracker.update([level_codes > 0 for level_codes in codes])
     links = model.build_forest(
         similarity,
@@ -71,7 +73,7 @@ def main() -> None:
         if settings is None:
             parser.error(f"{folder} has no training settings to take the quantile from")
         before = [links.clone() for links in model.forest()]
-        rebuild(model, settings, train, args.similarity, args)
+        rebuild(model, settings, train, args.similarity, args.batch, args.momentum)
         kept = [float((a == b).float().mean()) for a, b in zip(before, model.forest(), strict=True)]
         print(f"{name}: share of links unchanged per level pair", [round(k, 3) for k in kept])
         model.save(folder)

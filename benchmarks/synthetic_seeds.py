@@ -36,8 +36,8 @@ from scipy import stats
 import hsae
 from hsae.evaluation import evaluate, firing_forest_recovery, forest_recovery
 from hsae.io import read_json, write_json, write_text
-from hsae.model.forest import make_tracker, rebuild_forest
 from hsae.synthetic import SyntheticSpec, make_synthetic_forest
+from posthoc_forest import rebuild  # this folder's script, on sys.path when run as one
 
 FAMILIES = ("splitting", "absorption")
 POOL_TOKENS = 1_000_000
@@ -184,18 +184,9 @@ def rescore(run: dict[str, Any], models: Path) -> bool:
 
 
 def rebuild_post_hoc(model: hsae.HSAE, config: hsae.HSAEConfig, pool: torch.Tensor) -> None:
-    """Replace ``model``'s forest by ``config.similarity``'s rule on fresh firing statistics."""
-    tracker = make_tracker(config.similarity, config.level_sizes, config.coactivation_momentum)
-    with torch.no_grad():
-        for start in range(0, min(len(pool), 1000 * 256), 256):
-            codes = model.encode(pool[start : start + 256])
-            if tracker is not None:
-                tracker.update([level_codes > 0 for level_codes in codes])
-    links = rebuild_forest(
-        list(model.levels), config.similarity, config.effective_quantile, None, tracker
-    )
-    for level, level_links in enumerate(links):
-        model.set_parents(level, level_links)
+    """Replace ``model``'s forest by ``config.similarity``'s rule on fresh firing statistics
+    (the trainer's EMA over the first 1,000 batches of 256 pool tokens)."""
+    rebuild(model, config, pool[: 1000 * 256], config.similarity, 256, config.coactivation_momentum)
 
 
 # ------------------------------------------------------------------------------ statistics
