@@ -37,7 +37,7 @@ def test_selection_expands_groups_and_names_in_table_order() -> None:
         "rho=0.1",
     ]
     everything = select_variants(AblationSettings())
-    assert len(everything) == 4 + 4 + 4 + 4 + 5
+    assert len(everything) == 4 + 4 + 5 + 4 + 5
     # Every forest similarity the config accepts is a variant (one place lists them).
     similarities = {v.overrides["similarity"] for v in everything if v.group == "similarity"}
     assert similarities == set(get_args(Similarity))

@@ -13,7 +13,7 @@ sub-run, evaluation of all of them on the same held-out activations, and the out
 
 Variants: ``baseline`` (independent SAEs, post-hoc forest), ``no_constraint`` (rho = 0),
 ``no_perturbation`` (r = 0), ``hsae`` (the run's settings: the reference); ``tree=...``
-(partial, full, binary, fixed); ``similarity=...`` (encoder, decoder, coactivation);
+(partial, full, binary, fixed); ``similarity=...`` (every similarity the config accepts);
 ``rho=<v>`` and ``r=<v>`` for each sweep value. Variants that resolve to the same
 configuration (``tree=partial`` and ``hsae`` when the run uses the partial tree, say) are
 trained once; the run's own trained HSAE and baseline are reused when their saved settings
