@@ -319,9 +319,7 @@ class _SupportDecode(Function):
         grad_out = grad_out.contiguous()
         grad_values = grad_W_dec = None
         if ctx.needs_input_grad[0]:
-            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad_out, W_dec, cols, offsets, rows, 0, -1
-            )
+            grad_values = gathered_dots(grad_out, rows, W_dec, cols)
         if ctx.needs_input_grad[1] and ctx.row_sparse_grad:
             # Only the rows of the latents decoded here: a sparse gradient that autograd adds
             # into the dense one the caller guarantees (no [n, d] tensor written for a few rows).
