@@ -18,6 +18,12 @@ interleaved by round (every contender runs a few steps in turn), so drift of a s
 hits all of them alike. Our trainers' timed steps are the unlogged kind (``exact_metrics=False``,
 as ``Trainer.fit`` runs between log points); SAELens's are its non-logging steps.
 
+Precision: on CUDA our trainer runs the forward under bf16 autocast by default
+(``HSAEConfig.autocast`` "auto"), so every contender gets the same: SAELens's forward is wrapped
+as its own trainer wraps it with ``autocast=True``, the floor's matmul and the dense loop too.
+``--autocast off`` compares in float32 (on CUDA with TF32 matmuls, which our trainer turns on
+process-wide, so for every contender); ``--autocast bf16`` autocasts on CPU as well.
+
 Peak memory: each contender is built and stepped in a fresh subprocess (``--memory-probe``).
 On CPU the figure is the probe's peak resident set (VmHWM) minus its resident set just before
 the model was built (interpreter, torch, the batches; for SAELens and the floor, also the model
@@ -58,7 +64,7 @@ import torch
 import hsae.training.trainer as trainer_module
 from hsae import HSAEConfig
 from hsae.devices import KEEP_FREED_MEMORY_ENV, keep_freed_cpu_memory
-from hsae.model.kernels import JumpReLU
+from hsae.model.kernels import JumpReLU, L0WithSTE
 from hsae.training import Trainer
 
 SCALES: dict[str, dict[str, object]] = {
@@ -103,6 +109,7 @@ def make_trainer(args: argparse.Namespace, mode: str, batches: list[torch.Tensor
         device=args.device,
         update_interval=99_999,  # the forest is built once, below, and never rebuilt while timed
         sparse_kernels=not args.dense_kernels,
+        autocast=args.autocast,
     )
     # The activation scale is estimated from one batch rather than 16k tokens: at d = 2304 the
     # data-dependent initialisation would otherwise form [16k, 16k] pre-activations.
@@ -166,21 +173,24 @@ def saelens_step(
     stream = _cycle(batches)
     scale = source.model.activation_scale
 
+    autocast = source.autocast  # SAELens's trainer wraps its forward alike (cfg.autocast)
+
     def step() -> None:
         x = next(stream).to(device) * scale
         optimizer.zero_grad(set_to_none=True)
         total = x.new_zeros(())
-        for sae in saes:
-            out = sae.training_forward_pass(
-                step_input=TrainStepInput(
-                    sae_in=x,
-                    coefficients={"l0": 1.0, "pre_act": 0.0},
-                    dead_neuron_mask=None,
-                    n_training_steps=1000,
-                    is_logging_step=False,
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            for sae in saes:
+                out = sae.training_forward_pass(
+                    step_input=TrainStepInput(
+                        sae_in=x,
+                        coefficients={"l0": 1.0, "pre_act": 0.0},
+                        dead_neuron_mask=None,
+                        n_training_steps=1000,
+                        is_logging_step=False,
+                    )
                 )
-            )
-            total = total + out.loss
+                total = total + out.loss
         total.backward()
         optimizer.step()
 
@@ -192,38 +202,84 @@ def floor_step(batches: list[torch.Tensor], source: Trainer) -> Callable[[], obj
     encoders = torch.cat([level.W_enc.detach() for level in source.model.levels], dim=1).clone()
     stream = _cycle(batches)
     device = source.device
+    autocast = source.autocast
 
     def step() -> torch.Tensor:
-        return next(stream).to(device) @ encoders
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            return next(stream).to(device) @ encoders
 
     return step
 
 
 class DenseLoop:
-    """The same levels as plain dense PyTorch: matmuls, JumpReLU STE, MSE + L0, Adam."""
+    """The same levels as plain dense PyTorch: matmuls, JumpReLU and L0 with their
+    straight-through estimators, MSE + 0.1 L0, Adam, decoder rows renormalised.
 
-    def __init__(self, args: argparse.Namespace, batches: list[torch.Tensor]):
+    ``graphed`` (CUDA only): the whole step (forward, backward, Adam, renormalisation) is
+    captured once in a CUDA graph and replayed, so no operation pays a launch from Python. Not
+    a contender of ours: the ceiling a step of this shape reaches without launch overheads.
+    """
+
+    def __init__(
+        self, args: argparse.Namespace, batches: list[torch.Tensor], graphed: bool = False
+    ):
         self.device = torch.device(args.device)
         trainer = make_trainer(args, "independent", batches)
         self.levels = trainer.model.levels
         self.scale = trainer.model.activation_scale
-        self.optimizer = torch.optim.Adam(self.levels.parameters(), lr=3e-4, betas=(0.0, 0.995))
+        self.optimizer = torch.optim.Adam(
+            self.levels.parameters(),
+            lr=3e-4,
+            betas=(0.0, 0.995),
+            fused=self.device.type == "cuda",
+            capturable=graphed,
+        )
         self.batches = _cycle(batches)
+        self.autocast = trainer.autocast
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.x = torch.zeros(args.batch, args.d, device=self.device)
+        if graphed:
+            self._capture()
 
     def step(self) -> None:
-        x = next(self.batches).to(self.device) * self.scale
+        self.x.copy_(next(self.batches).to(self.device) * self.scale)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+
+    def _step(self) -> None:
+        x = self.x
         loss = x.new_zeros(())
-        for level in self.levels:
-            pre = (x - level.b_dec) @ level.W_enc + level.b_enc
-            acts = JumpReLU.apply(pre, level.threshold, 1e-3)
-            loss = loss + (acts @ level.W_dec + level.b_dec - x).pow(2).sum(-1).mean()
-            loss = loss + 0.1 * (pre > level.threshold).float().sum(-1).mean()
-        self.optimizer.zero_grad(set_to_none=True)
+        # No autocast weight cache: a captured graph must not keep casts from its capture.
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False
+        ):
+            for level in self.levels:
+                pre = (x - level.b_dec) @ level.W_enc + level.b_enc
+                acts = JumpReLU.apply(pre, level.threshold, 1e-3)
+                loss = loss + (acts @ level.W_dec + level.b_dec - x).pow(2).sum(-1).mean()
+                loss = loss + 0.1 * L0WithSTE.apply(pre, level.threshold, 1e-3)
+        self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
         self.optimizer.step()
         with torch.no_grad():
             for level in self.levels:
                 level.W_dec.div_(level.W_dec.norm(dim=1, keepdim=True))
+
+    def _capture(self) -> None:
+        # Warm-up steps on a side stream (they allocate gradients and Adam's state), then one
+        # captured step, as torch.cuda.graph's documentation does for a whole training step.
+        self.x.copy_(next(self.batches).to(self.device) * self.scale)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
 
 
 def _sync(device: str) -> None:
@@ -258,6 +314,11 @@ def build(
             steps[name] = lambda t=trainer: t.train_step(exact_metrics=False)
         elif name == "dense-pytorch":
             steps[name] = DenseLoop(args, batches).step
+        elif name == "dense-graphed":
+            try:
+                steps[name] = DenseLoop(args, batches, graphed=True).step
+            except RuntimeError as error:  # capture failed: report it, time the others
+                print(f"  dense-graphed: CUDA graph capture failed: {error}")
         else:
             if source is None:  # saelens and the floor read the levels' weights from it
                 source = trainers.get("independent") or make_trainer(args, "independent", batches)
@@ -287,6 +348,8 @@ def peak_memory_mb(args: argparse.Namespace, name: str) -> float | None:
         str(args.target_l0),
         "--device",
         args.device,
+        "--autocast",
+        args.autocast,
     ]
     command += ["--dense-kernels"] if args.dense_kernels else []
     command += [] if args.threads is None else ["--threads", str(args.threads)]
@@ -342,11 +405,14 @@ def memory_probe(args: argparse.Namespace) -> None:
 def run_scale(args: argparse.Namespace) -> None:
     batches = sparse_batches(args.d, N_BATCHES, args.batch)
     names = list(CONTENDERS) + (["dense-pytorch"] if args.dense_loop else [])
+    if args.dense_loop and args.device.startswith("cuda"):
+        names.append("dense-graphed")
     started = time.perf_counter()
     steps, trainers = build(args, names, batches)
     print(
         f"\n== d={args.d} sizes={args.sizes} batch={args.batch} target L0={args.target_l0} "
-        f"device={args.device} (built and settled in {time.perf_counter() - started:.0f} s)"
+        f"device={args.device} bf16 autocast={any(t.autocast for t in trainers.values())} "
+        f"(built and settled in {time.perf_counter() - started:.0f} s)"
     )
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
     l0s: dict[str, list[torch.Tensor]] = {name: [] for name in trainers}
@@ -398,6 +464,9 @@ def run_scale(args: argparse.Namespace) -> None:
         if "dense-pytorch" in tokens_per_s:
             over_dense = tokens_per_s["hsae"] / tokens_per_s["dense-pytorch"]
             print(f"HSAE tokens/s over dense PyTorch: {over_dense:.2f}x")
+        if "dense-graphed" in tokens_per_s:
+            over_graphed = tokens_per_s["hsae"] / tokens_per_s["dense-graphed"]
+            print(f"HSAE tokens/s over the CUDA-graphed dense loop: {over_graphed:.2f}x")
 
 
 def _recording(trainer: Trainer, into: list[torch.Tensor]) -> Callable[[], object]:
@@ -420,9 +489,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default per scale)")
     parser.add_argument("--settle", type=int, help="controller steps before timing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--autocast",
+        choices=["auto", "bf16", "off"],
+        default="auto",
+        help="bf16 autocast of every contender's forward (HSAEConfig.autocast; auto: on CUDA)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
-    parser.add_argument("--dense-loop", action="store_true", help="also time a plain loop")
+    parser.add_argument(
+        "--dense-loop",
+        action="store_true",
+        help="also time a plain dense loop (and on CUDA the same loop captured in a CUDA graph)",
+    )
     parser.add_argument(
         "--dense-kernels", action="store_true", help="our models on the dense reference path"
     )

@@ -1,0 +1,48 @@
+"""The benchmark scripts run end to end on a tiny scale (they are not timed here: their figures
+are measured by hand on a quiet machine and written in the README and the docs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY = ["--d", "32", "--sizes", "16", "32", "--batch", "64", "--target-l0", "4"]
+
+
+def run(script: str, *arguments: str) -> str:
+    environment = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *arguments],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("autocast", ["off", "bf16"])
+def test_step_speed_times_every_contender_under_the_same_autocast(autocast: str) -> None:
+    out = run(
+        "step_speed.py", *TINY, "--steps", "1", "--rounds", "1", "--settle", "1",
+        "--no-memory", "--dense-loop", "--autocast", autocast, "--threads", "1",
+    )  # fmt: skip
+    assert f"bf16 autocast={autocast == 'bf16'}" in out
+    for name in ("hsae", "independent", "floor", "dense-pytorch"):
+        assert f"{name}:" in out
+    assert "HSAE cost / independent stack:" in out
+
+
+def test_step_profile_counts_the_operations_of_both_modes() -> None:
+    out = run("step_profile.py", *TINY, "--steps", "1", "--settle", "1", "--device", "cpu")
+    assert out.count("aten ops dispatched") == 2
+    counts = [int(line.split()[3]) for line in out.splitlines() if "dispatched" in line]
+    assert all(count > 50 for count in counts), counts
+    assert counts[0] > counts[1]  # the HSAE's constraint and perturbation add operations
