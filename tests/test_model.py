@@ -66,20 +66,31 @@ def _grads(model: HSAE) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("forest", ["every-parent-has-children", "childless-parents"])
 @pytest.mark.parametrize("rows", ["gathered-rows", "whole-decoders"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("level", [0, 1])
 def test_constraint_matches_naive_value_and_gradients(
-    monkeypatch, level: int, kind: str, rows: str
+    monkeypatch, level: int, kind: str, rows: str, forest: str
 ) -> None:
     # The constraint works on the decoder rows in the support, or on whole decoders when most
-    # rows are: both paths must give the reference's value and every gradient.
+    # rows are: both paths must give the reference's value and every gradient. A parent without
+    # children is not in the sum, so its activation gets no gradient from it, on either path.
     monkeypatch.setattr(losses, "FULL_ROWS_SHARE", 1.0 if rows == "gathered-rows" else 0.0)
     model, x = tiny_model(kind=kind)
+    if forest == "childless-parents":  # half the parents lose their children to the others
+        links = model.parents(level).clone()
+        n_parents = SIZES[level]
+        links[(links >= 0) & (links < n_parents // 2)] += n_parents // 2
+        model.set_parents(level, links)
     bandwidth = model.config.bandwidth
     parent = model.levels[level].encode_for_training(x, bandwidth, fused=False)
     child = model.levels[level + 1].encode_for_training(x, bandwidth, fused=False)
     links = model.parents(level)
+    if forest == "childless-parents":
+        childless = ~losses.has_children(links, SIZES[level])
+        assert childless.sum() >= SIZES[level] // 2
+        assert (parent.acts[:, childless] > 0).any()  # they fire: their gradient is at stake
     fast = parent_children_constraint(
         parent, child, model.levels[level].W_dec, model.levels[level + 1].W_dec, links
     )
@@ -447,3 +458,21 @@ def test_model_keeps_its_architecture_and_the_trainer_its_settings(tmp_path) -> 
     assert saved_training_config(tmp_path / "trained") == config
     loaded = load_hsae(tmp_path / "trained")
     assert loaded.config == config.architecture() and loaded.training_config == config
+
+
+def test_dense_constraint_follows_the_forest_after_a_rebuild() -> None:
+    # The dense path keeps each forest's sibling pairs; a new forest must not reuse the old ones.
+    model, x = tiny_model(sparse=False)
+    codes = [level.encode_for_training(x, 0.4, fused=False) for level in model.levels]
+    before = model._constraint(codes, fused=False)
+    links = model.parents(1).clone()
+    links[links >= 0] = links[links >= 0] // 2  # fewer parents, more siblings each
+    model.set_parents(1, links)
+    after = model._constraint(codes, fused=False)
+    fresh, _ = tiny_model(sparse=False)
+    fresh.set_parents(1, links)
+    expected = fresh._constraint(codes, fused=False)
+    assert after.item() != pytest.approx(before.item(), rel=1e-3)
+    assert after.item() == pytest.approx(expected.item(), rel=1e-6)
+    support = model._constraint(codes, fused=True)
+    assert support.item() == pytest.approx(after.item(), rel=1e-5)

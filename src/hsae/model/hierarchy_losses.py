@@ -3,7 +3,9 @@
 * :func:`parent_children_constraint`: sum over parents p with children of
   ||f_p(x) - sum_{c in C(p)} f_c(x)||^2, batch-averaged, computed from activations, per-child
   decoder dot products and the decoder dot products of co-active siblings only. No
-  [batch, features, d] tensor is formed.
+  [batch, features, d] tensor is formed. :func:`dense_parent_children_constraint` is the same
+  value from dense activations with static shapes (the dense reference path's, and a check on
+  the support-only one).
 * :func:`sample_perturbation` and :func:`perturbed_reconstruction`: each parent with children is
   substituted, with probability r shared across the batch, by the sum of its children's outputs
   in its own level's reconstruction.
@@ -59,6 +61,59 @@ def parent_children_constraint(
             parent_index,
             n_tokens,
         )
+
+
+def sibling_pairs(parent_index: Tensor) -> tuple[Tensor, Tensor]:
+    """(u, v): every pair of distinct children that share a parent, once each. Fixed while
+    the forest is, so a caller computes it once per forest."""
+    children = (parent_index >= 0).nonzero(as_tuple=True)[0]
+    order = torch.argsort(parent_index.index_select(0, children), stable=True)
+    children = children.index_select(0, order)
+    first, second = _pairs_within_groups(parent_index.index_select(0, children))
+    return children.index_select(0, first), children.index_select(0, second)
+
+
+def dense_parent_children_constraint(
+    parent_acts: Tensor,
+    child_acts: Tensor,
+    parent_decoder: Tensor,
+    child_decoder: Tensor,
+    parent_index: Tensor,
+    pairs: tuple[Tensor, Tensor],
+) -> Tensor:
+    """:func:`parent_children_constraint` from [batch, n] activations, through autograd.
+
+    The same expansion summed over tokens: alpha_p <d_p, d_p> - 2 beta_c <d_p(c), d_c> +
+    gamma_c <d_c, d_c> + 2 sigma_uv <d_u, d_v> over the sibling pairs ``pairs``
+    (:func:`sibling_pairs` of ``parent_index``). Every shape is fixed by the level sizes and the
+    forest, and nothing is read back to the host, so it suits a captured or compiled step; it
+    costs dense passes over [batch, n] (and [batch, pairs]) where the support-only form reads
+    the support alone."""
+    n_tokens, n_parents = parent_acts.shape
+    with torch.autocast(parent_acts.device.type, enabled=False):
+        parent_acts, child_acts = parent_acts.float(), child_acts.float()
+        has_parent = (parent_index >= 0).to(child_acts.dtype)
+        their_parents = parent_index.clamp(min=0)
+        with_children = parent_acts.new_zeros(n_parents).scatter_reduce_(
+            0, their_parents, has_parent, reduce="amax"
+        )
+        alpha = parent_acts.square().sum(0) * with_children
+        parent_at_child = parent_acts.index_select(1, their_parents)
+        beta = (parent_at_child * child_acts).sum(0) * has_parent
+        gamma = child_acts.square().sum(0) * has_parent
+        u, v = pairs
+        sigma = (child_acts.index_select(1, u) * child_acts.index_select(1, v)).sum(0)
+        parent_sq = parent_decoder.square().sum(1)
+        child_sq = child_decoder.square().sum(1)
+        dots = (child_decoder * parent_decoder.index_select(0, their_parents)).sum(1)
+        pair_dots = (child_decoder.index_select(0, u) * child_decoder.index_select(0, v)).sum(1)
+        total = (
+            torch.dot(alpha, parent_sq)
+            - 2.0 * torch.dot(beta, dots)
+            + torch.dot(gamma, child_sq)
+            + 2.0 * torch.dot(sigma, pair_dots)
+        )
+        return total / n_tokens
 
 
 class _ParentChildrenConstraint(Function):
@@ -146,7 +201,7 @@ class _ParentChildrenConstraint(Function):
             parent_at_child, first, second, pair, pair_u, pair_v, sigma, pair_dots,
             alpha, beta, gamma, parents_used, children_used, parent_matrix, child_matrix,
             their_parents, parent_sq, child_sq, dots, parent_index, parent_decoder,
-            child_decoder, used,
+            child_decoder, used, with_children,
         )  # fmt: skip
         ctx.sizes = (n_tokens, n_parents, n_children, child_values.shape[0], all_assigned)
         return total
@@ -158,13 +213,15 @@ class _ParentChildrenConstraint(Function):
             parent_at_child, first, second, pair, pair_u, pair_v, sigma, pair_dots,
             alpha, beta, gamma, parents_used, children_used, parent_matrix, child_matrix,
             their_parents, parent_sq, child_sq, dots, parent_index, parent_decoder,
-            child_decoder, used,
+            child_decoder, used, with_children,
         ) = ctx.saved_tensors  # fmt: skip
         n_tokens, n_parents, n_children, n_child_entries, all_assigned = ctx.sizes
         scale = 2.0 * grad / n_tokens
         grads: list[Tensor | None] = [None] * 10
-        # Per-feature norms and parent dots as full-size vectors (zero off the rows used).
-        parent_sq_all = _scatter_rows(parent_sq, parents_used, n_parents)
+        # Per-feature norms and parent dots as full-size vectors (zero off the rows used). A
+        # parent without children is not in the sum: its activation gets no gradient, also
+        # when the whole decoder is used (parents_used None) and its norm is at hand.
+        parent_sq_all = _scatter_rows(parent_sq, parents_used, n_parents) * with_children
         child_sq_all = _scatter_rows(child_sq, children_used, n_children)
         entry_dots = _scatter_rows(dots, children_used, n_children).index_select(0, cols)
         if ctx.needs_input_grad[0]:

@@ -26,7 +26,12 @@ from hsae.errors import HSAEError
 from hsae.io import sha256_file, write_json, write_safetensors
 from hsae.model import forest as forest_ops
 from hsae.model import navigation
-from hsae.model.hierarchy_losses import parent_children_constraint, perturbed_reconstruction
+from hsae.model.hierarchy_losses import (
+    dense_parent_children_constraint,
+    parent_children_constraint,
+    perturbed_reconstruction,
+    sibling_pairs,
+)
 from hsae.model.kernels import squared_error
 from hsae.model.level import BatchGroup, Level, LevelCodes
 from hsae.model.levels import LEVEL_KINDS
@@ -126,6 +131,9 @@ class HSAE(nn.Module):
         for level, links in enumerate(forest_ops.empty_forest(config.level_sizes)):
             self.register_buffer(f"parents_{level}", links)
         self.register_buffer("activation_scale", torch.tensor(1.0))
+        self._pairs: dict[int, tuple[tuple[int, int], tuple[Tensor, Tensor]]] = {}
+        """Sibling pairs of each level pair's forest for the dense constraint, keyed by the
+        parents buffer's (address, version): recomputed only when the forest changes."""
 
     # --- public API ------------------------------------------------------------------------
     @property
@@ -290,7 +298,7 @@ class HSAE(nn.Module):
                 total = total + weights.aux * aux
                 aux_total = aux_total + aux.detach()
         if cfg.uses_hierarchy_losses and weights.rho > 0:
-            constraint = self._constraint(codes)
+            constraint = self._constraint(codes, fused)
             total = total + weights.rho * constraint
         return TrainingLoss(
             total=total,
@@ -318,9 +326,21 @@ class HSAE(nn.Module):
             substituted is not None and index < self.n_levels - 1 and bool(substituted[index].any())
         )
 
-    def _constraint(self, codes: list[LevelCodes]) -> Tensor:
+    def _constraint(self, codes: list[LevelCodes], fused: bool = True) -> Tensor:
+        """The constraint over all level pairs: from the supports on the fast path, from dense
+        activations on the dense reference path (an independent check of the former)."""
         total = codes[0].pre.new_zeros(())
         for index in range(self.n_levels - 1):
+            if not fused:
+                total = total + dense_parent_children_constraint(
+                    codes[index].acts,
+                    codes[index + 1].acts,
+                    self.levels[index].W_dec,
+                    self.levels[index + 1].W_dec,
+                    self.parents(index),
+                    self._sibling_pairs(index),
+                )
+                continue
             total = total + parent_children_constraint(
                 codes[index],
                 codes[index + 1],
@@ -329,6 +349,15 @@ class HSAE(nn.Module):
                 self.parents(index),
             )
         return total
+
+    def _sibling_pairs(self, level: int) -> tuple[Tensor, Tensor]:
+        parents = self.parents(level)
+        key = (parents.data_ptr(), parents._version)
+        cached = self._pairs.get(level)
+        if cached is None or cached[0] != key:
+            cached = (key, sibling_pairs(parents))
+            self._pairs[level] = cached
+        return cached[1]
 
     def _dead_feature_loss(
         self,
