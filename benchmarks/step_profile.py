@@ -5,7 +5,9 @@ settled start), this script times a few unlogged steps, then profiles a few more
 ``torch.profiler`` and prints, per step:
 
 * the wall-clock time;
-* the aten operations dispatched from Python and autograd (each costs launch overhead);
+* the aten operations dispatched from Python and autograd (each costs launch overhead), and
+  those that wait for the device on CUDA (``SYNCING``: a result whose size or value the host
+  reads), counted on any device, so the CPU tells how a step would sync on a GPU;
 * on CUDA, the kernels launched, their summed GPU time, and the device-to-host copies, each of
   which makes the CPU wait for the GPU (a sync);
 * the kernels (or, on CPU, the operations) that take the most time.
@@ -27,6 +29,19 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import step_speed  # this folder's script, on sys.path when run as one
+
+SYNCING = (
+    "aten::nonzero",
+    "aten::_local_scalar_dense",  # .item(), bool(tensor), int(tensor)
+    "aten::_unique2",
+    "aten::unique_consecutive",
+    "aten::unique_dim",
+    "aten::bincount",
+    "aten::masked_select",
+    "aten::repeat_interleave",
+)
+"""Operations that make the host wait for a CUDA device (data-dependent sizes or values read
+back); ``repeat_interleave`` only without ``output_size``, ``bincount`` to size its output."""
 
 
 def profile_mode(args: argparse.Namespace, mode: str, batches: list[torch.Tensor]) -> None:
@@ -54,7 +69,16 @@ def profile_mode(args: argparse.Namespace, mode: str, batches: list[torch.Tensor
     )
     print(f"\n### {mode}: d={args.d} sizes={args.sizes} device={args.device}")
     print(f"wall clock           {wall * 1e3:9.2f} ms/step")
+    # CPU fused Adam reads each parameter's step count (.item()); its CUDA kernel does not.
+    skipped = SYNCING + ("aten::_fused_adam_",)
+    syncing = Counter(
+        event.name for event in events if event.name in SYNCING and not _inside(event, skipped)
+    )
     print(f"aten ops dispatched  {dispatched / args.steps:9.0f} /step")
+    print(
+        f"host-syncing ops     {sum(syncing.values()) / args.steps:9.0f} /step  "
+        + ", ".join(f"{name[6:]} {n / args.steps:.0f}" for name, n in syncing.most_common())
+    )
     if cuda:
         kernel_time: Counter[str] = Counter()
         kernel_count: Counter[str] = Counter()
@@ -88,6 +112,15 @@ def _inside_aten(event) -> bool:
     parent = event.cpu_parent
     while parent is not None:
         if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def _inside(event, names: tuple[str, ...]) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in names:
             return True
         parent = parent.cpu_parent
     return False

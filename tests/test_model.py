@@ -476,3 +476,31 @@ def test_dense_constraint_follows_the_forest_after_a_rebuild() -> None:
     assert after.item() == pytest.approx(expected.item(), rel=1e-6)
     support = model._constraint(codes, fused=True)
     assert support.item() == pytest.approx(after.item(), rel=1e-5)
+
+
+def test_dense_jumprelu_loss_reads_nothing_back_to_the_host() -> None:
+    # The dense reference path of JumpReLU levels (constraint, perturbation, L0, metrics,
+    # forward and backward) has static shapes: no operation that makes a GPU wait for the
+    # host (the ground for a captured CUDA step; benchmarks/step_profile.py counts the same).
+    from torch.profiler import ProfilerActivity, profile
+
+    syncing = {
+        "aten::nonzero", "aten::_local_scalar_dense", "aten::_unique2", "aten::bincount",
+        "aten::unique_consecutive", "aten::masked_select", "aten::repeat_interleave",
+    }  # fmt: skip
+    model, x = tiny_model(sparse=False)
+    model._sibling_pairs(0), model._sibling_pairs(1)  # once per forest, outside the step
+    substituted = [
+        sample_perturbation(model.parents(i), SIZES[i], 0.3, torch.Generator().manual_seed(i))
+        for i in range(len(SIZES) - 1)
+    ] + [torch.zeros(SIZES[-1], dtype=torch.bool)]
+    weights = LossWeights(torch.tensor([0.5, 0.7, 0.9]), rho=0.3, aux=1 / 32)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = model.training_loss(x, weights, substituted, dead=None)
+        out.total.backward()
+    assert out.constraint > 0
+    assert [event.name for event in prof.events() if event.name in syncing] == []
+    fast, _ = tiny_model(sparse=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fast.training_loss(x, weights, substituted, dead=None).total.backward()
+    assert any(event.name in syncing for event in prof.events())  # the support path does

@@ -22,8 +22,11 @@ from hsae.model.level import Level, LevelCodes
 
 
 def has_children(parent_index: Tensor, n_parents: int) -> Tensor:
-    """[n_parents] booleans: which parents have at least one child."""
-    return _flags(parent_index[parent_index >= 0], n_parents, parent_index.device)
+    """[n_parents] booleans: which parents have at least one child (static shapes: no
+    boolean indexing, so no host sync on a GPU)."""
+    flags = torch.zeros(n_parents, dtype=torch.int8, device=parent_index.device)
+    assigned = (parent_index >= 0).to(torch.int8)
+    return flags.scatter_reduce_(0, parent_index.clamp(min=0), assigned, reduce="amax") > 0
 
 
 def parent_children_constraint(

@@ -259,7 +259,7 @@ class HSAE(nn.Module):
         total, aux_total, constraint = zero, zero, zero
         mses, l0s, explained, fired, active_masks = [], [], [], [], []
         for index, level in enumerate(self.levels):
-            perturbed = self._perturbs(index, substituted)
+            perturbed = self._perturbs(index, substituted, fused)
             if perturbed:
                 decoded = perturbed_reconstruction(
                     level,
@@ -320,11 +320,13 @@ class HSAE(nn.Module):
             )
         return level.encode_for_training(x, self.config.bandwidth, fused)
 
-    def _perturbs(self, index: int, substituted: list[Tensor] | None) -> bool:
-        """Whether level ``index`` swaps some parents for their children this step."""
-        return (
-            substituted is not None and index < self.n_levels - 1 and bool(substituted[index].any())
-        )
+    def _perturbs(self, index: int, substituted: list[Tensor] | None, fused: bool = True) -> bool:
+        """Whether level ``index`` takes the perturbed reconstruction this step: when it swaps
+        some parents for their children; on the dense path whenever a draw exists (with none
+        substituted it equals the plain one, and nothing is read back to the host)."""
+        if substituted is None or index >= self.n_levels - 1:
+            return False
+        return not fused or bool(substituted[index].any())
 
     def _constraint(self, codes: list[LevelCodes], fused: bool = True) -> Tensor:
         """The constraint over all level pairs: from the supports on the fast path, from dense

@@ -12,6 +12,7 @@ The kinds live in :mod:`hsae.model.levels` (one file each) and are registered by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -52,27 +53,55 @@ class LevelCodes:
     def __init__(
         self,
         pre: Tensor,
-        rows: Tensor,
-        cols: Tensor,
-        values: Tensor,
+        rows: Tensor | None = None,
+        cols: Tensor | None = None,
+        values: Tensor | None = None,
         acts: Tensor | None = None,
         active_entries: Tensor | None = None,
         pre_support: Tensor | None = None,
+        support: Callable[[], tuple[Tensor, Tensor]] | None = None,
     ):
+        """Give the support (``rows``, ``cols``, ``values``), or dense ``acts`` and a
+        ``support`` function giving (rows, cols), called only if something reads the support
+        (the dense path's loss does not: it stays free of data-dependent shapes)."""
+        if rows is None and (support is None or acts is None):
+            raise ValueError("LevelCodes needs rows, cols and values, or acts and support")
         self.pre = pre
         """[batch, n] pre-activations, no gradient."""
-        self.rows = rows
-        """Token index of each support entry (the entries that carry gradient); entries are
-        sorted by (row, col), as ``nonzero`` returns them."""
-        self.cols = cols
-        """Latent index of each support entry."""
-        self.values = values
-        """Activation of each support entry (acts[rows, cols]), differentiable."""
+        self._rows, self._cols, self._values = rows, cols, values
+        self._support = support
         self.active_entries = active_entries
         """[entries] booleans: which support entries fire (None: read them from ``acts``)."""
         self.pre_support = pre_support
         """pre[rows, cols] (no gradient), when the kind's fast path kept it."""
         self._acts = acts
+
+    def _read_support(self) -> None:
+        assert self._support is not None and self._acts is not None
+        self._rows, self._cols = self._support()
+        self._values = kernels.gather_entries(self._acts, self._rows, self._cols)
+
+    @property
+    def rows(self) -> Tensor:
+        """Token index of each support entry (the entries that carry gradient); entries are
+        sorted by (row, col), as ``nonzero`` returns them."""
+        if self._rows is None:
+            self._read_support()
+        return self._rows  # type: ignore[return-value]
+
+    @property
+    def cols(self) -> Tensor:
+        """Latent index of each support entry."""
+        if self._cols is None:
+            self._read_support()
+        return self._cols  # type: ignore[return-value]
+
+    @property
+    def values(self) -> Tensor:
+        """Activation of each support entry (acts[rows, cols]), differentiable."""
+        if self._values is None:
+            self._read_support()
+        return self._values  # type: ignore[return-value]
 
     @property
     def acts(self) -> Tensor:
@@ -150,11 +179,12 @@ class Level(nn.Module):
         whose decoder gets a dense gradient elsewhere in the same loss.
         """
         n_tokens = codes.n_tokens
+        if not fused:  # the dense reference: no support, nothing read back to the host
+            return self._decode_dense(codes, columns)
         selected = None if columns is None else columns[codes.cols]
         n_selected = codes.values.numel() if selected is None else int(selected.sum())
-        if not fused or n_selected > kernels.DENSE_DECODE_DENSITY * codes.pre.numel():
-            acts = codes.acts if columns is None else codes.acts * columns
-            return acts @ self.W_dec
+        if n_selected > kernels.DENSE_DECODE_DENSITY * codes.pre.numel():
+            return self._decode_dense(codes, columns)
         if selected is None:
             return kernels.support_decode(
                 codes.values, codes.rows, codes.cols, self.W_dec, n_tokens
@@ -163,6 +193,10 @@ class Level(nn.Module):
         values = codes.values.index_select(0, entries)
         rows, cols = codes.rows[entries], codes.cols[entries]
         return kernels.support_decode(values, rows, cols, self.W_dec, n_tokens, row_sparse_grad)
+
+    def _decode_dense(self, codes: LevelCodes, columns: Tensor | None) -> Tensor:
+        acts = codes.acts if columns is None else codes.acts * columns
+        return acts @ self.W_dec
 
     def selected_codes(self, x: Tensor, pre: Tensor, selected: Tensor) -> LevelCodes:
         """Support-only codes of a kind whose training activations are pre on a selection

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from hsae.model import kernels
-from hsae.model.kernels import JumpReLU, L0WithSTE, gather_entries, support_of
+from hsae.model.kernels import JumpReLU, L0WithSTE, support_of
 from hsae.model.level import Level, LevelCodes
 
 
@@ -64,9 +64,8 @@ class JumpReLULevel(Level):
         pre_with_grad = self.pre_activations(x)
         acts = JumpReLU.apply(pre_with_grad, threshold, bandwidth)
         pre = pre_with_grad.detach()
-        rows, cols = support_of(pre, threshold.detach(), bandwidth)
-        values = gather_entries(acts, rows, cols)
-        return LevelCodes(acts=acts, pre=pre, rows=rows, cols=cols, values=values)
+        cut = threshold.detach()
+        return LevelCodes(acts=acts, pre=pre, support=lambda: support_of(pre, cut, bandwidth))
 
     def sparsity_loss(self, codes: LevelCodes, bandwidth: float) -> Tensor:
         """Batch-mean L0 whose straight-through gradient trains the thresholds."""
