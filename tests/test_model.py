@@ -495,12 +495,26 @@ def test_dense_jumprelu_loss_reads_nothing_back_to_the_host() -> None:
         for i in range(len(SIZES) - 1)
     ] + [torch.zeros(SIZES[-1], dtype=torch.bool)]
     weights = LossWeights(torch.tensor([0.5, 0.7, 0.9]), rho=0.3, aux=1 / 32)
+    dead = [torch.arange(n) % 5 == 0 for n in SIZES]  # the dead-feature loss runs too
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        out = model.training_loss(x, weights, substituted, dead=None)
+        out = model.training_loss(x, weights, substituted, dead)
         out.total.backward()
-    assert out.constraint > 0
+    assert out.constraint > 0 and out.aux > 0
     assert [event.name for event in prof.events() if event.name in syncing] == []
     fast, _ = tiny_model(sparse=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fast.training_loss(x, weights, substituted, dead=None).total.backward()
+        fast.training_loss(x, weights, substituted, dead).total.backward()
     assert any(event.name in syncing for event in prof.events())  # the support path does
+
+
+def test_dense_dead_feature_loss_is_zero_without_dead_features() -> None:
+    # The dense path computes the auxiliary loss every step (fixed shapes) and zeroes it when
+    # nothing is dead, where the support path skips it: the two losses must agree.
+    weights = LossWeights(torch.tensor([0.5, 0.7, 0.9]), rho=0.3, aux=1 / 32)
+    dead = [torch.zeros(n, dtype=torch.bool) for n in SIZES]
+    outs = []
+    for sparse in (True, False):
+        model, x = tiny_model(sparse=sparse)
+        outs.append(model.training_loss(x, weights, None, dead))
+    assert outs[1].aux == 0
+    torch.testing.assert_close(outs[0].total, outs[1].total, rtol=1e-5, atol=1e-5)

@@ -292,9 +292,9 @@ class HSAE(nn.Module):
             fired.append(level.fired(codes[index]))
             if keep_active:
                 active_masks.append(level.active(codes[index]))
-            if dead is not None and weights.aux > 0 and bool(dead[index].any()):
+            if dead is not None and weights.aux > 0 and (not fused or bool(dead[index].any())):
                 residual = (x - decoded - level.b_dec).detach()
-                aux = self._dead_feature_loss(level, x, residual, dead[index], group)
+                aux = self._dead_feature_loss(level, x, residual, dead[index], group, fused)
                 total = total + weights.aux * aux
                 aux_total = aux_total + aux.detach()
         if cfg.uses_hierarchy_losses and weights.rho > 0:
@@ -368,26 +368,45 @@ class HSAE(nn.Module):
         residual: Tensor,
         dead: Tensor,
         group: BatchGroup | None = None,
+        fused: bool = True,
     ) -> Tensor:
         """AuxK-style revival: the top dead latents (by ReLU pre-activation) fit the residual.
 
         Normalised by the residual's centred energy over the whole batch; with a ``group``
         that energy is the global batch's, and the result is scaled so that the processes'
-        mean is the global value (the dead set is the same on every process)."""
-        dead_index = dead.nonzero(as_tuple=True)[0]
-        k = min(max(1, self.config.d_in // 2), dead_index.numel())
-        pre = (x - level.b_dec.detach()) @ level.W_enc[:, dead_index] + level.b_enc[dead_index]
-        values, chosen = pre.relu().topk(k, dim=1)
+        mean is the global value (the dead set is the same on every process).
+
+        ``fused=False`` (the dense path) computes the same value with fixed shapes and nothing
+        read back to the host: every latent's pre-activation with the live ones masked to 0,
+        the top k of those, and the result multiplied by whether any latent is dead. The
+        latents it picks beyond the dead ones have value 0, so they add nothing to the fit and
+        get no gradient; the price is a full encoder product per level and step."""
+        k_max = max(1, self.config.d_in // 2)
+        centred = x - level.b_dec.detach()
+        if fused:
+            dead_index = dead.nonzero(as_tuple=True)[0]
+            k = min(k_max, dead_index.numel())
+            pre = centred @ level.W_enc[:, dead_index] + level.b_enc[dead_index]
+            values, chosen = pre.relu().topk(k, dim=1)
+            decoder = level.W_dec[dead_index]
+            any_dead = None
+        else:
+            pre = centred @ level.W_enc + level.b_enc
+            values, chosen = (pre.relu() * dead).topk(min(k_max, level.n_features), dim=1)
+            decoder = level.W_dec
+            any_dead = dead.any().to(residual.dtype)
         fitted = nn.functional.embedding_bag(
-            chosen, level.W_dec[dead_index], mode="sum", per_sample_weights=values
+            chosen, decoder, mode="sum", per_sample_weights=values.to(decoder.dtype)
         )
         if group is not None and group.size > 1:
             n_global = residual.shape[0] * group.size
             mean = group.sum(residual.sum(0)) / n_global
             energy = group.sum((residual - mean).pow(2).sum().reshape(1))[0].clamp(min=1e-8)
-            return group.size * (fitted - residual).pow(2).sum() / energy
-        residual_energy = (residual - residual.mean(0)).pow(2).sum().clamp(min=1e-8)
-        return (fitted - residual).pow(2).sum() / residual_energy
+            aux = group.size * (fitted - residual).pow(2).sum() / energy
+        else:
+            residual_energy = (residual - residual.mean(0)).pow(2).sum().clamp(min=1e-8)
+            aux = (fitted - residual).pow(2).sum() / residual_energy
+        return aux if any_dead is None else aux * any_dead
 
     @torch.no_grad()
     def build_forest(
