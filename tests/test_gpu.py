@@ -68,3 +68,41 @@ def test_batches_are_copied_from_pinned_memory_without_blocking() -> None:
     torch.cuda.synchronize()
     expected = next(TensorBatches(data(), 128, 2)).cuda() * trainer.model.activation_scale
     torch.testing.assert_close(batch, expected)
+
+
+def test_dense_jumprelu_loss_does_not_wait_for_the_gpu() -> None:
+    # The CUDA twin of tests/test_model.py's host-sync test: on the dense path the loss of
+    # JumpReLU levels, forward and backward, makes no synchronising CUDA call (the ground for
+    # capturing the step in a CUDA graph; docs/scale.md, "Measured on an H200").
+    from hsae.model import HSAE
+    from hsae.model.hierarchy_losses import sample_perturbation
+    from hsae.model.hsae import LossWeights
+
+    config = HSAEConfig(**(CONFIG | {"device": "cuda", "sparse_kernels": False}))
+    model = HSAE(config).cuda()
+    x = data()[:128].cuda()
+    sizes = config.level_sizes
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for level in model.levels:
+            level.initialise_from_data(x, config.target_l0)
+        for index in range(len(sizes) - 1):
+            links = torch.randint(0, sizes[index], (sizes[index + 1],), generator=generator)
+            model.set_parents(index, links.cuda())
+            model._sibling_pairs(index)  # once per forest, outside the step
+    substituted = [
+        sample_perturbation(model.parents(i), sizes[i], 0.3, generator)
+        for i in range(len(sizes) - 1)
+    ] + [torch.zeros(sizes[-1], dtype=torch.bool, device="cuda")]
+    dead = [(torch.arange(n) % 5 == 0).cuda() for n in sizes]
+    weights = LossWeights(torch.tensor([0.5, 0.7, 0.9], device="cuda"), rho=0.3, aux=1 / 32)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model.training_loss(x, weights, substituted, dead, exact_metrics=False)
+        out.total.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(out.total) and out.constraint > 0
