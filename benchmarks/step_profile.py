@@ -65,7 +65,7 @@ def profile_mode(args: argparse.Namespace, mode: str, batches: list[torch.Tensor
         1
         for event in events
         if event.name.startswith("aten::")
-        and not _inside_aten(event)  # count each dispatch once, not its nested calls
+        and not _inside(event)  # count each dispatch once, not its nested calls
     )
     print(f"\n### {mode}: d={args.d} sizes={args.sizes} device={args.device}")
     print(f"wall clock           {wall * 1e3:9.2f} ms/step")
@@ -108,19 +108,11 @@ def profile_mode(args: argparse.Namespace, mode: str, batches: list[torch.Tensor
             )
 
 
-def _inside_aten(event) -> bool:
+def _inside(event, names: tuple[str, ...] | None = None) -> bool:
+    """Whether an enclosing call is one of ``names`` (None: any aten operation)."""
     parent = event.cpu_parent
     while parent is not None:
-        if parent.name.startswith("aten::"):
-            return True
-        parent = parent.cpu_parent
-    return False
-
-
-def _inside(event, names: tuple[str, ...]) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name in names:
+        if (parent.name in names) if names is not None else parent.name.startswith("aten::"):
             return True
         parent = parent.cpu_parent
     return False

@@ -97,9 +97,7 @@ def dense_parent_children_constraint(
         parent_acts, child_acts = parent_acts.float(), child_acts.float()
         has_parent = (parent_index >= 0).to(child_acts.dtype)
         their_parents = parent_index.clamp(min=0)
-        with_children = parent_acts.new_zeros(n_parents).scatter_reduce_(
-            0, their_parents, has_parent, reduce="amax"
-        )
+        with_children = has_children(parent_index, n_parents).to(parent_acts.dtype)
         alpha = parent_acts.square().sum(0) * with_children
         parent_at_child = parent_acts.index_select(1, their_parents)
         beta = (parent_at_child * child_acts).sum(0) * has_parent

@@ -76,32 +76,29 @@ class LevelCodes:
         """pre[rows, cols] (no gradient), when the kind's fast path kept it."""
         self._acts = acts
 
-    def _read_support(self) -> None:
-        assert self._support is not None and self._acts is not None
-        self._rows, self._cols = self._support()
-        self._values = kernels.gather_entries(self._acts, self._rows, self._cols)
+    def _entries(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows, cols, values), read from ``acts`` by the ``support`` function on first use."""
+        if self._rows is None:
+            assert self._support is not None and self._acts is not None
+            self._rows, self._cols = self._support()
+            self._values = kernels.gather_entries(self._acts, self._rows, self._cols)
+        return self._rows, self._cols, self._values  # type: ignore[return-value]
 
     @property
     def rows(self) -> Tensor:
         """Token index of each support entry (the entries that carry gradient); entries are
         sorted by (row, col), as ``nonzero`` returns them."""
-        if self._rows is None:
-            self._read_support()
-        return self._rows  # type: ignore[return-value]
+        return self._entries()[0]
 
     @property
     def cols(self) -> Tensor:
         """Latent index of each support entry."""
-        if self._cols is None:
-            self._read_support()
-        return self._cols  # type: ignore[return-value]
+        return self._entries()[1]
 
     @property
     def values(self) -> Tensor:
         """Activation of each support entry (acts[rows, cols]), differentiable."""
-        if self._values is None:
-            self._read_support()
-        return self._values  # type: ignore[return-value]
+        return self._entries()[2]
 
     @property
     def acts(self) -> Tensor:
