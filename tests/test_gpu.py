@@ -89,7 +89,7 @@ def test_dense_jumprelu_loss_does_not_wait_for_the_gpu() -> None:
         for index in range(len(sizes) - 1):
             links = torch.randint(0, sizes[index], (sizes[index + 1],), generator=generator)
             model.set_parents(index, links.cuda())
-            model._sibling_pairs(index)  # once per forest, outside the step
+            model.sibling_pairs(index)  # once per forest, outside the step
     substituted = [
         sample_perturbation(model.parents(i), sizes[i], 0.3, generator)
         for i in range(len(sizes) - 1)

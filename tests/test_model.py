@@ -489,7 +489,7 @@ def test_dense_jumprelu_loss_reads_nothing_back_to_the_host() -> None:
         "aten::unique_consecutive", "aten::masked_select", "aten::repeat_interleave",
     }  # fmt: skip
     model, x = tiny_model(sparse=False)
-    model._sibling_pairs(0), model._sibling_pairs(1)  # once per forest, outside the step
+    model.sibling_pairs(0), model.sibling_pairs(1)  # once per forest, outside the step
     substituted = [
         sample_perturbation(model.parents(i), SIZES[i], 0.3, torch.Generator().manual_seed(i))
         for i in range(len(SIZES) - 1)

@@ -184,6 +184,15 @@ def test_multi_process_train_needs_the_run_folder_named(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_compiled_step_is_refused_under_torchrun(tmp_path: Path) -> None:
+    # The compiled loss runs in one process only for now: two processes stop at set-up,
+    # before any training, with the message naming the setting.
+    settings = CONFIG | {"sparse_kernels": False, "compile": "default"}
+    output = launch(tmp_path / "compiled", settings).communicate(timeout=300)[0]
+    assert "compile: 'default' runs in one process only" in output
+    assert not (tmp_path / "compiled" / "final.safetensors").exists()
+
+
 def test_one_step_gradients_of_two_shares_equal_the_global_batch(tmp_path: Path) -> None:
     """Loss terms that depend on the whole batch (BatchTopK's selection, the auxiliary
     loss's normalisation) are the global batch's: averaged gradients match exactly."""

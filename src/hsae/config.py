@@ -29,6 +29,7 @@ from hsae.errors import ConfigError
 Similarity = Literal["encoder", "decoder", "coactivation", "conditional", "hybrid"]
 TreeVariant = Literal["partial", "full", "binary", "fixed"]
 Autocast = Literal["auto", "bf16", "off"]
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
 
 
 class _Settings(BaseModel):
@@ -232,6 +233,14 @@ class HSAEConfig(ArchitectureConfig):
     autocast: Autocast = "auto"
     """bf16 autocast of the training step's matmuls: "auto" on CUDA only, "bf16" on any
     device, "off" never. Parameters, Adam's state, thresholds, L0 and the loss stay float32."""
+    compile: CompileMode = "off"
+    """torch.compile the training loss and its backward with this mode: "default" fuses the
+    step's elementwise work into few kernels; "reduce-overhead" (and "max-autotune") also
+    replays it as CUDA graphs on a GPU. Needs sparse_kernels false (the support-only kernels
+    have data-dependent shapes). Each variant of the step (before and after the first forest,
+    logged or not) compiles once, taking tens of seconds; for long GPU runs, whose eager step
+    is bound by kernel launches (docs/scale.md). On a CPU it gains nothing: the support-only
+    kernels are faster there."""
 
     # --- validation ----------------------------------------------------------------------
     @field_validator("device")
@@ -305,6 +314,12 @@ class HSAEConfig(ArchitectureConfig):
 
     @model_validator(mode="after")
     def _cross_field(self) -> HSAEConfig:
+        if self.compile != "off" and self.sparse_kernels:
+            raise ValueError(
+                f"compile = {self.compile!r} needs sparse_kernels = false: the support-only "
+                "kernels work on data-dependent shapes, which torch.compile cannot fuse; the "
+                "dense path computes the same loss with static shapes"
+            )
         if self.train_tokens < self.batch_size:
             raise ValueError(
                 f"train_tokens = {self.train_tokens} is less than one batch "

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.autograd import Function
@@ -66,14 +68,37 @@ def parent_children_constraint(
         )
 
 
-def sibling_pairs(parent_index: Tensor) -> tuple[Tensor, Tensor]:
-    """(u, v): every pair of distinct children that share a parent, once each. Fixed while
-    the forest is, so a caller computes it once per forest."""
+class SiblingPairs(NamedTuple):
+    """Every pair of distinct children that share a parent, once each (:func:`sibling_pairs`)."""
+
+    first: Tensor
+    """[pairs] index of one child of each pair."""
+    second: Tensor
+    """[pairs] index of the other."""
+    weight: Tensor | None = None
+    """[pairs] 1 for a real pair, 0 for padding (None: no padding)."""
+
+
+def sibling_pairs(parent_index: Tensor, pad_to_power_of_two: bool = False) -> SiblingPairs:
+    """The sibling pairs of a forest: fixed while the forest is, so a caller computes them
+    once per forest.
+
+    ``pad_to_power_of_two``: pad the list with weight-0 pairs to the next power of two, so a
+    compiled step sees a new shape (and compiles again) only when the count crosses one, not
+    at every forest rebuild."""
     children = (parent_index >= 0).nonzero(as_tuple=True)[0]
     order = torch.argsort(parent_index.index_select(0, children), stable=True)
     children = children.index_select(0, order)
     first, second = _pairs_within_groups(parent_index.index_select(0, children))
-    return children.index_select(0, first), children.index_select(0, second)
+    first, second = children.index_select(0, first), children.index_select(0, second)
+    if not pad_to_power_of_two:
+        return SiblingPairs(first, second)
+    n_pairs = first.numel()
+    padding = (1 << max(n_pairs - 1, 0).bit_length()) - n_pairs
+    weight = torch.ones(n_pairs + padding, device=first.device)
+    weight[n_pairs:] = 0.0
+    zeros = first.new_zeros(padding)
+    return SiblingPairs(torch.cat([first, zeros]), torch.cat([second, zeros]), weight)
 
 
 def dense_parent_children_constraint(
@@ -82,16 +107,16 @@ def dense_parent_children_constraint(
     parent_decoder: Tensor,
     child_decoder: Tensor,
     parent_index: Tensor,
-    pairs: tuple[Tensor, Tensor],
+    pairs: SiblingPairs,
 ) -> Tensor:
     """:func:`parent_children_constraint` from [batch, n] activations, through autograd.
 
     The same expansion summed over tokens: alpha_p <d_p, d_p> - 2 beta_c <d_p(c), d_c> +
     gamma_c <d_c, d_c> + 2 sigma_uv <d_u, d_v> over the sibling pairs ``pairs``
-    (:func:`sibling_pairs` of ``parent_index``). Every shape is fixed by the level sizes and the
-    forest, and nothing is read back to the host, so it suits a captured or compiled step; it
-    costs dense passes over [batch, n] (and [batch, pairs]) where the support-only form reads
-    the support alone."""
+    (:func:`sibling_pairs` of ``parent_index``; padding pairs weigh 0). Every shape is fixed by
+    the level sizes and the forest, and nothing is read back to the host, so it suits a captured
+    or compiled step; it costs dense passes over [batch, n] (and [batch, pairs]) where the
+    support-only form reads the support alone."""
     n_tokens, n_parents = parent_acts.shape
     with torch.autocast(parent_acts.device.type, enabled=False):
         parent_acts, child_acts = parent_acts.float(), child_acts.float()
@@ -102,8 +127,10 @@ def dense_parent_children_constraint(
         parent_at_child = parent_acts.index_select(1, their_parents)
         beta = (parent_at_child * child_acts).sum(0) * has_parent
         gamma = child_acts.square().sum(0) * has_parent
-        u, v = pairs
+        u, v, pair_weight = pairs
         sigma = (child_acts.index_select(1, u) * child_acts.index_select(1, v)).sum(0)
+        if pair_weight is not None:
+            sigma = sigma * pair_weight
         parent_sq = parent_decoder.square().sum(1)
         child_sq = child_decoder.square().sum(1)
         dots = (child_decoder * parent_decoder.index_select(0, their_parents)).sum(1)

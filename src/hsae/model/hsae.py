@@ -27,6 +27,7 @@ from hsae.io import sha256_file, write_json, write_safetensors
 from hsae.model import forest as forest_ops
 from hsae.model import navigation
 from hsae.model.hierarchy_losses import (
+    SiblingPairs,
     dense_parent_children_constraint,
     parent_children_constraint,
     perturbed_reconstruction,
@@ -131,9 +132,10 @@ class HSAE(nn.Module):
         for level, links in enumerate(forest_ops.empty_forest(config.level_sizes)):
             self.register_buffer(f"parents_{level}", links)
         self.register_buffer("activation_scale", torch.tensor(1.0))
-        self._pairs: dict[int, tuple[tuple[int, int], tuple[Tensor, Tensor]]] = {}
-        """Sibling pairs of each level pair's forest for the dense constraint, keyed by the
-        parents buffer's (address, version): recomputed only when the forest changes."""
+        self._pairs: dict[tuple[int, bool], tuple[tuple[int, int], SiblingPairs]] = {}
+        """Sibling pairs of each level pair's forest for the dense constraint, by (level,
+        padded), keyed by the parents buffer's (address, version): recomputed only when the
+        forest changes."""
 
     # --- public API ------------------------------------------------------------------------
     @property
@@ -236,6 +238,7 @@ class HSAE(nn.Module):
         keep_active: bool = False,
         exact_metrics: bool = True,
         group: BatchGroup | None = None,
+        pairs: Sequence[SiblingPairs] | None = None,
     ) -> TrainingLoss:
         """Loss on a batch ``x`` already in scaled units, weighted by ``weights``.
 
@@ -250,6 +253,10 @@ class HSAE(nn.Module):
         being this process's equal share of it. Every term is then this process's part of the
         global batch's loss, so that the mean of the processes' gradients is the gradient of
         the global loss; the reported metrics are this process's (the trainer averages them).
+
+        ``pairs``: each level pair's :meth:`sibling_pairs`, for the dense path's constraint
+        (None: read from the cache here; a compiled step passes them in, as the cache's
+        bookkeeping cannot be traced).
         """
         cfg = self.config
         fused = cfg.sparse_kernels
@@ -298,7 +305,7 @@ class HSAE(nn.Module):
                 total = total + weights.aux * aux
                 aux_total = aux_total + aux.detach()
         if cfg.uses_hierarchy_losses and weights.rho > 0:
-            constraint = self._constraint(codes, fused)
+            constraint = self._constraint(codes, fused, pairs)
             total = total + weights.rho * constraint
         return TrainingLoss(
             total=total,
@@ -328,7 +335,12 @@ class HSAE(nn.Module):
             return False
         return not fused or bool(substituted[index].any())
 
-    def _constraint(self, codes: list[LevelCodes], fused: bool = True) -> Tensor:
+    def _constraint(
+        self,
+        codes: list[LevelCodes],
+        fused: bool = True,
+        pairs: Sequence[SiblingPairs] | None = None,
+    ) -> Tensor:
         """The constraint over all level pairs: from the supports on the fast path, from dense
         activations on the dense reference path (an independent check of the former)."""
         total = codes[0].pre.new_zeros(())
@@ -340,7 +352,7 @@ class HSAE(nn.Module):
                     self.levels[index].W_dec,
                     self.levels[index + 1].W_dec,
                     self.parents(index),
-                    self._sibling_pairs(index),
+                    self.sibling_pairs(index) if pairs is None else pairs[index],
                 )
                 continue
             total = total + parent_children_constraint(
@@ -352,13 +364,16 @@ class HSAE(nn.Module):
             )
         return total
 
-    def _sibling_pairs(self, level: int) -> tuple[Tensor, Tensor]:
+    def sibling_pairs(self, level: int, padded: bool = False) -> SiblingPairs:
+        """The sibling pairs among the children of ``level``'s features, computed once per
+        forest (:func:`hsae.model.hierarchy_losses.sibling_pairs`; ``padded``: to a power of
+        two, for a compiled step)."""
         parents = self.parents(level)
         key = (parents.data_ptr(), parents._version)
-        cached = self._pairs.get(level)
+        cached = self._pairs.get((level, padded))
         if cached is None or cached[0] != key:
-            cached = (key, sibling_pairs(parents))
-            self._pairs[level] = cached
+            cached = (key, sibling_pairs(parents, pad_to_power_of_two=padded))
+            self._pairs[(level, padded)] = cached
         return cached[1]
 
     def _dead_feature_loss(

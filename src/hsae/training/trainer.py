@@ -34,6 +34,7 @@ from hsae.training.checkpoint import (
     restore_interrupted_swap,
     save_checkpoint,
 )
+from hsae.training.compiled import CompiledLoss
 from hsae.training.data import ActivationDataError, as_batches, check_batch
 from hsae.training.diagnose import non_finite_report
 from hsae.training.parallel import DataParallel, rank_share
@@ -163,6 +164,17 @@ class Trainer:
         self.batches = batches
         self.model = (model or HSAE.class_for(config.mode)(config)).to(self.device)
         self.model.training_config = config
+        if config.compile != "off" and self.parallel is not None:
+            raise ConfigError(
+                f"compile: {config.compile!r} runs in one process only for now; train with "
+                "compile 'off' under torchrun (the collectives inside the loss are not traced)"
+            )
+        self._compiled = (
+            None
+            if config.compile == "off"
+            else CompiledLoss(self.model, config.compile, self.autocast)
+        )
+        """The loss under torch.compile (config.compile), or None for the eager loss."""
         groups = _parameter_groups(self.model, config)
         self._aliases: list[tuple[Tensor, torch.nn.Parameter]] = []
         """(model parameter, the contiguous alias the optimizer steps in its place)."""
@@ -272,16 +284,21 @@ class Trainer:
         x = self._next_batch()
         substituted = self._draw_perturbation()
         dead = self._dead_masks()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.model.training_loss(
-                x,
-                LossWeights(self.sparsity.weights, self.config.rho, self.config.aux_coefficient),
-                substituted,
-                dead,
-                keep_active=self._tracks_coactivation_now(),
-                exact_metrics=exact_metrics,
-                group=self.parallel,
-            )
+        weights = LossWeights(self.sparsity.weights, self.config.rho, self.config.aux_coefficient)
+        keep_active = self._tracks_coactivation_now()
+        if self._compiled is not None:
+            out = self._compiled(x, weights, substituted, dead, keep_active, exact_metrics)
+        else:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = self.model.training_loss(
+                    x,
+                    weights,
+                    substituted,
+                    dead,
+                    keep_active=keep_active,
+                    exact_metrics=exact_metrics,
+                    group=self.parallel,
+                )
         # The support-only step never reads a feature that does not fire, so a NaN in its
         # weights leaves the loss finite: logged steps also check every parameter.
         if not torch.isfinite(out.total) or (exact_metrics and not self._parameters_finite()):
