@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, sized for about seven minutes on one H100/H200-class GPU:
+# The GPU checks in one go, sized for about seventeen minutes on one H100/H200-class GPU:
 #   1. the tests that train on the GPU (every test trains on CUDA where one is present);
 #   2. step_speed.py at both scales with bf16 autocast (the CUDA default) and peak memory;
 #   3. step_speed.py in float32 (TF32), with the plain dense loop and its CUDA-graphed copy;
-#   4. step_profile.py at both scales: launches, syncs and kernel time against the wall.
+#   4. step_speed.py with the loss compiled (HSAEConfig.compile "reduce-overhead": CUDA graphs);
+#   5. step_profile.py at both scales: launches, syncs and kernel time against the wall.
 # Needs hsae and sae-lens importable (pip install -e '.[bench]', or PYTHONPATH). Each part has
-# its own time limit, so one that hangs does not take the others with it. Logs go to $1.
+# its own time limit, so one that hangs does not take the others with it. Logs go to $1; the
+# parts to run (tests, bf16, fp32, compiled, profile) may follow, all of them by default
+# (together up to about 17 minutes: run them in two calls where a call is limited to 10).
 #
 #     bash benchmarks/gpu_check.sh gpu-check-out
+#     bash benchmarks/gpu_check.sh gpu-check-out tests compiled
 set -u
 out=${1:-gpu-check-out}
+shift || true
+parts=" ${*:-tests bf16 fp32 compiled profile} "
+want() { [[ "$parts" == *" $1 "* ]]; }
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -21,6 +28,7 @@ part "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 
+if want tests; then
 part "tests on the GPU (names as they finish, then the failures' tracebacks)"
 workers=()
 python3 -c "import xdist" 2>/dev/null && workers=(-n "${HSAE_GPU_TEST_WORKERS:-8}")
@@ -28,22 +36,36 @@ timeout 240 python3 -m pytest -v -p no:cacheprovider -W ignore::UserWarning --tb
     --junitxml="$out/tests.xml" "${workers[@]}" \
     "$root"/tests/test_gpu.py "$root"/tests/test_model.py "$root"/tests/test_training.py \
     "$root"/tests/test_forest.py "$root"/tests/test_levels.py "$root"/tests/test_fidelity.py \
-    "$root"/tests/test_checkpoint.py "$root"/tests/test_matryoshka.py \
+    "$root"/tests/test_checkpoint.py "$root"/tests/test_matryoshka.py "$root"/tests/test_compiled.py \
     >"$out/tests.txt" 2>&1
 grep -E "(FAILED|ERROR)|[0-9]+ (passed|failed)" "$out/tests.txt" | tail -20
+fi
 
+if want bf16; then
 part "step_speed, bf16 autocast, with peak memory"
 timeout 240 python3 "$here/step_speed.py" --scale both --steps 20 --rounds 5 --settle 30 \
     2>&1 | tee "$out/step_speed_bf16.txt" | grep -v "Warning\|sparse_coo"
+fi
 
+if want fp32; then
 part "step_speed, float32 (TF32), with the dense loop and its CUDA-graphed copy"
 timeout 150 python3 "$here/step_speed.py" --scale both --steps 20 --rounds 5 --settle 30 \
     --autocast off --no-memory --dense-loop 2>&1 | tee "$out/step_speed_fp32.txt" |
     grep -v "Warning\|sparse_coo"
+fi
 
+if want compiled; then
+part "step_speed, bf16, our trainers also compiled with mode reduce-overhead (CUDA graphs)"
+timeout 240 python3 "$here/step_speed.py" --scale both --steps 20 --rounds 5 --settle 30 \
+    --no-memory --compile reduce-overhead 2>&1 | tee "$out/step_speed_compiled.txt" |
+    grep -v "Warning\|sparse_coo\|W[0-9]"
+fi
+
+if want profile; then
 part "step_profile"
 for scale in small large; do
     timeout 90 python3 "$here/step_profile.py" --scale "$scale" >"$out/profile_$scale.txt" 2>&1
     grep -E "^###|wall clock|dispatched|launched|syncs|kernel time" "$out/profile_$scale.txt"
 done
+fi
 part "done"

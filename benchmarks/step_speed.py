@@ -8,7 +8,10 @@ batch 1024) the script builds, on the same batches:
 * ``saelens``: SAELens's JumpReLU training step for the same sizes, started from our levels'
   weights and thresholds (needs ``pip install 'hsae[bench]'``);
 * ``floor``: one matmul of the batch by all levels' encoders at once, the part of any step
-  that sparsity cannot remove.
+  that sparsity cannot remove;
+* with ``--compile MODE``, also ``hsae-compiled`` and ``independent-compiled``: the same two
+  trainers on the dense path with the loss under ``torch.compile(mode=MODE)``
+  (``HSAEConfig.compile``; compiled during the settling steps, which are not timed).
 
 Steady state: before anything is timed, every JumpReLU level is brought to its target L0. Each
 feature's threshold is set to its (1 - target_l0 / n) quantile of pre-activations on a batch (so
@@ -74,6 +77,7 @@ SCALES: dict[str, dict[str, object]] = {
 }
 N_BATCHES = 6
 CONTENDERS = ("hsae", "independent", "saelens", "floor")
+COMPILED = ("hsae-compiled", "independent-compiled")
 
 
 def sparse_batches(d: int, n_batches: int, batch: int, seed: int = 0) -> list[torch.Tensor]:
@@ -98,7 +102,11 @@ def _cycle(batches: list[torch.Tensor]):
         yield from batches
 
 
-def make_trainer(args: argparse.Namespace, mode: str, batches: list[torch.Tensor]) -> Trainer:
+def make_trainer(
+    args: argparse.Namespace, mode: str, batches: list[torch.Tensor], compile: str = "off"
+) -> Trainer:
+    """Our trainer of ``mode`` at steady state's start; ``compile``: HSAEConfig.compile (on
+    the dense path, which it needs)."""
     config = HSAEConfig(
         d_in=args.d,
         level_sizes=args.sizes,
@@ -108,8 +116,9 @@ def make_trainer(args: argparse.Namespace, mode: str, batches: list[torch.Tensor
         mode=mode,
         device=args.device,
         update_interval=99_999,  # the forest is built once, below, and never rebuilt while timed
-        sparse_kernels=not args.dense_kernels,
+        sparse_kernels=not args.dense_kernels and compile == "off",
         autocast=args.autocast,
+        compile=compile,
     )
     # The activation scale is estimated from one batch rather than 16k tokens: at d = 2304 the
     # data-dependent initialisation would otherwise form [16k, 16k] pre-activations.
@@ -307,9 +316,10 @@ def build(
     steps: dict[str, Callable[[], object]] = {}
     source = None
     for name in names:
-        if name in ("hsae", "independent"):
-            trainer = make_trainer(args, name, batches)
-            settle(trainer, args.settle)
+        if name in ("hsae", "independent", *COMPILED):
+            mode, _, compiled = name.partition("-")
+            trainer = make_trainer(args, mode, batches, args.compile if compiled else "off")
+            settle(trainer, max(args.settle, 3) if compiled else args.settle)
             trainers[name] = trainer
             steps[name] = lambda t=trainer: t.train_step(exact_metrics=False)
         elif name == "dense-pytorch":
@@ -352,6 +362,7 @@ def peak_memory_mb(args: argparse.Namespace, name: str) -> float | None:
         args.autocast,
     ]
     command += ["--dense-kernels"] if args.dense_kernels else []
+    command += [] if args.compile is None else ["--compile", args.compile]
     command += [] if args.threads is None else ["--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = done.stdout.strip().splitlines()
@@ -405,6 +416,7 @@ def memory_probe(args: argparse.Namespace) -> None:
 def run_scale(args: argparse.Namespace) -> None:
     batches = sparse_batches(args.d, N_BATCHES, args.batch)
     names = list(CONTENDERS) + (["dense-pytorch"] if args.dense_loop else [])
+    names += list(COMPILED) if args.compile else []
     if args.dense_loop and args.device.startswith("cuda"):
         names.append("dense-graphed")
     started = time.perf_counter()
@@ -426,7 +438,7 @@ def run_scale(args: argparse.Namespace) -> None:
 
     for name, values in l0s.items():
         mean_l0 = torch.stack(values[1:]).mean(0).tolist()
-        print(f"{name:>14} L0 while timed: {[round(v, 1) for v in mean_l0]}")
+        print(f"{name:>20} L0 while timed: {[round(v, 1) for v in mean_l0]}")
     names = list(steps)
     del steps, trainers, l0s  # free this run's models before the probes build theirs
     gc.collect()
@@ -444,7 +456,7 @@ def run_scale(args: argparse.Namespace) -> None:
             mem = memory.get(name)
             mem_text = "" if mem is None else f"  peak memory {mem:8.0f} MiB"
             print(
-                f"{name:>14}: {median[name] * 1e3:9.1f} ms/step  {tokens_per_s[name]:9.0f} "
+                f"{name:>20}: {median[name] * 1e3:9.1f} ms/step  {tokens_per_s[name]:9.0f} "
                 f"tokens/s{mem_text}"
             )
         print(f"HSAE cost / independent stack: {median['hsae'] / median['independent']:.3f}x")
@@ -464,6 +476,18 @@ def run_scale(args: argparse.Namespace) -> None:
         if "dense-pytorch" in tokens_per_s:
             over_dense = tokens_per_s["hsae"] / tokens_per_s["dense-pytorch"]
             print(f"HSAE tokens/s over dense PyTorch: {over_dense:.2f}x")
+        if "hsae-compiled" in tokens_per_s:
+            compiled = median["hsae-compiled"]
+            print(
+                f"compiled ({args.compile}): HSAE cost / independent stack: "
+                f"{compiled / median['independent-compiled']:.3f}x; HSAE tokens/s over the "
+                f"eager HSAE: {median['hsae'] / compiled:.2f}x"
+                + (
+                    f", over SAELens: {median['saelens'] / compiled:.2f}x"
+                    if "saelens" in median
+                    else ""
+                )
+            )
         if "dense-graphed" in tokens_per_s:
             over_graphed = tokens_per_s["hsae"] / tokens_per_s["dense-graphed"]
             print(f"HSAE tokens/s over the CUDA-graphed dense loop: {over_graphed:.2f}x")
@@ -504,6 +528,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--dense-kernels", action="store_true", help="our models on the dense reference path"
+    )
+    parser.add_argument(
+        "--compile",
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="also time both trainers on the dense path compiled with this torch.compile mode",
     )
     parser.add_argument(
         "--system-malloc",

@@ -40,6 +40,16 @@ def test_step_speed_times_every_contender_under_the_same_autocast(autocast: str)
     assert "HSAE cost / independent stack:" in out
 
 
+def test_step_speed_times_the_compiled_trainers() -> None:
+    out = run(
+        "step_speed.py", *TINY, "--steps", "1", "--rounds", "1", "--settle", "1",
+        "--no-memory", "--compile", "default", "--threads", "1",
+    )  # fmt: skip
+    for name in ("hsae-compiled", "independent-compiled"):
+        assert f"{name}:" in out and f"{name} L0 while timed" in out
+    assert "compiled (default): HSAE cost / independent stack:" in out
+
+
 def test_step_profile_counts_the_operations_of_both_modes() -> None:
     out = run("step_profile.py", *TINY, "--steps", "1", "--settle", "1", "--device", "cpu")
     assert out.count("aten ops dispatched") == 2

@@ -403,16 +403,21 @@ class HSAE(nn.Module):
             k = min(k_max, dead_index.numel())
             pre = centred @ level.W_enc[:, dead_index] + level.b_enc[dead_index]
             values, chosen = pre.relu().topk(k, dim=1)
-            decoder = level.W_dec[dead_index]
+            fitted = nn.functional.embedding_bag(
+                chosen,
+                level.W_dec[dead_index],
+                mode="sum",
+                per_sample_weights=values.to(level.W_dec.dtype),
+            )
             any_dead = None
         else:
+            # The top k as a dense code and one decoder product: matmuls both ways, where
+            # embedding_bag's backward over [batch, k] bags sorts every entry.
             pre = centred @ level.W_enc + level.b_enc
             values, chosen = (pre.relu() * dead).topk(min(k_max, level.n_features), dim=1)
-            decoder = level.W_dec
+            codes = torch.zeros_like(pre).scatter(1, chosen, values)
+            fitted = codes.to(level.W_dec.dtype) @ level.W_dec
             any_dead = dead.any().to(residual.dtype)
-        fitted = nn.functional.embedding_bag(
-            chosen, decoder, mode="sum", per_sample_weights=values.to(decoder.dtype)
-        )
         if group is not None and group.size > 1:
             n_global = residual.shape[0] * group.size
             mean = group.sum(residual.sum(0)) / n_global
