@@ -50,10 +50,11 @@ def test_padded_sibling_pairs_leave_the_constraint_unchanged() -> None:
         torch.testing.assert_close(values[0], values[1])
 
 
-def test_dense_jumprelu_loss_is_one_graph() -> None:
+@pytest.mark.parametrize("kind", ["jumprelu", "topk", "batchtopk"])
+def test_dense_loss_is_one_graph(kind: str) -> None:
     # No graph break: the whole forward (and so the backward) compiles as one region, which
     # "reduce-overhead" replays as one CUDA graph on a GPU.
-    model, x = tiny_model(sparse=False)
+    model, x = tiny_model(sparse=False, kind=kind)
     substituted = [
         sample_perturbation(model.parents(i), SIZES[i], 0.3, torch.Generator().manual_seed(i))
         for i in range(len(SIZES) - 1)

@@ -70,15 +70,16 @@ def test_batches_are_copied_from_pinned_memory_without_blocking() -> None:
     torch.testing.assert_close(batch, expected)
 
 
-def test_dense_jumprelu_loss_does_not_wait_for_the_gpu() -> None:
+@pytest.mark.parametrize("kind", ["jumprelu", "topk", "batchtopk"])
+def test_dense_loss_does_not_wait_for_the_gpu(kind: str) -> None:
     # The CUDA twin of tests/test_model.py's host-sync test: on the dense path the loss of
-    # JumpReLU levels, forward and backward, makes no synchronising CUDA call (the ground for
+    # every level kind, forward and backward, makes no synchronising CUDA call (the ground for
     # capturing the step in a CUDA graph; docs/scale.md, "Measured on an H200").
     from hsae.model import HSAE
     from hsae.model.hierarchy_losses import sample_perturbation
     from hsae.model.hsae import LossWeights
 
-    config = HSAEConfig(**(CONFIG | {"device": "cuda", "sparse_kernels": False}))
+    config = HSAEConfig(**(CONFIG | {"device": "cuda", "sparse_kernels": False, "level": kind}))
     model = HSAE(config).cuda()
     x = data()[:128].cuda()
     sizes = config.level_sizes

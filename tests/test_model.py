@@ -478,8 +478,9 @@ def test_dense_constraint_follows_the_forest_after_a_rebuild() -> None:
     assert support.item() == pytest.approx(after.item(), rel=1e-5)
 
 
-def test_dense_jumprelu_loss_reads_nothing_back_to_the_host() -> None:
-    # The dense reference path of JumpReLU levels (constraint, perturbation, L0, metrics,
+@pytest.mark.parametrize("kind", ["jumprelu", "topk", "batchtopk"])
+def test_dense_loss_reads_nothing_back_to_the_host(kind: str) -> None:
+    # The dense reference path of every level kind (constraint, perturbation, L0, metrics,
     # forward and backward) has static shapes: no operation that makes a GPU wait for the
     # host (the ground for a captured CUDA step; benchmarks/step_profile.py counts the same).
     from torch.profiler import ProfilerActivity, profile
@@ -488,7 +489,7 @@ def test_dense_jumprelu_loss_reads_nothing_back_to_the_host() -> None:
         "aten::nonzero", "aten::_local_scalar_dense", "aten::_unique2", "aten::bincount",
         "aten::unique_consecutive", "aten::masked_select", "aten::repeat_interleave",
     }  # fmt: skip
-    model, x = tiny_model(sparse=False)
+    model, x = tiny_model(sparse=False, kind=kind)
     model.sibling_pairs(0), model.sibling_pairs(1)  # once per forest, outside the step
     substituted = [
         sample_perturbation(model.parents(i), SIZES[i], 0.3, torch.Generator().manual_seed(i))
@@ -501,7 +502,7 @@ def test_dense_jumprelu_loss_reads_nothing_back_to_the_host() -> None:
         out.total.backward()
     assert out.constraint > 0 and out.aux > 0
     assert [event.name for event in prof.events() if event.name in syncing] == []
-    fast, _ = tiny_model(sparse=True)
+    fast, _ = tiny_model(sparse=True, kind=kind)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fast.training_loss(x, weights, substituted, dead).total.backward()
     assert any(event.name in syncing for event in prof.events())  # the support path does

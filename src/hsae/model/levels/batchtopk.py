@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from hsae.model import kernels
-from hsae.model.kernels import gather_entries
 from hsae.model.level import BatchGroup, Level, LevelCodes, entries_of
 
 THRESHOLD_MOMENTUM = 0.99
@@ -97,9 +96,9 @@ class BatchTopKLevel(Level):
         if fused:
             return self.selected_codes(x, pre, selected)
         acts = pre_with_grad * selected
-        rows, cols = entries_of(selected)
-        values = gather_entries(acts, rows, cols)
-        return LevelCodes(acts=acts, pre=pre, rows=rows, cols=cols, values=values)
+        # The support only if something reads it: the dense path's loss does not (static
+        # shapes, nothing read back to the host).
+        return LevelCodes(acts=acts, pre=pre, support=lambda: entries_of(selected))
 
     @torch.no_grad()
     def _update_threshold(self, smallest: Tensor) -> None:

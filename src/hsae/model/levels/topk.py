@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from hsae.model import kernels
-from hsae.model.kernels import gather_entries
 from hsae.model.level import Level, LevelCodes, entries_of
 
 
@@ -56,9 +55,9 @@ class TopKLevel(Level):
         pre = pre_with_grad.detach()
         selected = self.select(pre)
         acts = pre_with_grad * selected
-        rows, cols = entries_of(selected)
-        values = gather_entries(acts, rows, cols)
-        return LevelCodes(acts=acts, pre=pre, rows=rows, cols=cols, values=values)
+        # The support only if something reads it: the dense path's loss does not (static
+        # shapes, nothing read back to the host).
+        return LevelCodes(acts=acts, pre=pre, support=lambda: entries_of(selected))
 
     def active(self, codes: LevelCodes) -> Tensor:
         return codes.acts.detach() > 0
