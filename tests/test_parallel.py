@@ -184,15 +184,6 @@ def test_multi_process_train_needs_the_run_folder_named(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_compiled_step_is_refused_under_torchrun(tmp_path: Path) -> None:
-    # The compiled loss runs in one process only for now: two processes stop at set-up,
-    # before any training, with the message naming the setting.
-    settings = CONFIG | {"sparse_kernels": False, "compile": "default"}
-    output = launch(tmp_path / "compiled", settings).communicate(timeout=300)[0]
-    assert "compile: 'default' runs in one process only" in output
-    assert not (tmp_path / "compiled" / "final.safetensors").exists()
-
-
 def test_one_step_gradients_of_two_shares_equal_the_global_batch(tmp_path: Path) -> None:
     """Loss terms that depend on the whole batch (BatchTopK's selection, the auxiliary
     loss's normalisation) are the global batch's: averaged gradients match exactly."""
@@ -226,6 +217,24 @@ def test_two_processes_equal_one_process_on_the_global_batch(two_process_run) ->
     assert bool((expected["tokens_since_fired.2"] >= CONFIG["dead_after_tokens"]).any())
     assert float(expected["conditional.rate.0"].sum()) > 0
     assert_same_state(expected, two_process_run)
+
+
+def test_two_processes_compiled_equal_one_eager_process(tmp_path: Path) -> None:
+    # HSAEConfig.compile under torchrun: the collectives inside the loss (the global batch's
+    # centring, the auxiliary loss's normalisation) are traced into the compiled graph, and
+    # two compiled processes land where one eager process on the global batch does.
+    settings = CONFIG | {
+        "sparse_kernels": False,
+        "compile": "default",
+        "similarity": "decoder",
+        "train_tokens": 64 * 45,
+    }
+    process = launch(tmp_path / "compiled", settings)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output
+    expected = single_process(settings | {"compile": "off"})
+    assert int((expected["model.parents_0"] >= 0).sum()) > 0
+    assert_same_state(expected, load_file(tmp_path / "compiled" / "final.safetensors"))
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ from torch import Tensor
 from hsae.model import HSAE, TrainingLoss
 from hsae.model.hierarchy_losses import SiblingPairs
 from hsae.model.hsae import LossWeights
+from hsae.model.level import BatchGroup
 
 RECOMPILE_LIMIT = 64
 """Compiled variants torch keeps per function before falling back to eager (torch's default,
@@ -44,11 +45,14 @@ class CompiledLoss:
     same :class:`TrainingLoss`. Its ``total`` is to be backpropagated before the next call.
     """
 
-    def __init__(self, model: HSAE, mode: str, autocast: bool):
+    def __init__(
+        self, model: HSAE, mode: str, autocast: bool, group: BatchGroup | None = None
+    ):
         if model.config.sparse_kernels:
             raise ValueError("a compiled loss needs the dense path (sparse_kernels false)")
         self.model = model
         self.autocast = autocast
+        self.group = group
         self.cuda_graphs = mode in CUDA_GRAPH_MODES
         limit = getattr(torch._dynamo.config, "recompile_limit", None)
         if limit is not None and limit < RECOMPILE_LIMIT:
@@ -116,6 +120,7 @@ class CompiledLoss:
                 dead,
                 keep_active=keep_active,
                 exact_metrics=exact_metrics,
+                group=self.group,
                 pairs=pairs,
             )
         return (

@@ -164,15 +164,10 @@ class Trainer:
         self.batches = batches
         self.model = (model or HSAE.class_for(config.mode)(config)).to(self.device)
         self.model.training_config = config
-        if config.compile != "off" and self.parallel is not None:
-            raise ConfigError(
-                f"compile: {config.compile!r} runs in one process only for now; train with "
-                "compile 'off' under torchrun (the collectives inside the loss are not traced)"
-            )
         self._compiled = (
             None
             if config.compile == "off"
-            else CompiledLoss(self.model, config.compile, self.autocast)
+            else CompiledLoss(self.model, config.compile, self.autocast, self.parallel)
         )
         """The loss under torch.compile (config.compile), or None for the eager loss."""
         groups = _parameter_groups(self.model, config)
