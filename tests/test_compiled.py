@@ -3,6 +3,8 @@ dense step, one graph for the whole JumpReLU loss, and the config checks around 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,8 +14,10 @@ from hsae.model.hierarchy_losses import (
     sample_perturbation,
     sibling_pairs,
 )
+from hsae.model.hsae import LossWeights
 from hsae.training import Trainer
-from hsae.training.compiled import CompiledLoss
+from hsae.training.checkpoint import save_checkpoint
+from hsae.training.compiled import CompiledLoss, CompileError
 from hsae.training.data import TensorBatches
 from test_model import SIZES, tiny_model
 from test_training import BASE, sparse_data
@@ -69,28 +73,35 @@ def test_dense_loss_is_one_graph(kind: str) -> None:
     assert explained.graph_count == 1
 
 
+def dense_config(compile: str) -> HSAEConfig:
+    return HSAEConfig(
+        **(BASE | {"train_tokens": 64 * 30, "lr": 3e-3}),
+        update_interval=10,
+        dead_after_tokens=64 * 3,
+        sparse_kernels=False,
+        compile=compile,
+    )
+
+
+def steps(trainer: Trainer, until: int) -> list[float]:
+    """Train up to step ``until``, logging every fifth step; the losses."""
+    losses = []
+    while trainer.step < until:
+        losses.append(trainer.train_step(exact_metrics=trainer.step % 5 == 0).total.item())
+    return losses
+
+
 def test_compiled_training_matches_the_eager_dense_step() -> None:
     # 25 steps through two forest rebuilds, with the perturbation, the dead-feature loss and
     # logged and unlogged steps: the compiled step (inductor on the CPU) lands on the same
     # parameters and forest as the eager one, and compiles each step variant once.
-    data = sparse_data()
     trainers = []
     for mode in ("off", "default"):
-        config = HSAEConfig(
-            **(BASE | {"train_tokens": 64 * 30, "lr": 3e-3}),
-            update_interval=10,
-            dead_after_tokens=64 * 3,
-            sparse_kernels=False,
-            compile=mode,
-        )
-        trainer = Trainer(config, TensorBatches(data[:4000], config.batch_size))
+        trainer = Trainer(dense_config(mode), TensorBatches(sparse_data()[:4000], 64))
         trainer.initialise()
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        losses = [
-            trainer.train_step(exact_metrics=step % 5 == 0).total.item() for step in range(25)
-        ]
-        trainers.append((trainer, losses))
+        trainers.append((trainer, steps(trainer, 25)))
     (eager, eager_losses), (compiled, compiled_losses) = trainers
     assert compiled.forest_updates == 2
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
@@ -103,6 +114,46 @@ def test_compiled_training_matches_the_eager_dense_step() -> None:
     # At most before/after the first forest x logged or not: the second rebuild recompiles
     # nothing here (it would only if the padded count of sibling pairs changed).
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
+
+
+def test_compiled_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    # Killed after step 12 and resumed in a new trainer (which compiles afresh), the compiled
+    # run ends where the uninterrupted one does.
+    config = dense_config("default")
+    reference = Trainer(config, TensorBatches(sparse_data()[:4000], 64))
+    reference.initialise()
+    steps(reference, 25)
+    first = Trainer(config, TensorBatches(sparse_data()[:4000], 64))
+    first.initialise()
+    steps(first, 12)
+    save_checkpoint(first.state_dict(), tmp_path / "checkpoint")
+    del first
+    resumed = Trainer(config, TensorBatches(sparse_data()[:4000], 64))
+    resumed.resume(tmp_path / "checkpoint")
+    assert resumed.step == 12
+    steps(resumed, 25)
+    for (name, expected), actual in zip(
+        reference.state_dict().tensors.items(),
+        resumed.state_dict().tensors.values(),
+        strict=True,
+    ):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_compiler_failure_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Inductor's CPU backend needs a C++ compiler: without one the first step stops with a
+    # message naming the setting, not torch's traceback.
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)
+    torch._dynamo.reset()
+    model, x = tiny_model(sparse=False)
+    loss = CompiledLoss(model, "default", autocast=False)
+    weights = LossWeights(torch.tensor([0.5, 0.7, 0.9]), rho=0.3, aux=1 / 32)
+    with pytest.raises(CompileError, match="No working C..? compiler.*set compile: off"):
+        loss(x, weights, None, None)
+    torch._dynamo.reset()
 
 
 def test_compiled_loss_refuses_the_support_path() -> None:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from hsae.errors import HSAEError
 from hsae.model import HSAE, TrainingLoss
 from hsae.model.hierarchy_losses import SiblingPairs
 from hsae.model.hsae import LossWeights
@@ -38,6 +39,11 @@ CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
 """The torch.compile modes that replay the step as CUDA graphs on a GPU."""
 
 
+class CompileError(HSAEError, RuntimeError):
+    """torch.compile could not build the training step (no C++ compiler for the CPU backend,
+    no Triton for the GPU one, ...); the message says why and how to train without it."""
+
+
 class CompiledLoss:
     """``model.training_loss`` compiled with ``mode``, under bf16 autocast when ``autocast``.
 
@@ -45,9 +51,7 @@ class CompiledLoss:
     same :class:`TrainingLoss`. Its ``total`` is to be backpropagated before the next call.
     """
 
-    def __init__(
-        self, model: HSAE, mode: str, autocast: bool, group: BatchGroup | None = None
-    ):
+    def __init__(self, model: HSAE, mode: str, autocast: bool, group: BatchGroup | None = None):
         if model.config.sparse_kernels:
             raise ValueError("a compiled loss needs the dense path (sparse_kernels false)")
         self.model = model
@@ -77,10 +81,17 @@ class CompiledLoss:
         if self.cuda_graphs and x.device.type == "cuda":
             # The graphs' outputs live in memory the next replay overwrites: a new step begins.
             torch.compiler.cudagraph_mark_step_begin()
-        total, mse, l0, explained, constraint, aux, fired, active = self._compiled(
-            x, weights.sparsity, weights.rho, weights.aux, substituted, dead, pairs,
-            keep_active, exact_metrics,
-        )  # fmt: skip
+        try:
+            total, mse, l0, explained, constraint, aux, fired, active = self._compiled(
+                x, weights.sparsity, weights.rho, weights.aux, substituted, dead, pairs,
+                keep_active, exact_metrics,
+            )  # fmt: skip
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            cause = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise CompileError(
+                f"compile: torch.compile could not build the training step ({cause}); "
+                "set compile: off to train without it"
+            ) from None
         if self.cuda_graphs:
             # Copies of the small outputs, which a caller may read after the next step
             # (``active`` is used within this one).
