@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, sized for about seventeen minutes on one H100/H200-class GPU:
+# The GPU checks in one go, sized for about twenty minutes on one H100/H200-class GPU:
 #   1. the tests that train on the GPU (every test trains on CUDA where one is present);
 #   2. step_speed.py at both scales with bf16 autocast (the CUDA default) and peak memory;
 #   3. step_speed.py in float32 (TF32), with the plain dense loop and its CUDA-graphed copy;
-#   4. step_speed.py with the loss compiled (HSAEConfig.compile "reduce-overhead": CUDA graphs);
+#   4. the compiled step (HSAEConfig.compile "reduce-overhead": CUDA graphs): its GPU tests,
+#      then step_speed.py with it;
 #   5. step_profile.py at both scales: launches, syncs and kernel time against the wall.
 # Needs hsae and sae-lens importable (pip install -e '.[bench]', or PYTHONPATH). Each part has
 # its own time limit, so one that hangs does not take the others with it. Logs go to $1; the
 # parts to run (tests, bf16, fp32, compiled, profile) may follow, all of them by default
-# (together up to about 17 minutes: run them in two calls where a call is limited to 10).
+# (together up to about 20 minutes: run them in parts where a call is limited to 10;
+# "compiled" alone fits in one such call).
 #
 #     bash benchmarks/gpu_check.sh gpu-check-out
 #     bash benchmarks/gpu_check.sh gpu-check-out tests compiled
@@ -32,7 +34,7 @@ if want tests; then
 part "tests on the GPU (names as they finish, then the failures' tracebacks)"
 workers=()
 python3 -c "import xdist" 2>/dev/null && workers=(-n "${HSAE_GPU_TEST_WORKERS:-8}")
-timeout 240 python3 -m pytest -v -p no:cacheprovider -W ignore::UserWarning --tb=short -rfE \
+timeout 300 python3 -m pytest -v -p no:cacheprovider -W ignore::UserWarning --tb=short -rfE \
     --junitxml="$out/tests.xml" "${workers[@]}" \
     "$root"/tests/test_gpu.py "$root"/tests/test_model.py "$root"/tests/test_training.py \
     "$root"/tests/test_forest.py "$root"/tests/test_levels.py "$root"/tests/test_fidelity.py \
@@ -55,8 +57,12 @@ timeout 150 python3 "$here/step_speed.py" --scale both --steps 20 --rounds 5 --s
 fi
 
 if want compiled; then
-part "step_speed, bf16, our trainers also compiled with mode reduce-overhead (CUDA graphs)"
-timeout 240 python3 "$here/step_speed.py" --scale both --steps 20 --rounds 5 --settle 30 \
+part "compiled step: its GPU tests, then step_speed with mode reduce-overhead (CUDA graphs)"
+timeout 150 python3 -m pytest -v -p no:cacheprovider -W ignore::UserWarning --tb=short -rfE \
+    --junitxml="$out/tests_compiled.xml" -k "compiled or does_not_wait" "$root"/tests/test_gpu.py \
+    >"$out/tests_compiled.txt" 2>&1
+grep -E "(PASSED|FAILED|ERROR)|[0-9]+ (passed|failed)" "$out/tests_compiled.txt" | tail -12
+timeout 360 python3 "$here/step_speed.py" --scale both --steps 10 --rounds 3 --settle 20 \
     --no-memory --compile reduce-overhead 2>&1 | tee "$out/step_speed_compiled.txt" |
     grep -v "Warning\|sparse_coo\|W[0-9]"
 fi
