@@ -80,6 +80,7 @@ def dense_config(compile: str) -> HSAEConfig:
         dead_after_tokens=64 * 3,
         sparse_kernels=False,
         compile=compile,
+        device="cpu",  # inductor's CPU backend; tests/test_gpu.py checks the CUDA one
     )
 
 
