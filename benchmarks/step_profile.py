@@ -4,6 +4,9 @@ For the HSAE and its independent stack at one scale of ``step_speed.py`` (same b
 settled start), this script times a few unlogged steps, then profiles a few more with
 ``torch.profiler`` and prints, per step:
 
+(``--compile MODE``: our trainers on the dense path with the loss under torch.compile; the
+kernels inductor generated for it are counted too.)
+
 * the wall-clock time;
 * the aten operations dispatched from Python and autograd (each costs launch overhead), and
   those that wait for the device on CUDA (``SYNCING``: a result whose size or value the host
@@ -45,7 +48,13 @@ back); ``repeat_interleave`` only without ``output_size``, ``bincount`` to size 
 
 
 def profile_mode(args: argparse.Namespace, mode: str, batches: list[torch.Tensor]) -> None:
-    trainer = step_speed.make_trainer(args, mode, batches)
+    if args.compile:
+        import torch._inductor.config as inductor
+        from torch._inductor import metrics
+
+        inductor.fx_graph_cache = False  # compile afresh, so the kernels are counted
+        metrics.reset()
+    trainer = step_speed.make_trainer(args, mode, batches, args.compile or "off")
     step_speed.settle(trainer, args.settle)
     cuda = args.device.startswith("cuda")
     step_speed._sync(args.device)
@@ -75,6 +84,10 @@ def profile_mode(args: argparse.Namespace, mode: str, batches: list[torch.Tensor
         event.name for event in events if event.name in SYNCING and not _inside(event, skipped)
     )
     print(f"aten ops dispatched  {dispatched / args.steps:9.0f} /step")
+    if args.compile:
+        # Each kernel of the (static) compiled forward and backward runs once a step, beside
+        # the aten operations above (matmuls and the like it calls, and the eager remainder).
+        print(f"generated kernels    {metrics.generated_kernel_count:9d} (compiled fwd + bwd)")
     print(
         f"host-syncing ops     {sum(syncing.values()) / args.steps:9.0f} /step  "
         + ", ".join(f"{name[6:]} {n / args.steps:.0f}" for name, n in syncing.most_common())
@@ -130,6 +143,11 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto")
     parser.add_argument("--dense-kernels", action="store_true")
+    parser.add_argument(
+        "--compile",
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="profile our trainers compiled with this torch.compile mode (on the dense path)",
+    )
     parser.add_argument("--modes", nargs="+", default=["hsae", "independent"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")

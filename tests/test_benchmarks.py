@@ -56,3 +56,14 @@ def test_step_profile_counts_the_operations_of_both_modes() -> None:
     counts = [int(line.split()[3]) for line in out.splitlines() if "dispatched" in line]
     assert all(count > 50 for count in counts), counts
     assert counts[0] > counts[1]  # the HSAE's constraint and perturbation add operations
+
+
+def test_step_profile_counts_the_compiled_kernels() -> None:
+    out = run(
+        "step_profile.py", *TINY, "--steps", "1", "--settle", "1", "--device", "cpu",
+        "--compile", "default", "--modes", "independent",
+    )  # fmt: skip
+    generated = [int(line.split()[2]) for line in out.splitlines() if "generated kernels" in line]
+    dispatched = [int(line.split()[3]) for line in out.splitlines() if "dispatched" in line]
+    assert len(generated) == 1 and generated[0] > 10
+    assert len(dispatched) == 1 and dispatched[0] > 0
