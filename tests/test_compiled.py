@@ -112,9 +112,10 @@ def test_compiled_training_matches_the_eager_dense_step() -> None:
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=name)
     for expected, actual in zip(eager.model.forest(), compiled.model.forest(), strict=True):
         assert torch.equal(expected, actual)
-    # At most before/after the first forest x logged or not: the second rebuild recompiles
-    # nothing here (it would only if the padded count of sibling pairs changed).
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
+    # At most before/after the first forest x logged or not x with or without the
+    # dead-feature loss: the second rebuild recompiles nothing here (it would only if the
+    # padded count of sibling pairs changed).
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 8
 
 
 def test_compiled_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:

@@ -229,3 +229,27 @@ def test_bf16_autocast_trains_like_float32_and_keeps_float32_state() -> None:
     for plain, bf16 in zip(results["off"].levels, results["bf16"].levels, strict=True):
         assert bf16.l0 == pytest.approx(plain.l0, rel=0.1)
         assert bf16.variance_explained == pytest.approx(plain.variance_explained, abs=0.02)
+
+
+def test_steps_without_dead_features_skip_the_dead_feature_loss_exactly() -> None:
+    # The step's one host read tells whether a feature can be dead at the next step; when
+    # none can, the next step passes no dead masks (on the dense path the term would be
+    # computed in full and multiplied by 0). The loss is the same either way.
+    from hsae.model.hsae import LossWeights
+
+    data = sparse_data()
+    # A window of one batch: every feature may be dead after any step (conservatively).
+    for window, expect_none in ((64 * 1000, True), (64, False)):
+        config = HSAEConfig(**BASE, sparse_kernels=False, dead_after_tokens=window)
+        trainer = Trainer(config, TensorBatches(data[:4000], 64))
+        trainer.initialise()
+        trainer.train_step()
+        assert trainer._none_dead is expect_none
+        x = trainer._next_batch()
+        trainer._replay.insert(0, x / trainer.model.activation_scale)  # the next step's batch
+        weights = LossWeights(trainer.sparsity.weights.clone(), config.rho, config.aux_coefficient)
+        with torch.no_grad():
+            full = trainer.model.training_loss(x, weights, None, trainer._dead_masks())
+        out = trainer.train_step()
+        assert float(out.total) == pytest.approx(float(full.total), rel=1e-6)
+        assert float(out.aux) == pytest.approx(float(full.aux), rel=1e-6, abs=1e-9)

@@ -222,6 +222,9 @@ class Trainer:
         self.step = 0
         self.forest_updates = 0
         self.initialised = not initialise_from_data
+        self._none_dead = False
+        """Known on the host (from the last step's check) that no feature is dead this step:
+        the step then passes no dead masks. False when unknown."""
         self._replay: list[Tensor] = []
         self.tokens_drawn = 0
         self.last_checkpoint: tuple[Path, int] | None = None
@@ -278,7 +281,7 @@ class Trainer:
         explained be those of the perturbed reconstructions (cheaper; for unlogged steps)."""
         x = self._next_batch()
         substituted = self._draw_perturbation()
-        dead = self._dead_masks()
+        dead = None if self._none_dead else self._dead_masks()
         weights = LossWeights(self.sparsity.weights, self.config.rho, self.config.aux_coefficient)
         keep_active = self._tracks_coactivation_now()
         if self._compiled is not None:
@@ -295,17 +298,20 @@ class Trainer:
                     group=self.parallel,
                 )
         # The support-only step never reads a feature that does not fire, so a NaN in its
-        # weights leaves the loss finite: logged steps also check every parameter.
-        if not torch.isfinite(out.total) or (exact_metrics and not self._parameters_finite()):
+        # weights leaves the loss finite: logged steps also check every parameter. The same
+        # read tells whether any feature can be dead at the next step (one sync for both).
+        n_tokens = x.shape[0] * (1 if self.parallel is None else self.parallel.size)
+        checks = torch.stack([torch.isfinite(out.total.detach()), self._may_be_dead(n_tokens)])
+        finite, may_be_dead = checks.tolist()
+        self._none_dead = not may_be_dead
+        if not finite or (exact_metrics and not self._parameters_finite()):
             raise NonFiniteLossError(
                 non_finite_report(self.step, x, out, self.model, self.last_checkpoint)
             )
         self.model.zero_grad(set_to_none=True)
         out.total.backward()
-        n_tokens = x.shape[0]
         if self.parallel is not None:
             out.l0, out.fired = self._reduce_step(out)
-            n_tokens *= self.parallel.size
         for param, alias in self._aliases:
             alias.grad = None if param.grad is None else param.grad.t().contiguous()
         self.optimizer.step()
@@ -351,6 +357,17 @@ class Trainer:
     def _dead_masks(self) -> list[Tensor]:
         window = self.config.dead_window_tokens
         return [counter >= window for counter in self.tokens_since_fired]
+
+    def _may_be_dead(self, n_tokens: int) -> Tensor:
+        """Whether a feature may be dead at the next step: one whose count of tokens without
+        firing reaches the window once this step's are added (whether it fired in this step
+        or not, so every process, holding the same counters, gives the same answer). False
+        only when none can be, and then the next step leaves out the dead-feature loss, which
+        would be zero (on the dense path it is otherwise computed every step)."""
+        if self.config.aux_coefficient == 0:
+            return torch.zeros((), dtype=torch.bool, device=self.device)
+        window = self.config.dead_window_tokens - n_tokens
+        return torch.stack([(counter >= window).any() for counter in self.tokens_since_fired]).any()
 
     def _count_firing(self, fired: list[Tensor], n_tokens: int) -> None:
         for counter, level_fired in zip(self.tokens_since_fired, fired, strict=True):
@@ -497,6 +514,7 @@ class Trainer:
             k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")
         }
         self.model.load_state_dict(model_state)
+        self._none_dead = False  # the counters change below: unknown until the next check
         self.sparsity.load_state_tensors(tensors)
         for level, counter in enumerate(self.tokens_since_fired):
             counter.copy_(tensors[f"tokens_since_fired.{level}"])
