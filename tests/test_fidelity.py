@@ -273,8 +273,8 @@ def test_hsae_mode_constrains_perturbs_and_rebuilds() -> None:
     outs = [trainer.train_step() for _ in range(12)]
     assert trainer.forest_updates == 2
     assert any(float(out.constraint) > 0 for out in outs[5:])
-    draws = trainer._draw_perturbation()
-    assert draws is not None and any(bool(d.any()) for d in draws)
+    draw = trainer._draw_perturbation()
+    assert draw is not None and any(bool(d.any()) for d in draw.substituted)
 
 
 # --- the dead-feature loss and the default (decoder) rebuild ---------------------------------

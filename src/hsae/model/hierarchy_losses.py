@@ -93,12 +93,49 @@ def sibling_pairs(parent_index: Tensor, pad_to_power_of_two: bool = False) -> Si
     first, second = children.index_select(0, first), children.index_select(0, second)
     if not pad_to_power_of_two:
         return SiblingPairs(first, second)
-    n_pairs = first.numel()
-    padding = (1 << max(n_pairs - 1, 0).bit_length()) - n_pairs
-    weight = torch.ones(n_pairs + padding, device=first.device)
-    weight[n_pairs:] = 0.0
-    zeros = first.new_zeros(padding)
+    weight = padding_weights(first.numel(), first.device)
+    zeros = first.new_zeros(weight.numel() - first.numel())
     return SiblingPairs(torch.cat([first, zeros]), torch.cat([second, zeros]), weight)
+
+
+def padding_weights(n: int, device: torch.device | str = "cpu", at_least: int = 0) -> Tensor:
+    """[next power of two >= n, and >= at_least] weights: 1 for the n real entries, 0 for
+    the padding."""
+    weight = torch.zeros(max(1 << max(n - 1, 0).bit_length(), at_least), device=device)
+    weight[:n] = 1.0
+    return weight
+
+
+class BorrowedChildren(NamedTuple):
+    """The children that stand in for their substituted parents in one level's perturbed
+    reconstruction (:func:`borrowed_children`), padded to a power of two."""
+
+    index: Tensor
+    """[k] child indices (padding: child 0)."""
+    weight: Tensor
+    """[k] 1 for a borrowed child, 0 for padding."""
+
+
+def borrowed_children(
+    parent_index: Tensor,
+    substituted: Tensor,
+    device: torch.device | str | None = None,
+    at_least: int = 0,
+) -> BorrowedChildren:
+    """The children of the ``substituted`` parents, padded to a power of two (and to
+    ``at_least`` entries: a caller keeps the largest size it has used, so that a compiled step
+    sees one size once the draws have reached their usual range), on ``device``.
+
+    The trainer draws the perturbation on the host and computes this there from a host copy
+    of the forest, so the dense path decodes the borrowed children as a gather of a few
+    columns (a static shape per power of two, nothing read back from the device) rather than
+    a full product of the child level's masked activations."""
+    flags = (parent_index >= 0) & substituted[parent_index.clamp(min=0)]
+    index = flags.nonzero(as_tuple=True)[0]
+    weight = padding_weights(index.numel(), at_least=at_least)
+    index = torch.cat([index, index.new_zeros(weight.numel() - index.numel())])
+    target = parent_index.device if device is None else device
+    return BorrowedChildren(index.to(target), weight.to(target))
 
 
 def dense_parent_children_constraint(
@@ -406,6 +443,7 @@ def perturbed_reconstruction(
     fused: bool,
     child_decodes_itself: bool = False,
     with_bias: bool = True,
+    borrowed: BorrowedChildren | None = None,
 ) -> Tensor:
     """Level reconstruction with each substituted parent replaced by its children's outputs.
 
@@ -414,11 +452,21 @@ def perturbed_reconstruction(
     sparse one added into that dense gradient, instead of a second [n, d] tensor.
     ``with_bias=False``: the decoders' output only, without the level's b_dec (for a caller
     that adds it inside its own error, as :func:`hsae.model.kernels.squared_error` does).
+    ``borrowed``: the children of the substituted parents (:func:`borrowed_children`), which
+    the dense path then decodes as a gather of those columns only.
     """
     own = level.decode_columns(codes, ~substituted, fused)
-    borrowed_columns = (parent_index >= 0) & substituted[parent_index.clamp(min=0)]
-    borrowed = child_level.decode_columns(
-        child_codes, borrowed_columns, fused, row_sparse_grad=child_decodes_itself
-    )
-    decoded = own + borrowed
+    if borrowed is not None and not fused:
+        # The borrowed columns picked by a [children, k] one-hot product rather than a gather:
+        # a gather's scatter backward, beside the constraint's, gets wrong gradients from
+        # inductor's CPU fusion (torch 2.13; tests/test_compiled.py compares).
+        acts = child_codes.acts
+        pick = torch.nn.functional.one_hot(borrowed.index, acts.shape[1]).t().to(acts.dtype)
+        weighted = acts @ (pick * borrowed.weight)
+        decoded = own + weighted @ child_level.W_dec.index_select(0, borrowed.index)
+    else:
+        borrowed_columns = (parent_index >= 0) & substituted[parent_index.clamp(min=0)]
+        decoded = own + child_level.decode_columns(
+            child_codes, borrowed_columns, fused, row_sparse_grad=child_decodes_itself
+        )
     return decoded + level.b_dec if with_bias else decoded

@@ -27,6 +27,7 @@ from hsae.io import sha256_file, write_json, write_safetensors
 from hsae.model import forest as forest_ops
 from hsae.model import navigation
 from hsae.model.hierarchy_losses import (
+    BorrowedChildren,
     SiblingPairs,
     dense_parent_children_constraint,
     parent_children_constraint,
@@ -136,6 +137,8 @@ class HSAE(nn.Module):
         """Sibling pairs of each level pair's forest for the dense constraint, by (level,
         padded), keyed by the parents buffer's (address, version): recomputed only when the
         forest changes."""
+        self._host_forest: dict[int, tuple[tuple[int, int], Tensor]] = {}
+        """Host copies of the parents buffers, keyed as ``_pairs`` (:meth:`host_parents`)."""
 
     # --- public API ------------------------------------------------------------------------
     @property
@@ -239,6 +242,7 @@ class HSAE(nn.Module):
         exact_metrics: bool = True,
         group: BatchGroup | None = None,
         pairs: Sequence[SiblingPairs] | None = None,
+        borrowed: Sequence[BorrowedChildren] | None = None,
     ) -> TrainingLoss:
         """Loss on a batch ``x`` already in scaled units, weighted by ``weights``.
 
@@ -256,7 +260,9 @@ class HSAE(nn.Module):
 
         ``pairs``: each level pair's :meth:`sibling_pairs`, for the dense path's constraint
         (None: read from the cache here; a compiled step passes them in, as the cache's
-        bookkeeping cannot be traced).
+        bookkeeping cannot be traced). ``borrowed``: per perturbed level, the children of its
+        substituted parents (:func:`hierarchy_losses.borrowed_children`, computed with the
+        draw on the host), which the dense path decodes as a gather of those columns.
         """
         cfg = self.config
         fused = cfg.sparse_kernels
@@ -278,6 +284,7 @@ class HSAE(nn.Module):
                     fused,
                     child_decodes_itself=True,  # level index + 1 decodes below
                     with_bias=False,
+                    borrowed=None if borrowed is None else borrowed[index],
                 )
             else:
                 decoded = level.decode_columns(codes[index], None, fused)
@@ -363,6 +370,18 @@ class HSAE(nn.Module):
                 self.parents(index),
             )
         return total
+
+    def host_parents(self, level: int) -> Tensor:
+        """A host (CPU) copy of :meth:`parents`, read from the device once per forest."""
+        parents = self.parents(level)
+        if parents.device.type == "cpu":
+            return parents
+        key = (parents.data_ptr(), parents._version)
+        cached = self._host_forest.get(level)
+        if cached is None or cached[0] != key:
+            cached = (key, parents.cpu())
+            self._host_forest[level] = cached
+        return cached[1]
 
     def sibling_pairs(self, level: int, padded: bool = False) -> SiblingPairs:
         """The sibling pairs among the children of ``level``'s features, computed once per

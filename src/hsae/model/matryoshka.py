@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from hsae.config import ArchitectureConfig, ConfigError, HSAEConfig
 from hsae.model import forest as forest_ops
-from hsae.model.hierarchy_losses import SiblingPairs
+from hsae.model.hierarchy_losses import BorrowedChildren, SiblingPairs
 from hsae.model.hsae import (
     HSAE,
     LossWeights,
@@ -172,13 +172,14 @@ class MatryoshkaSAE(HSAE):
         exact_metrics: bool = True,
         group: BatchGroup | None = None,
         pairs: Sequence[SiblingPairs] | None = None,
+        borrowed: Sequence[BorrowedChildren] | None = None,
     ) -> TrainingLoss:
         """Sum over prefixes of the prefix's batch-mean squared error, plus ``weights.aux``
         times the AuxK loss of the whole dictionary's dead latents (``dead[-1]``).
-        ``substituted``, ``pairs`` and the sparsity weights do not apply (no forest in
-        training, no sparsity penalty). ``group``: as for :meth:`HSAE.training_loss` (the
-        BatchTopK cut, the variance explained's centring and the AuxK normalisation over the
-        global batch)."""
+        ``substituted``, ``pairs``, ``borrowed`` and the sparsity weights do not apply (no
+        forest in training, no sparsity penalty). ``group``: as for :meth:`HSAE.training_loss`
+        (the BatchTopK cut, the variance explained's centring and the AuxK normalisation over
+        the global batch)."""
         cfg = self.config
         dictionary = self.dictionary
         codes = self._encode_for_training(dictionary, x, cfg.sparse_kernels, group)

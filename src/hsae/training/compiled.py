@@ -27,7 +27,7 @@ from torch import Tensor
 
 from hsae.errors import HSAEError
 from hsae.model import HSAE, TrainingLoss
-from hsae.model.hierarchy_losses import SiblingPairs
+from hsae.model.hierarchy_losses import BorrowedChildren, SiblingPairs
 from hsae.model.hsae import LossWeights
 from hsae.model.level import BatchGroup
 
@@ -73,6 +73,7 @@ class CompiledLoss:
         dead: list[Tensor] | None,
         keep_active: bool = False,
         exact_metrics: bool = True,
+        borrowed: list[BorrowedChildren] | None = None,
     ) -> TrainingLoss:
         model = self.model
         pairs = None
@@ -84,7 +85,7 @@ class CompiledLoss:
         try:
             total, mse, l0, explained, constraint, aux, fired, active = self._compiled(
                 x, weights.sparsity, weights.rho, weights.aux, substituted, dead, pairs,
-                keep_active, exact_metrics,
+                borrowed, keep_active, exact_metrics,
             )  # fmt: skip
         except torch._dynamo.exc.BackendCompilerFailed as error:
             cause = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
@@ -118,6 +119,7 @@ class CompiledLoss:
         substituted: list[Tensor] | None,
         dead: list[Tensor] | None,
         pairs: Sequence[SiblingPairs] | None,
+        borrowed: Sequence[BorrowedChildren] | None,
         keep_active: bool,
         exact_metrics: bool,
     ) -> tuple[
@@ -133,6 +135,7 @@ class CompiledLoss:
                 exact_metrics=exact_metrics,
                 group=self.group,
                 pairs=pairs,
+                borrowed=borrowed,
             )
         return (
             out.total,

@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ from hsae.devices import keep_freed_cpu_memory, parse_device
 from hsae.errors import HSAEError
 from hsae.model import HSAE, TrainingLoss
 from hsae.model.forest import make_tracker
-from hsae.model.hierarchy_losses import sample_perturbation
+from hsae.model.hierarchy_losses import BorrowedChildren, borrowed_children, sample_perturbation
 from hsae.model.hsae import LossWeights
 from hsae.training.checkpoint import (
     CheckpointError,
@@ -42,6 +42,15 @@ from hsae.training.schedule import warmup_cosine
 from hsae.training.sparsity import AdaptiveSparsity
 
 SCALE_ESTIMATION_TOKENS = 16_384
+
+
+class PerturbationDraw(NamedTuple):
+    """One step's parent/children perturbation."""
+
+    substituted: list[Tensor]
+    """Per level, [n_l] flags of the parents replaced by their children (the last: none)."""
+    borrowed: list[BorrowedChildren] | None
+    """Per perturbed level, the children standing in (for the dense path; None otherwise)."""
 
 
 class NonFiniteLossError(HSAEError, RuntimeError):
@@ -222,6 +231,8 @@ class Trainer:
         self.step = 0
         self.forest_updates = 0
         self.initialised = not initialise_from_data
+        self._borrowed_sizes = [0] * (config.n_levels - 1)
+        """The largest padded size of each level's borrowed children so far (they only grow)."""
         self._none_dead = False
         """Known on the host (from the last step's check) that no feature is dead this step:
         the step then passes no dead masks. False when unknown."""
@@ -280,12 +291,16 @@ class Trainer:
         """One optimisation step. ``exact_metrics=False`` lets the reported MSE and variance
         explained be those of the perturbed reconstructions (cheaper; for unlogged steps)."""
         x = self._next_batch()
-        substituted = self._draw_perturbation()
+        draw = self._draw_perturbation()
+        substituted = None if draw is None else draw.substituted
+        borrowed = None if draw is None else draw.borrowed
         dead = None if self._none_dead else self._dead_masks()
         weights = LossWeights(self.sparsity.weights, self.config.rho, self.config.aux_coefficient)
         keep_active = self._tracks_coactivation_now()
         if self._compiled is not None:
-            out = self._compiled(x, weights, substituted, dead, keep_active, exact_metrics)
+            out = self._compiled(
+                x, weights, substituted, dead, keep_active, exact_metrics, borrowed
+            )
         else:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 out = self.model.training_loss(
@@ -296,6 +311,7 @@ class Trainer:
                     keep_active=keep_active,
                     exact_metrics=exact_metrics,
                     group=self.parallel,
+                    borrowed=borrowed,
                 )
         # The support-only step never reads a feature that does not fire, so a NaN in its
         # weights leaves the loss finite: logged steps also check every parameter. The same
@@ -342,17 +358,29 @@ class Trainer:
         )
         return total_l0 / self.parallel.size, [count > 0 for count in fired_counts]
 
-    def _draw_perturbation(self) -> list[Tensor] | None:
+    def _draw_perturbation(self) -> PerturbationDraw | None:
+        """This step's substituted parents, drawn on the host (from a host copy of the forest,
+        refreshed when it changes), with the children that stand in for them; None before the
+        first forest or without a perturbation."""
         cfg = self.config
         if not cfg.uses_hierarchy_losses or cfg.perturbation_rate == 0 or self.forest_updates == 0:
             return None
+        forest = [self.model.host_parents(level) for level in range(cfg.n_levels - 1)]
         draws = [
-            sample_perturbation(
-                self.model.parents(level), size, cfg.perturbation_rate, self.generator
-            )
-            for level, size in enumerate(cfg.level_sizes[:-1])
+            sample_perturbation(links, size, cfg.perturbation_rate, self.generator)
+            for links, size in zip(forest, cfg.level_sizes[:-1], strict=True)
         ]
-        return draws + [torch.zeros(cfg.level_sizes[-1], dtype=torch.bool, device=self.device)]
+        substituted = [draw.to(self.device, non_blocking=True) for draw in draws]
+        substituted.append(torch.zeros(cfg.level_sizes[-1], dtype=torch.bool, device=self.device))
+        borrowed = None
+        if not cfg.sparse_kernels:  # the dense path picks the borrowed children's columns
+            borrowed = [
+                borrowed_children(links, draw, self.device, at_least=capacity)
+                for links, draw, capacity in zip(forest, draws, self._borrowed_sizes, strict=True)
+            ]
+            # Sizes only grow: a compiled step sees one shape once the draws settle.
+            self._borrowed_sizes = [children.index.numel() for children in borrowed]
+        return PerturbationDraw(substituted, borrowed)
 
     def _dead_masks(self) -> list[Tensor]:
         window = self.config.dead_window_tokens
