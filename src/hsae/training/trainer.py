@@ -464,6 +464,8 @@ class Trainer:
             disable=not (progress and main),
             desc=f"train {label}",
         )
+        if self._compiled is not None:  # until the first log replaces it
+            bar.set_postfix_str(f"compile {cfg.compile}: each kind of step compiles once, slowly")
         self.model.train()
         while self.step < cfg.total_steps:
             out = self.train_step(exact_metrics=self._log_due(self.step + 1, log_every))
