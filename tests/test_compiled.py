@@ -173,20 +173,50 @@ def test_compiled_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_a_compiler_failure_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_compiler_failure_is_one_clear_error() -> None:
     # Inductor's CPU backend needs a C++ compiler: without one the first step stops with a
     # message naming the setting, not torch's traceback.
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
-    monkeypatch.setattr(inductor, "fx_graph_cache", False)
     torch._dynamo.reset()
     model, x = tiny_model(sparse=False)
     loss = CompiledLoss(model, "default", autocast=False)
     weights = LossWeights(torch.tensor([0.5, 0.7, 0.9]), rho=0.3, aux=1 / 32)
-    with pytest.raises(CompileError, match="No working C..? compiler.*set compile: off"):
+    no_compiler = inductor.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False})
+    with no_compiler, pytest.raises(CompileError, match="No working C..? compiler.*compile: off"):
         loss(x, weights, None, None)
     torch._dynamo.reset()
+
+
+def test_a_compiled_step_with_wrong_gradients_is_stopped() -> None:
+    # The first step of each variant compares the compiled gradients with the eager ones:
+    # here the compiled function is another objective (the constraint counted twice).
+    model, x = tiny_model(sparse=False)
+    loss = CompiledLoss(model, "default", autocast=False)
+
+    def doubled_constraint(x, sparsity, rho, *rest):  # type: ignore[no-untyped-def]
+        return loss._loss(x, sparsity, 2 * rho, *rest)
+
+    loss._compiled = torch.compile(doubled_constraint)
+    weights = LossWeights(torch.tensor([0.5, 0.7, 0.9]), rho=0.3, aux=1 / 32)
+    with pytest.raises(CompileError, match="gradient of levels.* differs from the eager one"):
+        loss(x, weights, None, None)
+
+
+def test_the_gradient_check_leaves_the_running_threshold_as_one_step_does() -> None:
+    # BatchTopK's training forward moves its running inference threshold; the check's extra
+    # forwards must not move it again.
+    outs = []
+    for compiled in (False, True):
+        model, x = tiny_model(sparse=False, kind="batchtopk")
+        weights = LossWeights(torch.tensor([0.5, 0.7, 0.9]), rho=0.3, aux=1 / 32)
+        if compiled:
+            CompiledLoss(model, "default", autocast=False)(x, weights, None, None)
+        else:
+            model.training_loss(x, weights, None, None)
+        outs.append([level.inference_threshold.clone() for level in model.levels])
+    for eager, compiled in zip(*outs, strict=True):
+        torch.testing.assert_close(compiled, eager)
 
 
 def test_compiled_loss_refuses_the_support_path() -> None:

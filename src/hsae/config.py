@@ -238,9 +238,10 @@ class HSAEConfig(ArchitectureConfig):
     step's elementwise work into few kernels; "reduce-overhead" (and "max-autotune") also
     replays it as CUDA graphs on a GPU. Needs sparse_kernels false (the support-only kernels
     have data-dependent shapes). Each variant of the step (before and after the first forest,
-    logged or not) compiles once, taking tens of seconds; for long GPU runs, whose eager step
-    is bound by kernel launches (docs/scale.md). On a CPU it gains nothing: the support-only
-    kernels are faster there."""
+    logged or not) compiles once, taking tens of seconds, and its first step is checked
+    against the eager step's gradients; for long GPU runs, whose eager step is bound by
+    kernel launches (docs/scale.md). On a CPU it gains nothing: the support-only kernels are
+    faster there."""
 
     # --- validation ----------------------------------------------------------------------
     @field_validator("device")

@@ -21,6 +21,7 @@ not) compiles on first use; a run sees at most a handful.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,6 +35,10 @@ from hsae.model.level import BatchGroup
 RECOMPILE_LIMIT = 64
 """Compiled variants torch keeps per function before falling back to eager (torch's default,
 8, is within reach of the step's variants times a few sibling-pair sizes)."""
+
+GRADIENT_TOLERANCE = 0.05
+"""Largest relative (L2) difference between a parameter's compiled and eager gradients that
+the first step of each compiled variant accepts (bf16 autocast rounds the two differently)."""
 
 CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
 """The torch.compile modes that replay the step as CUDA graphs on a GPU."""
@@ -61,6 +66,8 @@ class CompiledLoss:
         limit = getattr(torch._dynamo.config, "recompile_limit", None)
         if limit is not None and limit < RECOMPILE_LIMIT:
             torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+        self._checked: set[tuple[Any, ...]] = set()
+        """The step variants whose compiled gradients were compared with the eager ones."""
         self._compiled = torch.compile(
             self._loss, mode=None if mode == "default" else mode, dynamic=False
         )
@@ -82,17 +89,21 @@ class CompiledLoss:
         if self.cuda_graphs and x.device.type == "cuda":
             # The graphs' outputs live in memory the next replay overwrites: a new step begins.
             torch.compiler.cudagraph_mark_step_begin()
-        try:
-            total, mse, l0, explained, constraint, aux, fired, active = self._compiled(
-                x, weights.sparsity, weights.rho, weights.aux, substituted, dead, pairs,
-                borrowed, keep_active, exact_metrics,
-            )  # fmt: skip
-        except torch._dynamo.exc.BackendCompilerFailed as error:
-            cause = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-            raise CompileError(
-                f"compile: torch.compile could not build the training step ({cause}); "
-                "set compile: off to train without it"
-            ) from None
+        arguments = (
+            x, weights.sparsity, weights.rho, weights.aux, substituted, dead, pairs, borrowed,
+            keep_active, exact_metrics,
+        )  # fmt: skip
+        variant = (
+            substituted is None, dead is None, keep_active, exact_metrics, tuple(x.shape),
+            tuple(p.first.numel() for p in pairs or ()),
+            tuple(b.index.numel() for b in borrowed or ()),
+        )  # fmt: skip
+        if variant not in self._checked:
+            self._check_gradients(arguments)
+            self._checked.add(variant)
+            if self.cuda_graphs and x.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+        total, mse, l0, explained, constraint, aux, fired, active = self._run(arguments)
         if self.cuda_graphs:
             # Copies of the small outputs, which a caller may read after the next step
             # (``active`` is used within this one).
@@ -109,6 +120,48 @@ class CompiledLoss:
             fired=list(fired),
             active=list(active),
         )
+
+    def _run(self, arguments: tuple[Any, ...]) -> tuple[Any, ...]:
+        try:
+            return self._compiled(*arguments)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            cause = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise CompileError(
+                f"compile: torch.compile could not build the training step ({cause}); "
+                "set compile: off to train without it"
+            ) from None
+
+    def _check_gradients(self, arguments: tuple[Any, ...]) -> None:
+        """Compare the compiled step's gradients with the eager ones, once per variant.
+
+        A compiler defect can give wrong gradients with the right loss (one of inductor's
+        did, docs/scale.md): the first step of each variant of the step (compiled anew) is
+        also taken eagerly, and a parameter whose gradient differs by more than
+        ``GRADIENT_TOLERANCE`` (relative, L2) stops training with a :class:`CompileError`.
+        The buffers a training forward updates (BatchTopK's running threshold) are restored,
+        so the check leaves no trace."""
+        parameters = dict(self.model.named_parameters())
+        buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
+        eager_total = self._loss(*arguments)[0]  # the method itself runs eagerly
+        expected = torch.autograd.grad(eager_total, list(parameters.values()), allow_unused=True)
+        compiled_total = self._run(arguments)[0]
+        got = torch.autograd.grad(compiled_total, list(parameters.values()), allow_unused=True)
+        with torch.no_grad():
+            for name, buffer in self.model.named_buffers():
+                buffer.copy_(buffers[name])
+        for name, want, have in zip(parameters, expected, got, strict=True):
+            if want is None or have is None:
+                if (want is None) != (have is None):
+                    raise CompileError(f"compile: {name} has a gradient in one step only")
+                continue
+            error = float(torch.linalg.vector_norm((have - want).float()))
+            scale = float(torch.linalg.vector_norm(want.float()))
+            if error > GRADIENT_TOLERANCE * scale + 1e-6:
+                raise CompileError(
+                    f"compile: the compiled step's gradient of {name} differs from the eager "
+                    f"one by {error / max(scale, 1e-12):.2g} (relative L2; tolerance "
+                    f"{GRADIENT_TOLERANCE}): a compiler defect, set compile: off"
+                )
 
     def _loss(
         self,
