@@ -127,9 +127,9 @@ def borrowed_children(
     sees one size once the draws have reached their usual range), on ``device``.
 
     The trainer draws the perturbation on the host and computes this there from a host copy
-    of the forest, so the dense path decodes the borrowed children as a gather of a few
-    columns (a static shape per power of two, nothing read back from the device) rather than
-    a full product of the child level's masked activations."""
+    of the forest, so the dense path decodes just these columns (a static shape per power of
+    two, nothing read back from the device) rather than a full product of the child level's
+    masked activations."""
     flags = (parent_index >= 0) & substituted[parent_index.clamp(min=0)]
     index = flags.nonzero(as_tuple=True)[0]
     weight = padding_weights(index.numel(), at_least=at_least)
@@ -452,8 +452,8 @@ def perturbed_reconstruction(
     sparse one added into that dense gradient, instead of a second [n, d] tensor.
     ``with_bias=False``: the decoders' output only, without the level's b_dec (for a caller
     that adds it inside its own error, as :func:`hsae.model.kernels.squared_error` does).
-    ``borrowed``: the children of the substituted parents (:func:`borrowed_children`), which
-    the dense path then decodes as a gather of those columns only.
+    ``borrowed``: the children of the substituted parents (:func:`borrowed_children`), whose
+    columns alone the dense path then decodes.
     """
     own = level.decode_columns(codes, ~substituted, fused)
     if borrowed is not None and not fused:

@@ -262,7 +262,7 @@ class HSAE(nn.Module):
         (None: read from the cache here; a compiled step passes them in, as the cache's
         bookkeeping cannot be traced). ``borrowed``: per perturbed level, the children of its
         substituted parents (:func:`hierarchy_losses.borrowed_children`, computed with the
-        draw on the host), which the dense path decodes as a gather of those columns.
+        draw on the host), whose columns alone the dense path decodes.
         """
         cfg = self.config
         fused = cfg.sparse_kernels
@@ -376,23 +376,29 @@ class HSAE(nn.Module):
         parents = self.parents(level)
         if parents.device.type == "cpu":
             return parents
-        key = (parents.data_ptr(), parents._version)
-        cached = self._host_forest.get(level)
-        if cached is None or cached[0] != key:
-            cached = (key, parents.cpu())
-            self._host_forest[level] = cached
-        return cached[1]
+        return self._per_forest(self._host_forest, level, level, parents.cpu)
 
     def sibling_pairs(self, level: int, padded: bool = False) -> SiblingPairs:
         """The sibling pairs among the children of ``level``'s features, computed once per
         forest (:func:`hsae.model.hierarchy_losses.sibling_pairs`; ``padded``: to a power of
         two, for a compiled step)."""
         parents = self.parents(level)
-        key = (parents.data_ptr(), parents._version)
-        cached = self._pairs.get((level, padded))
-        if cached is None or cached[0] != key:
-            cached = (key, sibling_pairs(parents, pad_to_power_of_two=padded))
-            self._pairs[(level, padded)] = cached
+        return self._per_forest(
+            self._pairs,
+            (level, padded),
+            level,
+            lambda: sibling_pairs(parents, pad_to_power_of_two=padded),
+        )
+
+    def _per_forest(self, cache: dict[Any, Any], key: Any, level: int, compute: Any) -> Any:
+        """``cache[key]``, computed again only when ``level``'s parents buffer has changed
+        (another address or version) since it was stored."""
+        parents = self.parents(level)
+        stamp = (parents.data_ptr(), parents._version)
+        cached = cache.get(key)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, compute())
+            cache[key] = cached
         return cached[1]
 
     def _dead_feature_loss(
