@@ -69,6 +69,7 @@ from hsae import HSAEConfig
 from hsae.devices import KEEP_FREED_MEMORY_ENV, keep_freed_cpu_memory
 from hsae.model.kernels import JumpReLU, L0WithSTE
 from hsae.training import Trainer
+from hsae.training.compiled import CompileError
 
 SCALES: dict[str, dict[str, object]] = {
     # name: d, sizes, timed steps per round, rounds, controller steps before timing
@@ -319,7 +320,19 @@ def build(
         if name in ("hsae", "independent", *COMPILED):
             mode, _, compiled = name.partition("-")
             trainer = make_trainer(args, mode, batches, args.compile if compiled else "off")
-            settle(trainer, max(args.settle, 3) if compiled else args.settle)
+            started = time.perf_counter()
+            try:
+                settle(trainer, max(args.settle, 3) if compiled else args.settle)
+            except CompileError as error:  # report it, time the others
+                print(f"  {name}: {error}")
+                continue
+            if trainer.compiled_loss is not None:
+                worst, difference = trainer.compiled_loss.largest_gradient_difference
+                print(
+                    f"  {name}: {trainer.compiled_loss.variants_checked} step variant(s) "
+                    f"compiled and checked in {time.perf_counter() - started:.0f} s; largest "
+                    f"gradient difference from the eager step {difference:.2g} ({worst or '-'})"
+                )
             trainers[name] = trainer
             steps[name] = lambda t=trainer: t.train_step(exact_metrics=False)
         elif name == "dense-pytorch":
@@ -436,6 +449,12 @@ def run_scale(args: argparse.Namespace) -> None:
         for name, step in steps.items():
             samples[name] += time_steps(step, args.steps, args.device)
 
+    if args.compile:
+        counters = torch._dynamo.utils.counters
+        print(
+            f"compiled graphs so far: {counters['stats']['unique_graphs']}; CUDA graphs "
+            f"skipped: {counters['inductor']['cudagraph_skips']}"
+        )
     for name, values in l0s.items():
         mean_l0 = torch.stack(values[1:]).mean(0).tolist()
         print(f"{name:>20} L0 while timed: {[round(v, 1) for v in mean_l0]}")
@@ -476,7 +495,7 @@ def run_scale(args: argparse.Namespace) -> None:
         if "dense-pytorch" in tokens_per_s:
             over_dense = tokens_per_s["hsae"] / tokens_per_s["dense-pytorch"]
             print(f"HSAE tokens/s over dense PyTorch: {over_dense:.2f}x")
-        if "hsae-compiled" in tokens_per_s:
+        if "hsae-compiled" in tokens_per_s and "independent-compiled" in tokens_per_s:
             compiled = median["hsae-compiled"]
             print(
                 f"compiled ({args.compile}): HSAE cost / independent stack: "

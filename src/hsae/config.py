@@ -239,9 +239,9 @@ class HSAEConfig(ArchitectureConfig):
     replays it as CUDA graphs on a GPU. Needs sparse_kernels false (the support-only kernels
     have data-dependent shapes). Each variant of the step (before and after the first forest,
     logged or not) compiles once, taking tens of seconds, and its first step is checked
-    against the eager step's gradients; for long GPU runs, whose eager step is bound by
-    kernel launches (docs/scale.md). On a CPU it gains nothing: the support-only kernels are
-    faster there."""
+    against the eager step's gradients; for GPU runs, whose eager step is bound by kernel
+    launches: on an H200, "reduce-overhead" made the step 3-8x faster (docs/scale.md). On a
+    CPU it gains nothing: the support-only kernels are faster there."""
 
     # --- validation ----------------------------------------------------------------------
     @field_validator("device")

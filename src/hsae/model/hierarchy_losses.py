@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -136,6 +137,24 @@ def borrowed_children(
     index = torch.cat([index, index.new_zeros(weight.numel() - index.numel())])
     target = parent_index.device if device is None else device
     return BorrowedChildren(index.to(target), weight.to(target))
+
+
+def borrowed_capacity(
+    parent_index: Tensor, n_parents: int, rate: float, spread: float = 4.0
+) -> int:
+    """How many borrowed children one level's draws almost never exceed, as a power of two:
+    their mean plus ``spread`` standard deviations, rounded up, for parents substituted
+    independently with probability ``rate`` (:func:`sample_perturbation`), each lending all its
+    children.
+
+    A caller pads :func:`borrowed_children` to at least this from the forest's first draw, so a
+    compiled step sees one size per forest rather than one more each time a draw outgrows the
+    last (4 standard deviations: a draw exceeds it about once in 30,000 steps per level)."""
+    counts = torch.bincount(parent_index[parent_index >= 0].cpu(), minlength=n_parents)
+    counts = counts.to(torch.float64)
+    mean = rate * float(counts.sum())
+    std = (rate * (1.0 - rate) * float(counts.square().sum())) ** 0.5
+    return 1 << max(math.ceil(mean + spread * std) - 1, 0).bit_length()
 
 
 def dense_parent_children_constraint(

@@ -20,6 +20,7 @@ not) compiles on first use; a run sees at most a handful.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,9 +69,20 @@ class CompiledLoss:
             torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
         self._checked: set[tuple[Any, ...]] = set()
         """The step variants whose compiled gradients were compared with the eager ones."""
+        self.largest_gradient_difference: tuple[str, float] = ("", 0.0)
+        """The parameter whose compiled gradient differed most from the eager one over the
+        checked variants, and by how much (relative L2)."""
+        self.mode = mode
+        self.fused = True
+        """False once the fused build failed and the step was compiled with fusion off."""
         self._compiled = torch.compile(
             self._loss, mode=None if mode == "default" else mode, dynamic=False
         )
+
+    @property
+    def variants_checked(self) -> int:
+        """How many step variants were compiled and checked against the eager step so far."""
+        return len(self._checked)
 
     def __call__(
         self,
@@ -126,6 +138,20 @@ class CompiledLoss:
             return self._compiled(*arguments)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             cause = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            if self.fused:
+                # Triton 3.6 (torch 2.11) fails to build one fused reduction of the tiny GPU
+                # test's sizes ("operand does not dominate this use"); unfused it builds.
+                warnings.warn(
+                    f"compile: torch.compile could not build the fused training step ({cause}); "
+                    "compiling it again with kernel fusion off (slower; docs/scale.md)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.fused = False
+                options = dict(torch._inductor.list_mode_options(self.mode))
+                options["max_fusion_size"] = 1
+                self._compiled = torch.compile(self._loss, options=options, dynamic=False)
+                return self._run(arguments)
             raise CompileError(
                 f"compile: torch.compile could not build the training step ({cause}); "
                 "set compile: off to train without it"
@@ -156,10 +182,13 @@ class CompiledLoss:
                 continue
             error = float(torch.linalg.vector_norm((have - want).float()))
             scale = float(torch.linalg.vector_norm(want.float()))
+            relative = error / max(scale, 1e-12) if error > 1e-6 else 0.0
+            if relative > self.largest_gradient_difference[1]:
+                self.largest_gradient_difference = (name, relative)
             if error > GRADIENT_TOLERANCE * scale + 1e-6:
                 raise CompileError(
                     f"compile: the compiled step's gradient of {name} differs from the eager "
-                    f"one by {error / max(scale, 1e-12):.2g} (relative L2; tolerance "
+                    f"one by {relative:.2g} (relative L2; tolerance "
                     f"{GRADIENT_TOLERANCE}): a compiler defect, set compile: off"
                 )
 

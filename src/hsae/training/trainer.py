@@ -25,7 +25,12 @@ from hsae.devices import keep_freed_cpu_memory, parse_device
 from hsae.errors import HSAEError
 from hsae.model import HSAE, TrainingLoss
 from hsae.model.forest import make_tracker
-from hsae.model.hierarchy_losses import BorrowedChildren, borrowed_children, sample_perturbation
+from hsae.model.hierarchy_losses import (
+    BorrowedChildren,
+    borrowed_capacity,
+    borrowed_children,
+    sample_perturbation,
+)
 from hsae.model.hsae import LossWeights
 from hsae.training.checkpoint import (
     CheckpointError,
@@ -233,9 +238,12 @@ class Trainer:
         self.initialised = not initialise_from_data
         self._borrowed_sizes = [0] * (config.n_levels - 1)
         """The largest padded size of each level's borrowed children so far (they only grow)."""
-        self._none_dead = False
+        self._none_dead: bool | None = None
         """Known on the host (from the last step's check) that no feature is dead this step:
-        the step then passes no dead masks. False when unknown."""
+        the step then passes no dead masks. None when unknown (after a start or a resume; the
+        next step reads it from the counters)."""
+        self._borrowed_hint_at = -1
+        """``forest_updates`` when ``_borrowed_sizes`` last took the forest's likely sizes."""
         self._replay: list[Tensor] = []
         self.tokens_drawn = 0
         self.last_checkpoint: tuple[Path, int] | None = None
@@ -286,6 +294,11 @@ class Trainer:
         self.tokens_drawn += batch.shape[0] * (1 if self.parallel is None else self.parallel.size)
         return batch
 
+    @property
+    def compiled_loss(self) -> CompiledLoss | None:
+        """The loss under torch.compile (``config.compile``), or None when the step is eager."""
+        return self._compiled
+
     # --- one step ---------------------------------------------------------------------------
     def train_step(self, exact_metrics: bool = True) -> TrainingLoss:
         """One optimisation step. ``exact_metrics=False`` lets the reported MSE and variance
@@ -294,6 +307,8 @@ class Trainer:
         draw = self._draw_perturbation()
         substituted = None if draw is None else draw.substituted
         borrowed = None if draw is None else draw.borrowed
+        if self._none_dead is None:  # one read after a start or a resume (same on every rank)
+            self._none_dead = not bool(self._may_be_dead(0))
         dead = None if self._none_dead else self._dead_masks()
         weights = LossWeights(self.sparsity.weights, self.config.rho, self.config.aux_coefficient)
         keep_active = self._tracks_coactivation_now()
@@ -374,6 +389,16 @@ class Trainer:
         substituted.append(torch.zeros(cfg.level_sizes[-1], dtype=torch.bool, device=self.device))
         borrowed = None
         if not cfg.sparse_kernels:  # the dense path picks the borrowed children's columns
+            if self._borrowed_hint_at != self.forest_updates:
+                # Start each level at the size its draws almost never exceed, so a compiled
+                # step compiles once per forest rather than once per level as they grow.
+                self._borrowed_hint_at = self.forest_updates
+                self._borrowed_sizes = [
+                    max(size, borrowed_capacity(links, n_parents, cfg.perturbation_rate))
+                    for size, links, n_parents in zip(
+                        self._borrowed_sizes, forest, cfg.level_sizes[:-1], strict=True
+                    )
+                ]
             borrowed = [
                 borrowed_children(links, draw, self.device, at_least=capacity)
                 for links, draw, capacity in zip(forest, draws, self._borrowed_sizes, strict=True)
@@ -544,7 +569,7 @@ class Trainer:
             k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")
         }
         self.model.load_state_dict(model_state)
-        self._none_dead = False  # the counters change below: unknown until the next check
+        self._none_dead = None  # the counters change below: unknown until the next step reads them
         self.sparsity.load_state_tensors(tensors)
         for level, counter in enumerate(self.tokens_since_fired):
             counter.copy_(tensors[f"tokens_since_fired.{level}"])
