@@ -11,7 +11,9 @@ batch 1024) the script builds, on the same batches:
   that sparsity cannot remove;
 * with ``--compile MODE``, also ``hsae-compiled`` and ``independent-compiled``: the same two
   trainers on the dense path with the loss under ``torch.compile(mode=MODE)``
-  (``HSAEConfig.compile``; compiled during the settling steps, which are not timed).
+  (``HSAEConfig.compile``; compiled during the settling steps, which are not timed), and
+  ``saelens-compiled``: SAELens's step with each SAE's training forward compiled alike (its
+  runner's ``compile_sae``; compiled in the untimed warm-up step).
 
 Steady state: before anything is timed, every JumpReLU level is brought to its target L0. Each
 feature's threshold is set to its (1 - target_l0 / n) quantile of pre-activations on a batch (so
@@ -69,7 +71,7 @@ from hsae import HSAEConfig
 from hsae.devices import KEEP_FREED_MEMORY_ENV, keep_freed_cpu_memory
 from hsae.model.kernels import JumpReLU, L0WithSTE
 from hsae.training import Trainer
-from hsae.training.compiled import CompileError
+from hsae.training.compiled import CUDA_GRAPH_MODES, CompileError
 
 SCALES: dict[str, dict[str, object]] = {
     # name: d, sizes, timed steps per round, rounds, controller steps before timing
@@ -151,9 +153,11 @@ def settle(trainer: Trainer, steps: int) -> None:
 
 
 def saelens_step(
-    args: argparse.Namespace, batches: list[torch.Tensor], source: Trainer
+    args: argparse.Namespace, batches: list[torch.Tensor], source: Trainer, compile: str = "off"
 ) -> Callable[[], object] | None:
-    """SAELens JumpReLU training step for the same sizes, from ``source``'s levels' weights."""
+    """SAELens JumpReLU training step for the same sizes, from ``source``'s levels' weights;
+    ``compile``: each SAE's training forward under torch.compile with this mode, as SAELens's
+    runner does with ``compile_sae`` and ``sae_compilation_mode``."""
     try:
         from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
         from sae_lens.saes.sae import TrainStepInput
@@ -177,7 +181,12 @@ def saelens_step(
             sae.W_dec.copy_(level.W_dec)
             sae.b_dec.copy_(level.b_dec)
             sae.threshold.copy_(level.threshold)
+        if compile != "off":
+            sae.training_forward_pass = torch.compile(  # type: ignore[method-assign]
+                sae.training_forward_pass, mode=None if compile == "default" else compile
+            )
         saes.append(sae)
+    graphed = compile in CUDA_GRAPH_MODES and device.type == "cuda"
     params = [p for sae in saes for p in sae.parameters()]
     optimizer = torch.optim.Adam(params, lr=3e-4, betas=(0.0, 0.995))
     stream = _cycle(batches)
@@ -186,6 +195,8 @@ def saelens_step(
     autocast = source.autocast  # SAELens's trainer wraps its forward alike (cfg.autocast)
 
     def step() -> None:
+        if graphed:  # the graphs' outputs of the last step may be overwritten now
+            torch.compiler.cudagraph_mark_step_begin()
         x = next(stream).to(device) * scale
         optimizer.zero_grad(set_to_none=True)
         total = x.new_zeros(())
@@ -348,7 +359,8 @@ def build(
             if name == "floor":
                 steps[name] = floor_step(batches, source)
             else:
-                saelens = saelens_step(args, batches, source)
+                compile = args.compile if name == "saelens-compiled" else "off"
+                saelens = saelens_step(args, batches, source, compile)
                 if saelens is not None:
                     steps[name] = saelens
     return steps, trainers
@@ -404,7 +416,7 @@ def memory_probe(args: argparse.Namespace) -> None:
     args.settle = 1
     cuda = args.device.startswith("cuda")
     step: Callable[[], object] | None
-    if name in ("saelens", "floor"):
+    if name in ("saelens", "floor", "saelens-compiled"):
         # Their weights come from one of our models; its memory is not theirs.
         source = make_trainer(args, "independent", batches)
         if cuda:
@@ -413,8 +425,11 @@ def memory_probe(args: argparse.Namespace) -> None:
             before = torch.cuda.memory_allocated() / 2**20
         else:
             before = _current_rss_mb()
+        compile = args.compile if name == "saelens-compiled" else "off"
         step = (
-            floor_step(batches, source) if name == "floor" else saelens_step(args, batches, source)
+            floor_step(batches, source)
+            if name == "floor"
+            else saelens_step(args, batches, source, compile)
         )
     else:
         before = torch.cuda.memory_allocated() / 2**20 if cuda else _current_rss_mb()
@@ -429,7 +444,7 @@ def memory_probe(args: argparse.Namespace) -> None:
 def run_scale(args: argparse.Namespace) -> None:
     batches = sparse_batches(args.d, N_BATCHES, args.batch)
     names = list(CONTENDERS) + (["dense-pytorch"] if args.dense_loop else [])
-    names += list(COMPILED) if args.compile else []
+    names += [*COMPILED, "saelens-compiled"] if args.compile else []
     if args.dense_loop and args.device.startswith("cuda"):
         names.append("dense-graphed")
     started = time.perf_counter()
@@ -443,8 +458,16 @@ def run_scale(args: argparse.Namespace) -> None:
     l0s: dict[str, list[torch.Tensor]] = {name: [] for name in trainers}
     for name, trainer in trainers.items():  # record the L0 of the steps that are timed
         steps[name] = _recording(trainer, l0s[name])
-    for step in steps.values():  # one untimed step each: allocator and caches warm
-        step()
+    for name, step in list(steps.items()):  # untimed steps: allocator and caches warm
+        if name != "saelens-compiled":
+            step()
+            continue
+        try:  # compiled on the first call, its CUDA graphs recorded on a later one
+            for _ in range(3):
+                step()
+        except Exception as error:  # torch.compile of SAELens's code failed: time the others
+            print(f"  saelens-compiled: {type(error).__name__}: {str(error).strip()[:300]}")
+            del steps[name], samples[name]
     for _ in range(args.rounds):  # interleaved rounds, so drift hits everyone alike
         for name, step in steps.items():
             samples[name] += time_steps(step, args.steps, args.device)
@@ -504,6 +527,11 @@ def run_scale(args: argparse.Namespace) -> None:
                 + (
                     f", over SAELens: {median['saelens'] / compiled:.2f}x"
                     if "saelens" in median
+                    else ""
+                )
+                + (
+                    f", over SAELens compiled alike: {median['saelens-compiled'] / compiled:.2f}x"
+                    if "saelens-compiled" in median
                     else ""
                 )
             )

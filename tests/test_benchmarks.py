@@ -3,6 +3,7 @@ are measured by hand on a quiet machine and written in the README and the docs).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -48,6 +49,8 @@ def test_step_speed_times_the_compiled_trainers() -> None:
     for name in ("hsae-compiled", "independent-compiled"):
         assert f"{name}:" in out and f"{name} L0 while timed" in out
     assert "compiled (default): HSAE cost / independent stack:" in out
+    if importlib.util.find_spec("sae_lens") is not None:
+        assert "saelens-compiled:" in out and "over SAELens compiled alike" in out
 
 
 def test_step_profile_counts_the_operations_of_both_modes() -> None:
