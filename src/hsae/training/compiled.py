@@ -137,7 +137,7 @@ class CompiledLoss:
         try:
             return self._compiled(*arguments)
         except torch._dynamo.exc.BackendCompilerFailed as error:
-            cause = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            cause = _cause(error)
             if self.fused:
                 # Triton 3.6 (torch 2.11) fails to build one fused reduction of the tiny GPU
                 # test's sizes ("operand does not dominate this use"); unfused it builds.
@@ -229,3 +229,17 @@ class CompiledLoss:
             tuple(out.fired),
             tuple(out.active),
         )
+
+
+def _cause(error: Exception) -> str:
+    """What failed, in one line: the compiler's own exception, and of its message the first
+    line, or the last when the first only introduces a traceback (a compile worker's
+    "An exception occurred in a subprocess:")."""
+    inner = getattr(error, "inner_exception", None) or error
+    lines = [line.strip() for line in str(inner).strip().splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Set TORCHDYNAMO_VERBOSE")]
+    if not lines:
+        return repr(inner)
+    line = lines[-1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    name = type(inner).__name__
+    return line if line.startswith(name) else f"{name}: {line}"
