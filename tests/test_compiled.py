@@ -171,6 +171,21 @@ def test_borrowed_capacity_holds_the_draws() -> None:
     assert borrowed_capacity(torch.full((8,), -1), 4, 0.1) == 1  # no forest yet
 
 
+def test_padding_entries_point_at_distinct_rows() -> None:
+    # Weight-0 padding of the sibling pairs and of the borrowed children spreads over the rows
+    # (on a GPU the backward of the gathers through them is an atomic scatter-add: thousands of
+    # entries on one row would queue on one address).
+    parents = torch.tensor([0, 0, 0, 1, 1, -1, 2, 2, 2, 2, -1, 3])  # 10 pairs
+    pairs = sibling_pairs(parents, pad_to_power_of_two=True)
+    padding = pairs.weight == 0
+    assert int(padding.sum()) == 6
+    assert pairs.first[padding].unique().numel() == 6
+    assert torch.equal(pairs.first[padding], pairs.second[padding])
+    borrowed = borrowed_children(parents, torch.tensor([True, False, False, False]), at_least=32)
+    assert borrowed.index.numel() == 32 and int(borrowed.weight.sum()) == 3
+    assert borrowed.index[borrowed.weight == 0].unique().numel() == parents.numel()  # wraps
+
+
 def test_a_settled_compiled_run_compiles_once() -> None:
     # With a forest built, no feature near dead and unlogged steps (steady state, as
     # benchmarks/step_speed.py times it), every step is one variant: the first step knows from

@@ -95,8 +95,16 @@ def sibling_pairs(parent_index: Tensor, pad_to_power_of_two: bool = False) -> Si
     if not pad_to_power_of_two:
         return SiblingPairs(first, second)
     weight = padding_weights(first.numel(), first.device)
-    zeros = first.new_zeros(weight.numel() - first.numel())
-    return SiblingPairs(torch.cat([first, zeros]), torch.cat([second, zeros]), weight)
+    padding = spread_padding(weight.numel() - first.numel(), parent_index.numel(), first)
+    return SiblingPairs(torch.cat([first, padding]), torch.cat([second, padding]), weight)
+
+
+def spread_padding(k: int, n: int, like: Tensor) -> Tensor:
+    """[k] indices of padding entries (weight 0) among n rows: 0, 1, ..., wrapping at n.
+    Distinct rows rather than all row 0, so the backward of a gather through them (a
+    scatter-add, atomic on a GPU) adds its zeros to different addresses instead of queueing
+    thousands of atomic adds on one."""
+    return torch.arange(k, dtype=like.dtype, device=like.device) % max(n, 1)
 
 
 def padding_weights(n: int, device: torch.device | str = "cpu", at_least: int = 0) -> Tensor:
@@ -112,7 +120,7 @@ class BorrowedChildren(NamedTuple):
     reconstruction (:func:`borrowed_children`), padded to a power of two."""
 
     index: Tensor
-    """[k] child indices (padding: child 0)."""
+    """[k] child indices (padding: children 0, 1, ...; :func:`spread_padding`)."""
     weight: Tensor
     """[k] 1 for a borrowed child, 0 for padding."""
 
@@ -134,9 +142,14 @@ def borrowed_children(
     flags = (parent_index >= 0) & substituted[parent_index.clamp(min=0)]
     index = flags.nonzero(as_tuple=True)[0]
     weight = padding_weights(index.numel(), at_least=at_least)
-    index = torch.cat([index, index.new_zeros(weight.numel() - index.numel())])
+    index = torch.cat(
+        [index, spread_padding(weight.numel() - index.numel(), parent_index.numel(), index)]
+    )
     target = parent_index.device if device is None else device
-    return BorrowedChildren(index.to(target), weight.to(target))
+    # From the host without a stream sync (a pageable source is staged before the call returns).
+    return BorrowedChildren(
+        index.to(target, non_blocking=True), weight.to(target, non_blocking=True)
+    )
 
 
 def borrowed_capacity(
