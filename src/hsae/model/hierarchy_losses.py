@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from hsae.model.forest import children_count
 from hsae.model.kernels import entry_positions, gathered_dots, row_offsets
 from hsae.model.level import Level, LevelCodes
 
@@ -107,10 +108,15 @@ def spread_padding(k: int, n: int, like: Tensor) -> Tensor:
     return torch.arange(k, dtype=like.dtype, device=like.device) % max(n, 1)
 
 
+def next_power_of_two(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def padding_weights(n: int, device: torch.device | str = "cpu", at_least: int = 0) -> Tensor:
     """[next power of two >= n, and >= at_least] weights: 1 for the n real entries, 0 for
     the padding."""
-    weight = torch.zeros(max(1 << max(n - 1, 0).bit_length(), at_least), device=device)
+    weight = torch.zeros(max(next_power_of_two(n), at_least), device=device)
     weight[:n] = 1.0
     return weight
 
@@ -163,11 +169,10 @@ def borrowed_capacity(
     A caller pads :func:`borrowed_children` to at least this from the forest's first draw, so a
     compiled step sees one size per forest rather than one more each time a draw outgrows the
     last (4 standard deviations: a draw exceeds it about once in 30,000 steps per level)."""
-    counts = torch.bincount(parent_index[parent_index >= 0].cpu(), minlength=n_parents)
-    counts = counts.to(torch.float64)
+    counts = children_count(parent_index.cpu(), n_parents).to(torch.float64)
     mean = rate * float(counts.sum())
     std = (rate * (1.0 - rate) * float(counts.square().sum())) ** 0.5
-    return 1 << max(math.ceil(mean + spread * std) - 1, 0).bit_length()
+    return next_power_of_two(math.ceil(mean + spread * std))
 
 
 def dense_parent_children_constraint(
