@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from hsae.model.forest import children_count
-from hsae.model.kernels import entry_positions, gathered_dots, row_offsets
+from hsae.model.kernels import entry_positions, gathered_dots, row_offsets, stable_order
 from hsae.model.level import Level, LevelCodes
 
 
@@ -352,7 +352,7 @@ class _ParentChildrenConstraint(Function):
                 mapped = _slots(parents_used, n_parents).index_select(0, slot.clamp(min=0))
                 slot = torch.where(slot >= 0, mapped, slot)
             kept = (slot >= 0).nonzero(as_tuple=True)[0]
-            order = kept.index_select(0, torch.argsort(slot.index_select(0, kept), stable=True))
+            order = kept.index_select(0, stable_order(slot.index_select(0, kept), n_parents))
             sorted_slots = slot.index_select(0, order)
             rows = torch.nn.functional.embedding_bag(
                 order,
@@ -412,8 +412,10 @@ def _sum_by(index: Tensor, weights: Tensor, size: int) -> Tensor:
 
 
 def _flags(index: Tensor, size: int, device: torch.device) -> Tensor:
-    """[size] booleans, True at ``index``."""
-    return torch.zeros(size, dtype=torch.bool, device=device).index_fill_(0, index, True)
+    """[size] booleans, True at ``index`` (a scatter: several times faster than index_fill_
+    on the CPU for tens of thousands of indices)."""
+    flags = torch.zeros(size, dtype=torch.bool, device=device)
+    return flags.scatter_(0, index, flags.new_ones(()).expand(index.shape))
 
 
 def _slots(indices: Tensor, size: int) -> Tensor:
@@ -435,7 +437,7 @@ def _co_active_siblings(
     counts = torch.zeros(n_groups, dtype=torch.int32, device=group.device)
     counts.index_add_(0, group, torch.ones_like(group, dtype=torch.int32))
     shared = (counts.index_select(0, group) > 1).nonzero(as_tuple=True)[0]
-    order = torch.argsort(group.index_select(0, shared), stable=True)
+    order = stable_order(group.index_select(0, shared), n_groups)
     shared = shared.index_select(0, order)
     first, second = _pairs_within_groups(group.index_select(0, shared))
     first, second = shared.index_select(0, first), shared.index_select(0, second)
