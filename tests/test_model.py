@@ -8,6 +8,7 @@ import torch
 from hsae.config import HSAEConfig
 from hsae.model import HSAE, kernels, load_hsae
 from hsae.model import hierarchy_losses as losses
+from hsae.model import level as level_module
 from hsae.model.forest import rebuild_forest
 from hsae.model.hierarchy_losses import (
     parent_children_constraint,
@@ -15,6 +16,7 @@ from hsae.model.hierarchy_losses import (
     sample_perturbation,
 )
 from hsae.model.hsae import LossWeights
+from hsae.model.level import LevelCodes
 
 D = 12
 SIZES = [6, 12, 24]
@@ -266,6 +268,50 @@ def test_support_step_matches_dense_reference_at_several_densities(
     assert fast_grads.keys() == slow_grads.keys() == trained
     for name in slow_grads:
         torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kept", [0.1, 0.9], ids=["few-columns-gathered", "most-columns-masked"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoding_some_columns_matches_the_dense_product(kind: str, kept: float) -> None:
+    """A perturbed level decodes some of its columns: the kept entries copied out when they
+    are few, every entry with the others zeroed when they are most. Both give the dense
+    product's output and gradients."""
+    model, x = model_at_density(kind, 0.1, sparse=True)
+    level = model.levels[1]
+    codes = level.encode_for_training(x, model.config.bandwidth, fused=True)
+    columns = torch.rand(level.n_features, generator=torch.Generator().manual_seed(1)) < kept
+    share = float(columns[codes.cols].float().mean())
+    assert (share > level_module.MASKED_DECODE_SHARE) == (kept > 0.5)
+    values = codes.values.detach().requires_grad_()
+    fast_codes = LevelCodes(codes.pre, codes.rows, codes.cols, values)
+    grad_out = torch.randn(x.shape[0], level.W_dec.shape[1])
+    fast = level.decode_columns(fast_codes, columns, fused=True)
+    fast_grads = torch.autograd.grad(fast, [values, level.W_dec], grad_out)
+    dense_values = values.detach().clone().requires_grad_()
+    dense = level.decode_columns(
+        LevelCodes(codes.pre, codes.rows, codes.cols, dense_values), columns, fused=False
+    )
+    dense_grads = torch.autograd.grad(dense, [dense_values, level.W_dec], grad_out)
+    torch.testing.assert_close(fast, dense)
+    for got, want in zip(fast_grads, dense_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_level_sorts_its_support_by_column_once(monkeypatch) -> None:
+    """The encoder's and the decoder's weight gradients share one column sort per level."""
+    model, x = model_at_density("jumprelu", 0.05, sparse=True)
+    monkeypatch.setattr(kernels, "SPARSE_BACKWARD_MAX_DENSITY", 1.0)
+    sorts = []
+    column_order = kernels.column_order
+    monkeypatch.setattr(
+        kernels, "column_order", lambda cols, n: sorts.append(n) or column_order(cols, n)
+    )
+    level = model.levels[2]
+    codes = level.encode_for_training(x, model.config.bandwidth, fused=True)
+    decoded = level.decode_columns(codes, None, fused=True)
+    (decoded - x).pow(2).sum().backward()
+    assert level.W_enc.grad is not None and level.W_dec.grad is not None
+    assert sorts == [level.n_features]
 
 
 @pytest.mark.parametrize("kind", KINDS)

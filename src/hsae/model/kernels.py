@@ -145,6 +145,21 @@ def column_order(cols: Tensor, n_columns: int) -> tuple[Tensor, Tensor]:
     return order, torch.cumsum(counts, 0) - counts
 
 
+class ColumnOrder:
+    """The column order (:func:`column_order`) of one level's support entries, computed on
+    first use and then shared: the encoder's and the decoder's weight gradients both sum the
+    same entries by column, so one sort serves both backward passes."""
+
+    def __init__(self, cols: Tensor, n_columns: int):
+        self.cols, self.n_columns = cols, n_columns
+        self._order: tuple[Tensor, Tensor] | None = None
+
+    def get(self) -> tuple[Tensor, Tensor]:
+        if self._order is None:
+            self._order = column_order(self.cols, self.n_columns)
+        return self._order
+
+
 def row_offsets(rows: Tensor, n_rows: int) -> Tensor:
     """Start of each row's entries in a row-sorted entry list (embedding_bag's offsets)."""
     counts = torch.bincount(rows, minlength=n_rows)
@@ -152,15 +167,21 @@ def row_offsets(rows: Tensor, n_rows: int) -> Tensor:
 
 
 def sparse_t_times(
-    rows: Tensor, cols: Tensor, values: Tensor, dense: Tensor, n_cols: int
+    rows: Tensor,
+    cols: Tensor,
+    values: Tensor,
+    dense: Tensor,
+    n_cols: int,
+    order: ColumnOrder | None = None,
 ) -> Tensor:
     """S^T @ dense for S[rows, cols] = values ([n_cols, dense.shape[1]]), without forming S.
 
     One embedding_bag over the entries sorted by column: bag j sums values[k] dense[rows[k]]
     over the entries of column j. Faster on CPU than torch.sparse.mm with COO or CSR operands
-    (benchmarks/step_speed.py's note) and a single kernel on GPU.
+    (benchmarks/step_speed.py's note) and a single kernel on GPU. ``order``: the entries'
+    shared :class:`ColumnOrder` (``cols`` must be its columns), else sorted here.
     """
-    order, offsets = column_order(cols, n_cols)
+    order, offsets = column_order(cols, n_cols) if order is None else order.get()
     return F.embedding_bag(
         rows.index_select(0, order),
         dense,
@@ -191,13 +212,14 @@ class _SupportEncode(Function):
         rows: Tensor,
         cols: Tensor,
         bandwidth: float,
+        order: ColumnOrder | None = None,
     ) -> Tensor:
         if threshold is None:
             values = pre_support.clone()
         else:
             values = pre_support * (pre_support > threshold.index_select(0, cols))
         ctx.save_for_backward(x, W_enc, b_dec, threshold, pre_support, rows, cols)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.order = bandwidth, order
         return values
 
     @staticmethod
@@ -231,7 +253,7 @@ class _SupportEncode(Function):
             if dense_grad is not None:
                 grad_W_enc = centred.t() @ dense_grad
             else:
-                grad_W_enc = sparse_t_times(rows, cols, grad_pre, centred, n_latents).t()
+                grad_W_enc = sparse_t_times(rows, cols, grad_pre, centred, n_latents, ctx.order).t()
         if ctx.needs_input_grad[3]:
             grad_b_dec = -(W_enc @ grad_b_enc)
         grad_b_enc_out = grad_b_enc if ctx.needs_input_grad[2] else None
@@ -241,6 +263,7 @@ class _SupportEncode(Function):
             grad_b_enc_out,
             grad_b_dec,
             grad_threshold,
+            None,
             None,
             None,
             None,
@@ -258,10 +281,12 @@ def support_encode(
     rows: Tensor,
     cols: Tensor,
     bandwidth: float,
+    order: ColumnOrder | None = None,
 ) -> Tensor:
-    """Differentiable activations of the support entries (see :class:`_SupportEncode`)."""
+    """Differentiable activations of the support entries (see :class:`_SupportEncode`);
+    ``order``: the entries' shared :class:`ColumnOrder`."""
     return _SupportEncode.apply(
-        x, W_enc, b_enc, b_dec, threshold, pre_support, rows, cols, bandwidth
+        x, W_enc, b_enc, b_dec, threshold, pre_support, rows, cols, bandwidth, order
     )
 
 
@@ -322,10 +347,11 @@ class _SupportDecode(Function):
         cols: Tensor,
         n_tokens: int,
         row_sparse_grad: bool = False,
+        order: ColumnOrder | None = None,
     ) -> Tensor:
         offsets = row_offsets(rows, n_tokens)
         ctx.save_for_backward(values, W_dec, rows, cols, offsets)
-        ctx.row_sparse_grad = row_sparse_grad
+        ctx.row_sparse_grad, ctx.order = row_sparse_grad, order
         return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=values)
 
     @staticmethod
@@ -348,8 +374,8 @@ class _SupportDecode(Function):
                 check_invariants=False,
             )
         elif ctx.needs_input_grad[1]:
-            grad_W_dec = sparse_t_times(rows, cols, values, grad_out, W_dec.shape[0])
-        return grad_values, grad_W_dec, None, None, None, None
+            grad_W_dec = sparse_t_times(rows, cols, values, grad_out, W_dec.shape[0], ctx.order)
+        return grad_values, grad_W_dec, None, None, None, None, None
 
 
 def support_decode(
@@ -359,14 +385,16 @@ def support_decode(
     W_dec: Tensor,
     n_tokens: int,
     row_sparse_grad: bool = False,
+    order: ColumnOrder | None = None,
 ) -> Tensor:
     """Decoding of support entries with the sparse backward of :class:`_SupportDecode`.
 
     ``row_sparse_grad``: give W_dec a sparse COO gradient over the decoded latents' rows, for a
     decode whose decoder also receives a dense gradient elsewhere in the same loss (autograd
     then adds the rows into it in place); otherwise the gradient is a dense [n, d] tensor.
+    ``order``: the entries' shared :class:`ColumnOrder` (for the dense gradient).
     """
-    return _SupportDecode.apply(values, W_dec, rows, cols, n_tokens, row_sparse_grad)
+    return _SupportDecode.apply(values, W_dec, rows, cols, n_tokens, row_sparse_grad, order)
 
 
 class _ScatterDistinct(Function):

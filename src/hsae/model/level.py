@@ -60,6 +60,7 @@ class LevelCodes:
         active_entries: Tensor | None = None,
         pre_support: Tensor | None = None,
         support: Callable[[], tuple[Tensor, Tensor]] | None = None,
+        column_order: kernels.ColumnOrder | None = None,
     ):
         """Give the support (``rows``, ``cols``, ``values``), or dense ``acts`` and a
         ``support`` function giving (rows, cols), called only if something reads the support
@@ -74,6 +75,9 @@ class LevelCodes:
         """[entries] booleans: which support entries fire (None: read them from ``acts``)."""
         self.pre_support = pre_support
         """pre[rows, cols] (no gradient), when the kind's fast path kept it."""
+        self.column_order = column_order
+        """The entries' column order, shared by the encoder's and the decoder's weight
+        gradients (None: each sorts its own)."""
         self._acts = acts
 
     def _entries(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -110,6 +114,12 @@ class LevelCodes:
     @property
     def n_tokens(self) -> int:
         return self.pre.shape[0]
+
+
+MASKED_DECODE_SHARE = 0.5
+"""When :meth:`Level.decode_columns` keeps more than this share of a level's support entries,
+it decodes them all with the others' values zeroed rather than copying the kept ones out (a
+nonzero and three gathers, and a column sort of their own in the backward)."""
 
 
 class Level(nn.Module):
@@ -178,17 +188,26 @@ class Level(nn.Module):
         n_tokens = codes.n_tokens
         if not fused:  # the dense reference: no support, nothing read back to the host
             return self._decode_dense(codes, columns)
-        selected = None if columns is None else columns[codes.cols]
+        selected = None if columns is None else columns.index_select(0, codes.cols)
         n_selected = codes.values.numel() if selected is None else int(selected.sum())
         if n_selected > kernels.DENSE_DECODE_DENSITY * codes.pre.numel():
             return self._decode_dense(codes, columns)
-        if selected is None:
+        if selected is None or n_selected > MASKED_DECODE_SHARE * codes.values.numel():
+            # All entries, the unselected ones with value zero (a perturbed level's own
+            # columns keep most): the encoder's column order then serves the decoder too.
+            values = codes.values if selected is None else codes.values * selected
             return kernels.support_decode(
-                codes.values, codes.rows, codes.cols, self.W_dec, n_tokens
+                values,
+                codes.rows,
+                codes.cols,
+                self.W_dec,
+                n_tokens,
+                row_sparse_grad,
+                None if row_sparse_grad else codes.column_order,
             )
         entries = selected.nonzero(as_tuple=True)[0]
         values = codes.values.index_select(0, entries)
-        rows, cols = codes.rows[entries], codes.cols[entries]
+        rows, cols = codes.rows.index_select(0, entries), codes.cols.index_select(0, entries)
         return kernels.support_decode(values, rows, cols, self.W_dec, n_tokens, row_sparse_grad)
 
     def _decode_dense(self, codes: LevelCodes, columns: Tensor | None) -> Tensor:
@@ -200,10 +219,12 @@ class Level(nn.Module):
         (TopK kinds): the gradient reaches the encoder through the selected entries alone."""
         rows, cols = entries_of(selected)
         pre_support = kernels.gather_support(pre, rows, cols)
+        order = kernels.ColumnOrder(cols, self.n_features)
         values = kernels.support_encode(
-            x, self.W_enc, self.b_enc, self.b_dec, None, pre_support, rows, cols, 0.0
+            x, self.W_enc, self.b_enc, self.b_dec, None, pre_support, rows, cols, 0.0, order
         )
         return LevelCodes(
+            column_order=order,
             pre=pre,
             rows=rows,
             cols=cols,

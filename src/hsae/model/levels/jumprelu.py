@@ -49,11 +49,22 @@ class JumpReLULevel(Level):
             pre = kernels.encoder_pre_activations(x, self.W_enc, self.b_enc, self.b_dec)
             rows, cols = support_of(pre, threshold.detach(), bandwidth)
             pre_support = kernels.gather_support(pre, rows, cols)
+            order = kernels.ColumnOrder(cols, self.n_features)
             values = kernels.support_encode(
-                x, self.W_enc, self.b_enc, self.b_dec, threshold, pre_support, rows, cols, bandwidth
+                x,
+                self.W_enc,
+                self.b_enc,
+                self.b_dec,
+                threshold,
+                pre_support,
+                rows,
+                cols,
+                bandwidth,
+                order,
             )
             active = pre_support > threshold.detach().index_select(0, cols)
             return LevelCodes(
+                column_order=order,
                 pre=pre,
                 rows=rows,
                 cols=cols,
