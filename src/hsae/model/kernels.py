@@ -234,9 +234,9 @@ class _SupportEncode(Function):
             grad_pre = grad_values * (pre_support > theta)
             if ctx.needs_input_grad[4]:
                 band = (pre_support - theta).abs() < (ctx.bandwidth / 2)
-                summed = grad_values.new_zeros(n_latents).index_add_(0, cols, grad_values * band)
+                summed = grad_values.new_zeros(n_latents).scatter_add_(0, cols, grad_values * band)
                 grad_threshold = -(threshold / ctx.bandwidth) * summed
-        grad_b_enc = grad_pre.new_zeros(n_latents).index_add_(0, cols, grad_pre)
+        grad_b_enc = grad_pre.new_zeros(n_latents).scatter_add_(0, cols, grad_pre)
         dense_grad = None
         if cols.numel() > SPARSE_BACKWARD_MAX_DENSITY * n_tokens * n_latents:
             dense_grad = grad_pre.new_zeros(n_tokens, n_latents).index_put_((rows, cols), grad_pre)
