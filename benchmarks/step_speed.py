@@ -45,9 +45,15 @@ less; with several threads a busy machine inflates the wall clock of a step made
 operations (ours) much more than one of a few large ones, so compare on a quiet machine or with
 ``--threads 1`` and the CPU clock.
 
+Process to process: on a shared or virtual machine a whole process can run 10% faster or
+slower than the next (its memory layout, the host's load), and not every contender alike.
+``--processes N`` runs the measurement in N fresh processes one after the other and prints each
+one's ratios and their median (memory is probed in the first only).
+
     python benchmarks/step_speed.py                      # both scales, on CUDA when present
     python benchmarks/step_speed.py --scale small        # d = 640 only
     python benchmarks/step_speed.py --d 1024 --sizes 1024 4096 --steps 5   # a custom scale
+    python benchmarks/step_speed.py --scale small --processes 5   # the median of 5 processes
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -441,7 +448,8 @@ def memory_probe(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_mb": peak - before}))
 
 
-def run_scale(args: argparse.Namespace) -> None:
+def run_scale(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Time one scale and print its table; returns, per clock, the ratios of the summary."""
     batches = sparse_batches(args.d, N_BATCHES, args.batch)
     names = list(CONTENDERS) + (["dense-pytorch"] if args.dense_loop else [])
     names += [*COMPILED, "saelens-compiled"] if args.compile else []
@@ -490,9 +498,17 @@ def run_scale(args: argparse.Namespace) -> None:
     # Wall-clock medians; on CPU also process CPU time, which a shared machine disturbs far
     # less (compare like with like: the same thread count for every contender).
     clocks = [("wall", 0)] + ([] if args.device.startswith("cuda") else [("cpu", 1)])
+    ratios: dict[str, dict[str, float]] = {}
     for clock, index in clocks:
         median = {name: statistics.median(t[index] for t in samples[name]) for name in names}
         tokens_per_s = {name: args.batch / t for name, t in median.items()}
+        ratios[clock] = {
+            "HSAE cost over independent": median["hsae"] / median["independent"],
+            "floor share of HSAE": median["floor"] / median["hsae"],
+            **{f"{name} ms": t * 1e3 for name, t in median.items()},
+        }
+        if "saelens" in median:
+            ratios[clock]["HSAE tokens/s over SAELens"] = median["saelens"] / median["hsae"]
         print(f"-- {clock} clock, median of {len(samples[names[0]])} steps each")
         for name in names:
             mem = memory.get(name)
@@ -538,6 +554,42 @@ def run_scale(args: argparse.Namespace) -> None:
         if "dense-graphed" in tokens_per_s:
             over_graphed = tokens_per_s["hsae"] / tokens_per_s["dense-graphed"]
             print(f"HSAE tokens/s over the CUDA-graphed dense loop: {over_graphed:.2f}x")
+    return ratios
+
+
+SUMMARY_ORDER = (
+    "HSAE tokens/s over SAELens",
+    "HSAE cost over independent",
+    "floor share of HSAE",
+)
+
+
+def run_processes(argv: list[str], n: int) -> None:
+    """Run this script n times in fresh processes (memory probed in the first only) and print
+    every process's summary ratios and their median, per scale and clock."""
+    runs: list[list[dict[str, object]]] = []
+    for index in range(n):
+        with tempfile.TemporaryDirectory() as folder:
+            summary = Path(folder) / "summary.json"
+            child = [*argv, "--summary-json", str(summary)] + (["--no-memory"] if index else [])
+            print(f"\n#### process {index + 1} of {n}", flush=True)
+            done = subprocess.run([sys.executable, __file__, *child], check=False)
+            if done.returncode != 0:
+                raise SystemExit(f"process {index + 1} failed with exit status {done.returncode}")
+            runs.append(json.loads(summary.read_text()))
+    print(f"\n#### {n} processes: each one's ratios, then their median")
+    for scale_index, scale in enumerate(runs[0]):
+        print(f"== d={scale['d']} sizes={scale['sizes']}")
+        for clock in scale["ratios"]:  # type: ignore[union-attr]
+            for key in SUMMARY_ORDER:
+                values = [run[scale_index]["ratios"][clock].get(key) for run in runs]  # type: ignore[index]
+                if any(value is None for value in values):
+                    continue
+                listed = " / ".join(f"{value:.2f}" for value in values)
+                print(
+                    f"  {clock:>4} clock, {key:>26}: median {statistics.median(values):.2f}"
+                    f"  ({listed})"
+                )
 
 
 def _recording(trainer: Trainer, into: list[torch.Tensor]) -> Callable[[], object]:
@@ -586,8 +638,26 @@ def main() -> None:
         action="store_true",
         help="leave glibc's malloc as it is (the trainer otherwise keeps freed memory on CPU)",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run the measurement in this many fresh processes and print the median ratios",
+    )
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    parser.add_argument("--summary-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
+    if args.processes > 1:
+        argv = sys.argv[1:]
+        for flag in ("--processes",):  # the children run once each
+            at = argv.index(flag) if flag in argv else None
+            if at is not None:
+                del argv[at : at + 2]
+        argv = [a for a in argv if not a.startswith("--processes=")]
+        run_processes(argv, args.processes)
+        return
     if args.system_malloc:  # read by hsae.devices.keep_freed_cpu_memory; the probes inherit it
         os.environ[KEEP_FREED_MEMORY_ENV] = "0"
     if args.threads is not None:
@@ -605,12 +675,15 @@ def main() -> None:
     if not args.device.startswith("cuda"):
         kept = keep_freed_cpu_memory()  # what the trainer does; every contender shares it
         print(f"CPU malloc keeps freed memory (hsae.devices.keep_freed_cpu_memory): {kept}")
+    summaries = []
     for scale in scales:
         run = argparse.Namespace(**vars(args))
         for key, value in scale.items():
             if key in ("d", "sizes") or getattr(args, key) is None:
                 setattr(run, key, value)
-        run_scale(run)
+        summaries.append({"d": run.d, "sizes": run.sizes, "ratios": run_scale(run)})
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summaries))
 
 
 if __name__ == "__main__":

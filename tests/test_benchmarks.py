@@ -41,6 +41,19 @@ def test_step_speed_times_every_contender_under_the_same_autocast(autocast: str)
     assert "HSAE cost / independent stack:" in out
 
 
+def test_step_speed_gives_the_median_of_several_processes() -> None:
+    out = run(
+        "step_speed.py", *TINY, "--steps", "1", "--rounds", "1", "--settle", "1",
+        "--no-memory", "--threads", "1", "--processes", "2",
+    )  # fmt: skip
+    assert out.count("#### process") == 2
+    summary = out.split("#### 2 processes")[1]
+    line = next(x for x in summary.splitlines() if "HSAE cost over independent" in x)
+    median = float(line.split("median")[1].split()[0])
+    each = [float(v) for v in line.split("(")[1].rstrip(")").split(" / ")]
+    assert len(each) == 2 and min(each) - 0.01 <= median <= max(each) + 0.01
+
+
 def test_step_speed_times_the_compiled_trainers() -> None:
     out = run(
         "step_speed.py", *TINY, "--steps", "1", "--rounds", "1", "--settle", "1",
