@@ -590,6 +590,13 @@ def run_processes(argv: list[str], n: int) -> None:
                     f"  {clock:>4} clock, {key:>26}: median {statistics.median(values):.2f}"
                     f"  ({listed})"
                 )
+            per_run = [run[scale_index]["ratios"][clock] for run in runs]  # type: ignore[index]
+            times = [
+                f"{key[:-3]} {statistics.median(r[key] for r in per_run):.1f}"
+                for key in per_run[0]
+                if key.endswith(" ms")
+            ]
+            print(f"  {clock:>4} clock, median ms/step: {', '.join(times)}")
 
 
 def _recording(trainer: Trainer, into: list[torch.Tensor]) -> Callable[[], object]:
