@@ -502,13 +502,12 @@ def run_scale(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     for clock, index in clocks:
         median = {name: statistics.median(t[index] for t in samples[name]) for name in names}
         tokens_per_s = {name: args.batch / t for name, t in median.items()}
-        ratios[clock] = {
-            "HSAE cost over independent": median["hsae"] / median["independent"],
-            "floor share of HSAE": median["floor"] / median["hsae"],
-            **{f"{name} ms": t * 1e3 for name, t in median.items()},
-        }
+        ratios[clock] = {}
         if "saelens" in median:
             ratios[clock]["HSAE tokens/s over SAELens"] = median["saelens"] / median["hsae"]
+        ratios[clock]["HSAE cost over independent"] = median["hsae"] / median["independent"]
+        ratios[clock]["floor share of HSAE"] = median["floor"] / median["hsae"]
+        ratios[clock].update({f"{name} ms": t * 1e3 for name, t in median.items()})
         print(f"-- {clock} clock, median of {len(samples[names[0]])} steps each")
         for name in names:
             mem = memory.get(name)
@@ -557,13 +556,6 @@ def run_scale(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     return ratios
 
 
-SUMMARY_ORDER = (
-    "HSAE tokens/s over SAELens",
-    "HSAE cost over independent",
-    "floor share of HSAE",
-)
-
-
 def run_processes(argv: list[str], n: int) -> None:
     """Run this script n times in fresh processes (memory probed in the first only) and print
     every process's summary ratios and their median, per scale and clock."""
@@ -581,16 +573,14 @@ def run_processes(argv: list[str], n: int) -> None:
     for scale_index, scale in enumerate(runs[0]):
         print(f"== d={scale['d']} sizes={scale['sizes']}")
         for clock in scale["ratios"]:  # type: ignore[union-attr]
-            for key in SUMMARY_ORDER:
-                values = [run[scale_index]["ratios"][clock].get(key) for run in runs]  # type: ignore[index]
-                if any(value is None for value in values):
-                    continue
+            per_run = [run[scale_index]["ratios"][clock] for run in runs]  # type: ignore[index]
+            for key in (k for k in per_run[0] if not k.endswith(" ms")):
+                values = [r[key] for r in per_run]
                 listed = " / ".join(f"{value:.2f}" for value in values)
                 print(
                     f"  {clock:>4} clock, {key:>26}: median {statistics.median(values):.2f}"
                     f"  ({listed})"
                 )
-            per_run = [run[scale_index]["ratios"][clock] for run in runs]  # type: ignore[index]
             times = [
                 f"{key[:-3]} {statistics.median(r[key] for r in per_run):.1f}"
                 for key in per_run[0]
@@ -656,14 +646,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.processes < 1:
         parser.error("--processes must be at least 1")
-    if args.processes > 1:
+    if args.processes > 1:  # the children run once each: without --processes
         argv = sys.argv[1:]
-        for flag in ("--processes",):  # the children run once each
-            at = argv.index(flag) if flag in argv else None
-            if at is not None:
-                del argv[at : at + 2]
-        argv = [a for a in argv if not a.startswith("--processes=")]
-        run_processes(argv, args.processes)
+        if "--processes" in argv:
+            at = argv.index("--processes")
+            del argv[at : at + 2]
+        run_processes([a for a in argv if not a.startswith("--processes=")], args.processes)
         return
     if args.system_malloc:  # read by hsae.devices.keep_freed_cpu_memory; the probes inherit it
         os.environ[KEEP_FREED_MEMORY_ENV] = "0"

@@ -21,16 +21,20 @@ from torch import Tensor
 from torch.autograd import Function
 
 from hsae.model.forest import children_count
-from hsae.model.kernels import entry_positions, gathered_dots, row_offsets, stable_order
+from hsae.model.kernels import (
+    any_by,
+    entry_positions,
+    gathered_dots,
+    row_offsets,
+    stable_order,
+)
 from hsae.model.level import Level, LevelCodes
 
 
 def has_children(parent_index: Tensor, n_parents: int) -> Tensor:
     """[n_parents] booleans: which parents have at least one child (static shapes: no
     boolean indexing, so no host sync on a GPU)."""
-    flags = torch.zeros(n_parents, dtype=torch.int8, device=parent_index.device)
-    assigned = (parent_index >= 0).to(torch.int8)
-    return flags.scatter_reduce_(0, parent_index.clamp(min=0), assigned, reduce="amax") > 0
+    return any_by(parent_index.clamp(min=0), n_parents, parent_index >= 0)
 
 
 def parent_children_constraint(
@@ -280,8 +284,8 @@ class _ParentChildrenConstraint(Function):
         )
 
         # Decoder products of the features in the support only (all rows when most are).
-        parents_used = _used_rows(_flags(parent_cols, n_parents, device) & with_children)
-        children_used = _used_rows(_flags(cols, n_children, device))
+        parents_used = _used_rows(any_by(parent_cols, n_parents) & with_children)
+        children_used = _used_rows(any_by(cols, n_children))
         parent_matrix = _rows(parent_decoder, parents_used)
         child_matrix = _rows(child_decoder, children_used)
         # Each used child's parent (parent 0 for a child without one: its beta is 0).
@@ -411,13 +415,6 @@ def _sum_by(index: Tensor, weights: Tensor, size: int) -> Tensor:
     scatter_add_ is 30-40% faster than index_add_ on the CPU for tens of thousands of
     entries)."""
     return weights.new_zeros(size).scatter_add_(0, index, weights)
-
-
-def _flags(index: Tensor, size: int, device: torch.device) -> Tensor:
-    """[size] booleans, True at ``index`` (a scatter: several times faster than index_fill_
-    on the CPU for tens of thousands of indices)."""
-    flags = torch.zeros(size, dtype=torch.bool, device=device)
-    return flags.scatter_(0, index, flags.new_ones(()).expand(index.shape))
 
 
 def _slots(indices: Tensor, size: int) -> Tensor:

@@ -128,6 +128,17 @@ def gather_entries(dense: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
 # those entries; nothing else of [batch, features] is read again.
 
 
+def any_by(index: Tensor, size: int, flags: Tensor | None = None) -> Tensor:
+    """[size] booleans: True where an entry with that index is flagged (every entry when
+    ``flags`` is None). Scatters, with no boolean indexing: no host sync on a GPU, and several
+    times faster than ``index_fill_`` on the CPU for tens of thousands of entries."""
+    if flags is None:
+        found = torch.zeros(size, dtype=torch.bool, device=index.device)
+        return found.scatter_(0, index, found.new_ones(()).expand(index.shape))
+    found = torch.zeros(size, dtype=torch.int8, device=index.device)
+    return found.scatter_reduce_(0, index, flags.to(torch.int8), reduce="amax") > 0
+
+
 def stable_order(keys: Tensor, bound: int) -> Tensor:
     """The permutation sorting integer ``keys`` (all in [0, bound)) stably.
 

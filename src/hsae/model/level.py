@@ -265,11 +265,7 @@ class Level(nn.Module):
     def fired(self, codes: LevelCodes) -> Tensor:
         """[n] booleans: which features fired on this batch."""
         if codes.active_entries is not None:
-            # A max-scatter of the entries' flags: no boolean indexing (a host sync and a copy)
-            # and four times faster than index_fill_ on the CPU.
-            flags = torch.zeros(self.n_features, dtype=torch.int8, device=codes.pre.device)
-            active = codes.active_entries.to(torch.int8)
-            return flags.scatter_reduce_(0, codes.cols, active, reduce="amax") > 0
+            return kernels.any_by(codes.cols, self.n_features, codes.active_entries)
         return self.active(codes).any(0)
 
     def threshold_parameters(self) -> list[nn.Parameter]:
