@@ -38,7 +38,16 @@ def test_method_doc_names_functions_that_exist() -> None:
 
     text = (ROOT / "docs/method.md").read_text(encoding="utf-8")
     for module, names in [
-        (losses, ["parent_children_constraint", "sample_perturbation", "perturbed_reconstruction"]),
+        (
+            losses,
+            [
+                "parent_children_constraint",
+                "stack_constraint",
+                "stack_forest",
+                "sample_perturbation",
+                "perturbed_reconstruction",
+            ],
+        ),
         (forest, ["leave_bottom_quantile_unassigned", "cap_children_per_parent", "best_parents"]),
         (kernels, ["JumpReLU", "L0WithSTE", "rectangle_band"]),
         (sparsity, ["AdaptiveSparsity"]),

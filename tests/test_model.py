@@ -121,6 +121,63 @@ def test_constraint_matches_naive_value_and_gradients(
         assert child.rows.numel() == int((child.acts > 0).sum())
 
 
+@pytest.mark.parametrize("rows", ["gathered-rows", "whole-decoders"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_stack_constraint_matches_the_naive_sum_over_level_pairs(
+    monkeypatch, kind: str, rows: str
+) -> None:
+    # All level pairs in one pass, the features numbered across levels: the middle level is a
+    # child of the first and a parent of the last, some of its features have no parent, some no
+    # children, and its decoder gets both roles' gradient. Value and every gradient must equal
+    # the naive per-pair sum.
+    monkeypatch.setattr(losses, "FULL_ROWS_SHARE", 1.0 if rows == "gathered-rows" else 0.0)
+    model, x = tiny_model(kind=kind)
+    middle = model.parents(0).clone()
+    middle[: SIZES[1] // 3] = -1  # a third of the middle level has no parent
+    model.set_parents(0, middle)
+    last = model.parents(1).clone()
+    last[(last >= 0) & (last < SIZES[1] // 2)] += SIZES[1] // 2  # half of it has no children
+    model.set_parents(1, last)
+    bandwidth = model.config.bandwidth
+
+    def codes() -> list[LevelCodes]:
+        return [level.encode_for_training(x, bandwidth, fused=False) for level in model.levels]
+
+    decoders = [level.W_dec for level in model.levels]
+    links = [model.parents(0), model.parents(1)]
+    fast = losses.stack_constraint(codes(), decoders, links, model.stack_forest())
+    fast.backward()
+    fast_grads = _grads(model)
+    model.zero_grad()
+    acts = [c.acts for c in codes()]
+    slow = naive_constraint(acts[0], acts[1], decoders[0], decoders[1], links[0])
+    slow = slow + naive_constraint(acts[1], acts[2], decoders[1], decoders[2], links[1])
+    slow.backward()
+    slow_grads = _grads(model)
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-5)
+    assert fast_grads.keys() == slow_grads.keys()
+    for name in slow_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-5)
+    assert slow_grads["levels.1.W_dec"].abs().sum() > 0
+
+
+def test_stack_forest_numbers_features_across_levels() -> None:
+    forest = losses.stack_forest([torch.tensor([1, -1, 0]), torch.tensor([2, 2, -1, 0])], [2, 3, 4])
+    assert forest.offsets == (0, 2, 5, 9)
+    assert forest.parent.tolist() == [-1, -1, 1, -1, 0, 4, 4, -1, 2]
+    assert forest.with_children.tolist() == [
+        True,
+        True,
+        True,
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
+
+
 def test_constraint_when_no_parent_is_in_its_support() -> None:
     # Children fire while every parent is silent (no parent entry at all): the constraint is the
     # children's energy, and the backward must not index the empty parent support.

@@ -215,7 +215,9 @@ def test_lexicon_and_both_metrics_on_the_language_model(lm):
     assert alignment["contexts"] == 19 and len(alignment["m"]["pairs"]) == 1
     batched = model.encode_in_batches(data.activations, batch_size=5)
     for level, codes in enumerate(model.encode(data.activations)):
-        torch.testing.assert_close(batched[level], codes)
+        # The same products in row blocks of another size: equal up to float32 rounding (the
+        # CPU's matmul kernel may block a 5-row and a 19-row product differently).
+        torch.testing.assert_close(batched[level], codes, rtol=1e-5, atol=1e-5)
 
 
 def test_lexicon_data_round_trips_through_its_files(tmp_path) -> None:

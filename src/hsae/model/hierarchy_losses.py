@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -44,34 +46,85 @@ def parent_children_constraint(
     child_decoder: Tensor,
     parent_index: Tensor,
 ) -> Tensor:
-    """Batch mean of sum_p ||a_p d_p - sum_{c in C(p)} a_c d_c||^2 (unit-norm decoders).
+    """Batch mean of sum_p ||a_p d_p - sum_{c in C(p)} a_c d_c||^2 (unit-norm decoders) for one
+    level pair: :func:`stack_constraint` of two levels."""
+    return stack_constraint(
+        [parent_codes, child_codes], [parent_decoder, child_decoder], [parent_index]
+    )
 
-    Expanded as a_p^2 <d_p, d_p> - 2 a_p sum_c a_c <d_p, d_c> + sum_{c, c'} a_c a_c' <d_c, d_c'>
-    and summed over tokens first, the value needs only per-feature sums over the support
+
+def stack_constraint(
+    codes: Sequence[LevelCodes],
+    decoders: Sequence[Tensor],
+    parents: Sequence[Tensor],
+    forest: StackForest | None = None,
+) -> Tensor:
+    """The constraint summed over every adjacent level pair of a stack, from the supports.
+
+    ``codes[l]`` and ``decoders[l]`` are level l's; ``parents[l]`` maps each level-(l+1)
+    feature to its level-l parent (-1: none). Per pair, the batch mean of
+    sum_p ||a_p d_p - sum_{c in C(p)} a_c d_c||^2, expanded as
+    a_p^2 <d_p, d_p> - 2 a_p sum_c a_c <d_p, d_c> + sum_{c, c'} a_c a_c' <d_c, d_c'> and summed
+    over tokens first: the value needs only per-feature sums over the support
     (alpha_p = sum_t a_p^2, gamma_c = sum_t a_c^2, beta_c = sum_t a_p a_c, and sigma of each
     co-active sibling pair) and decoder products of the features in the support; so does the
-    gradient (:class:`_ParentChildrenConstraint`). Every sum runs over support entries only
-    (latents off the support have zero value and zero gradient). The squared norms are kept as
-    <d, d> rather than 1 so the gradient equals that of the unexpanded form (it differs along d
-    itself, which Adam would otherwise see differently).
+    gradient (:class:`_StackConstraint`). Every sum runs over support entries only (latents off
+    the support have zero value and zero gradient). The squared norms are kept as <d, d> rather
+    than 1 so the gradient equals that of the unexpanded form (it differs along d itself, which
+    Adam would otherwise see differently).
+
+    All pairs are done at once, the features numbered across levels: the entry-level index
+    work is one pass over the whole stack's support instead of one per pair (a third of the
+    kernels), a middle level's decoder norms are computed once for both of its roles, and each
+    decoder gets one gradient from the constraint instead of one per pair it belongs to.
+    ``forest``: :func:`stack_forest` of ``parents``, for a caller that keeps it while the
+    forest does not change (computed here when None).
     """
-    n_tokens, n_parents = parent_codes.pre.shape
-    if not bool((parent_index >= 0).any()):
-        return parent_codes.pre.new_zeros(())
-    # float32 throughout, also inside a bf16 autocast region (the products are reductions).
-    with torch.autocast(parent_codes.pre.device.type, enabled=False):
-        return _ParentChildrenConstraint.apply(
-            parent_codes.values,
-            child_codes.values,
-            parent_decoder,
-            child_decoder,
-            parent_codes.rows,
-            parent_codes.cols,
-            child_codes.rows,
-            child_codes.cols,
-            parent_index,
-            n_tokens,
+    if len(codes) != len(decoders) or len(parents) != len(codes) - 1:
+        raise ValueError(
+            f"stack_constraint needs one decoder per level and one parent map per level pair: "
+            f"got {len(codes)} levels, {len(decoders)} decoders, {len(parents)} parent maps"
         )
+    n_tokens = codes[0].pre.shape[0]
+    if forest is None:
+        forest = stack_forest(parents, [int(decoder.shape[0]) for decoder in decoders])
+    if not bool(forest.with_children.any()):
+        return codes[0].pre.new_zeros(())
+    # float32 throughout, also inside a bf16 autocast region (the products are reductions).
+    with torch.autocast(codes[0].pre.device.type, enabled=False):
+        return _StackConstraint.apply(
+            forest,
+            n_tokens,
+            *(c.values for c in codes),
+            *(c.rows for c in codes),
+            *(c.cols for c in codes),
+            *decoders,
+        )
+
+
+class StackForest(NamedTuple):
+    """A stack's forest with its features numbered across levels (:func:`stack_forest`)."""
+
+    offsets: tuple[int, ...]
+    """Level l's features are numbered offsets[l] to offsets[l + 1] - 1."""
+    parent: Tensor
+    """[features] long: each feature's parent, numbered across levels (-1: none)."""
+    with_children: Tensor
+    """[features] bool: which features have at least one child."""
+
+
+def stack_forest(parents: Sequence[Tensor], sizes: Sequence[int]) -> StackForest:
+    """The links ``parents`` (level l+1 to level l) of levels of ``sizes`` features, with the
+    features numbered across levels."""
+    offsets = (0, *itertools.accumulate(sizes))
+    first = parents[0] if parents else None
+    device = first.device if first is not None else None
+    pieces = [torch.full((sizes[0],), -1, dtype=torch.long, device=device)]
+    for level, links in enumerate(parents):
+        pieces.append(torch.where(links >= 0, links + offsets[level], -1))
+    parent = torch.cat(pieces)
+    with_children = any_by(parent.clamp(min=0), offsets[-1], parent >= 0)
+    return StackForest(offsets, parent, with_children)
 
 
 class SiblingPairs(NamedTuple):
@@ -222,167 +275,216 @@ def dense_parent_children_constraint(
         return total / n_tokens
 
 
-class _ParentChildrenConstraint(Function):
-    """The constraint of one level pair from per-feature sums, with an analytic backward.
+class _StackConstraint(Function):
+    """The constraint of a whole stack from per-feature sums, with an analytic backward.
 
-    Forward, for the support entries of both levels (a few per cent of [batch, features]):
-    the parent's value at every child entry's token (one int32 position table), the sums
-    alpha, beta, gamma by feature, the co-active sibling pairs (a count table finds the
-    (token, parent) groups with two or more child entries; only those few are sorted), then
-    decoder products for the rows in the support (whole decoders, as views, when most rows
-    are). The backward gives the values' gradients per entry and each decoder's gradient from
-    the same per-feature sums: alpha/gamma-weighted rows plus the beta-weighted rows of the other
-    level (one embedding_bag sums each parent's children), non-zero only on rows in the support.
-    About twenty kernels each way, against the hundred-odd of the same formulas written with
-    autograd.
+    Forward, for the support entries of every level at once (the features numbered across
+    levels, :class:`StackForest`): the parent's value at every child entry's token (one int32
+    position table), the sums alpha, beta, gamma by feature, the co-active sibling pairs (a
+    count table finds the (token, parent) groups with two or more child entries; only those few
+    are sorted), then, level by level, decoder products for the rows in the support (the whole
+    decoder, as a view, when most rows are). The backward gives the values' gradients per entry
+    and each decoder's one gradient from the same sums: (alpha + gamma)-weighted rows, the
+    beta-weighted rows of its children (one embedding_bag sums each parent's children) and of
+    its features' parents, and the co-active siblings' rows, non-zero only on rows in the
+    support.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx,
-        parent_values: Tensor,
-        child_values: Tensor,
-        parent_decoder: Tensor,
-        child_decoder: Tensor,
-        parent_rows: Tensor,
-        parent_cols: Tensor,
-        child_rows: Tensor,
-        child_cols: Tensor,
-        parent_index: Tensor,
-        n_tokens: int,
+        ctx: Any, forest: StackForest, n_tokens: int, *tensors: Tensor
     ) -> Tensor:
-        n_parents, n_children = parent_decoder.shape[0], child_decoder.shape[0]
-        device = parent_values.device
-        with_children = has_children(parent_index, n_parents)
-        # Child entries whose latent has a parent, and that parent's value at their token.
-        entry_parents = parent_index.index_select(0, child_cols)
-        entries = (entry_parents >= 0).nonzero(as_tuple=True)[0]
-        all_assigned = entries.numel() == child_cols.numel()
-        if not all_assigned:
-            entry_parents = entry_parents.index_select(0, entries)
-        cols = child_cols if all_assigned else child_cols.index_select(0, entries)
-        values = child_values if all_assigned else child_values.index_select(0, entries)
-        rows = child_rows if all_assigned else child_rows.index_select(0, entries)
-        group = rows * n_parents + entry_parents
-        position = entry_positions(parent_rows, parent_cols, n_tokens, n_parents, group)
-        found = position >= 0
+        offsets = forest.offsets
+        n_levels = len(offsets) - 1
+        values, rows, cols, decoders = (
+            tensors[i * n_levels : (i + 1) * n_levels] for i in range(4)
+        )
+        n_features, n_parents = offsets[-1], offsets[-2]
+        counts = [v.numel() for v in values]
+        n_parent_entries = sum(counts[:-1])
+        all_values = torch.cat(values)
+        all_rows = torch.cat(rows)
+        all_cols = torch.cat([c + o if o else c for c, o in zip(cols, offsets[:-1], strict=True)])
+        # Parent entries: those of every level but the last; child entries: all but the first's.
+        parent_values = all_values[:n_parent_entries]
+        parent_cols = all_cols[:n_parent_entries]
+        # The parent's value at each child entry's token. Entries of features without a parent
+        # stay in the lists with weight 0 (cheaper than copying the others out).
+        child_values, child_rows, child_cols = (
+            t[counts[0] :] for t in (all_values, all_rows, all_cols)
+        )
+        entry_parents = forest.parent.index_select(0, child_cols)
+        assigned = entry_parents >= 0
+        group = child_rows * n_parents + entry_parents.clamp(min=0)
+        position = entry_positions(
+            all_rows[:n_parent_entries], parent_cols, n_tokens, n_parents, group
+        )
+        found = (position >= 0) & assigned
         position = position.clamp(min=0).long()
         if parent_values.numel():
             parent_at_child = parent_values.index_select(0, position) * found
         else:  # no parent fires or sits in its band anywhere in the batch
-            parent_at_child = values.new_zeros(values.shape)
+            parent_at_child = child_values.new_zeros(child_values.shape)
+        weighted = child_values * assigned  # the child values the constraint sees
 
-        alpha = _sum_by(parent_cols, parent_values.square(), n_parents) * with_children
-        beta = _sum_by(cols, parent_at_child * values, n_children)
-        gamma = _sum_by(cols, values.square(), n_children)
+        with_children = forest.with_children
+        alpha = _sum_by(parent_cols, parent_values.square(), n_features) * with_children
+        beta = _sum_by(child_cols, parent_at_child * child_values, n_features)
+        gamma = _sum_by(child_cols, weighted.square(), n_features)
+        norm_weight = alpha.add_(gamma)  # a middle level's features are parents and children
         first, second, pair, pair_u, pair_v = _co_active_siblings(
-            group, cols, n_tokens * n_parents, n_children
+            group, child_cols, n_tokens * n_parents, n_features, assigned
         )
-
-        sigma = values.new_zeros(pair_u.shape).scatter_add_(
-            0, pair, values.index_select(0, first) * values.index_select(0, second)
+        sigma = child_values.new_zeros(pair_u.shape).scatter_add_(
+            0,
+            pair,
+            child_values.index_select(0, first) * child_values.index_select(0, second),
         )
+        # Siblings share a level: the pairs, sorted by feature, split at the level offsets.
+        bounds = torch.searchsorted(pair_u, pair_u.new_tensor(offsets)).tolist()
 
-        # Decoder products of the features in the support only (all rows when most are).
-        parents_used = _used_rows(any_by(parent_cols, n_parents) & with_children)
-        children_used = _used_rows(any_by(cols, n_children))
-        parent_matrix = _rows(parent_decoder, parents_used)
-        child_matrix = _rows(child_decoder, children_used)
-        # Each used child's parent (parent 0 for a child without one: its beta is 0).
-        their_parents = _rows(parent_index, children_used).clamp(min=0)
-        parent_sq = torch.linalg.vector_norm(parent_matrix, dim=1).square()
-        child_sq = torch.linalg.vector_norm(child_matrix, dim=1).square()
-        used = torch.arange(child_matrix.shape[0], device=device)
-        dots = gathered_dots(child_matrix, used, parent_decoder, their_parents)
-        pair_dots = gathered_dots(child_decoder, pair_u, child_decoder, pair_v)
-
+        # Level by level, decoder products of the features in the support only.
+        flags = any_by(child_cols, n_features) | (any_by(parent_cols, n_features) & with_children)
+        used, matrices, links, norms, dots, pair_dots = [], [], [], [], [], []
+        for level, decoder in enumerate(decoders):
+            start, end = offsets[level], offsets[level + 1]
+            level_used = _used_rows(flags[start:end])
+            matrix = _rows(decoder, level_used)
+            used.append(level_used)
+            matrices.append(matrix)
+            norms.append(
+                _scatter_rows(
+                    torch.linalg.vector_norm(matrix, dim=1).square(), level_used, end - start
+                )
+            )
+            if level == 0:
+                links.append(None)
+                dots.append(matrix.new_zeros(end - start))
+            else:
+                # Each used feature's parent in the level above (-1: none; its beta is 0).
+                link = _rows(forest.parent[start:end], level_used) - offsets[level - 1]
+                link = link.clamp(min=-1)
+                links.append(link)
+                rows_dot = gathered_dots(
+                    matrix,
+                    torch.arange(matrix.shape[0], device=matrix.device),
+                    decoders[level - 1],
+                    link.clamp(min=0),
+                )
+                dots.append(_scatter_rows(rows_dot, level_used, end - start))
+                low, high = bounds[level], bounds[level + 1]
+                pair_dots.append(
+                    gathered_dots(
+                        decoder, pair_u[low:high] - start, decoder, pair_v[low:high] - start
+                    )
+                )
+        all_norms, all_dots = torch.cat(norms), torch.cat(dots)
+        all_pair_dots = torch.cat(pair_dots) if pair_dots else sigma.new_zeros(0)
         total = (
-            torch.dot(_rows(alpha, parents_used), parent_sq)
-            - 2.0 * torch.dot(_rows(beta, children_used), dots)
-            + torch.dot(_rows(gamma, children_used), child_sq)
-            + 2.0 * torch.dot(sigma, pair_dots)
+            torch.dot(norm_weight, all_norms)
+            - 2.0 * torch.dot(beta, all_dots)
+            + 2.0 * torch.dot(sigma, all_pair_dots)
         ) / n_tokens
         ctx.save_for_backward(
-            parent_values, parent_cols, values, cols, entries, position, found,
-            parent_at_child, first, second, pair, pair_u, pair_v, sigma, pair_dots,
-            alpha, beta, gamma, parents_used, children_used, parent_matrix, child_matrix,
-            their_parents, parent_sq, child_sq, dots, parent_index, parent_decoder,
-            child_decoder, used, with_children,
+            parent_values, parent_cols, child_values, weighted, child_cols, position, found,
+            parent_at_child, first, second, pair, pair_u, pair_v, sigma, all_pair_dots,
+            beta, norm_weight, all_norms, all_dots, with_children,
+            *decoders, *matrices, *used, *links,
         )  # fmt: skip
-        ctx.sizes = (n_tokens, n_parents, n_children, child_values.shape[0], all_assigned)
+        ctx.sizes = (n_tokens, n_levels, offsets, counts, bounds)
         return total
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        n_tokens, n_levels, offsets, counts, bounds = ctx.sizes
+        saved = ctx.saved_tensors
         (
-            parent_values, parent_cols, values, cols, entries, position, found,
+            parent_values, parent_cols, child_values, weighted, child_cols, position, found,
             parent_at_child, first, second, pair, pair_u, pair_v, sigma, pair_dots,
-            alpha, beta, gamma, parents_used, children_used, parent_matrix, child_matrix,
-            their_parents, parent_sq, child_sq, dots, parent_index, parent_decoder,
-            child_decoder, used, with_children,
-        ) = ctx.saved_tensors  # fmt: skip
-        n_tokens, n_parents, n_children, n_child_entries, all_assigned = ctx.sizes
+            beta, norm_weight, norms, dots, with_children,
+        ) = saved[:20]  # fmt: skip
+        decoders, matrices, used, links = (
+            saved[20 + i * n_levels : 20 + (i + 1) * n_levels] for i in range(4)
+        )
         scale = 2.0 * grad / n_tokens
-        grads: list[Tensor | None] = [None] * 10
-        # Per-feature norms and parent dots as full-size vectors (zero off the rows used). A
-        # parent without children is not in the sum: its activation gets no gradient, also
-        # when the whole decoder is used (parents_used None) and its norm is at hand.
-        parent_sq_all = _scatter_rows(parent_sq, parents_used, n_parents) * with_children
-        child_sq_all = _scatter_rows(child_sq, children_used, n_children)
-        entry_dots = _scatter_rows(dots, children_used, n_children).index_select(0, cols)
-        if ctx.needs_input_grad[0]:
-            # d/d a_p = 2/T (a_p <d_p, d_p> - sum of the children's a_c <d_c, d_p> at its token)
-            grad_parent = parent_values * parent_sq_all.index_select(0, parent_cols)
-            if parent_values.numel():
-                grad_parent.scatter_add_(0, position, -(values * entry_dots * found))
-            grads[0] = grad_parent * scale
-        if ctx.needs_input_grad[1]:
-            # d/d a_c = 2/T (a_c <d_c, d_c> - a_p <d_c, d_p> + sum of co-active siblings' terms)
-            grad_child = values * child_sq_all.index_select(0, cols) - parent_at_child * entry_dots
-            grad_child.scatter_add_(0, first, values.index_select(0, second) * pair_dots[pair])
-            grad_child.scatter_add_(0, second, values.index_select(0, first) * pair_dots[pair])
-            if not all_assigned:
-                grad_child = grad_child.new_zeros(n_child_entries).index_copy_(
-                    0, entries, grad_child
+        n_parent_entries = parent_values.numel()
+        grads: list[Tensor | None] = [None] * (2 + 4 * n_levels)
+        if any(ctx.needs_input_grad[2 : 2 + n_levels]):
+            entry_dots = dots.index_select(0, child_cols)
+            all_grads = child_values.new_zeros(sum(counts))
+            # d/d a_p = 2/T (a_p <d_p, d_p> - sum of the children's a_c <d_c, d_p> at its
+            # token); a parent without children is not in the sum: no gradient.
+            grad_parent = all_grads[:n_parent_entries]
+            torch.mul(
+                parent_values,
+                (norms * with_children).index_select(0, parent_cols),
+                out=grad_parent,
+            )
+            if n_parent_entries:
+                grad_parent.scatter_add_(0, position, -(child_values * entry_dots * found))
+            # d/d a_c = 2/T (a_c <d_c, d_c> - a_p <d_c, d_p> + co-active siblings' terms); 0
+            # for a feature without a parent (its weighted value and parent value are 0).
+            grad_child = all_grads[counts[0] :]
+            grad_child.addcmul_(weighted, norms.index_select(0, child_cols))
+            grad_child.addcmul_(parent_at_child, entry_dots, value=-1.0)
+            sibling_dots = pair_dots.index_select(0, pair)
+            grad_child.scatter_add_(0, first, child_values.index_select(0, second) * sibling_dots)
+            grad_child.scatter_add_(0, second, child_values.index_select(0, first) * sibling_dots)
+            grads[2 : 2 + n_levels] = all_grads.mul_(scale).split(counts)
+        child_weights = beta * -scale
+        row_weights = norm_weight * scale
+        for level in range(n_levels):
+            if not ctx.needs_input_grad[2 + 3 * n_levels + level]:
+                continue
+            start, end = offsets[level], offsets[level + 1]
+            matrix, level_used = matrices[level], used[level]
+            weights = _rows(row_weights[start:end], level_used).unsqueeze(1)
+            if level == 0:
+                rows = matrix * weights
+            else:
+                # As a child: -beta_c d_p, the parents' rows weighted per feature in one
+                # embedding_bag (no gathered copy), then its own rows and co-active siblings'.
+                rows = torch.nn.functional.embedding_bag(
+                    links[level].clamp(min=0),
+                    decoders[level - 1],
+                    torch.arange(matrix.shape[0], device=matrix.device),
+                    mode="sum",
+                    per_sample_weights=_rows(child_weights[start:end], level_used),
                 )
-            grads[1] = grad_child * scale
-        child_weights = _rows(beta, children_used) * -scale
-        if ctx.needs_input_grad[2]:
-            # d/d d_p = 2/T (alpha_p d_p - sum_c beta_c d_c) over the parent rows used; a
-            # child's beta is non-zero only when its parent is among them. The children's sum
-            # is one embedding_bag over the children grouped by parent (no [children, d] temp).
-            slot = _rows(parent_index, children_used)
-            if parents_used is not None:
-                mapped = _slots(parents_used, n_parents).index_select(0, slot.clamp(min=0))
-                slot = torch.where(slot >= 0, mapped, slot)
-            kept = (slot >= 0).nonzero(as_tuple=True)[0]
-            order = kept.index_select(0, stable_order(slot.index_select(0, kept), n_parents))
-            sorted_slots = slot.index_select(0, order)
-            rows = torch.nn.functional.embedding_bag(
-                order,
-                child_matrix,
-                row_offsets(sorted_slots, parent_matrix.shape[0]),
-                mode="sum",
-                per_sample_weights=child_weights.index_select(0, order),
-            )
-            rows.addcmul_(parent_matrix, (_rows(alpha, parents_used) * scale).unsqueeze(1))
-            grads[2] = _scatter_rows(rows, parents_used, n_parents)
-        if ctx.needs_input_grad[3]:
-            # d/d d_c = 2/T (gamma_c d_c - beta_c d_p + sum over co-active siblings sigma d_c')
-            # The parents' rows weighted per child in one embedding_bag (no gathered copy).
-            rows = torch.nn.functional.embedding_bag(
-                their_parents, parent_decoder, used, mode="sum", per_sample_weights=child_weights
-            )
-            rows.addcmul_(child_matrix, (_rows(gamma, children_used) * scale).unsqueeze(1))
-            if pair_u.numel():
-                u_slot, v_slot = pair_u, pair_v
-                if children_used is not None:
-                    slot = _slots(children_used, n_children)
-                    u_slot, v_slot = slot.index_select(0, pair_u), slot.index_select(0, pair_v)
-                pair_weights = (sigma * scale).unsqueeze(1)
-                rows.index_add_(0, u_slot, child_decoder.index_select(0, pair_v) * pair_weights)
-                rows.index_add_(0, v_slot, child_decoder.index_select(0, pair_u) * pair_weights)
-            grads[3] = _scatter_rows(rows, children_used, n_children)
+                rows.addcmul_(matrix, weights)
+                low, high = bounds[level], bounds[level + 1]
+                if high > low:
+                    u, v = pair_u[low:high] - start, pair_v[low:high] - start
+                    u_slot, v_slot = u, v
+                    if level_used is not None:
+                        slot = _slots(level_used, end - start)
+                        u_slot, v_slot = slot.index_select(0, u), slot.index_select(0, v)
+                    pair_weights = (sigma[low:high] * scale).unsqueeze(1)
+                    decoder = decoders[level]
+                    rows.index_add_(0, u_slot, decoder.index_select(0, v) * pair_weights)
+                    rows.index_add_(0, v_slot, decoder.index_select(0, u) * pair_weights)
+            if level + 1 < n_levels:
+                # As a parent: -sum_c beta_c d_c over its children in the support, one
+                # embedding_bag over the children grouped by parent (no [children, d] temp).
+                slot = links[level + 1]
+                if level_used is not None:
+                    mapped = _slots(level_used, end - start).index_select(0, slot.clamp(min=0))
+                    slot = torch.where(slot >= 0, mapped, slot)
+                kept = (slot >= 0).nonzero(as_tuple=True)[0]
+                order = kept.index_select(0, stable_order(slot.index_select(0, kept), end - start))
+                child_start, child_end = offsets[level + 1], offsets[level + 2]
+                rows.add_(
+                    torch.nn.functional.embedding_bag(
+                        order,
+                        matrices[level + 1],
+                        row_offsets(slot.index_select(0, order), matrix.shape[0]),
+                        mode="sum",
+                        per_sample_weights=_rows(
+                            child_weights[child_start:child_end], used[level + 1]
+                        ).index_select(0, order),
+                    )
+                )
+            grads[2 + 3 * n_levels + level] = _scatter_rows(rows, level_used, end - start)
         return tuple(grads)
 
 
@@ -424,7 +526,7 @@ def _slots(indices: Tensor, size: int) -> Tensor:
 
 
 def _co_active_siblings(
-    group: Tensor, cols: Tensor, n_groups: int, n_children: int
+    group: Tensor, cols: Tensor, n_groups: int, n_children: int, counted: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Pairs of child entries in the same (token, parent) group, and their distinct latents.
 
@@ -432,10 +534,16 @@ def _co_active_siblings(
     index among the distinct latent pairs (u, v), u < v. A count table over the groups keeps
     only the entries of groups with two or more (siblings mostly fire apart, so few remain), and
     only those are sorted. (No argsort of every entry: the cost follows the support.)
+    ``counted``: which entries take part (None: all).
     """
     counts = torch.zeros(n_groups, dtype=torch.int32, device=group.device)
-    counts.scatter_add_(0, group, torch.ones_like(group, dtype=torch.int32))
-    shared = (counts.index_select(0, group) > 1).nonzero(as_tuple=True)[0]
+    if counted is None:
+        counts.scatter_add_(0, group, torch.ones_like(group, dtype=torch.int32))
+        shared = counts.index_select(0, group) > 1
+    else:
+        counts.scatter_add_(0, group, counted.to(torch.int32))
+        shared = (counts.index_select(0, group) > 1) & counted
+    shared = shared.nonzero(as_tuple=True)[0]
     order = stable_order(group.index_select(0, shared), n_groups)
     shared = shared.index_select(0, order)
     first, second = _pairs_within_groups(group.index_select(0, shared))

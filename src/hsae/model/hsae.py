@@ -29,10 +29,12 @@ from hsae.model import navigation
 from hsae.model.hierarchy_losses import (
     BorrowedChildren,
     SiblingPairs,
+    StackForest,
     dense_parent_children_constraint,
-    parent_children_constraint,
     perturbed_reconstruction,
     sibling_pairs,
+    stack_constraint,
+    stack_forest,
 )
 from hsae.model.kernels import squared_error
 from hsae.model.level import BatchGroup, Level, LevelCodes
@@ -133,12 +135,14 @@ class HSAE(nn.Module):
         for level, links in enumerate(forest_ops.empty_forest(config.level_sizes)):
             self.register_buffer(f"parents_{level}", links)
         self.register_buffer("activation_scale", torch.tensor(1.0))
-        self._pairs: dict[tuple[int, bool], tuple[tuple[int, int], SiblingPairs]] = {}
+        self._pairs: dict[tuple[int, bool], tuple[Any, SiblingPairs]] = {}
         """Sibling pairs of each level pair's forest for the dense constraint, by (level,
         padded), keyed by the parents buffer's (address, version): recomputed only when the
         forest changes."""
-        self._host_forest: dict[int, tuple[tuple[int, int], Tensor]] = {}
+        self._host_forest: dict[int, tuple[Any, Tensor]] = {}
         """Host copies of the parents buffers, keyed as ``_pairs`` (:meth:`host_parents`)."""
+        self._stack_forest: dict[None, tuple[Any, StackForest]] = {}
+        """The forest numbered across levels (:meth:`stack_forest`), keyed by None."""
 
     # --- public API ------------------------------------------------------------------------
     @property
@@ -348,26 +352,25 @@ class HSAE(nn.Module):
         fused: bool = True,
         pairs: Sequence[SiblingPairs] | None = None,
     ) -> Tensor:
-        """The constraint over all level pairs: from the supports on the fast path, from dense
-        activations on the dense reference path (an independent check of the former)."""
+        """The constraint over all level pairs: from the supports on the fast path (all pairs in
+        one pass), from dense activations on the dense reference path (an independent check of
+        the former)."""
+        if fused:
+            return stack_constraint(
+                codes,
+                [level.W_dec for level in self.levels],
+                [self.parents(index) for index in range(self.n_levels - 1)],
+                self.stack_forest(),
+            )
         total = codes[0].pre.new_zeros(())
         for index in range(self.n_levels - 1):
-            if not fused:
-                total = total + dense_parent_children_constraint(
-                    codes[index].acts,
-                    codes[index + 1].acts,
-                    self.levels[index].W_dec,
-                    self.levels[index + 1].W_dec,
-                    self.parents(index),
-                    self.sibling_pairs(index) if pairs is None else pairs[index],
-                )
-                continue
-            total = total + parent_children_constraint(
-                codes[index],
-                codes[index + 1],
+            total = total + dense_parent_children_constraint(
+                codes[index].acts,
+                codes[index + 1].acts,
                 self.levels[index].W_dec,
                 self.levels[index + 1].W_dec,
                 self.parents(index),
+                self.sibling_pairs(index) if pairs is None else pairs[index],
             )
         return total
 
@@ -390,11 +393,27 @@ class HSAE(nn.Module):
             lambda: sibling_pairs(parents, pad_to_power_of_two=padded),
         )
 
-    def _per_forest(self, cache: dict[Any, Any], key: Any, level: int, compute: Any) -> Any:
-        """``cache[key]``, computed again only when ``level``'s parents buffer has changed
-        (another address or version) since it was stored."""
-        parents = self.parents(level)
-        stamp = (parents.data_ptr(), parents._version)
+    def stack_forest(self) -> StackForest:
+        """The forest with the features numbered across levels, for the constraint
+        (:func:`hsae.model.hierarchy_losses.stack_forest`), computed once per forest."""
+        return self._per_forest(
+            self._stack_forest,
+            None,
+            None,
+            lambda: stack_forest(
+                [self.parents(index) for index in range(self.n_levels - 1)],
+                self.config.level_sizes,
+            ),
+        )
+
+    def _per_forest(self, cache: dict[Any, Any], key: Any, level: int | None, compute: Any) -> Any:
+        """``cache[key]``, computed again only when ``level``'s parents buffer (any level's
+        when None) has changed (another address or version) since it was stored."""
+        levels = range(self.n_levels - 1) if level is None else (level,)
+        stamp = tuple(
+            (parents.data_ptr(), parents._version)
+            for parents in (self.parents(index) for index in levels)
+        )
         cached = cache.get(key)
         if cached is None or cached[0] != stamp:
             cached = (stamp, compute())
