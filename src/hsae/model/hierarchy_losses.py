@@ -406,6 +406,9 @@ class _StackConstraint(Function):
         decoders, matrices, used, links = (
             saved[20 + i * n_levels : 20 + (i + 1) * n_levels] for i in range(4)
         )
+        # Detached: embedding_bag then takes its forward-only kernel (kernels._SupportDecode).
+        decoders = tuple(decoder.detach() for decoder in decoders)
+        matrices = tuple(matrix.detach() for matrix in matrices)
         scale = 2.0 * grad / n_tokens
         n_parent_entries = parent_values.numel()
         grads: list[Tensor | None] = [None] * (2 + 4 * n_levels)
