@@ -68,6 +68,19 @@ def _grads(model: HSAE) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_same(
+    fast: torch.Tensor,
+    fast_grads: dict[str, torch.Tensor],
+    slow: torch.Tensor,
+    slow_grads: dict[str, torch.Tensor],
+) -> None:
+    """The fast constraint's value and every parameter's gradient equal the naive one's."""
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-5)
+    assert fast_grads.keys() == slow_grads.keys()
+    for name in slow_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("forest", ["every-parent-has-children", "childless-parents"])
 @pytest.mark.parametrize("rows", ["gathered-rows", "whole-decoders"])
 @pytest.mark.parametrize("kind", KINDS)
@@ -108,10 +121,7 @@ def test_constraint_matches_naive_value_and_gradients(
     slow.backward()
     slow_grads = _grads(model)
 
-    assert fast.item() == pytest.approx(slow.item(), rel=1e-5)
-    assert fast_grads.keys() == slow_grads.keys()
-    for name in slow_grads:
-        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-5)
+    _assert_same(fast, fast_grads, slow, slow_grads)
     if kind == "jumprelu":
         # The band below threshold must reach the thresholds (the estimator's whole point).
         assert slow_grads[f"levels.{level + 1}.log_threshold"].abs().sum() > 0
@@ -154,10 +164,7 @@ def test_stack_constraint_matches_the_naive_sum_over_level_pairs(
     slow = slow + naive_constraint(acts[1], acts[2], decoders[1], decoders[2], links[1])
     slow.backward()
     slow_grads = _grads(model)
-    assert fast.item() == pytest.approx(slow.item(), rel=1e-5)
-    assert fast_grads.keys() == slow_grads.keys()
-    for name in slow_grads:
-        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-5)
+    _assert_same(fast, fast_grads, slow, slow_grads)
     assert slow_grads["levels.1.W_dec"].abs().sum() > 0
 
 
