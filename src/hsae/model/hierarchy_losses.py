@@ -316,8 +316,10 @@ class _StackConstraint(Function):
         entry_parents = forest.parent.index_select(0, child_cols)
         assigned = entry_parents >= 0
         group = child_rows * n_parents + entry_parents.clamp(min=0)
+        # One int32 [tokens x parents] table, for the parents' positions, then the groups' counts.
+        table = torch.empty(n_tokens * n_parents, dtype=torch.int32, device=group.device)
         position = entry_positions(
-            all_rows[:n_parent_entries], parent_cols, n_tokens, n_parents, group
+            all_rows[:n_parent_entries], parent_cols, n_tokens, n_parents, group, table
         )
         found = (position >= 0) & assigned
         position = position.clamp(min=0).long()
@@ -333,8 +335,9 @@ class _StackConstraint(Function):
         gamma = _sum_by(child_cols, weighted.square(), n_features)
         norm_weight = alpha.add_(gamma)  # a middle level's features are parents and children
         first, second, pair, pair_u, pair_v = _co_active_siblings(
-            group, child_cols, n_tokens * n_parents, n_features, assigned
+            group, child_cols, n_tokens * n_parents, n_features, assigned, table
         )
+        del table
         sigma = child_values.new_zeros(pair_u.shape).scatter_add_(
             0,
             pair,
@@ -529,7 +532,12 @@ def _slots(indices: Tensor, size: int) -> Tensor:
 
 
 def _co_active_siblings(
-    group: Tensor, cols: Tensor, n_groups: int, n_children: int, counted: Tensor | None = None
+    group: Tensor,
+    cols: Tensor,
+    n_groups: int,
+    n_children: int,
+    counted: Tensor | None = None,
+    table: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Pairs of child entries in the same (token, parent) group, and their distinct latents.
 
@@ -537,9 +545,13 @@ def _co_active_siblings(
     index among the distinct latent pairs (u, v), u < v. A count table over the groups keeps
     only the entries of groups with two or more (siblings mostly fire apart, so few remain), and
     only those are sorted. (No argsort of every entry: the cost follows the support.)
-    ``counted``: which entries take part (None: all).
+    ``counted``: which entries take part (None: all). ``table``: an int32 buffer of
+    ``n_groups`` for the count table (overwritten), else allocated.
     """
-    counts = torch.zeros(n_groups, dtype=torch.int32, device=group.device)
+    if table is None:
+        counts = torch.zeros(n_groups, dtype=torch.int32, device=group.device)
+    else:
+        counts = table.zero_()
     if counted is None:
         counts.scatter_add_(0, group, torch.ones_like(group, dtype=torch.int32))
         shared = counts.index_select(0, group) > 1

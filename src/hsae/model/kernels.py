@@ -435,16 +435,24 @@ def scatter_entries(values: Tensor, rows: Tensor, cols: Tensor, shape: torch.Siz
 
 
 def entry_positions(
-    rows: Tensor, cols: Tensor, n_rows: int, n_cols: int, query_keys: Tensor
+    rows: Tensor,
+    cols: Tensor,
+    n_rows: int,
+    n_cols: int,
+    query_keys: Tensor,
+    table: Tensor | None = None,
 ) -> Tensor:
     """int32 position among the (distinct) entries (rows, cols) of each query key
     row * n_cols + col; -1 where the key is not an entry.
 
     The position of every entry is written into an int32 [rows x cols] table (a memset and one
     scatter: several times faster than a binary search of the queries among the entries, and
-    far cheaper than the float [batch, n] activations and their gradient).
+    far cheaper than the float [batch, n] activations and their gradient). ``table``: an int32
+    buffer of n_rows * n_cols to use for it (its contents are overwritten), else allocated.
     """
-    table = torch.full((n_rows * n_cols,), -1, dtype=torch.int32, device=rows.device)
+    if table is None:
+        table = torch.empty(n_rows * n_cols, dtype=torch.int32, device=rows.device)
+    table.fill_(-1)
     positions = torch.arange(rows.numel(), dtype=torch.int32, device=rows.device)
     table.index_copy_(0, rows * n_cols + cols, positions)
     return table.index_select(0, query_keys)
