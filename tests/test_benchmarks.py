@@ -83,3 +83,46 @@ def test_step_profile_counts_the_compiled_kernels() -> None:
     dispatched = [int(line.split()[3]) for line in out.splitlines() if "dispatched" in line]
     assert len(generated) == 1 and generated[0] > 10
     assert len(dispatched) == 1 and dispatched[0] > 0
+
+
+def test_revision_ab_steps_another_revision_beside_this_checkout() -> None:
+    root = BENCHMARKS.parent
+    if subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True
+    ).returncode:
+        pytest.skip("not a git checkout")
+    out = run(
+        "revision_ab.py", "--base", "HEAD", *TINY, "--rounds", "2", "--steps", "1",
+        "--settle", "1", "--threads", "1",
+    )  # fmt: skip
+    for label in ("hsae (HEAD)", "hsae (this checkout)", "independent (HEAD)"):
+        assert f"{label}:" in out
+    ratios = [
+        float(line.rsplit(" ", 1)[1].rstrip("x"))
+        for line in out.splitlines()
+        if " over HEAD" in line
+    ]
+    assert len(ratios) == 2 and all(ratio > 0 for ratio in ratios)
+
+
+def test_revision_ab_renames_only_the_package_imports(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("revision_ab", BENCHMARKS / "revision_ab.py")
+    assert spec is not None and spec.loader is not None
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    package = tmp_path / "pkg"
+    (package / "model").mkdir(parents=True)
+    (package / "io.py").write_text("X = 1\n")
+    (package / "model" / "core.py").write_text(
+        "from hsae.io import X\nimport hsae.model\nimport hsaeish\n"
+        "NAME = 'hsae.safetensors'\nY = hsae.model.core\n"
+    )
+    module.rename_package(package, "hsae", "hsae_base")
+    assert (package / "model" / "core.py").read_text() == (
+        "from hsae_base.io import X\nimport hsae_base.model\nimport hsaeish\n"
+        "NAME = 'hsae.safetensors'\nY = hsae_base.model.core\n"
+    )
