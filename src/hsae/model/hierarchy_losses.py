@@ -1,11 +1,12 @@
 """The two mechanisms that tie adjacent levels together (``hsae-method.md`` sections 2 and 3).
 
-* :func:`parent_children_constraint`: sum over parents p with children of
-  ||f_p(x) - sum_{c in C(p)} f_c(x)||^2, batch-averaged, computed from activations, per-child
-  decoder dot products and the decoder dot products of co-active siblings only. No
-  [batch, features, d] tensor is formed. :func:`dense_parent_children_constraint` is the same
-  value from dense activations with static shapes (the dense reference path's, and a check on
-  the support-only one).
+* :func:`stack_constraint`: sum over the level pairs and their parents p with children of
+  ||f_p(x) - sum_{c in C(p)} f_c(x)||^2, batch-averaged, computed from the supports'
+  activations, per-child decoder dot products and the decoder dot products of co-active
+  siblings only, all pairs in one pass (:func:`parent_children_constraint`: one pair). No
+  [batch, features, d] tensor is formed. :func:`dense_parent_children_constraint` is one
+  pair's value from dense activations with static shapes (the dense reference path's, and a
+  check on the support-only one).
 * :func:`sample_perturbation` and :func:`perturbed_reconstruction`: each parent with children is
   substituted, with probability r shared across the batch, by the sum of its children's outputs
   in its own level's reconstruction.
