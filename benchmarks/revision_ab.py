@@ -43,7 +43,15 @@ from typing import Any
 
 import torch
 
-from step_speed import N_BATCHES, SCALES, _cycle, calibrate_thresholds, settle, sparse_batches
+from step_speed import (
+    N_BATCHES,
+    SCALES,
+    _cycle,
+    add_scale_arguments,
+    calibrate_thresholds,
+    settle,
+    sparse_batches,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_PACKAGE = "hsae_base"
@@ -122,11 +130,7 @@ def build_trainer(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="git revision to compare against")
-    parser.add_argument("--scale", choices=sorted(SCALES), default="small")
-    parser.add_argument("--d", type=int, help="custom scale: width (with --sizes)")
-    parser.add_argument("--sizes", type=int, nargs="+", help="custom scale: level sizes")
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--target-l0", type=float, default=50.0)
+    add_scale_arguments(parser, list(SCALES), "small")
     parser.add_argument("--rounds", type=int, default=16, help="alternating rounds")
     parser.add_argument("--steps", type=int, default=3, help="steps per trainer per round")
     parser.add_argument("--settle", type=int, help="controller steps before timing")

@@ -133,11 +133,7 @@ def _inside(event, names: tuple[str, ...] | None = None) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scale", choices=list(step_speed.SCALES), default="large")
-    parser.add_argument("--d", type=int, help="custom scale: width (with --sizes)")
-    parser.add_argument("--sizes", type=int, nargs="+", help="custom scale: level sizes")
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--target-l0", type=float, default=50)
+    step_speed.add_scale_arguments(parser, list(step_speed.SCALES), "large")
     parser.add_argument("--steps", type=int, default=5, help="timed and profiled steps")
     parser.add_argument("--settle", type=int, default=10, help="controller steps first")
     parser.add_argument("--top", type=int, default=15)

@@ -598,13 +598,19 @@ def _recording(trainer: Trainer, into: list[torch.Tensor]) -> Callable[[], objec
     return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scale", choices=[*SCALES, "both"], default="both")
+def add_scale_arguments(parser: argparse.ArgumentParser, scales: list[str], default: str) -> None:
+    """The options that pick what is timed, shared by the step benchmarks: a named scale
+    (``SCALES``) or a custom one (``--d`` with ``--sizes``), the batch and the target L0."""
+    parser.add_argument("--scale", choices=scales, default=default)
     parser.add_argument("--d", type=int, help="custom scale: width (with --sizes)")
     parser.add_argument("--sizes", type=int, nargs="+", help="custom scale: level sizes")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--target-l0", type=float, default=50)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_scale_arguments(parser, [*SCALES, "both"], "both")
     parser.add_argument("--steps", type=int, help="timed steps per round (default per scale)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default per scale)")
     parser.add_argument("--settle", type=int, help="controller steps before timing")
