@@ -89,7 +89,7 @@ def stack_constraint(
     n_tokens = codes[0].pre.shape[0]
     if forest is None:
         forest = stack_forest(parents, [int(decoder.shape[0]) for decoder in decoders])
-    if not bool(forest.with_children.any()):
+    if not forest.any_links:
         return codes[0].pre.new_zeros(())
     # float32 throughout, also inside a bf16 autocast region (the products are reductions).
     with torch.autocast(codes[0].pre.device.type, enabled=False):
@@ -112,20 +112,22 @@ class StackForest(NamedTuple):
     """[features] long: each feature's parent, numbered across levels (-1: none)."""
     with_children: Tensor
     """[features] bool: which features have at least one child."""
+    any_links: bool
+    """Whether any feature has a parent (read once per forest, not once per step)."""
 
 
 def stack_forest(parents: Sequence[Tensor], sizes: Sequence[int]) -> StackForest:
     """The links ``parents`` (level l+1 to level l) of levels of ``sizes`` features, with the
     features numbered across levels."""
     offsets = (0, *itertools.accumulate(sizes))
-    first = parents[0] if parents else None
-    device = first.device if first is not None else None
+    device = parents[0].device if parents else None
     pieces = [torch.full((sizes[0],), -1, dtype=torch.long, device=device)]
     for level, links in enumerate(parents):
         pieces.append(torch.where(links >= 0, links + offsets[level], -1))
     parent = torch.cat(pieces)
-    with_children = any_by(parent.clamp(min=0), offsets[-1], parent >= 0)
-    return StackForest(offsets, parent, with_children)
+    linked = parent >= 0
+    with_children = any_by(parent.clamp(min=0), offsets[-1], linked)
+    return StackForest(offsets, parent, with_children, bool(linked.any()))
 
 
 class SiblingPairs(NamedTuple):
