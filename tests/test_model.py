@@ -183,6 +183,8 @@ def test_stack_forest_numbers_features_across_levels() -> None:
         False,
         False,
     ]
+    assert forest.any_links
+    assert not losses.stack_forest([torch.full((3,), -1)], [2, 3]).any_links
 
 
 def test_constraint_when_no_parent_is_in_its_support() -> None:
