@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hsae.config import HSAEConfig
-from hsae.model import HSAE, kernels, load_hsae
+from hsae.model import HSAE, kernels, load_hsae, native
 from hsae.model import hierarchy_losses as losses
 from hsae.model import level as level_module
 from hsae.model.forest import rebuild_forest
@@ -64,6 +64,18 @@ def naive_constraint(parent_acts, child_acts, parent_dec, child_dec, parent_inde
     return total / parent_acts.shape[0]
 
 
+def _use_path(monkeypatch, path: str) -> None:
+    """Route the constraint through the fused C++ kernel ("native", which must then build:
+    CI has a compiler) or through the library kernels on gathered rows or whole decoders."""
+    if path == "native":
+        if not native.enabled():
+            pytest.skip(f"{native.ENV}=0")
+        assert native.available(), "the fused CPU kernels did not build"
+        return
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(losses, "FULL_ROWS_SHARE", 1.0 if path == "gathered-rows" else 0.0)
+
+
 def _grads(model: HSAE) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -82,7 +94,7 @@ def _assert_same(
 
 
 @pytest.mark.parametrize("forest", ["every-parent-has-children", "childless-parents"])
-@pytest.mark.parametrize("rows", ["gathered-rows", "whole-decoders"])
+@pytest.mark.parametrize("rows", ["gathered-rows", "whole-decoders", "native"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("level", [0, 1])
 def test_constraint_matches_naive_value_and_gradients(
@@ -91,7 +103,7 @@ def test_constraint_matches_naive_value_and_gradients(
     # The constraint works on the decoder rows in the support, or on whole decoders when most
     # rows are: both paths must give the reference's value and every gradient. A parent without
     # children is not in the sum, so its activation gets no gradient from it, on either path.
-    monkeypatch.setattr(losses, "FULL_ROWS_SHARE", 1.0 if rows == "gathered-rows" else 0.0)
+    _use_path(monkeypatch, rows)
     model, x = tiny_model(kind=kind)
     if forest == "childless-parents":  # half the parents lose their children to the others
         links = model.parents(level).clone()
@@ -131,16 +143,16 @@ def test_constraint_matches_naive_value_and_gradients(
         assert child.rows.numel() == int((child.acts > 0).sum())
 
 
-@pytest.mark.parametrize("rows", ["gathered-rows", "whole-decoders"])
+@pytest.mark.parametrize("path", ["gathered-rows", "whole-decoders", "native"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_stack_constraint_matches_the_naive_sum_over_level_pairs(
-    monkeypatch, kind: str, rows: str
+    monkeypatch, kind: str, path: str
 ) -> None:
     # All level pairs in one pass, the features numbered across levels: the middle level is a
     # child of the first and a parent of the last, some of its features have no parent, some no
     # children, and its decoder gets both roles' gradient. Value and every gradient must equal
-    # the naive per-pair sum.
-    monkeypatch.setattr(losses, "FULL_ROWS_SHARE", 1.0 if rows == "gathered-rows" else 0.0)
+    # the naive per-pair sum, on the library kernels' two paths and in the fused C++ kernel.
+    _use_path(monkeypatch, path)
     model, x = tiny_model(kind=kind)
     middle = model.parents(0).clone()
     middle[: SIZES[1] // 3] = -1  # a third of the middle level has no parent

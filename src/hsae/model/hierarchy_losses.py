@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from hsae.model import native
 from hsae.model.forest import children_count
 from hsae.model.kernels import (
     any_by,
@@ -93,7 +94,8 @@ def stack_constraint(
         return codes[0].pre.new_zeros(())
     # float32 throughout, also inside a bf16 autocast region (the products are reductions).
     with torch.autocast(codes[0].pre.device.type, enabled=False):
-        return _StackConstraint.apply(
+        function = _NativeStackConstraint if _native_applies(codes, decoders) else _StackConstraint
+        return function.apply(
             forest,
             n_tokens,
             *(c.values for c in codes),
@@ -276,6 +278,68 @@ def dense_parent_children_constraint(
             + 2.0 * torch.dot(sigma, pair_dots)
         )
         return total / n_tokens
+
+
+def _native_applies(codes: Sequence[LevelCodes], decoders: Sequence[Tensor]) -> bool:
+    """Whether the fused C++ kernel (:mod:`hsae.model.native`) takes this stack: float32 CPU
+    tensors, eager, and the kernel built."""
+    tensors = [c.values for c in codes] + list(decoders)
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and not getattr(torch.compiler, "is_compiling", lambda: False)()
+        and native.available()
+    )
+
+
+class _NativeStackConstraint(Function):
+    """:class:`_StackConstraint` in one fused C++ kernel on the CPU (``native/
+    stack_constraint.cpp``): the forward groups the support entries by token and finds each
+    child entry's parent entry and co-active siblings with per-feature stamps (no
+    [tokens x parents] table), sums alpha, beta, gamma and sigma, and takes the decoder products
+    of the features in the support; the backward gives each entry's gradient and writes every
+    decoder row's gradient once, as the weighted sum of the rows it depends on."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, forest: StackForest, n_tokens: int, *tensors: Tensor
+    ) -> Tensor:
+        n_levels = len(forest.offsets) - 1
+        values, rows, cols, decoders = (
+            list(tensors[i * n_levels : (i + 1) * n_levels]) for i in range(4)
+        )
+        total, *state = native.ops().stack_constraint_forward(
+            values, rows, cols, forest.parent, forest.with_children, decoders, n_tokens
+        )
+        ctx.save_for_backward(*decoders, *state)
+        ctx.sizes = (n_tokens, n_levels, [v.numel() for v in values])
+        ctx.forest = forest
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        n_tokens, n_levels, counts = ctx.sizes
+        saved = ctx.saved_tensors
+        decoders, state = list(saved[:n_levels]), saved[n_levels:]
+        need_values = any(ctx.needs_input_grad[2 : 2 + n_levels])
+        need_decoders = [int(n) for n in ctx.needs_input_grad[2 + 3 * n_levels :]]
+        out = native.ops().stack_constraint_backward(
+            2.0 * float(grad) / n_tokens,
+            counts,
+            ctx.forest.parent,
+            ctx.forest.with_children,
+            decoders,
+            *state,
+            need_values,
+            need_decoders,
+        )
+        grads: list[Tensor | None] = [None] * (2 + 4 * n_levels)
+        if need_values:
+            grads[2 : 2 + n_levels] = out[:n_levels]
+            out = out[n_levels:]
+        for level, needed in enumerate(need_decoders):
+            if needed:
+                grads[2 + 3 * n_levels + level] = out[level]
+        return tuple(grads)
 
 
 class _StackConstraint(Function):

@@ -1,0 +1,73 @@
+"""Fused CPU kernels in C++, built on first use with ``torch.utils.cpp_extension``.
+
+On the CPU the support-only training step is a few hundred small library kernels; most of
+what the HSAE adds to its independent stack is the constraint's share of them
+(``hierarchy_losses.stack_constraint``). ``stack_constraint.cpp`` computes the same value and
+gradients in two passes over the support entries and one over the decoder rows.
+
+The first use compiles it (about 20 seconds, with a C++ compiler and ninja; torch caches the
+build under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, and rebuilds it
+when the source or torch changes). Where it cannot be built (no compiler, or a platform
+without OpenMP) a warning says so once and the library kernels are used: same values, slower.
+``HSAE_NATIVE=0`` skips the attempt. CUDA tensors always take the library kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ENV = "HSAE_NATIVE"
+"""Set to 0 to use the library kernels only (no build)."""
+SOURCE = Path(__file__).with_name("stack_constraint.cpp")
+NAME = "hsae_native"
+
+log = logging.getLogger(__name__)
+_loaded: dict[str, bool] = {}
+
+
+def enabled() -> bool:
+    """Whether the user allows the fused kernels (``HSAE_NATIVE`` is not 0)."""
+    return os.environ.get(ENV, "1").strip() not in ("0", "false", "no", "off")
+
+
+def available() -> bool:
+    """Whether the fused kernels are built and loaded (building them on the first call)."""
+    if NAME not in _loaded:
+        _loaded[NAME] = enabled() and _build()
+    return _loaded[NAME]
+
+
+def ops() -> Any:
+    """The ``torch.ops`` namespace of the fused kernels (call :func:`available` first)."""
+    return getattr(torch.ops, NAME)
+
+
+def _build() -> bool:
+    try:
+        from torch.utils.cpp_extension import load
+
+        log.info("hsae: building the fused CPU kernels (once, about 20 seconds)")
+        load(
+            name=NAME,
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+        return hasattr(ops(), "stack_constraint_forward")
+    except Exception as error:  # no compiler, no ninja, no OpenMP: the library kernels serve
+        warnings.warn(
+            f"hsae: the fused CPU kernels could not be built, so the training step uses "
+            f"torch's library kernels (same results, slower on the CPU). Set {ENV}=0 to skip "
+            f"this attempt. Cause: {str(error).strip()[:500]}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False

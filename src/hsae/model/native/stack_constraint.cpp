@@ -1,0 +1,461 @@
+// The parent-children constraint of a whole level stack on the CPU, fused: the same value and
+// gradients as hsae.model.hierarchy_losses._StackConstraint (see its docstrings for the
+// expansion), in two passes over the support entries and one over the decoder rows that need
+// it, instead of some 300 library kernels. Built on first use by hsae.model.native.
+//
+// Features are numbered across levels (level l's from offset[l]); `parent` maps each feature to
+// its parent (-1: none); `with_children` flags features with at least one child. Per level, the
+// support entries: values (float), rows (token) and cols (feature within the level), int64.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// Dot product of two float rows, vectorisable (the reduction may be reordered).
+inline float row_dot(const float* a, const float* b, int64_t d) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < d; ++k) acc += a[k] * b[k];
+  return acc;
+}
+
+void check_levels(
+    const std::vector<Tensor>& values, const std::vector<Tensor>& rows,
+    const std::vector<Tensor>& cols, const std::vector<Tensor>& decoders) {
+  TORCH_CHECK(!decoders.empty(), "stack constraint: no levels");
+  TORCH_CHECK(
+      values.size() == decoders.size() && rows.size() == decoders.size() &&
+          cols.size() == decoders.size(),
+      "stack constraint: one values, rows, cols and decoder tensor per level");
+  const int64_t d = decoders[0].size(1);
+  for (size_t l = 0; l < decoders.size(); ++l) {
+    TORCH_CHECK(values[l].scalar_type() == at::kFloat, "stack constraint: float32 values");
+    TORCH_CHECK(decoders[l].scalar_type() == at::kFloat, "stack constraint: float32 decoders");
+    TORCH_CHECK(decoders[l].dim() == 2 && decoders[l].size(1) == d, "decoders: [n, d]");
+    TORCH_CHECK(rows[l].scalar_type() == at::kLong && cols[l].scalar_type() == at::kLong,
+                "stack constraint: int64 rows and cols");
+    TORCH_CHECK(values[l].numel() == rows[l].numel() && rows[l].numel() == cols[l].numel(),
+                "stack constraint: values, rows and cols of one level differ in length");
+  }
+}
+
+std::vector<int64_t> feature_offsets(const std::vector<Tensor>& decoders) {
+  std::vector<int64_t> offset(decoders.size() + 1, 0);
+  for (size_t l = 0; l < decoders.size(); ++l) offset[l + 1] = offset[l] + decoders[l].size(0);
+  return offset;
+}
+
+// Row pointers of every feature's decoder row, numbered across levels.
+std::vector<const float*> decoder_rows(const std::vector<Tensor>& decoders) {
+  std::vector<const float*> row;
+  for (const auto& decoder : decoders) {
+    const float* base = decoder.data_ptr<float>();
+    const int64_t n = decoder.size(0), stride = decoder.stride(0);
+    for (int64_t i = 0; i < n; ++i) row.push_back(base + i * stride);
+  }
+  return row;
+}
+
+// Per-thread state of the pass over tokens: per feature the last token it was seen at and its
+// entry there, the last sibling group it joined, the sums alpha, beta, gamma; and the co-active
+// sibling occurrences found, as (pair key, first entry << 32 | second entry).
+struct TokenPass {
+  std::vector<int32_t> stamp, slot, group_stamp, group_last;
+  std::vector<double> alpha, beta, gamma;
+  std::vector<std::pair<int64_t, int64_t>> occurrence;
+  explicit TokenPass(int64_t n_features)
+      : stamp(n_features + 1, -1), slot(n_features + 1, 0), group_stamp(n_features + 1, -1),
+        group_last(n_features + 1, -1), alpha(n_features, 0.0), beta(n_features, 0.0),
+        gamma(n_features, 0.0) {}
+};
+
+// Returns: total, then what the backward needs: every entry's global feature and value (int32,
+// float; the levels' entries one after the other), each entry's parent entry (int32, -1:
+// none), per feature the norm weight (alpha + gamma), beta, the squared norm and the dot with
+// its parent's row, and per co-active sibling occurrence its two entries and its pair, per
+// distinct pair its two features, sigma and the rows' dot product. Each level's entries must be
+// sorted by row (as the support's are).
+std::vector<Tensor> stack_constraint_forward(
+    at::TensorList values_list, at::TensorList rows_list, at::TensorList cols_list,
+    const Tensor& parent_t, const Tensor& with_children_t, at::TensorList decoder_list,
+    int64_t n_tokens) {
+  std::vector<Tensor> values, rows, cols, decoders;
+  for (const auto& t : values_list) values.push_back(t.contiguous());
+  for (const auto& t : rows_list) rows.push_back(t.contiguous());
+  for (const auto& t : cols_list) cols.push_back(t.contiguous());
+  for (const auto& t : decoder_list) decoders.push_back(t.stride(1) == 1 ? t : t.contiguous());
+  check_levels(values, rows, cols, decoders);
+  const auto offset = feature_offsets(decoders);
+  const int64_t n_levels = static_cast<int64_t>(decoders.size());
+  const int64_t n_features = offset.back();
+  const int64_t d = decoders[0].size(1);
+  const Tensor parent_c = parent_t.contiguous().to(at::kLong);
+  const Tensor with_children_c = with_children_t.contiguous().to(at::kBool);
+  TORCH_CHECK(parent_c.numel() == n_features && with_children_c.numel() == n_features,
+              "stack constraint: parent and with_children need one entry per feature");
+  const int64_t* parent = parent_c.data_ptr<int64_t>();
+  const bool* with_children = with_children_c.data_ptr<bool>();
+  auto int_options = at::TensorOptions().dtype(at::kInt);
+  auto long_options = at::TensorOptions().dtype(at::kLong);
+  auto float_options = at::TensorOptions().dtype(at::kFloat);
+
+  // All levels' entries in one numbering (level after level): global feature and value; and
+  // where each level's entries of each token start (its rows are sorted).
+  std::vector<int64_t> entry_offset(n_levels + 1, 0);
+  for (int64_t l = 0; l < n_levels; ++l) entry_offset[l + 1] = entry_offset[l] + values[l].numel();
+  const int64_t n_entries = entry_offset.back();
+  TORCH_CHECK(n_entries < (int64_t(1) << 31), "stack constraint: too many entries");
+  Tensor feature_t = at::empty({n_entries}, int_options);
+  Tensor value_t = at::empty({n_entries}, float_options);
+  int32_t* feature = feature_t.data_ptr<int32_t>();
+  float* value = value_t.data_ptr<float>();
+  std::vector<int64_t> row_start(n_levels * (n_tokens + 1));
+  for (int64_t l = 0; l < n_levels; ++l) {
+    const int64_t* r = rows[l].data_ptr<int64_t>();
+    const int64_t* c = cols[l].data_ptr<int64_t>();
+    const int64_t n = values[l].numel(), size = decoders[l].size(0);
+    const int32_t first = static_cast<int32_t>(offset[l]);
+    int32_t* f = feature + entry_offset[l];
+    bool valid = true;
+    for (int64_t i = 0; i < n; ++i) {
+      valid &= (r[i] >= 0) & (r[i] < n_tokens) & (c[i] >= 0) & (c[i] < size) &
+               (i == 0 || r[i] >= r[i - 1]);
+      f[i] = static_cast<int32_t>(c[i]) + first;
+    }
+    TORCH_CHECK(valid, "stack constraint: level ", l, "'s entries need rows in [0, ", n_tokens,
+                ") in ascending order and columns in [0, ", size, ")");
+    std::copy(values[l].data_ptr<float>(), values[l].data_ptr<float>() + n,
+              value + entry_offset[l]);
+    int64_t* start = row_start.data() + l * (n_tokens + 1);
+    for (int64_t t = 0; t <= n_tokens; ++t) {
+      start[t] = entry_offset[l] + (std::lower_bound(r, r + n, t) - r);
+    }
+  }
+
+  // Per token: each child entry's parent entry, the sums alpha, beta, gamma, and the co-active
+  // sibling occurrences (child entries of one token with the same parent feature). A feature
+  // without a parent links to the extra slot n_features, never stamped: the loop has no branch
+  // on it (random data would mispredict it half the time). Tokens are split among threads.
+  Tensor position_t = at::empty({n_entries}, int_options);
+  int32_t* position = position_t.data_ptr<int32_t>();
+  std::fill(position, position + entry_offset[1], -1);  // the first level has no parents
+  std::vector<int32_t> link(n_features);
+  std::vector<float> parent_weight(n_features), children_weight(n_features);
+  for (int64_t f = 0; f < n_features; ++f) {
+    link[f] = parent[f] >= 0 ? static_cast<int32_t>(parent[f]) : static_cast<int32_t>(n_features);
+    parent_weight[f] = parent[f] >= 0 ? 1.0f : 0.0f;
+    children_weight[f] = with_children[f] ? 1.0f : 0.0f;
+  }
+  std::vector<int32_t> group_next(n_entries);
+  std::vector<TokenPass> passes;
+  for (int i = 0; i < at::get_num_threads(); ++i) passes.emplace_back(n_features);
+  at::parallel_for(0, n_tokens, 32, [&](int64_t begin, int64_t end) {
+    // Raw pointers, so the compiler need not reload each vector's data after every store.
+    TokenPass& pass = passes[at::get_thread_num()];
+    int32_t* __restrict stamp = pass.stamp.data();
+    int32_t* __restrict slot = pass.slot.data();
+    int32_t* __restrict group_stamp = pass.group_stamp.data();
+    int32_t* __restrict group_last = pass.group_last.data();
+    int32_t* __restrict next = group_next.data();
+    double* __restrict alpha = pass.alpha.data();
+    double* __restrict beta = pass.beta.data();
+    double* __restrict gamma = pass.gamma.data();
+    const int32_t* __restrict links = link.data();
+    const float* __restrict as_parent = children_weight.data();
+    const float* __restrict as_child = parent_weight.data();
+    for (int64_t r = begin; r < end; ++r) {
+      const int32_t token = static_cast<int32_t>(r);
+      for (int64_t l = 0; l + 1 < n_levels; ++l) {  // the parents' entries
+        const int64_t* start = row_start.data() + l * (n_tokens + 1);
+        for (int64_t k = start[r]; k < start[r + 1]; ++k) {
+          const int32_t f = feature[k];
+          const float a = value[k];
+          stamp[f] = token;
+          slot[f] = static_cast<int32_t>(k);
+          alpha[f] += double(as_parent[f] * a) * a;
+        }
+      }
+      for (int64_t l = 1; l < n_levels; ++l) {  // the children's entries
+        const int64_t* start = row_start.data() + l * (n_tokens + 1);
+        for (int64_t k = start[r]; k < start[r + 1]; ++k) {
+          const int32_t f = feature[k];
+          const int32_t p = links[f];
+          const float a = value[k];
+          const bool hit = stamp[p] == token;
+          const int32_t pos = slot[p];
+          position[k] = hit ? pos : -1;
+          beta[f] += double(hit ? value[pos] : 0.0f) * a;
+          gamma[f] += double(as_child[f] * a) * a;
+          // Co-active siblings are rare, so this branch is predicted well.
+          const bool grouped = group_stamp[p] == token;
+          if (grouped) {
+            for (int32_t q = group_last[p]; q >= 0; q = next[q]) {
+              const int64_t u = feature[q], v = f;
+              pass.occurrence.emplace_back(std::min(u, v) * n_features + std::max(u, v),
+                                           (int64_t(q) << 32) | k);
+            }
+          }
+          next[k] = grouped ? group_last[p] : -1;
+          group_stamp[p] = p < n_features ? token : -1;
+          group_last[p] = static_cast<int32_t>(k);
+        }
+      }
+    }
+  });
+  std::vector<double> alpha(n_features, 0.0), beta_sum(n_features, 0.0), gamma(n_features, 0.0);
+  std::vector<std::pair<int64_t, int64_t>> occurrence;
+  for (const auto& pass : passes) {
+    for (int64_t f = 0; f < n_features; ++f) {
+      alpha[f] += pass.alpha[f];
+      beta_sum[f] += pass.beta[f];
+      gamma[f] += pass.gamma[f];
+    }
+    occurrence.insert(occurrence.end(), pass.occurrence.begin(), pass.occurrence.end());
+  }
+  std::vector<char> appears(n_features, 0);
+  for (int64_t k = 0; k < n_entries; ++k) appears[feature[k]] = 1;
+
+  // Distinct sibling pairs (u < v), sorted, and sigma_uv = sum of a_u a_v over occurrences.
+  std::sort(occurrence.begin(), occurrence.end());
+  const int64_t n_occ = static_cast<int64_t>(occurrence.size());
+  Tensor occ_first_t = at::empty({n_occ}, int_options);
+  Tensor occ_second_t = at::empty({n_occ}, int_options);
+  Tensor occ_pair_t = at::empty({n_occ}, int_options);
+  int32_t* occ_first = occ_first_t.data_ptr<int32_t>();
+  int32_t* occ_second = occ_second_t.data_ptr<int32_t>();
+  int32_t* occ_pair = occ_pair_t.data_ptr<int32_t>();
+  std::vector<int64_t> pair_key;
+  std::vector<double> sigma_sum;
+  for (int64_t k = 0; k < n_occ; ++k) {
+    const auto& [key, entries] = occurrence[k];
+    if (pair_key.empty() || pair_key.back() != key) {
+      pair_key.push_back(key);
+      sigma_sum.push_back(0.0);
+    }
+    occ_first[k] = static_cast<int32_t>(entries >> 32);
+    occ_second[k] = static_cast<int32_t>(entries & 0xffffffff);
+    occ_pair[k] = static_cast<int32_t>(pair_key.size() - 1);
+    sigma_sum.back() += double(value[occ_first[k]]) * value[occ_second[k]];
+  }
+  const int64_t n_pairs = static_cast<int64_t>(pair_key.size());
+  Tensor pair_u_t = at::empty({n_pairs}, long_options);
+  Tensor pair_v_t = at::empty({n_pairs}, long_options);
+  Tensor sigma_t = at::empty({n_pairs}, float_options);
+  for (int64_t i = 0; i < n_pairs; ++i) {
+    pair_u_t.data_ptr<int64_t>()[i] = pair_key[i] / n_features;
+    pair_v_t.data_ptr<int64_t>()[i] = pair_key[i] % n_features;
+    sigma_t.data_ptr<float>()[i] = static_cast<float>(sigma_sum[i]);
+  }
+
+  // Per feature: the weights of the value, and decoder products of the features in the support.
+  Tensor norm_weight_t = at::empty({n_features}, float_options);
+  Tensor beta_t = at::empty({n_features}, float_options);
+  float* norm_weight = norm_weight_t.data_ptr<float>();
+  float* beta = beta_t.data_ptr<float>();
+  std::vector<int64_t> in_support;
+  for (int64_t f = 0; f < n_features; ++f) {
+    norm_weight[f] = static_cast<float>(alpha[f] + gamma[f]);
+    beta[f] = static_cast<float>(beta_sum[f]);
+    if (appears[f]) in_support.push_back(f);
+  }
+  const auto row = decoder_rows(decoders);
+  Tensor norms_t = at::zeros({n_features}, float_options);
+  Tensor dots_t = at::zeros({n_features}, float_options);
+  float* norms = norms_t.data_ptr<float>();
+  float* dots = dots_t.data_ptr<float>();
+  const int64_t n_support = static_cast<int64_t>(in_support.size());
+  at::parallel_for(0, n_support, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t f = in_support[i];
+      norms[f] = row_dot(row[f], row[f], d);
+      if (parent[f] >= 0) dots[f] = row_dot(row[f], row[parent[f]], d);
+    }
+  });
+  Tensor pair_dots_t = at::empty({n_pairs}, float_options);
+  float* pair_dots = pair_dots_t.data_ptr<float>();
+  const int64_t* pair_u = pair_u_t.data_ptr<int64_t>();
+  const int64_t* pair_v = pair_v_t.data_ptr<int64_t>();
+  at::parallel_for(0, n_pairs, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) pair_dots[i] = row_dot(row[pair_u[i]], row[pair_v[i]], d);
+  });
+  double total = 0.0;
+  for (int64_t f : in_support) total += double(norm_weight[f]) * norms[f] - 2.0 * beta[f] * dots[f];
+  const float* sigma = sigma_t.data_ptr<float>();
+  for (int64_t i = 0; i < n_pairs; ++i) total += 2.0 * double(sigma[i]) * pair_dots[i];
+  Tensor total_t = at::scalar_tensor(total / double(n_tokens), float_options);
+  return {total_t,      feature_t,   value_t,    position_t, norm_weight_t,
+          beta_t,       norms_t,     dots_t,     occ_first_t, occ_second_t,
+          occ_pair_t,   pair_u_t,    pair_v_t,   sigma_t,    pair_dots_t};
+}
+
+// The gradients of `scale` times the sum (scale: 2 grad / tokens), from the forward's results:
+// per level the values' gradient (when need_values; `entry_counts`: the levels' entry counts)
+// and the decoder's (when need_decoders[l]; an empty tensor otherwise).
+std::vector<Tensor> stack_constraint_backward(
+    double scale, at::IntArrayRef entry_counts, const Tensor& parent_t,
+    const Tensor& with_children_t, at::TensorList decoder_list, const Tensor& feature_t, const Tensor& value_t, const Tensor& position_t,
+    const Tensor& norm_weight_t, const Tensor& beta_t, const Tensor& norms_t,
+    const Tensor& dots_t, const Tensor& occ_first_t, const Tensor& occ_second_t,
+    const Tensor& occ_pair_t, const Tensor& pair_u_t, const Tensor& pair_v_t,
+    const Tensor& sigma_t, const Tensor& pair_dots_t, bool need_values,
+    at::IntArrayRef need_decoders) {
+  std::vector<Tensor> decoders;
+  for (const auto& t : decoder_list) decoders.push_back(t.stride(1) == 1 ? t : t.contiguous());
+  const auto offset = feature_offsets(decoders);
+  const int64_t n_features = offset.back(), d = decoders[0].size(1);
+  const Tensor parent_c = parent_t.contiguous().to(at::kLong);
+  const Tensor with_children_c = with_children_t.contiguous().to(at::kBool);
+  const int64_t* parent = parent_c.data_ptr<int64_t>();
+  const bool* with_children = with_children_c.data_ptr<bool>();
+  const float* norm_weight = norm_weight_t.data_ptr<float>();
+  const float* beta = beta_t.data_ptr<float>();
+  const float* norms = norms_t.data_ptr<float>();
+  const float* dots = dots_t.data_ptr<float>();
+  const int64_t n_pairs = pair_u_t.numel();
+  const int64_t* pair_u = pair_u_t.data_ptr<int64_t>();
+  const int64_t* pair_v = pair_v_t.data_ptr<int64_t>();
+  const float* sigma = sigma_t.data_ptr<float>();
+  const float* pair_dots = pair_dots_t.data_ptr<float>();
+  std::vector<Tensor> out;
+
+  if (need_values) {
+    // d/d a_p = a_p <d_p, d_p> - sum of its children's a_c <d_c, d_p> at the token (only for a
+    // parent with children); d/d a_c = a_c <d_c, d_c> - a_p <d_c, d_p> + co-active siblings'.
+    const int64_t n_entries = value_t.numel();
+    const int32_t* feature = feature_t.data_ptr<int32_t>();
+    const float* value = value_t.data_ptr<float>();
+    const int32_t* position = position_t.data_ptr<int32_t>();
+    std::vector<float> grad(n_entries);
+    for (int64_t k = 0; k < n_entries; ++k) {
+      const int32_t f = feature[k];
+      grad[k] = (with_children[f] + (parent[f] >= 0)) * value[k] * norms[f];
+    }
+    for (int64_t k = 0; k < n_entries; ++k) {
+      const int32_t pos = position[k];
+      if (pos < 0) continue;
+      const float dot = dots[feature[k]];
+      grad[k] -= value[pos] * dot;
+      grad[pos] -= value[k] * dot;
+    }
+    const int32_t* occ_first = occ_first_t.data_ptr<int32_t>();
+    const int32_t* occ_second = occ_second_t.data_ptr<int32_t>();
+    const int32_t* occ_pair = occ_pair_t.data_ptr<int32_t>();
+    for (int64_t k = 0; k < occ_first_t.numel(); ++k) {
+      const float pd = pair_dots[occ_pair[k]];
+      grad[occ_first[k]] += value[occ_second[k]] * pd;
+      grad[occ_second[k]] += value[occ_first[k]] * pd;
+    }
+    Tensor all = at::empty({n_entries}, value_t.options());
+    float* target = all.data_ptr<float>();
+    const float factor = static_cast<float>(scale);
+    for (int64_t k = 0; k < n_entries; ++k) target[k] = grad[k] * factor;
+    int64_t start = 0;
+    for (int64_t count : entry_counts) {
+      out.push_back(all.narrow(0, start, count));
+      start += count;
+    }
+  }
+
+  // Each decoder row's gradient is a weighted sum of rows: its own (alpha + gamma), its parent's
+  // and its children's (-beta of the child), its co-active siblings' (sigma). Listed per row,
+  // then every row of the levels asked for is written once (zeros where nothing applies).
+  std::vector<int64_t> term_start(n_features + 1, 0);
+  auto count = [&](int64_t f) { ++term_start[f + 1]; };
+  for (int64_t f = 0; f < n_features; ++f) {
+    if (norm_weight[f] != 0.0f) count(f);
+    if (parent[f] >= 0 && beta[f] != 0.0f) {
+      count(f);
+      count(parent[f]);
+    }
+  }
+  for (int64_t i = 0; i < n_pairs; ++i) {
+    if (sigma[i] == 0.0f) continue;
+    count(pair_u[i]);
+    count(pair_v[i]);
+  }
+  std::partial_sum(term_start.begin(), term_start.end(), term_start.begin());
+  std::vector<int64_t> cursor(term_start.begin(), term_start.end() - 1);
+  std::vector<int32_t> term_row(term_start.back());
+  std::vector<float> term_weight(term_start.back());
+  auto add = [&](int64_t f, int64_t source, float weight) {
+    const int64_t k = cursor[f]++;
+    term_row[k] = static_cast<int32_t>(source);
+    term_weight[k] = static_cast<float>(weight * scale);
+  };
+  for (int64_t f = 0; f < n_features; ++f) {
+    if (norm_weight[f] != 0.0f) add(f, f, norm_weight[f]);
+    if (parent[f] >= 0 && beta[f] != 0.0f) {
+      add(f, parent[f], -beta[f]);
+      add(parent[f], f, -beta[f]);
+    }
+  }
+  for (int64_t i = 0; i < n_pairs; ++i) {
+    if (sigma[i] == 0.0f) continue;
+    add(pair_u[i], pair_v[i], sigma[i]);
+    add(pair_v[i], pair_u[i], sigma[i]);
+  }
+  const auto row = decoder_rows(decoders);
+  for (size_t l = 0; l < decoders.size(); ++l) {
+    if (l >= static_cast<size_t>(need_decoders.size()) || !need_decoders[l]) {
+      out.push_back(at::empty({0}, at::TensorOptions().dtype(at::kFloat)));
+      continue;
+    }
+    Tensor g = at::empty_like(decoders[l], at::MemoryFormat::Contiguous);
+    float* base = g.data_ptr<float>();
+    const int64_t first = offset[l];
+    at::parallel_for(0, decoders[l].size(0), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        float* target = base + i * d;
+        const int64_t f = first + i;
+        const int64_t lo = term_start[f], hi = term_start[f + 1];
+        if (lo == hi) {
+          std::fill(target, target + d, 0.0f);
+          continue;
+        }
+        {
+          const float* source = row[term_row[lo]];
+          const float w = term_weight[lo];
+#pragma omp simd
+          for (int64_t k = 0; k < d; ++k) target[k] = w * source[k];
+        }
+        for (int64_t t = lo + 1; t < hi; ++t) {
+          const float* source = row[term_row[t]];
+          const float w = term_weight[t];
+#pragma omp simd
+          for (int64_t k = 0; k < d; ++k) target[k] += w * source[k];
+        }
+      }
+    });
+    out.push_back(g);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(hsae_native, m) {
+  m.def(
+      "stack_constraint_forward(Tensor[] values, Tensor[] rows, Tensor[] cols, Tensor parent, "
+      "Tensor with_children, Tensor[] decoders, int n_tokens) -> Tensor[]");
+  m.def(
+      "stack_constraint_backward(float scale, int[] entry_counts, Tensor parent, "
+      "Tensor with_children, Tensor[] decoders, Tensor feature, Tensor value, "
+      "Tensor position, "
+      "Tensor norm_weight, Tensor beta, Tensor norms, Tensor dots, Tensor occ_first, "
+      "Tensor occ_second, Tensor occ_pair, Tensor pair_u, Tensor pair_v, Tensor sigma, "
+      "Tensor pair_dots, bool need_values, int[] need_decoders) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(hsae_native, CPU, m) {
+  m.impl("stack_constraint_forward", &stack_constraint_forward);
+  m.impl("stack_constraint_backward", &stack_constraint_backward);
+}

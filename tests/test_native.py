@@ -1,0 +1,58 @@
+"""The fused C++ kernels (hsae.model.native): built on first use, a clear fallback when they
+cannot be, and a clear error for inputs they do not take. Their values and gradients are
+compared with the naive constraint in test_model.py (the "native" cases)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hsae.model import hierarchy_losses as losses
+from hsae.model import native
+
+
+def test_a_failed_build_warns_once_and_leaves_the_library_kernels(monkeypatch, tmp_path) -> None:
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "NAME", "hsae_native_broken_test")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
+    monkeypatch.setattr(native, "_loaded", {})
+    with pytest.warns(RuntimeWarning, match="could not be built.*HSAE_NATIVE=0"):
+        assert not native.available()
+    assert not native.available()  # decided once per process: no second warning, no rebuild
+
+
+def test_hsae_native_0_skips_the_build(monkeypatch) -> None:
+    monkeypatch.setenv(native.ENV, "0")
+    monkeypatch.setattr(native, "_loaded", {})
+    assert not native.enabled()
+    assert not native.available()
+
+
+def _stack(rows: list[int]) -> tuple[list[torch.Tensor], ...]:
+    values = [torch.ones(len(rows)), torch.ones(len(rows))]
+    tokens = [torch.tensor(rows), torch.tensor(rows)]
+    cols = [torch.zeros(len(rows), dtype=torch.long), torch.zeros(len(rows), dtype=torch.long)]
+    decoders = [torch.eye(2, 4), torch.eye(2, 4)]
+    return values, tokens, cols, decoders
+
+
+def test_the_kernel_names_what_it_needs_of_the_entries() -> None:
+    if not native.enabled():
+        pytest.skip(f"{native.ENV}=0")
+    assert native.available(), "the fused CPU kernels did not build"
+    forest = losses.stack_forest([torch.tensor([0, -1])], [2, 2])
+    values, rows, cols, decoders = _stack([0, 1, 2])
+    total = native.ops().stack_constraint_forward(
+        values, rows, cols, forest.parent, forest.with_children, decoders, 3
+    )[0]
+    # Feature 0 fires on 3 tokens with its child, both value 1, rows e_0 and e_0: ||d - d|| = 0.
+    assert total.item() == pytest.approx(0.0, abs=1e-7)
+    values, rows, cols, decoders = _stack([2, 0, 1])
+    with pytest.raises(
+        RuntimeError, match="level 0's entries need rows in \\[0, 3\\) in ascending"
+    ):
+        native.ops().stack_constraint_forward(
+            values, rows, cols, forest.parent, forest.with_children, decoders, 3
+        )
