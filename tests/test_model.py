@@ -245,13 +245,18 @@ def test_constraint_is_zero_when_children_sum_to_parent() -> None:
     assert value.item() == pytest.approx(0.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("kernels_of", ["native", "library"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
     "force_sparse_backward", [False, True], ids=["dense-paths", "sparse-paths"]
 )
 def test_fused_kernels_match_dense_reference(
-    monkeypatch, force_sparse_backward: bool, kind: str
+    monkeypatch, force_sparse_backward: bool, kind: str, kernels_of: str
 ) -> None:
+    # The whole loss (constraint, perturbation with half the parents substituted, dead-feature
+    # loss) on the support against the dense reference, with the fused C++ kernels (constraint,
+    # borrowed children) and with the library kernels alone.
+    _use_path(monkeypatch, "native" if kernels_of == "native" else "gathered-rows")
     if force_sparse_backward:
         monkeypatch.setattr(kernels, "SPARSE_BACKWARD_MAX_DENSITY", 1.0)
         monkeypatch.setattr(kernels, "DENSE_DECODE_DENSITY", 1.0)

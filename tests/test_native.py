@@ -14,7 +14,7 @@ from hsae.model import native
 def test_a_failed_build_warns_once_and_leaves_the_library_kernels(monkeypatch, tmp_path) -> None:
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "SOURCES", (broken,))
     monkeypatch.setattr(native, "NAME", "hsae_native_broken_test")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
     monkeypatch.setattr(native, "_loaded", {})

@@ -694,7 +694,88 @@ def perturbed_reconstruction(
         decoded = own + weighted @ child_level.W_dec.index_select(0, borrowed.index)
     else:
         borrowed_columns = (parent_index >= 0) & substituted[parent_index.clamp(min=0)]
-        decoded = own + child_level.decode_columns(
-            child_codes, borrowed_columns, fused, row_sparse_grad=child_decodes_itself
-        )
+        if fused and _native_decode_applies(own, child_codes, child_level.W_dec):
+            decoded = _NativeBorrowedDecode.apply(
+                child_codes.values,
+                child_level.W_dec,
+                own,
+                child_codes.rows,
+                child_codes.cols,
+                borrowed_columns,
+                child_decodes_itself,
+            )
+        else:
+            decoded = own + child_level.decode_columns(
+                child_codes, borrowed_columns, fused, row_sparse_grad=child_decodes_itself
+            )
     return decoded + level.b_dec if with_bias else decoded
+
+
+def _native_decode_applies(own: Tensor, child_codes: LevelCodes, decoder: Tensor) -> bool:
+    """Whether the fused C++ kernel decodes the borrowed children: float32 CPU tensors, a
+    contiguous output to add into, eager, and the kernel built."""
+    return (
+        all(
+            t.device.type == "cpu" and t.dtype == torch.float32
+            for t in (own, child_codes.values, decoder)
+        )
+        and own.is_contiguous()
+        and not getattr(torch.compiler, "is_compiling", lambda: False)()
+        and native.available()
+    )
+
+
+class _NativeBorrowedDecode(Function):
+    """``own`` plus the borrowed children's outputs, added in place by one C++ pass over the
+    child level's entries (``native/borrowed_decode.cpp``): each entry whose feature is flagged
+    in ``borrowed`` adds value * its decoder row into its token's row. Backward: the borrowed
+    entries' value gradients (<grad, row>, zero for the others) and the borrowed rows' decoder
+    gradient, sparse (``row_sparse_grad``: the decoder gets a dense gradient elsewhere in the
+    loss, into which autograd adds it) or dense."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        values: Tensor,
+        decoder: Tensor,
+        own: Tensor,
+        rows: Tensor,
+        cols: Tensor,
+        borrowed: Tensor,
+        row_sparse_grad: bool,
+    ) -> Tensor:
+        entries = native.ops().borrowed_decode_forward(
+            values.detach(), rows, cols, borrowed, decoder.detach(), own
+        )
+        ctx.mark_dirty(own)
+        ctx.save_for_backward(values, decoder, rows, cols, entries)
+        ctx.row_sparse_grad = row_sparse_grad
+        return own
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        values, decoder, rows, cols, entries = ctx.saved_tensors
+        need_values, need_decoder = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_values, latents, grad_rows = native.ops().borrowed_decode_backward(
+            grad, values.detach(), rows, cols, entries, decoder.detach(), need_values, need_decoder
+        )
+        grad_decoder = None
+        if need_decoder and ctx.row_sparse_grad:
+            grad_decoder = torch.sparse_coo_tensor(
+                latents.unsqueeze(0),
+                grad_rows,
+                decoder.shape,
+                is_coalesced=True,
+                check_invariants=False,
+            )
+        elif need_decoder:
+            grad_decoder = decoder.new_zeros(decoder.shape).index_copy_(0, latents, grad_rows)
+        return (
+            grad_values if need_values else None,
+            grad_decoder,
+            grad,
+            None,
+            None,
+            None,
+            None,
+        )

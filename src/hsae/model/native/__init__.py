@@ -24,7 +24,10 @@ import torch
 
 ENV = "HSAE_NATIVE"
 """Set to 0 to use the library kernels only (no build)."""
-SOURCE = Path(__file__).with_name("stack_constraint.cpp")
+SOURCES = (
+    Path(__file__).with_name("stack_constraint.cpp"),
+    Path(__file__).with_name("borrowed_decode.cpp"),
+)
 NAME = "hsae_native"
 
 log = logging.getLogger(__name__)
@@ -55,13 +58,15 @@ def _build() -> bool:
         log.info("hsae: building the fused CPU kernels (once, about 20 seconds)")
         load(
             name=NAME,
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )
-        return hasattr(ops(), "stack_constraint_forward")
+        return hasattr(ops(), "stack_constraint_forward") and hasattr(
+            ops(), "borrowed_decode_forward"
+        )
     except Exception as error:  # no compiler, no ninja, no OpenMP: the library kernels serve
         warnings.warn(
             f"hsae: the fused CPU kernels could not be built, so the training step uses "
