@@ -56,3 +56,12 @@ def test_the_kernel_names_what_it_needs_of_the_entries() -> None:
         native.ops().stack_constraint_forward(
             values, rows, cols, forest.parent, forest.with_children, decoders, 3
         )
+
+
+def test_the_ninja_package_is_put_on_path_for_the_build(monkeypatch) -> None:
+    ninja = pytest.importorskip("ninja")  # a dependency of hsae
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)  # no other ninja
+    before = native.os.environ["PATH"]
+    with native._ninja_on_path():
+        assert native.os.environ["PATH"].split(native.os.pathsep)[0] == ninja.BIN_DIR
+    assert native.os.environ["PATH"] == before

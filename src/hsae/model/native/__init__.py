@@ -14,9 +14,13 @@ without OpenMP) a warning says so once and the library kernels are used: same va
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,18 +56,22 @@ def ops() -> Any:
 
 
 def _build() -> bool:
+    # OpenMP splits the kernels' loops among torch's threads; Apple's clang has no -fopenmp,
+    # so there they run on one thread.
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     try:
         from torch.utils.cpp_extension import load
 
         log.info("hsae: building the fused CPU kernels (once, about 20 seconds)")
-        load(
-            name=NAME,
-            sources=[str(source) for source in SOURCES],
-            extra_cflags=["-O3", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        with _ninja_on_path():
+            load(
+                name=NAME,
+                sources=[str(source) for source in SOURCES],
+                extra_cflags=["-O3", *openmp],
+                extra_ldflags=openmp,
+                is_python_module=False,
+                verbose=False,
+            )
         return hasattr(ops(), "stack_constraint_forward") and hasattr(
             ops(), "borrowed_decode_forward"
         )
@@ -76,3 +84,25 @@ def _build() -> bool:
             stacklevel=3,
         )
         return False
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """torch runs ``ninja`` from PATH; the ``ninja`` package (a dependency) installs it beside
+    the interpreter, which is not on PATH when a virtual environment's python is run without
+    activating it. Put it there for the build, when no other ninja is."""
+    path = os.environ.get("PATH", "")
+    try:
+        import ninja  # type: ignore[import-untyped]
+
+        directory = ninja.BIN_DIR
+    except (ImportError, AttributeError):
+        directory = None
+    if directory is None or shutil.which("ninja") is not None:
+        yield
+        return
+    os.environ["PATH"] = directory + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
