@@ -15,9 +15,16 @@
 #include <numeric>
 #include <vector>
 
+namespace hsae_native {  // stack_constraint.cpp
+float row_dot(const float* a, const float* b, int64_t d);
+void row_axpy(float* y, float w, const float* x, int64_t d);
+}  // namespace hsae_native
+
 namespace {
 
 using at::Tensor;
+using hsae_native::row_axpy;
+using hsae_native::row_dot;
 
 // Adds the borrowed entries' outputs into `out` ([tokens, d], in place) and returns the
 // borrowed entries' indices (int64, in entry order, so by token): the entries whose feature
@@ -63,11 +70,7 @@ Tensor borrowed_decode_forward(
     for (int64_t g = lo; g < hi; ++g) {
       for (int64_t i = starts[g]; i < starts[g + 1]; ++i) {
         const int64_t e = picked[i];
-        const float v = value[e];
-        const float* source = base + col[e] * stride;
-        float* target = output + row[e] * d;
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) target[j] += v * source[j];
+        row_axpy(output + row[e] * d, value[e], base + col[e] * stride, d);
       }
     }
   });
@@ -100,12 +103,7 @@ std::vector<Tensor> borrowed_decode_backward(
     at::parallel_for(0, k, 64, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t e = entry[i];
-        const float* a = g + row[e] * d;
-        const float* b = base + col[e] * stride;
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t j = 0; j < d; ++j) acc += a[j] * b[j];
-        target[e] = acc;
+        target[e] = row_dot(g + row[e] * d, base + col[e] * stride, d);
       }
     });
   }
@@ -139,10 +137,7 @@ std::vector<Tensor> borrowed_decode_backward(
       float* t = target + f * d;
       for (int64_t i = group_start[f]; i < group_start[f + 1]; ++i) {
         const int64_t e = entry[order[i]];
-        const float v = value[e];
-        const float* a = g + row[e] * d;
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) t[j] += v * a[j];
+        row_axpy(t, value[e], g + row[e] * d, d);
       }
     }
   });

@@ -16,17 +16,44 @@
 #include <utility>
 #include <vector>
 
-namespace {
+// Row kernels shared by the native sources, compiled for AVX-512, AVX2 + FMA and plain x86-64,
+// the widest the CPU has chosen at load time (GCC's target_clones on x86-64 Linux), so one cached
+// build serves every machine that shares it. The reductions may be reordered (omp simd).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define HSAE_ROW_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HSAE_ROW_KERNEL
+#endif
 
-using at::Tensor;
+namespace hsae_native {
 
-// Dot product of two float rows, vectorisable (the reduction may be reordered).
-inline float row_dot(const float* a, const float* b, int64_t d) {
+HSAE_ROW_KERNEL float row_dot(const float* a, const float* b, int64_t d) {
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
   for (int64_t k = 0; k < d; ++k) acc += a[k] * b[k];
   return acc;
 }
+
+// y = w x
+HSAE_ROW_KERNEL void row_scale(float* __restrict y, float w, const float* __restrict x, int64_t d) {
+#pragma omp simd
+  for (int64_t k = 0; k < d; ++k) y[k] = w * x[k];
+}
+
+// y += w x
+HSAE_ROW_KERNEL void row_axpy(float* __restrict y, float w, const float* __restrict x, int64_t d) {
+#pragma omp simd
+  for (int64_t k = 0; k < d; ++k) y[k] += w * x[k];
+}
+
+}  // namespace hsae_native
+
+namespace {
+
+using at::Tensor;
+using hsae_native::row_axpy;
+using hsae_native::row_dot;
+using hsae_native::row_scale;
 
 void check_levels(
     const std::vector<Tensor>& values, const std::vector<Tensor>& rows,
@@ -421,18 +448,8 @@ std::vector<Tensor> stack_constraint_backward(
           std::fill(target, target + d, 0.0f);
           continue;
         }
-        {
-          const float* source = row[term_row[lo]];
-          const float w = term_weight[lo];
-#pragma omp simd
-          for (int64_t k = 0; k < d; ++k) target[k] = w * source[k];
-        }
-        for (int64_t t = lo + 1; t < hi; ++t) {
-          const float* source = row[term_row[t]];
-          const float w = term_weight[t];
-#pragma omp simd
-          for (int64_t k = 0; k < d; ++k) target[k] += w * source[k];
-        }
+        row_scale(target, term_weight[lo], row[term_row[lo]], d);
+        for (int64_t t = lo + 1; t < hi; ++t) row_axpy(target, term_weight[t], row[term_row[t]], d);
       }
     });
     out.push_back(g);
