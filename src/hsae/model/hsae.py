@@ -275,7 +275,17 @@ class HSAE(nn.Module):
         zero = x.new_zeros(())
         total, aux_total, constraint = zero, zero, zero
         mses, l0s, explained, fired, active_masks = [], [], [], [], []
-        for index, level in enumerate(self.levels):
+        # The order in which the graph is built sets the order of the backward (autograd runs
+        # the most recently created node first), and so the order in which a decoder's
+        # gradients arrive: the borrowed children's row-sparse one must come first, so that the
+        # child level's dense one is added onto it in place (a sparse gradient arriving after a
+        # dense one makes autograd copy the whole dense [n, d] tensor: 26 ms a step at d = 2304).
+        # Hence the constraint (dense decoder gradients) is built first and the levels from the
+        # last to the first, each child level's own decoding before its parent's borrowing.
+        if cfg.uses_hierarchy_losses and weights.rho > 0:
+            constraint = self._constraint(codes, fused, pairs)
+        for index in reversed(range(self.n_levels)):
+            level = self.levels[index]
             perturbed = self._perturbs(index, substituted, fused)
             if perturbed:
                 decoded = perturbed_reconstruction(
@@ -316,17 +326,16 @@ class HSAE(nn.Module):
                 total = total + weights.aux * aux
                 aux_total = aux_total + aux.detach()
         if cfg.uses_hierarchy_losses and weights.rho > 0:
-            constraint = self._constraint(codes, fused, pairs)
             total = total + weights.rho * constraint
         return TrainingLoss(
             total=total,
-            mse=torch.stack(mses),
-            l0=torch.stack(l0s),
-            variance_explained=torch.stack(explained),
+            mse=torch.stack(mses[::-1]),
+            l0=torch.stack(l0s[::-1]),
+            variance_explained=torch.stack(explained[::-1]),
             constraint=constraint.detach(),
             aux=aux_total,
-            fired=fired,
-            active=active_masks,
+            fired=fired[::-1],
+            active=active_masks[::-1],
         )
 
     def _encode_for_training(
