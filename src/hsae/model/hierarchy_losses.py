@@ -30,6 +30,7 @@ from hsae.model.kernels import (
     entry_positions,
     gathered_dots,
     row_offsets,
+    row_sparse_gradient,
     stable_order,
 )
 from hsae.model.level import Level, LevelCodes
@@ -761,13 +762,7 @@ class _NativeBorrowedDecode(Function):
         )
         grad_decoder = None
         if need_decoder and ctx.row_sparse_grad:
-            grad_decoder = torch.sparse_coo_tensor(
-                latents.unsqueeze(0),
-                grad_rows,
-                decoder.shape,
-                is_coalesced=True,
-                check_invariants=False,
-            )
+            grad_decoder = row_sparse_gradient(latents, grad_rows, decoder.shape)
         elif need_decoder:
             grad_decoder = decoder.new_zeros(decoder.shape).index_copy_(0, latents, grad_rows)
         return (

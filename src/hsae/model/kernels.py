@@ -382,16 +382,20 @@ class _SupportDecode(Function):
             # into the dense one the caller guarantees (no [n, d] tensor written for a few rows).
             latents, slot = torch.unique(cols, return_inverse=True)
             grad_rows = sparse_t_times(rows, slot, values, grad_out, latents.numel())
-            grad_W_dec = torch.sparse_coo_tensor(
-                latents.unsqueeze(0),
-                grad_rows,
-                W_dec.shape,
-                is_coalesced=True,
-                check_invariants=False,
-            )
+            grad_W_dec = row_sparse_gradient(latents, grad_rows, W_dec.shape)
         elif ctx.needs_input_grad[1]:
             grad_W_dec = sparse_t_times(rows, cols, values, grad_out, W_dec.shape[0], ctx.order)
         return grad_values, grad_W_dec, None, None, None, None, None
+
+
+def row_sparse_gradient(latents: Tensor, rows: Tensor, shape: torch.Size) -> Tensor:
+    """A [n, d] gradient that is ``rows`` at the (ascending, distinct) ``latents`` and zero
+    elsewhere, as a coalesced sparse COO tensor. Autograd adds it in place into a dense
+    gradient that arrives after it; one arriving before it would be copied whole
+    (``HSAE.training_loss`` orders its graph for that)."""
+    return torch.sparse_coo_tensor(
+        latents.unsqueeze(0), rows, shape, is_coalesced=True, check_invariants=False
+    )
 
 
 def support_decode(
