@@ -216,8 +216,9 @@ def test_lexicon_and_both_metrics_on_the_language_model(lm):
     batched = model.encode_in_batches(data.activations, batch_size=5)
     for level, codes in enumerate(model.encode(data.activations)):
         # The same products in row blocks of another size: equal up to float32 rounding (the
-        # CPU's matmul kernel may block a 5-row and a 19-row product differently).
-        torch.testing.assert_close(batched[level], codes, rtol=1e-5, atol=1e-5)
+        # CPU's matmul kernel may block a 5-row and a 19-row product differently: a sum of 640
+        # products, values about 2, differed by 2.8e-5 on one CI run).
+        torch.testing.assert_close(batched[level], codes, rtol=1e-4, atol=1e-4)
 
 
 def test_lexicon_data_round_trips_through_its_files(tmp_path) -> None:
