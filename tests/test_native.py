@@ -9,6 +9,7 @@ import torch
 
 from hsae.model import hierarchy_losses as losses
 from hsae.model import native
+from hsae.model.level import LevelCodes
 
 
 def test_a_failed_build_warns_once_and_leaves_the_library_kernels(monkeypatch, tmp_path) -> None:
@@ -65,3 +66,50 @@ def test_the_ninja_package_is_put_on_path_for_the_build(monkeypatch) -> None:
     with native._ninja_on_path():
         assert native.os.environ["PATH"].split(native.os.pathsep)[0] == ninja.BIN_DIR
     assert native.os.environ["PATH"] == before
+
+
+def _dense_stack(generator: torch.Generator, sizes: list[int], tokens: int, d: int):
+    """A stack whose every feature fires on about 60% of the tokens, with a few children per
+    parent: thousands of co-active sibling occurrences, spread over every thread's tokens."""
+    codes, decoders = [], []
+    for size in sizes:
+        acts = torch.rand(tokens, size, generator=generator)
+        acts[acts < 0.4] = 0
+        rows, cols = acts.nonzero(as_tuple=True)
+        values = acts[rows, cols].requires_grad_()
+        codes.append(LevelCodes(acts, rows=rows, cols=cols, values=values))
+        decoders.append(torch.randn(size, d, generator=generator).requires_grad_())
+    parents = []
+    for parent_size, child_size in zip(sizes, sizes[1:], strict=False):
+        links = torch.randint(0, parent_size, (child_size,), generator=generator)
+        links[:3] = -1  # some children without a parent
+        parents.append(links)
+    return codes, decoders, parents
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_co_active_siblings_give_the_library_kernels_values_and_gradients(
+    monkeypatch, threads: int
+) -> None:
+    if not native.enabled():
+        pytest.skip(f"{native.ENV}=0")
+    assert native.available(), "the fused CPU kernels did not build"
+    generator = torch.Generator().manual_seed(5)
+    codes, decoders, parents = _dense_stack(generator, [5, 11, 29], tokens=300, d=8)
+    forest = losses.stack_forest(parents, [5, 11, 29])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert losses._native_applies(codes, decoders)
+        fast = losses.stack_constraint(codes, decoders, parents, forest)
+        leaves = [c.values for c in codes] + decoders
+        fast_grads = torch.autograd.grad(fast, leaves)
+    finally:
+        torch.set_num_threads(before)
+    # The same through the library kernels (the fused kernel switched off).
+    monkeypatch.setattr(native, "available", lambda: False)
+    slow = losses.stack_constraint(codes, decoders, parents, forest)
+    slow_grads = torch.autograd.grad(slow, leaves)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    for fast_grad, slow_grad in zip(fast_grads, slow_grads, strict=True):
+        torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-4, atol=1e-4)

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <numeric>
 #include <utility>
@@ -93,23 +94,48 @@ std::vector<const float*> decoder_rows(const std::vector<Tensor>& decoders) {
 }
 
 // Per-thread state of the pass over tokens: per feature the last token it was seen at and its
-// entry there, the last sibling group it joined, the sums alpha, beta, gamma; and the co-active
+// entry there, the last sibling group it joined, whether it has an entry, the sums alpha,
+// beta, gamma; and the co-active
 // sibling occurrences found, as (pair key, first entry << 32 | second entry).
 struct TokenPass {
   std::vector<int32_t> stamp, slot, group_stamp, group_last;
+  std::vector<char> seen;
   std::vector<double> alpha, beta, gamma;
   std::vector<std::pair<int64_t, int64_t>> occurrence;
   explicit TokenPass(int64_t n_features)
       : stamp(n_features + 1, -1), slot(n_features + 1, 0), group_stamp(n_features + 1, -1),
-        group_last(n_features + 1, -1), alpha(n_features, 0.0), beta(n_features, 0.0),
+        group_last(n_features + 1, -1), seen(n_features, 0), alpha(n_features, 0.0), beta(n_features, 0.0),
         gamma(n_features, 0.0) {}
 };
+
+// Sorts the occurrences (pair key u * n_features + v, entries) as std::sort would, in linear
+// time for the common case: a stable counting sort on u, then each u's few by (key, entries).
+void sort_occurrences(std::vector<std::pair<int64_t, int64_t>>& occurrence, int64_t n_features) {
+  const int64_t n = static_cast<int64_t>(occurrence.size());
+  if (n < 64) {
+    std::sort(occurrence.begin(), occurrence.end());
+    return;
+  }
+  std::vector<int64_t> bucket_start(n_features + 1, 0);
+  for (const auto& o : occurrence) ++bucket_start[o.first / n_features + 1];
+  std::partial_sum(bucket_start.begin(), bucket_start.end(), bucket_start.begin());
+  std::vector<int64_t> cursor(bucket_start.begin(), bucket_start.end() - 1);
+  std::vector<std::pair<int64_t, int64_t>> sorted(n);
+  for (const auto& o : occurrence) sorted[cursor[o.first / n_features]++] = o;
+  for (int64_t u = 0; u < n_features; ++u) {
+    if (bucket_start[u + 1] - bucket_start[u] > 1) {
+      std::sort(sorted.begin() + bucket_start[u], sorted.begin() + bucket_start[u + 1]);
+    }
+  }
+  occurrence.swap(sorted);
+}
 
 // Returns: total, then what the backward needs: every entry's global feature and value (int32,
 // float; the levels' entries one after the other), each entry's parent entry (int32, -1:
 // none), per feature the norm weight (alpha + gamma), beta, the squared norm and the dot with
 // its parent's row, and per co-active sibling occurrence its two entries and its pair, per
-// distinct pair its two features, sigma and the rows' dot product. Each level's entries must be
+// distinct pair its two features, sigma and the rows' dot product; and where each level's
+// entries of each token start (int64, [levels * (tokens + 1)]). Each level's entries must be
 // sorted by row (as the support's are).
 std::vector<Tensor> stack_constraint_forward(
     at::TensorList values_list, at::TensorList rows_list, at::TensorList cols_list,
@@ -135,46 +161,55 @@ std::vector<Tensor> stack_constraint_forward(
   auto long_options = at::TensorOptions().dtype(at::kLong);
   auto float_options = at::TensorOptions().dtype(at::kFloat);
 
-  // All levels' entries in one numbering (level after level): global feature and value; and
-  // where each level's entries of each token start (its rows are sorted).
+  // All levels' entries in one numbering (level after level); where each level's entries of
+  // each token start (its rows are sorted: checked first, as the starts' binary searches and
+  // the token pass below rely on it).
   std::vector<int64_t> entry_offset(n_levels + 1, 0);
   for (int64_t l = 0; l < n_levels; ++l) entry_offset[l + 1] = entry_offset[l] + values[l].numel();
   const int64_t n_entries = entry_offset.back();
   TORCH_CHECK(n_entries < (int64_t(1) << 31), "stack constraint: too many entries");
-  Tensor feature_t = at::empty({n_entries}, int_options);
-  Tensor value_t = at::empty({n_entries}, float_options);
-  int32_t* feature = feature_t.data_ptr<int32_t>();
-  float* value = value_t.data_ptr<float>();
-  std::vector<int64_t> row_start(n_levels * (n_tokens + 1));
+  Tensor row_start_t = at::empty({n_levels * (n_tokens + 1)}, long_options);
+  int64_t* row_start = row_start_t.data_ptr<int64_t>();
   for (int64_t l = 0; l < n_levels; ++l) {
     const int64_t* r = rows[l].data_ptr<int64_t>();
     const int64_t* c = cols[l].data_ptr<int64_t>();
     const int64_t n = values[l].numel(), size = decoders[l].size(0);
-    const int32_t first = static_cast<int32_t>(offset[l]);
-    int32_t* f = feature + entry_offset[l];
-    bool valid = true;
-    for (int64_t i = 0; i < n; ++i) {
-      valid &= (r[i] >= 0) & (r[i] < n_tokens) & (c[i] >= 0) & (c[i] < size) &
-               (i == 0 || r[i] >= r[i - 1]);
-      f[i] = static_cast<int32_t>(c[i]) + first;
-    }
-    TORCH_CHECK(valid, "stack constraint: level ", l, "'s entries need rows in [0, ", n_tokens,
-                ") in ascending order and columns in [0, ", size, ")");
-    std::copy(values[l].data_ptr<float>(), values[l].data_ptr<float>() + n,
-              value + entry_offset[l]);
-    int64_t* start = row_start.data() + l * (n_tokens + 1);
-    for (int64_t t = 0; t <= n_tokens; ++t) {
-      start[t] = entry_offset[l] + (std::lower_bound(r, r + n, t) - r);
-    }
+    std::atomic<bool> valid{true};
+    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+      bool ok = true;
+      for (int64_t i = begin; i < end; ++i) {
+        ok &= (r[i] >= 0) & (r[i] < n_tokens) & (c[i] >= 0) & (c[i] < size) &
+              (i == 0 || r[i] >= r[i - 1]);
+      }
+      if (!ok) valid = false;
+    });
+    TORCH_CHECK(valid.load(), "stack constraint: level ", l, "'s entries need rows in [0, ",
+                n_tokens, ") in ascending order and columns in [0, ", size, ")");
+    int64_t* start = row_start + l * (n_tokens + 1);
+    at::parallel_for(0, n_tokens + 1, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        start[t] = entry_offset[l] + (std::lower_bound(r, r + n, t) - r);
+      }
+    });
   }
 
-  // Per token: each child entry's parent entry, the sums alpha, beta, gamma, and the co-active
-  // sibling occurrences (child entries of one token with the same parent feature). A feature
-  // without a parent links to the extra slot n_features, never stamped: the loop has no branch
-  // on it (random data would mispredict it half the time). Tokens are split among threads.
+  // Per token: every entry's global feature and value, each child entry's parent entry, the
+  // sums alpha, beta, gamma, and the co-active sibling occurrences (child entries of one token
+  // with the same parent feature). A feature without a parent links to the extra slot
+  // n_features, never stamped: the loop has no branch on it (random data would mispredict it
+  // half the time). Tokens are split among threads, so each entry is written by one thread.
+  Tensor feature_t = at::empty({n_entries}, int_options);
+  Tensor value_t = at::empty({n_entries}, float_options);
+  int32_t* feature = feature_t.data_ptr<int32_t>();
+  float* value = value_t.data_ptr<float>();
   Tensor position_t = at::empty({n_entries}, int_options);
   int32_t* position = position_t.data_ptr<int32_t>();
-  std::fill(position, position + entry_offset[1], -1);  // the first level has no parents
+  std::vector<const int64_t*> level_cols(n_levels);
+  std::vector<const float*> level_values(n_levels);
+  for (int64_t l = 0; l < n_levels; ++l) {
+    level_cols[l] = cols[l].data_ptr<int64_t>() - entry_offset[l];  // indexed by global entry
+    level_values[l] = values[l].data_ptr<float>() - entry_offset[l];
+  }
   std::vector<int32_t> link(n_features);
   std::vector<float> parent_weight(n_features), children_weight(n_features);
   for (int64_t f = 0; f < n_features; ++f) {
@@ -192,6 +227,7 @@ std::vector<Tensor> stack_constraint_forward(
     int32_t* __restrict slot = pass.slot.data();
     int32_t* __restrict group_stamp = pass.group_stamp.data();
     int32_t* __restrict group_last = pass.group_last.data();
+    char* __restrict seen = pass.seen.data();
     int32_t* __restrict next = group_next.data();
     double* __restrict alpha = pass.alpha.data();
     double* __restrict beta = pass.beta.data();
@@ -201,8 +237,20 @@ std::vector<Tensor> stack_constraint_forward(
     const float* __restrict as_child = parent_weight.data();
     for (int64_t r = begin; r < end; ++r) {
       const int32_t token = static_cast<int32_t>(r);
+      for (int64_t l = 0; l < n_levels; ++l) {  // every entry's feature and value
+        const int64_t* start = row_start + l * (n_tokens + 1);
+        const int64_t* c = level_cols[l];
+        const float* v = level_values[l];
+        const int32_t first = static_cast<int32_t>(offset[l]);
+        for (int64_t k = start[r]; k < start[r + 1]; ++k) {
+          const int32_t f = static_cast<int32_t>(c[k]) + first;
+          feature[k] = f;
+          value[k] = v[k];
+          seen[f] = 1;
+        }
+      }
       for (int64_t l = 0; l + 1 < n_levels; ++l) {  // the parents' entries
-        const int64_t* start = row_start.data() + l * (n_tokens + 1);
+        const int64_t* start = row_start + l * (n_tokens + 1);
         for (int64_t k = start[r]; k < start[r + 1]; ++k) {
           const int32_t f = feature[k];
           const float a = value[k];
@@ -211,8 +259,12 @@ std::vector<Tensor> stack_constraint_forward(
           alpha[f] += double(as_parent[f] * a) * a;
         }
       }
+      {  // the first level has no parents
+        const int64_t* start = row_start;
+        for (int64_t k = start[r]; k < start[r + 1]; ++k) position[k] = -1;
+      }
       for (int64_t l = 1; l < n_levels; ++l) {  // the children's entries
-        const int64_t* start = row_start.data() + l * (n_tokens + 1);
+        const int64_t* start = row_start + l * (n_tokens + 1);
         for (int64_t k = start[r]; k < start[r + 1]; ++k) {
           const int32_t f = feature[k];
           const int32_t p = links[f];
@@ -249,10 +301,12 @@ std::vector<Tensor> stack_constraint_forward(
     occurrence.insert(occurrence.end(), pass.occurrence.begin(), pass.occurrence.end());
   }
   std::vector<char> appears(n_features, 0);
-  for (int64_t k = 0; k < n_entries; ++k) appears[feature[k]] = 1;
+  for (const auto& pass : passes) {
+    for (int64_t f = 0; f < n_features; ++f) appears[f] |= pass.seen[f];
+  }
 
   // Distinct sibling pairs (u < v), sorted, and sigma_uv = sum of a_u a_v over occurrences.
-  std::sort(occurrence.begin(), occurrence.end());
+  sort_occurrences(occurrence, n_features);
   const int64_t n_occ = static_cast<int64_t>(occurrence.size());
   Tensor occ_first_t = at::empty({n_occ}, int_options);
   Tensor occ_second_t = at::empty({n_occ}, int_options);
@@ -321,7 +375,7 @@ std::vector<Tensor> stack_constraint_forward(
   Tensor total_t = at::scalar_tensor(total / double(n_tokens), float_options);
   return {total_t,      feature_t,   value_t,    position_t, norm_weight_t,
           beta_t,       norms_t,     dots_t,     occ_first_t, occ_second_t,
-          occ_pair_t,   pair_u_t,    pair_v_t,   sigma_t,    pair_dots_t};
+          occ_pair_t,   pair_u_t,    pair_v_t,   sigma_t,    pair_dots_t, row_start_t};
 }
 
 // The gradients of `scale` times the sum (scale: 2 grad / tokens), from the forward's results:
@@ -333,7 +387,7 @@ std::vector<Tensor> stack_constraint_backward(
     const Tensor& norm_weight_t, const Tensor& beta_t, const Tensor& norms_t,
     const Tensor& dots_t, const Tensor& occ_first_t, const Tensor& occ_second_t,
     const Tensor& occ_pair_t, const Tensor& pair_u_t, const Tensor& pair_v_t,
-    const Tensor& sigma_t, const Tensor& pair_dots_t, bool need_values,
+    const Tensor& sigma_t, const Tensor& pair_dots_t, const Tensor& row_start_t, bool need_values,
     at::IntArrayRef need_decoders) {
   std::vector<Tensor> decoders;
   for (const auto& t : decoder_list) decoders.push_back(t.stride(1) == 1 ? t : t.contiguous());
@@ -358,21 +412,37 @@ std::vector<Tensor> stack_constraint_backward(
     // d/d a_p = a_p <d_p, d_p> - sum of its children's a_c <d_c, d_p> at the token (only for a
     // parent with children); d/d a_c = a_c <d_c, d_c> - a_p <d_c, d_p> + co-active siblings'.
     const int64_t n_entries = value_t.numel();
+    const int64_t n_levels = static_cast<int64_t>(decoders.size());
+    const int64_t n_tokens = row_start_t.numel() / n_levels - 1;
+    TORCH_CHECK(row_start_t.numel() == n_levels * (n_tokens + 1),
+                "stack constraint: one row start per level and token");
+    const int64_t* row_start = row_start_t.data_ptr<int64_t>();
     const int32_t* feature = feature_t.data_ptr<int32_t>();
     const float* value = value_t.data_ptr<float>();
     const int32_t* position = position_t.data_ptr<int32_t>();
-    std::vector<float> grad(n_entries);
-    for (int64_t k = 0; k < n_entries; ++k) {
-      const int32_t f = feature[k];
-      grad[k] = (with_children[f] + (parent[f] >= 0)) * value[k] * norms[f];
-    }
-    for (int64_t k = 0; k < n_entries; ++k) {
-      const int32_t pos = position[k];
-      if (pos < 0) continue;
-      const float dot = dots[feature[k]];
-      grad[k] -= value[pos] * dot;
-      grad[pos] -= value[k] * dot;
-    }
+    Tensor all = at::empty({n_entries}, value_t.options());
+    float* grad = all.data_ptr<float>();
+    // By tokens: a child entry and its parent entry belong to one token, so one thread writes
+    // both; within a token, the levels in order (as a pass over all entries in order would).
+    at::parallel_for(0, n_tokens, 32, [&](int64_t begin, int64_t end) {
+      for (int64_t l = 0; l < n_levels; ++l) {
+        const int64_t* start = row_start + l * (n_tokens + 1);
+        for (int64_t k = start[begin]; k < start[end]; ++k) {
+          const int32_t f = feature[k];
+          grad[k] = (with_children[f] + (parent[f] >= 0)) * value[k] * norms[f];
+        }
+      }
+      for (int64_t l = 1; l < n_levels; ++l) {
+        const int64_t* start = row_start + l * (n_tokens + 1);
+        for (int64_t k = start[begin]; k < start[end]; ++k) {
+          const int32_t pos = position[k];
+          if (pos < 0) continue;
+          const float dot = dots[feature[k]];
+          grad[k] -= value[pos] * dot;
+          grad[pos] -= value[k] * dot;
+        }
+      }
+    });
     const int32_t* occ_first = occ_first_t.data_ptr<int32_t>();
     const int32_t* occ_second = occ_second_t.data_ptr<int32_t>();
     const int32_t* occ_pair = occ_pair_t.data_ptr<int32_t>();
@@ -381,10 +451,10 @@ std::vector<Tensor> stack_constraint_backward(
       grad[occ_first[k]] += value[occ_second[k]] * pd;
       grad[occ_second[k]] += value[occ_first[k]] * pd;
     }
-    Tensor all = at::empty({n_entries}, value_t.options());
-    float* target = all.data_ptr<float>();
     const float factor = static_cast<float>(scale);
-    for (int64_t k = 0; k < n_entries; ++k) target[k] = grad[k] * factor;
+    at::parallel_for(0, n_entries, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) grad[k] *= factor;
+    });
     int64_t start = 0;
     for (int64_t count : entry_counts) {
       out.push_back(all.narrow(0, start, count));
@@ -469,7 +539,7 @@ TORCH_LIBRARY(hsae_native, m) {
       "Tensor position, "
       "Tensor norm_weight, Tensor beta, Tensor norms, Tensor dots, Tensor occ_first, "
       "Tensor occ_second, Tensor occ_pair, Tensor pair_u, Tensor pair_v, Tensor sigma, "
-      "Tensor pair_dots, bool need_values, int[] need_decoders) -> Tensor[]");
+      "Tensor pair_dots, Tensor row_start, bool need_values, int[] need_decoders) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(hsae_native, CPU, m) {
