@@ -68,13 +68,22 @@ def test_the_ninja_package_is_put_on_path_for_the_build(monkeypatch) -> None:
     assert native.os.environ["PATH"] == before
 
 
-def _dense_stack(generator: torch.Generator, sizes: list[int], tokens: int, d: int):
+def _dense_stack(
+    generator: torch.Generator, sizes: list[int], tokens: int, d: int, gaps: bool = False
+):
     """A stack whose every feature fires on about 60% of the tokens, with a few children per
-    parent: thousands of co-active sibling occurrences, spread over every thread's tokens."""
+    parent: thousands of co-active sibling occurrences, spread over every thread's tokens.
+    ``gaps``: tokens without entries in a level (the first, the last, runs in the middle), and
+    a level without any."""
     codes, decoders = [], []
-    for size in sizes:
+    for index, size in enumerate(sizes):
         acts = torch.rand(tokens, size, generator=generator)
         acts[acts < 0.4] = 0
+        if gaps:
+            acts[[0, 1, tokens // 2, tokens - 1]] = 0
+            acts[tokens // 3 : tokens // 3 + 40] = 0
+            if index == 1:
+                acts.zero_()
         rows, cols = acts.nonzero(as_tuple=True)
         values = acts[rows, cols].requires_grad_()
         codes.append(LevelCodes(acts, rows=rows, cols=cols, values=values))
@@ -87,15 +96,16 @@ def _dense_stack(generator: torch.Generator, sizes: list[int], tokens: int, d: i
     return codes, decoders, parents
 
 
+@pytest.mark.parametrize("gaps", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_many_co_active_siblings_give_the_library_kernels_values_and_gradients(
-    monkeypatch, threads: int
+    monkeypatch, threads: int, gaps: bool
 ) -> None:
     if not native.enabled():
         pytest.skip(f"{native.ENV}=0")
     assert native.available(), "the fused CPU kernels did not build"
     generator = torch.Generator().manual_seed(5)
-    codes, decoders, parents = _dense_stack(generator, [5, 11, 29], tokens=300, d=8)
+    codes, decoders, parents = _dense_stack(generator, [5, 11, 29], tokens=300, d=8, gaps=gaps)
     forest = losses.stack_forest(parents, [5, 11, 29])
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -110,6 +120,41 @@ def test_many_co_active_siblings_give_the_library_kernels_values_and_gradients(
     monkeypatch.setattr(native, "available", lambda: False)
     slow = losses.stack_constraint(codes, decoders, parents, forest)
     slow_grads = torch.autograd.grad(slow, leaves)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    for fast_grad, slow_grad in zip(fast_grads, slow_grads, strict=True):
+        torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_borrowed_decode_matches_a_dense_product_on_many_entries(threads: int) -> None:
+    # Enough entries for the kernel to check and pick them in several blocks in parallel, with
+    # tokens without entries at both ends and in the middle.
+    if not native.enabled():
+        pytest.skip(f"{native.ENV}=0")
+    assert native.available(), "the fused CPU kernels did not build"
+    generator = torch.Generator().manual_seed(11)
+    tokens, n, d = 400, 64, 16
+    acts = torch.rand(tokens, n, generator=generator)
+    acts[acts < 0.5] = 0
+    acts[[0, 1, 200, tokens - 1]] = 0
+    rows, cols = acts.nonzero(as_tuple=True)
+    assert rows.numel() > 4 * 2048
+    borrowed = torch.rand(n, generator=generator) < 0.3
+    decoder = torch.randn(n, d, generator=generator, requires_grad=True)
+    values = acts[rows, cols].requires_grad_()
+    own = torch.randn(tokens, d, generator=generator)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast = losses._NativeBorrowedDecode.apply(
+            values, decoder, own.clone(), rows, cols, borrowed, False
+        )
+        fast_grads = torch.autograd.grad(fast.square().sum(), [values, decoder])
+    finally:
+        torch.set_num_threads(before)
+    dense = torch.zeros(tokens, n).index_put((rows, cols), values)
+    slow = own + (dense * borrowed) @ decoder
+    slow_grads = torch.autograd.grad(slow.square().sum(), [values, decoder])
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     for fast_grad, slow_grad in zip(fast_grads, slow_grads, strict=True):
         torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-4, atol=1e-4)

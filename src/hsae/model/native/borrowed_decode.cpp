@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <numeric>
 #include <vector>
@@ -48,15 +49,28 @@ Tensor borrowed_decode_forward(
   const int64_t* row = rows.data_ptr<int64_t>();
   const int64_t* col = cols.data_ptr<int64_t>();
   const bool* flag = flags.data_ptr<bool>();
-  std::vector<int64_t> picked;
-  bool valid = true;
-  for (int64_t i = 0; i < n; ++i) {
-    valid &= (row[i] >= 0) & (row[i] < n_tokens) & (col[i] >= 0) & (col[i] < n_features) &
-             (i == 0 || row[i] >= row[i - 1]);
-    if (valid && flag[col[i]]) picked.push_back(i);
-  }
-  TORCH_CHECK(valid, "borrowed decode: the entries need rows in [0, ", n_tokens,
+  // Checked and picked in parallel, in fixed blocks whose lists are joined in order.
+  const int64_t n_blocks = std::min<int64_t>(64, std::max<int64_t>(1, n / 2048));
+  std::vector<std::vector<int64_t>> block_picked(n_blocks);
+  std::atomic<bool> valid{true};
+  at::parallel_for(0, n_blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      const int64_t first = b * n / n_blocks, last = (b + 1) * n / n_blocks;
+      bool good = true;
+      std::vector<int64_t>& mine = block_picked[b];
+      for (int64_t i = first; i < last; ++i) {
+        const bool ok = (row[i] >= 0) & (row[i] < n_tokens) & (col[i] >= 0) &
+                        (col[i] < n_features) & (i == 0 || row[i] >= row[i - 1]);
+        good &= ok;
+        if (ok && flag[col[i]]) mine.push_back(i);
+      }
+      if (!good) valid = false;
+    }
+  });
+  TORCH_CHECK(valid.load(), "borrowed decode: the entries need rows in [0, ", n_tokens,
               ") in ascending order and columns in [0, ", n_features, ")");
+  std::vector<int64_t> picked;
+  for (const auto& mine : block_picked) picked.insert(picked.end(), mine.begin(), mine.end());
   const int64_t k = static_cast<int64_t>(picked.size());
   // Threads take runs of whole tokens, so no two write the same output row.
   std::vector<int64_t> starts;

@@ -170,27 +170,51 @@ std::vector<Tensor> stack_constraint_forward(
   TORCH_CHECK(n_entries < (int64_t(1) << 31), "stack constraint: too many entries");
   Tensor row_start_t = at::empty({n_levels * (n_tokens + 1)}, long_options);
   int64_t* row_start = row_start_t.data_ptr<int64_t>();
+  // One parallel pass over all levels' entries checks them and writes the row starts at each
+  // change of row (tokens without entries start where the next token does); only a valid
+  // entry writes, so a bad one cannot write out of bounds before the check fails.
+  std::vector<const int64_t*> level_rows(n_levels), level_cols(n_levels);
+  std::vector<int64_t> level_size(n_levels);
   for (int64_t l = 0; l < n_levels; ++l) {
-    const int64_t* r = rows[l].data_ptr<int64_t>();
-    const int64_t* c = cols[l].data_ptr<int64_t>();
-    const int64_t n = values[l].numel(), size = decoders[l].size(0);
-    std::atomic<bool> valid{true};
-    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-      bool ok = true;
-      for (int64_t i = begin; i < end; ++i) {
-        ok &= (r[i] >= 0) & (r[i] < n_tokens) & (c[i] >= 0) & (c[i] < size) &
-              (i == 0 || r[i] >= r[i - 1]);
+    level_rows[l] = rows[l].data_ptr<int64_t>();
+    level_cols[l] = cols[l].data_ptr<int64_t>();
+    level_size[l] = decoders[l].size(0);
+    if (entry_offset[l + 1] == entry_offset[l]) {  // no entries: every token starts at the end
+      std::fill(row_start + l * (n_tokens + 1), row_start + (l + 1) * (n_tokens + 1),
+                entry_offset[l]);
+    }
+  }
+  TORCH_CHECK(n_levels <= 64, "stack constraint: at most 64 levels");
+  std::atomic<uint64_t> invalid{0};  // bit l: level l has a bad entry
+  at::parallel_for(0, n_entries, 8192, [&](int64_t begin, int64_t end) {
+    uint64_t bad = 0;
+    for (int64_t l = 0; l < n_levels; ++l) {
+      const int64_t lo = std::max(begin, entry_offset[l]), hi = std::min(end, entry_offset[l + 1]);
+      if (lo >= hi) continue;
+      const int64_t* r = level_rows[l] - entry_offset[l];  // indexed by global entry
+      const int64_t* c = level_cols[l] - entry_offset[l];
+      const int64_t first = entry_offset[l], last = entry_offset[l + 1] - 1, size = level_size[l];
+      int64_t* start = row_start + l * (n_tokens + 1);
+      bool good = true;
+      for (int64_t k = lo; k < hi; ++k) {
+        const int64_t row = r[k], previous = k == first ? -1 : r[k - 1];
+        const bool valid = (row >= 0) & (row < n_tokens) & (c[k] >= 0) & (c[k] < size) &
+                           (row >= previous);
+        good &= valid;
+        if (valid && row != previous) {
+          for (int64_t t = previous + 1; t <= row; ++t) start[t] = k;
+        }
+        if (valid && k == last) {
+          for (int64_t t = row + 1; t <= n_tokens; ++t) start[t] = k + 1;
+        }
       }
-      if (!ok) valid = false;
-    });
-    TORCH_CHECK(valid.load(), "stack constraint: level ", l, "'s entries need rows in [0, ",
-                n_tokens, ") in ascending order and columns in [0, ", size, ")");
-    int64_t* start = row_start + l * (n_tokens + 1);
-    at::parallel_for(0, n_tokens + 1, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        start[t] = entry_offset[l] + (std::lower_bound(r, r + n, t) - r);
-      }
-    });
+      if (!good) bad |= uint64_t(1) << l;
+    }
+    if (bad) invalid.fetch_or(bad);
+  });
+  for (int64_t l = 0; l < n_levels; ++l) {
+    TORCH_CHECK(!((invalid.load() >> l) & 1), "stack constraint: level ", l, "'s entries need rows in [0, ",
+                n_tokens, ") in ascending order and columns in [0, ", level_size[l], ")");
   }
 
   // Per token: every entry's global feature and value, each child entry's parent entry, the
@@ -204,11 +228,11 @@ std::vector<Tensor> stack_constraint_forward(
   float* value = value_t.data_ptr<float>();
   Tensor position_t = at::empty({n_entries}, int_options);
   int32_t* position = position_t.data_ptr<int32_t>();
-  std::vector<const int64_t*> level_cols(n_levels);
-  std::vector<const float*> level_values(n_levels);
-  for (int64_t l = 0; l < n_levels; ++l) {
-    level_cols[l] = cols[l].data_ptr<int64_t>() - entry_offset[l];  // indexed by global entry
-    level_values[l] = values[l].data_ptr<float>() - entry_offset[l];
+  std::vector<const int64_t*> entry_cols(n_levels);
+  std::vector<const float*> entry_values(n_levels);
+  for (int64_t l = 0; l < n_levels; ++l) {  // indexed by global entry
+    entry_cols[l] = level_cols[l] - entry_offset[l];
+    entry_values[l] = values[l].data_ptr<float>() - entry_offset[l];
   }
   std::vector<int32_t> link(n_features);
   std::vector<float> parent_weight(n_features), children_weight(n_features);
@@ -239,8 +263,8 @@ std::vector<Tensor> stack_constraint_forward(
       const int32_t token = static_cast<int32_t>(r);
       for (int64_t l = 0; l < n_levels; ++l) {  // every entry's feature and value
         const int64_t* start = row_start + l * (n_tokens + 1);
-        const int64_t* c = level_cols[l];
-        const float* v = level_values[l];
+        const int64_t* c = entry_cols[l];
+        const float* v = entry_values[l];
         const int32_t first = static_cast<int32_t>(offset[l]);
         for (int64_t k = start[r]; k < start[r + 1]; ++k) {
           const int32_t f = static_cast<int32_t>(c[k]) + first;
