@@ -93,22 +93,38 @@ std::vector<const float*> decoder_rows(const std::vector<Tensor>& decoders) {
   return row;
 }
 
-// Per-thread state of the pass over tokens: per feature the last token it was seen at and its
-// entry there, the last sibling group it joined, whether it has an entry, the sums alpha,
-// beta, gamma; and the co-active
-// sibling occurrences found, as (pair key, first entry << 32 | second entry).
-struct TokenPass {
-  std::vector<int32_t> stamp, slot, group_stamp, group_last;
-  std::vector<char> seen;
-  std::vector<double> alpha, beta, gamma;
-  std::vector<std::pair<int64_t, int64_t>> occurrence;
-  explicit TokenPass(int64_t n_features)
-      : stamp(n_features + 1, -1), slot(n_features + 1, 0), group_stamp(n_features + 1, -1),
-        group_last(n_features + 1, -1), seen(n_features, 0), alpha(n_features, 0.0), beta(n_features, 0.0),
-        gamma(n_features, 0.0) {}
+// Per feature, what the pass over tokens reads and writes of it, in one cache line (a child
+// entry touches its own feature's and its parent's: two lines, not eight arrays): its parent
+// (n_features: none) and the weights of its value as a parent (1: it has children) and as a
+// child (1: it has a parent); the last token it was seen at and its entry there, the last
+// sibling group it joined (as a parent: group_stamp, group_last), whether it has an entry,
+// and the sums alpha, beta, gamma.
+struct alignas(64) FeatureState {
+  int32_t link = 0;
+  float as_parent = 0.0f, as_child = 0.0f;
+  int32_t stamp = -1, slot = 0, group_stamp = -1, group_last = -1, seen = 0;
+  double alpha = 0.0, beta = 0.0, gamma = 0.0;
 };
 
-// Sorts the occurrences (pair key u * n_features + v, entries) as std::sort would, in linear
+// Per-thread state of the pass over tokens: every feature's (and one more for "no parent",
+// never stamped), and the co-active sibling occurrences found, as (pair key u << 32 | v with
+// u < v, first entry << 32 | second entry).
+struct TokenPass {
+  std::vector<FeatureState> state;
+  std::vector<std::pair<int64_t, int64_t>> occurrence;
+  TokenPass(const int64_t* parent, const bool* with_children, int64_t n_features)
+      : state(n_features + 1) {
+    for (int64_t f = 0; f < n_features; ++f) {
+      state[f].link = parent[f] >= 0 ? static_cast<int32_t>(parent[f])
+                                     : static_cast<int32_t>(n_features);
+      state[f].as_parent = with_children[f] ? 1.0f : 0.0f;
+      state[f].as_child = parent[f] >= 0 ? 1.0f : 0.0f;
+    }
+    state[n_features].link = static_cast<int32_t>(n_features);
+  }
+};
+
+// Sorts the occurrences (pair key u << 32 | v, entries) as std::sort would, in linear
 // time for the common case: a stable counting sort on u, then each u's few by (key, entries).
 void sort_occurrences(std::vector<std::pair<int64_t, int64_t>>& occurrence, int64_t n_features) {
   const int64_t n = static_cast<int64_t>(occurrence.size());
@@ -117,11 +133,11 @@ void sort_occurrences(std::vector<std::pair<int64_t, int64_t>>& occurrence, int6
     return;
   }
   std::vector<int64_t> bucket_start(n_features + 1, 0);
-  for (const auto& o : occurrence) ++bucket_start[o.first / n_features + 1];
+  for (const auto& o : occurrence) ++bucket_start[(o.first >> 32) + 1];
   std::partial_sum(bucket_start.begin(), bucket_start.end(), bucket_start.begin());
   std::vector<int64_t> cursor(bucket_start.begin(), bucket_start.end() - 1);
   std::vector<std::pair<int64_t, int64_t>> sorted(n);
-  for (const auto& o : occurrence) sorted[cursor[o.first / n_features]++] = o;
+  for (const auto& o : occurrence) sorted[cursor[o.first >> 32]++] = o;
   for (int64_t u = 0; u < n_features; ++u) {
     if (bucket_start[u + 1] - bucket_start[u] > 1) {
       std::sort(sorted.begin() + bucket_start[u], sorted.begin() + bucket_start[u + 1]);
@@ -168,6 +184,7 @@ std::vector<Tensor> stack_constraint_forward(
   for (int64_t l = 0; l < n_levels; ++l) entry_offset[l + 1] = entry_offset[l] + values[l].numel();
   const int64_t n_entries = entry_offset.back();
   TORCH_CHECK(n_entries < (int64_t(1) << 31), "stack constraint: too many entries");
+  TORCH_CHECK(n_features < (int64_t(1) << 31), "stack constraint: too many features");
   Tensor row_start_t = at::empty({n_levels * (n_tokens + 1)}, long_options);
   int64_t* row_start = row_start_t.data_ptr<int64_t>();
   // One parallel pass over all levels' entries checks them and writes the row starts at each
@@ -234,31 +251,16 @@ std::vector<Tensor> stack_constraint_forward(
     entry_cols[l] = level_cols[l] - entry_offset[l];
     entry_values[l] = values[l].data_ptr<float>() - entry_offset[l];
   }
-  std::vector<int32_t> link(n_features);
-  std::vector<float> parent_weight(n_features), children_weight(n_features);
-  for (int64_t f = 0; f < n_features; ++f) {
-    link[f] = parent[f] >= 0 ? static_cast<int32_t>(parent[f]) : static_cast<int32_t>(n_features);
-    parent_weight[f] = parent[f] >= 0 ? 1.0f : 0.0f;
-    children_weight[f] = with_children[f] ? 1.0f : 0.0f;
-  }
   std::vector<int32_t> group_next(n_entries);
   std::vector<TokenPass> passes;
-  for (int i = 0; i < at::get_num_threads(); ++i) passes.emplace_back(n_features);
+  for (int i = 0; i < at::get_num_threads(); ++i) {
+    passes.emplace_back(parent, with_children, n_features);
+  }
   at::parallel_for(0, n_tokens, 32, [&](int64_t begin, int64_t end) {
     // Raw pointers, so the compiler need not reload each vector's data after every store.
     TokenPass& pass = passes[at::get_thread_num()];
-    int32_t* __restrict stamp = pass.stamp.data();
-    int32_t* __restrict slot = pass.slot.data();
-    int32_t* __restrict group_stamp = pass.group_stamp.data();
-    int32_t* __restrict group_last = pass.group_last.data();
-    char* __restrict seen = pass.seen.data();
+    FeatureState* __restrict state = pass.state.data();
     int32_t* __restrict next = group_next.data();
-    double* __restrict alpha = pass.alpha.data();
-    double* __restrict beta = pass.beta.data();
-    double* __restrict gamma = pass.gamma.data();
-    const int32_t* __restrict links = link.data();
-    const float* __restrict as_parent = children_weight.data();
-    const float* __restrict as_child = parent_weight.data();
     for (int64_t r = begin; r < end; ++r) {
       const int32_t token = static_cast<int32_t>(r);
       for (int64_t l = 0; l < n_levels; ++l) {  // every entry's feature and value
@@ -270,17 +272,17 @@ std::vector<Tensor> stack_constraint_forward(
           const int32_t f = static_cast<int32_t>(c[k]) + first;
           feature[k] = f;
           value[k] = v[k];
-          seen[f] = 1;
+          state[f].seen = 1;
         }
       }
       for (int64_t l = 0; l + 1 < n_levels; ++l) {  // the parents' entries
         const int64_t* start = row_start + l * (n_tokens + 1);
         for (int64_t k = start[r]; k < start[r + 1]; ++k) {
-          const int32_t f = feature[k];
+          FeatureState& own = state[feature[k]];
           const float a = value[k];
-          stamp[f] = token;
-          slot[f] = static_cast<int32_t>(k);
-          alpha[f] += double(as_parent[f] * a) * a;
+          own.stamp = token;
+          own.slot = static_cast<int32_t>(k);
+          own.alpha += double(own.as_parent * a) * a;
         }
       }
       {  // the first level has no parents
@@ -291,25 +293,27 @@ std::vector<Tensor> stack_constraint_forward(
         const int64_t* start = row_start + l * (n_tokens + 1);
         for (int64_t k = start[r]; k < start[r + 1]; ++k) {
           const int32_t f = feature[k];
-          const int32_t p = links[f];
+          FeatureState& own = state[f];
+          const int32_t p = own.link;
+          FeatureState& up = state[p];
           const float a = value[k];
-          const bool hit = stamp[p] == token;
-          const int32_t pos = slot[p];
+          const bool hit = up.stamp == token;
+          const int32_t pos = up.slot;
           position[k] = hit ? pos : -1;
-          beta[f] += double(hit ? value[pos] : 0.0f) * a;
-          gamma[f] += double(as_child[f] * a) * a;
+          own.beta += double(hit ? value[pos] : 0.0f) * a;
+          own.gamma += double(own.as_child * a) * a;
           // Co-active siblings are rare, so this branch is predicted well.
-          const bool grouped = group_stamp[p] == token;
+          const bool grouped = up.group_stamp == token;
           if (grouped) {
-            for (int32_t q = group_last[p]; q >= 0; q = next[q]) {
+            for (int32_t q = up.group_last; q >= 0; q = next[q]) {
               const int64_t u = feature[q], v = f;
-              pass.occurrence.emplace_back(std::min(u, v) * n_features + std::max(u, v),
+              pass.occurrence.emplace_back(std::min(u, v) << 32 | std::max(u, v),
                                            (int64_t(q) << 32) | k);
             }
           }
-          next[k] = grouped ? group_last[p] : -1;
-          group_stamp[p] = p < n_features ? token : -1;
-          group_last[p] = static_cast<int32_t>(k);
+          next[k] = grouped ? up.group_last : -1;
+          up.group_stamp = p < n_features ? token : -1;
+          up.group_last = static_cast<int32_t>(k);
         }
       }
     }
@@ -318,15 +322,15 @@ std::vector<Tensor> stack_constraint_forward(
   std::vector<std::pair<int64_t, int64_t>> occurrence;
   for (const auto& pass : passes) {
     for (int64_t f = 0; f < n_features; ++f) {
-      alpha[f] += pass.alpha[f];
-      beta_sum[f] += pass.beta[f];
-      gamma[f] += pass.gamma[f];
+      alpha[f] += pass.state[f].alpha;
+      beta_sum[f] += pass.state[f].beta;
+      gamma[f] += pass.state[f].gamma;
     }
     occurrence.insert(occurrence.end(), pass.occurrence.begin(), pass.occurrence.end());
   }
   std::vector<char> appears(n_features, 0);
   for (const auto& pass : passes) {
-    for (int64_t f = 0; f < n_features; ++f) appears[f] |= pass.seen[f];
+    for (int64_t f = 0; f < n_features; ++f) appears[f] |= static_cast<char>(pass.state[f].seen);
   }
 
   // Distinct sibling pairs (u < v), sorted, and sigma_uv = sum of a_u a_v over occurrences.
@@ -356,8 +360,8 @@ std::vector<Tensor> stack_constraint_forward(
   Tensor pair_v_t = at::empty({n_pairs}, long_options);
   Tensor sigma_t = at::empty({n_pairs}, float_options);
   for (int64_t i = 0; i < n_pairs; ++i) {
-    pair_u_t.data_ptr<int64_t>()[i] = pair_key[i] / n_features;
-    pair_v_t.data_ptr<int64_t>()[i] = pair_key[i] % n_features;
+    pair_u_t.data_ptr<int64_t>()[i] = pair_key[i] >> 32;
+    pair_v_t.data_ptr<int64_t>()[i] = pair_key[i] & 0xffffffff;
     sigma_t.data_ptr<float>()[i] = static_cast<float>(sigma_sum[i]);
   }
 
