@@ -158,3 +158,35 @@ def test_borrowed_decode_matches_a_dense_product_on_many_entries(threads: int) -
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     for fast_grad, slow_grad in zip(fast_grads, slow_grads, strict=True):
         torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 37, 300])
+def test_support_entries_and_column_order_equal_the_library_kernels(monkeypatch, n: int) -> None:
+    # Widths off and on the kernel's 16-feature blocks, NaN pre-activations (never in the
+    # support), tokens without entries, on two threads; then no entries at all.
+    if not native.enabled():
+        pytest.skip(f"{native.ENV}=0")
+    assert native.available(), "the fused CPU kernels did not build"
+    from hsae.model import kernels
+
+    generator = torch.Generator().manual_seed(n)
+    pre = torch.randn(203, n, generator=generator)
+    pre[5, 0] = float("nan")
+    pre[[0, 100, 202]] = -10.0
+    threshold = torch.rand(n, generator=generator) + 0.5
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for level_pre in (pre, torch.full_like(pre, -10.0)):
+            fast = kernels.support_entries(level_pre, threshold, 0.8)
+            fast_order = kernels.column_order(fast[1], n)
+            with monkeypatch.context() as patch:
+                patch.setattr(native, "available", lambda: False)
+                slow = kernels.support_entries(level_pre, threshold, 0.8)
+                slow_order = kernels.column_order(slow[1], n)
+            for a, b in zip((*fast, *fast_order), (*slow, *slow_order), strict=True):
+                assert a.dtype == b.dtype
+                assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(before)
+    assert fast[0].numel() == 0  # the last round had no entries

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
+from hsae.model import native
+
 SPARSE_BACKWARD_MAX_DENSITY = 0.25
 """Above this share of support entries the encoder's weight gradient is one dense product
 (x^T grad) rather than an embedding_bag over the entries. On two CPU threads at d = 640 the
@@ -94,6 +96,34 @@ def support_of(pre: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tensor
     return (pre > threshold - bandwidth / 2).nonzero(as_tuple=True)
 
 
+def support_entries(
+    pre: Tensor, threshold: Tensor, bandwidth: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The support of :func:`support_of` (row-major, as ``nonzero`` orders it) with each
+    entry's pre-activation and whether it is active (above ``threshold``), from ``pre`` and
+    ``threshold`` without gradient. On the CPU one fused C++ pass pair
+    (``native/support.cpp``; 2.6 against 7.1 ms for four levels of 256-2048 latents x 1,024
+    tokens on two threads); elsewhere the library kernels, with the same results."""
+    cut = threshold - bandwidth / 2
+    if _native_takes(pre, threshold):
+        rows, cols, pre_support, active = native.ops().support_entries(pre, cut, threshold)
+        return rows, cols, pre_support, active
+    rows, cols = (pre > cut).nonzero(as_tuple=True)
+    pre_support = gather_support(pre, rows, cols)
+    return rows, cols, pre_support, pre_support > threshold.index_select(0, cols)
+
+
+def _native_takes(*tensors: Tensor) -> bool:
+    """Whether the fused C++ kernels (:mod:`hsae.model.native`) take these tensors: float32
+    or integer CPU tensors, eager, and the kernels built."""
+    return (
+        all(t.device.type == "cpu" and t.dtype != torch.bfloat16 for t in tensors)
+        and all(t.dtype == torch.float32 for t in tensors if t.is_floating_point())
+        and not getattr(torch.compiler, "is_compiling", lambda: False)()
+        and native.available()
+    )
+
+
 class _GatherDistinct(Function):
     """values = dense.flatten()[flat_index] for distinct indices.
 
@@ -150,7 +180,11 @@ def stable_order(keys: Tensor, bound: int) -> Tensor:
 
 
 def column_order(cols: Tensor, n_columns: int) -> tuple[Tensor, Tensor]:
-    """(permutation sorting entries by column, start offset of each column in that order)."""
+    """(permutation sorting entries by column, start offset of each column in that order);
+    on the CPU a counting sort in C++ (``native/support.cpp``)."""
+    if cols.dtype == torch.int64 and _native_takes(cols):
+        order, starts = native.ops().column_order(cols, n_columns)
+        return order, starts
     order = stable_order(cols, n_columns)
     counts = torch.bincount(cols, minlength=n_columns)
     return order, torch.cumsum(counts, 0) - counts

@@ -47,8 +47,9 @@ class JumpReLULevel(Level):
         if fused:
             # The support-only step: one dense matmul, then O(support) work (kernels.py).
             pre = kernels.encoder_pre_activations(x, self.W_enc, self.b_enc, self.b_dec)
-            rows, cols = support_of(pre, threshold.detach(), bandwidth)
-            pre_support = kernels.gather_support(pre, rows, cols)
+            rows, cols, pre_support, active = kernels.support_entries(
+                pre, threshold.detach(), bandwidth
+            )
             order = kernels.ColumnOrder(cols, self.n_features)
             values = kernels.support_encode(
                 x,
@@ -62,7 +63,6 @@ class JumpReLULevel(Level):
                 bandwidth,
                 order,
             )
-            active = pre_support > threshold.detach().index_select(0, cols)
             return LevelCodes(
                 column_order=order,
                 pre=pre,

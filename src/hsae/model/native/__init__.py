@@ -31,6 +31,7 @@ ENV = "HSAE_NATIVE"
 SOURCES = (
     Path(__file__).with_name("stack_constraint.cpp"),
     Path(__file__).with_name("borrowed_decode.cpp"),
+    Path(__file__).with_name("support.cpp"),
 )
 NAME = "hsae_native"
 
@@ -72,8 +73,14 @@ def _build() -> bool:
                 is_python_module=False,
                 verbose=False,
             )
-        return hasattr(ops(), "stack_constraint_forward") and hasattr(
-            ops(), "borrowed_decode_forward"
+        return all(
+            hasattr(ops(), op)
+            for op in (
+                "stack_constraint_forward",
+                "borrowed_decode_forward",
+                "support_entries",
+                "column_order",
+            )
         )
     except Exception as error:  # no compiler, no ninja, no OpenMP: the library kernels serve
         warnings.warn(
