@@ -190,3 +190,44 @@ def test_support_entries_and_column_order_equal_the_library_kernels(monkeypatch,
     finally:
         torch.set_num_threads(before)
     assert fast[0].numel() == 0  # the last round had no entries
+
+
+@pytest.mark.parametrize("columns", ["ascending", "shuffled"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tiled_decode_matches_a_dense_product(monkeypatch, threads: int, columns: str) -> None:
+    # The decoder in blocks of 16 rows (of 100): values and every gradient of the support decode
+    # equal a dense product's, whether each token's columns ascend (a cursor per token) or not
+    # (each block scans the token's entries); tokens without entries included.
+    if not native.enabled():
+        pytest.skip(f"{native.ENV}=0")
+    assert native.available(), "the fused CPU kernels did not build"
+    from hsae.model import kernels
+
+    monkeypatch.setattr(kernels, "TILED_DECODE_MIN_BYTES", 0)
+    monkeypatch.setattr(kernels, "TILED_DECODE_BLOCK_BYTES", 16 * 24 * 4)
+    generator = torch.Generator().manual_seed(3)
+    tokens, n, d = 150, 100, 24
+    acts = torch.rand(tokens, n, generator=generator)
+    acts[acts < 0.8] = 0
+    acts[[0, 70, tokens - 1]] = 0
+    rows, cols = acts.nonzero(as_tuple=True)
+    if columns == "shuffled":  # reverse each token's run of entries
+        key = rows * n + (n - 1 - cols)
+        order = torch.argsort(key)
+        rows, cols = rows[order], cols[order]
+    decoder = torch.randn(n, d, generator=generator, requires_grad=True)
+    values = acts[rows, cols].requires_grad_()
+    assert kernels.tiled_chunk(decoder, values) == 16
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast = kernels.support_decode(values, rows, cols, decoder, tokens)
+        fast_grads = torch.autograd.grad(fast.sin().sum(), [values, decoder])
+    finally:
+        torch.set_num_threads(before)
+    dense = torch.zeros(tokens, n).index_put((rows, cols), values)
+    slow = dense @ decoder
+    slow_grads = torch.autograd.grad(slow.sin().sum(), [values, decoder])
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    for fast_grad, slow_grad in zip(fast_grads, slow_grads, strict=True):
+        torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-4, atol=1e-4)

@@ -32,6 +32,7 @@ SOURCES = (
     Path(__file__).with_name("stack_constraint.cpp"),
     Path(__file__).with_name("borrowed_decode.cpp"),
     Path(__file__).with_name("support.cpp"),
+    Path(__file__).with_name("tiled_decode.cpp"),
 )
 NAME = "hsae_native"
 
@@ -80,6 +81,7 @@ def _build() -> bool:
                 "borrowed_decode_forward",
                 "support_entries",
                 "column_order",
+                "tiled_decode",
             )
         )
     except Exception as error:  # no compiler, no ninja, no OpenMP: the library kernels serve
