@@ -55,6 +55,8 @@ from step_speed import (
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_PACKAGE = "hsae_base"
+NATIVE_LIBRARY = "hsae_native"
+"""``hsae.model.native.NAME``: the fused kernels' extension and operator namespace."""
 MODES = ("hsae", "independent")
 
 
@@ -76,7 +78,22 @@ def export_revision(revision: str, into: Path, root: Path = ROOT) -> Path:
     package = into / BASE_PACKAGE
     shutil.move(into / "src" / "hsae", package)
     rename_package(package, "hsae", BASE_PACKAGE)
+    rename_native_library(package, NATIVE_LIBRARY, f"{BASE_PACKAGE}_native")
     return package
+
+
+def rename_native_library(package: Path, old: str, new: str) -> None:
+    """Give the package's fused C++ kernels (``model/native``, where the revision has them) the
+    extension and operator namespace ``new``: torch registers one namespace once per process,
+    and builds one extension name in one cache folder, so the two versions' kernels need
+    different names to load side by side."""
+    folder = package / "model" / "native"
+    if not folder.is_dir():
+        return
+    pattern = re.compile(rf"\b{re.escape(old)}\b")
+    for path in [*folder.glob("*.py"), *folder.glob("*.cpp")]:
+        text = path.read_text(encoding="utf-8")
+        path.write_text(pattern.sub(new, text), encoding="utf-8")
 
 
 def rename_package(package: Path, old: str, new: str) -> None:

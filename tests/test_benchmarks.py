@@ -126,3 +126,16 @@ def test_revision_ab_renames_only_the_package_imports(tmp_path: Path) -> None:
         "from hsae_base.io import X\nimport hsae_base.model\nimport hsaeish\n"
         "NAME = 'hsae.safetensors'\nY = hsae_base.model.core\n"
     )
+    # The fused kernels' extension and operator namespace get the base's own name.
+    (package / "model" / "native").mkdir()
+    (package / "model" / "native" / "__init__.py").write_text('NAME = "hsae_native"\n')
+    (package / "model" / "native" / "k.cpp").write_text(
+        "TORCH_LIBRARY(hsae_native, m) {}\nint hsae_native_count;\n"
+    )
+    module.rename_native_library(package, "hsae_native", "hsae_base_native")
+    assert (package / "model" / "native" / "__init__.py").read_text() == (
+        'NAME = "hsae_base_native"\n'
+    )
+    assert (package / "model" / "native" / "k.cpp").read_text() == (
+        "TORCH_LIBRARY(hsae_base_native, m) {}\nint hsae_native_count;\n"
+    )

@@ -1,11 +1,20 @@
 """Fused CPU kernels in C++, built on first use with ``torch.utils.cpp_extension``.
 
-On the CPU the support-only training step is a few hundred small library kernels; most of
-what the HSAE adds to its independent stack is the constraint's share of them
-(``hierarchy_losses.stack_constraint``). ``stack_constraint.cpp`` computes the same value and
-gradients in two passes over the support entries and one over the decoder rows.
+On the CPU the support-only training step is a few hundred small library kernels. Four sources
+replace the costliest of them, with the same results (up to float32 rounding where they sum in
+another order):
 
-The first use compiles it (about 20 seconds, with a C++ compiler and ninja; torch caches the
+* ``stack_constraint.cpp``: the constraint of the whole level stack
+  (``hierarchy_losses.stack_constraint``), in two passes over the support entries and one over
+  the decoder rows;
+* ``borrowed_decode.cpp``: a perturbed level's borrowed children, added into its
+  reconstruction in one pass over the child level's entries;
+* ``support.cpp``: a JumpReLU level's support entries from its pre-activations, and the
+  entries' order by latent (``kernels.support_entries``, ``kernels.column_order``);
+* ``tiled_decode.cpp``: decoding from the entries, and the entries' values gradient, for a
+  decoder too large for L2, block of rows by block (``kernels.TILED_DECODE_MIN_BYTES``).
+
+The first use compiles them (about 30 seconds, with a C++ compiler and ninja; torch caches the
 build under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, and rebuilds it
 when the source or torch changes). Where it cannot be built (no compiler, or a platform
 without OpenMP) a warning says so once and the library kernels are used: same values, slower.
@@ -64,7 +73,7 @@ def _build() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        log.info("hsae: building the fused CPU kernels (once, about 20 seconds)")
+        log.info("hsae: building the fused CPU kernels (once, about 30 seconds)")
         with _ninja_on_path():
             load(
                 name=NAME,
