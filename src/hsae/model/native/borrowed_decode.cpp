@@ -16,10 +16,7 @@
 #include <numeric>
 #include <vector>
 
-namespace hsae_native {  // stack_constraint.cpp
-float row_dot(const float* a, const float* b, int64_t d);
-void row_axpy(float* y, float w, const float* x, int64_t d);
-}  // namespace hsae_native
+#include "row_kernels.h"
 
 namespace {
 
