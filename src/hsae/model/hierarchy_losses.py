@@ -282,14 +282,8 @@ def dense_parent_children_constraint(
 
 
 def _native_applies(codes: Sequence[LevelCodes], decoders: Sequence[Tensor]) -> bool:
-    """Whether the fused C++ kernel (:mod:`hsae.model.native`) takes this stack: float32 CPU
-    tensors, eager, and the kernel built."""
-    tensors = [c.values for c in codes] + list(decoders)
-    return (
-        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-        and not getattr(torch.compiler, "is_compiling", lambda: False)()
-        and native.available()
-    )
+    """Whether the fused C++ kernel (:mod:`hsae.model.native`) takes this stack."""
+    return native.takes(*(c.values for c in codes), *decoders)
 
 
 class _NativeStackConstraint(Function):
@@ -713,17 +707,9 @@ def perturbed_reconstruction(
 
 
 def _native_decode_applies(own: Tensor, child_codes: LevelCodes, decoder: Tensor) -> bool:
-    """Whether the fused C++ kernel decodes the borrowed children: float32 CPU tensors, a
-    contiguous output to add into, eager, and the kernel built."""
-    return (
-        all(
-            t.device.type == "cpu" and t.dtype == torch.float32
-            for t in (own, child_codes.values, decoder)
-        )
-        and own.is_contiguous()
-        and not getattr(torch.compiler, "is_compiling", lambda: False)()
-        and native.available()
-    )
+    """Whether the fused C++ kernel decodes the borrowed children: it also needs a contiguous
+    output to add into."""
+    return own.is_contiguous() and native.takes(own, child_codes.values, decoder)
 
 
 class _NativeBorrowedDecode(Function):

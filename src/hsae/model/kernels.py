@@ -102,26 +102,15 @@ def support_entries(
     """The support of :func:`support_of` (row-major, as ``nonzero`` orders it) with each
     entry's pre-activation and whether it is active (above ``threshold``), from ``pre`` and
     ``threshold`` without gradient. On the CPU one fused C++ pass pair
-    (``native/support.cpp``; 2.6 against 7.1 ms for four levels of 256-2048 latents x 1,024
+    (``native/support.cpp``; 2.7 against 8.1 ms for four levels of 256-2048 latents x 1,024
     tokens on two threads); elsewhere the library kernels, with the same results."""
     cut = threshold - bandwidth / 2
-    if _native_takes(pre, threshold):
+    if native.takes(pre, threshold):
         rows, cols, pre_support, active = native.ops().support_entries(pre, cut, threshold)
         return rows, cols, pre_support, active
     rows, cols = (pre > cut).nonzero(as_tuple=True)
     pre_support = gather_support(pre, rows, cols)
     return rows, cols, pre_support, pre_support > threshold.index_select(0, cols)
-
-
-def _native_takes(*tensors: Tensor) -> bool:
-    """Whether the fused C++ kernels (:mod:`hsae.model.native`) take these tensors: float32
-    or integer CPU tensors, eager, and the kernels built."""
-    return (
-        all(t.device.type == "cpu" and t.dtype != torch.bfloat16 for t in tensors)
-        and all(t.dtype == torch.float32 for t in tensors if t.is_floating_point())
-        and not getattr(torch.compiler, "is_compiling", lambda: False)()
-        and native.available()
-    )
 
 
 class _GatherDistinct(Function):
@@ -182,7 +171,7 @@ def stable_order(keys: Tensor, bound: int) -> Tensor:
 def column_order(cols: Tensor, n_columns: int) -> tuple[Tensor, Tensor]:
     """(permutation sorting entries by column, start offset of each column in that order);
     on the CPU a counting sort in C++ (``native/support.cpp``)."""
-    if cols.dtype == torch.int64 and _native_takes(cols):
+    if cols.dtype == torch.int64 and native.takes(cols):
         order, starts = native.ops().column_order(cols, n_columns)
         return order, starts
     order = stable_order(cols, n_columns)
@@ -390,7 +379,7 @@ def tiled_chunk(W_dec: Tensor, values: Tensor) -> int:
     size = W_dec.numel() * W_dec.element_size()
     if size <= TILED_DECODE_MIN_BYTES or not W_dec.is_contiguous():
         return 0
-    if not _native_takes(W_dec, values):
+    if not native.takes(W_dec, values):
         return 0
     return max(16, TILED_DECODE_BLOCK_BYTES // (W_dec.shape[1] * W_dec.element_size()))
 
@@ -418,13 +407,12 @@ class _SupportDecode(Function):
     ) -> Tensor:
         chunk = tiled_chunk(W_dec, values)
         ctx.row_sparse_grad, ctx.order, ctx.chunk = row_sparse_grad, order, chunk
+        ctx.save_for_backward(values, W_dec, rows, cols)
         if chunk:
-            ctx.save_for_backward(values, W_dec, rows, cols)
             return native.ops().tiled_decode(
                 values.detach(), rows, cols, W_dec.detach(), n_tokens, chunk
             )
         offsets = row_offsets(rows, n_tokens)
-        ctx.save_for_backward(values, W_dec, rows, cols)
         # Detached: a weight that requires grad makes embedding_bag take its training variant
         # (_embedding_bag, which also builds the entries' bag map); this Function has its own
         # backward, so the forward-only kernel serves (3% faster for 70,000 entries).

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 ENV = "HSAE_NATIVE"
 """Set to 0 to use the library kernels only (no build)."""
@@ -59,6 +60,18 @@ def available() -> bool:
     if NAME not in _loaded:
         _loaded[NAME] = enabled() and _build()
     return _loaded[NAME]
+
+
+def takes(*tensors: Tensor) -> bool:
+    """Whether the fused kernels take these tensors: all on the CPU, the floating ones float32,
+    outside a ``torch.compile`` trace, and the kernels built (building them on the first call).
+    The one test of the callers' library fallbacks."""
+    return (
+        all(t.device.type == "cpu" for t in tensors)
+        and all(t.dtype == torch.float32 for t in tensors if t.is_floating_point())
+        and not getattr(torch.compiler, "is_compiling", lambda: False)()  # torch >= 2.3
+        and available()
+    )
 
 
 def ops() -> Any:

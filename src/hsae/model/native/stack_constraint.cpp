@@ -178,8 +178,8 @@ std::vector<Tensor> stack_constraint_forward(
   auto float_options = at::TensorOptions().dtype(at::kFloat);
 
   // All levels' entries in one numbering (level after level); where each level's entries of
-  // each token start (its rows are sorted: checked first, as the starts' binary searches and
-  // the token pass below rely on it).
+  // each token start (its rows are sorted: checked in the same pass, before the token pass
+  // below relies on it).
   std::vector<int64_t> entry_offset(n_levels + 1, 0);
   for (int64_t l = 0; l < n_levels; ++l) entry_offset[l + 1] = entry_offset[l] + values[l].numel();
   const int64_t n_entries = entry_offset.back();
