@@ -213,12 +213,13 @@ def test_lexicon_and_both_metrics_on_the_language_model(lm):
     json.dumps([probing, alignment])
     assert len(probing["m"]["levels"]) == 2 and len(probing["tasks"]) == 3
     assert alignment["contexts"] == 19 and len(alignment["m"]["pairs"]) == 1
-    batched = model.encode_in_batches(data.activations, batch_size=5)
-    for level, codes in enumerate(model.encode(data.activations)):
-        # The same products in row blocks of another size: equal up to float32 rounding (the
-        # CPU's matmul kernel may block a 5-row and a 19-row product differently: a sum of 640
-        # products, values about 2, differed by 2.8e-5 on one CI run).
-        torch.testing.assert_close(batched[level], codes, rtol=1e-4, atol=1e-4)
+    # The same products in row blocks of another size. In float64, so that the CPU's matmul
+    # blocking a 5-row and a 19-row product differently (float32: 2.8e-5 apart on a value near
+    # 2, on one CI run) stays far below the tolerance, while a wrong row or block does not.
+    model64, activations64 = model.double(), data.activations.double()
+    batched = model64.encode_in_batches(activations64, batch_size=5)
+    for level, codes in enumerate(model64.encode(activations64)):
+        torch.testing.assert_close(batched[level], codes, rtol=1e-5, atol=1e-5)
 
 
 def test_lexicon_data_round_trips_through_its_files(tmp_path) -> None:
