@@ -314,6 +314,52 @@ def test_no_decoder_gradient_is_copied_in_the_backward(monkeypatch, kernels_of: 
     )
 
 
+def test_constraint_decoder_gradient_is_added_into_the_decodes(monkeypatch) -> None:
+    # On the fused CPU kernel the constraint hands each level's decoder gradient to that
+    # level's own decode (kernels.GradientAddend), which adds it into its gradient in place
+    # instead of autograd summing a second [n, d] tensor. Every level must take that path, and
+    # the gradients must equal the library kernels', through backward() and autograd.grad
+    # alike (the latter runs no AccumulateGrad: the term must be inside the decode's gradient).
+    _use_path(monkeypatch, "native")
+    monkeypatch.setattr(kernels, "DENSE_DECODE_DENSITY", 1.0)  # decode from the entries
+    handed: list[int] = []
+    original = losses._RowTerms.__call__
+
+    def counted(self: losses._RowTerms, grad: torch.Tensor) -> None:
+        handed.append(self.level)
+        original(self, grad)
+
+    monkeypatch.setattr(losses._RowTerms, "__call__", counted)
+    weights = LossWeights(torch.tensor([0.5, 0.7, 0.9]), rho=0.3)
+
+    def loss_and_model(native_kernels: bool) -> tuple[HSAE, torch.Tensor]:
+        with monkeypatch.context() as patch:
+            if not native_kernels:
+                patch.setattr(native, "available", lambda: False)
+            model, x = tiny_model()
+            substituted = [
+                sample_perturbation(
+                    model.parents(i), SIZES[i], 0.5, torch.Generator().manual_seed(i)
+                )
+                for i in range(len(SIZES) - 1)
+            ] + [torch.zeros(SIZES[-1], dtype=torch.bool)]
+            return model, model.training_loss(x, weights, substituted).total
+
+    model, total = loss_and_model(native_kernels=False)
+    total.backward()
+    reference = [level.W_dec.grad.clone() for level in model.levels]
+    assert handed == []
+    model, total = loss_and_model(native_kernels=True)
+    total.backward()
+    assert sorted(handed) == list(range(len(SIZES)))
+    for level, expected in zip(model.levels, reference, strict=True):
+        torch.testing.assert_close(level.W_dec.grad, expected, rtol=1e-5, atol=1e-6)
+    model, total = loss_and_model(native_kernels=True)
+    grads = torch.autograd.grad(total, [level.W_dec for level in model.levels])
+    for grad, expected in zip(grads, reference, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
 DENSITIES = [0.005, 0.02, 0.1, 0.5]
 
 

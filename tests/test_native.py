@@ -110,7 +110,7 @@ def test_many_co_active_siblings_give_the_library_kernels_values_and_gradients(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert losses._native_applies(codes, decoders)
+        assert losses.native_constraint_applies(codes, decoders)
         fast = losses.stack_constraint(codes, decoders, parents, forest)
         leaves = [c.values for c in codes] + decoders
         fast_grads = torch.autograd.grad(fast, leaves)

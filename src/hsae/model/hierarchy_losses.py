@@ -26,6 +26,7 @@ from torch.autograd import Function
 from hsae.model import native
 from hsae.model.forest import children_count
 from hsae.model.kernels import (
+    GradientAddend,
     any_by,
     entry_positions,
     gathered_dots,
@@ -61,6 +62,7 @@ def stack_constraint(
     decoders: Sequence[Tensor],
     parents: Sequence[Tensor],
     forest: StackForest | None = None,
+    addends: Sequence[GradientAddend] | None = None,
 ) -> Tensor:
     """The constraint summed over every adjacent level pair of a stack, from the supports.
 
@@ -82,6 +84,12 @@ def stack_constraint(
     decoder gets one gradient from the constraint instead of one per pair it belongs to.
     ``forest``: :func:`stack_forest` of ``parents``, for a caller that keeps it while the
     forest does not change (computed here when None).
+
+    ``addends``: per level, the :class:`GradientAddend` of a decode of that level built before
+    this call in the same loss (:func:`hsae.model.kernels.support_decode`); on the fused CPU
+    kernel, a level whose addend holds a token gets its decoder gradient added into that
+    decode's instead of a gradient of its own (the others, and every level on the library
+    path, get theirs through autograd).
     """
     if len(codes) != len(decoders) or len(parents) != len(codes) - 1:
         raise ValueError(
@@ -95,15 +103,21 @@ def stack_constraint(
         return codes[0].pre.new_zeros(())
     # float32 throughout, also inside a bf16 autocast region (the products are reductions).
     with torch.autocast(codes[0].pre.device.type, enabled=False):
-        function = _NativeStackConstraint if _native_applies(codes, decoders) else _StackConstraint
-        return function.apply(
-            forest,
-            n_tokens,
+        entries = (
             *(c.values for c in codes),
             *(c.rows for c in codes),
             *(c.cols for c in codes),
             *decoders,
         )
+        if not native_constraint_applies(codes, decoders):
+            return _StackConstraint.apply(forest, n_tokens, *entries)
+        deferred = tuple(
+            None if addend is None or addend.token is None else addend
+            for addend in (addends or [None] * len(codes))
+        )
+        # The tokens make this node's backward run before those decodes' (they wait for it).
+        tokens = [addend.token for addend in deferred if addend is not None]
+        return _NativeStackConstraint.apply(forest, n_tokens, deferred, *entries, *tokens)
 
 
 class StackForest(NamedTuple):
@@ -281,7 +295,7 @@ def dense_parent_children_constraint(
         return total / n_tokens
 
 
-def _native_applies(codes: Sequence[LevelCodes], decoders: Sequence[Tensor]) -> bool:
+def native_constraint_applies(codes: Sequence[LevelCodes], decoders: Sequence[Tensor]) -> bool:
     """Whether the fused C++ kernel (:mod:`hsae.model.native`) takes this stack."""
     return native.takes(*(c.values for c in codes), *decoders)
 
@@ -292,16 +306,24 @@ class _NativeStackConstraint(Function):
     child entry's parent entry and co-active siblings with per-feature stamps (no
     [tokens x parents] table), sums alpha, beta, gamma and sigma, and takes the decoder products
     of the features in the support; the backward gives each entry's gradient and writes every
-    decoder row's gradient once, as the weighted sum of the rows it depends on."""
+    decoder row's gradient once, as the weighted sum of the rows it depends on, or, for a level
+    with a :class:`GradientAddend` (``deferred[l]``), hands the addend the rows' terms to add
+    into its decode's gradient (the trailing tensors are the addends' tokens)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, forest: StackForest, n_tokens: int, *tensors: Tensor
+        ctx: Any,
+        forest: StackForest,
+        n_tokens: int,
+        deferred: tuple[GradientAddend | None, ...],
+        *tensors: Tensor,
     ) -> Tensor:
         n_levels = len(forest.offsets) - 1
         values, rows, cols, decoders = (
             list(tensors[i * n_levels : (i + 1) * n_levels]) for i in range(4)
         )
+        ctx.deferred = deferred
+        ctx.n_tokens_in = len(tensors) - 4 * n_levels
         total, *state = native.ops().stack_constraint_forward(
             values, rows, cols, forest.parent, forest.with_children, decoders, n_tokens
         )
@@ -315,8 +337,14 @@ class _NativeStackConstraint(Function):
         n_tokens, n_levels, counts = ctx.sizes
         saved = ctx.saved_tensors
         decoders, state = list(saved[:n_levels]), saved[n_levels:]
-        need_values = any(ctx.needs_input_grad[2 : 2 + n_levels])
-        need_decoders = [int(n) for n in ctx.needs_input_grad[2 + 3 * n_levels :]]
+        first = 3  # forest, n_tokens, deferred
+        need_values = any(ctx.needs_input_grad[first : first + n_levels])
+        needs_decoder = ctx.needs_input_grad[first + 3 * n_levels : first + 4 * n_levels]
+        # 1: a gradient of its own; 2: terms added into the addend's decode's gradient.
+        need_decoders = [
+            (2 if addend is not None else 1) if needed else 0
+            for needed, addend in zip(needs_decoder, ctx.deferred, strict=True)
+        ]
         out = native.ops().stack_constraint_backward(
             2.0 * float(grad) / n_tokens,
             counts,
@@ -327,14 +355,38 @@ class _NativeStackConstraint(Function):
             need_values,
             need_decoders,
         )
-        grads: list[Tensor | None] = [None] * (2 + 4 * n_levels)
+        grads: list[Tensor | None] = [None] * (first + 4 * n_levels + ctx.n_tokens_in)
         if need_values:
-            grads[2 : 2 + n_levels] = out[:n_levels]
+            grads[first : first + n_levels] = out[:n_levels]
             out = out[n_levels:]
         for level, needed in enumerate(need_decoders):
-            if needed:
-                grads[2 + 3 * n_levels + level] = out[level]
+            if needed == 1:
+                grads[first + 3 * n_levels + level] = out[level]
+            elif needed == 2:
+                addend = ctx.deferred[level]
+                addend.add_into = _RowTerms(out[n_levels:], decoders, level)
         return tuple(grads)
+
+
+class _RowTerms:
+    """Adds one level's constraint decoder gradient, given as row terms by the fused backward,
+    into a gradient in place (:class:`GradientAddend`'s ``add_into``)."""
+
+    def __init__(self, terms: Sequence[Tensor], decoders: list[Tensor], level: int):
+        self.terms, self.decoders, self.level = tuple(terms), decoders, level
+
+    def __call__(self, grad: Tensor) -> None:
+        decoder = self.decoders[self.level]
+        if grad.dtype == torch.float32 and grad.is_contiguous() and grad.shape == decoder.shape:
+            native.ops().stack_constraint_decoder_rows(
+                *self.terms, self.decoders, self.level, grad, True
+            )
+            return
+        rows = torch.empty(decoder.shape, dtype=torch.float32)
+        native.ops().stack_constraint_decoder_rows(
+            *self.terms, self.decoders, self.level, rows, False
+        )
+        grad.add_(rows)
 
 
 class _StackConstraint(Function):
@@ -667,6 +719,7 @@ def perturbed_reconstruction(
     child_decodes_itself: bool = False,
     with_bias: bool = True,
     borrowed: BorrowedChildren | None = None,
+    addend: GradientAddend | None = None,
 ) -> Tensor:
     """Level reconstruction with each substituted parent replaced by its children's outputs.
 
@@ -676,9 +729,10 @@ def perturbed_reconstruction(
     ``with_bias=False``: the decoders' output only, without the level's b_dec (for a caller
     that adds it inside its own error, as :func:`hsae.model.kernels.squared_error` does).
     ``borrowed``: the children of the substituted parents (:func:`borrowed_children`), whose
-    columns alone the dense path then decodes.
+    columns alone the dense path then decodes. ``addend``: for the level's own decode
+    (:meth:`Level.decode_columns`).
     """
-    own = level.decode_columns(codes, ~substituted, fused)
+    own = level.decode_columns(codes, ~substituted, fused, addend=addend)
     if borrowed is not None and not fused:
         # The borrowed columns picked by a [children, k] one-hot product rather than a gather:
         # a gather's scatter backward, beside the constraint's, gets wrong gradients from

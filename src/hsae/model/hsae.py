@@ -31,12 +31,13 @@ from hsae.model.hierarchy_losses import (
     SiblingPairs,
     StackForest,
     dense_parent_children_constraint,
+    native_constraint_applies,
     perturbed_reconstruction,
     sibling_pairs,
     stack_constraint,
     stack_forest,
 )
-from hsae.model.kernels import squared_error
+from hsae.model.kernels import GradientAddend, squared_error
 from hsae.model.level import BatchGroup, Level, LevelCodes
 from hsae.model.levels import LEVEL_KINDS
 
@@ -280,9 +281,19 @@ class HSAE(nn.Module):
         # gradients arrive: the borrowed children's row-sparse one must come first, so that the
         # child level's dense one is added onto it in place (a sparse gradient arriving after a
         # dense one makes autograd copy the whole dense [n, d] tensor: 26 ms a step at d = 2304).
-        # Hence the constraint (dense decoder gradients) is built first and the levels from the
-        # last to the first, each child level's own decoding before its parent's borrowing.
-        if cfg.uses_hierarchy_losses and weights.rho > 0:
+        # Hence the levels are built from the last to the first, each child level's own
+        # decoding before its parent's borrowing. The constraint's dense decoder gradients
+        # either go into the levels' own decodes' (the fused CPU kernel, through addends: it is
+        # then built after them, so that its backward runs first) or come first (built before).
+        hierarchy = cfg.uses_hierarchy_losses and weights.rho > 0
+        addends: list[GradientAddend] | None = None
+        if (
+            hierarchy
+            and fused
+            and native_constraint_applies(codes, [level.W_dec for level in self.levels])
+        ):
+            addends = [GradientAddend() for _ in self.levels]
+        elif hierarchy:
             constraint = self._constraint(codes, fused, pairs)
         for index in reversed(range(self.n_levels)):
             level = self.levels[index]
@@ -299,9 +310,12 @@ class HSAE(nn.Module):
                     child_decodes_itself=True,  # level index + 1 decodes below
                     with_bias=False,
                     borrowed=None if borrowed is None else borrowed[index],
+                    addend=None if addends is None else addends[index],
                 )
             else:
-                decoded = level.decode_columns(codes[index], None, fused)
+                decoded = level.decode_columns(
+                    codes[index], None, fused, addend=None if addends is None else addends[index]
+                )
             sq_error = squared_error(decoded, level.b_dec, x)
             if level.uses_sparsity_controller:
                 penalty = level.sparsity_loss(codes[index], cfg.bandwidth)
@@ -325,7 +339,9 @@ class HSAE(nn.Module):
                 aux = self._dead_feature_loss(level, x, residual, dead[index], group, fused)
                 total = total + weights.aux * aux
                 aux_total = aux_total + aux.detach()
-        if cfg.uses_hierarchy_losses and weights.rho > 0:
+        if addends is not None:
+            constraint = self._constraint(codes, fused, pairs, addends)
+        if hierarchy:
             total = total + weights.rho * constraint
         return TrainingLoss(
             total=total,
@@ -360,16 +376,18 @@ class HSAE(nn.Module):
         codes: list[LevelCodes],
         fused: bool = True,
         pairs: Sequence[SiblingPairs] | None = None,
+        addends: Sequence[GradientAddend] | None = None,
     ) -> Tensor:
         """The constraint over all level pairs: from the supports on the fast path (all pairs in
         one pass), from dense activations on the dense reference path (an independent check of
-        the former)."""
+        the former). ``addends``: the levels' decodes' (:func:`stack_constraint`)."""
         if fused:
             return stack_constraint(
                 codes,
                 [level.W_dec for level in self.levels],
                 [self.parents(index) for index in range(self.n_levels - 1)],
                 self.stack_forest(),
+                addends,
             )
         total = codes[0].pre.new_zeros(())
         for index in range(self.n_levels - 1):

@@ -22,6 +22,8 @@ receive a gradient, because the threshold's pseudo-derivative reads it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -384,6 +386,25 @@ def tiled_chunk(W_dec: Tensor, values: Tensor) -> int:
     return max(16, TILED_DECODE_BLOCK_BYTES // (W_dec.shape[1] * W_dec.element_size()))
 
 
+class GradientAddend:
+    """A term of a decoder's gradient that another part of the same loss computes later in the
+    backward, added in place into the dense gradient of the decode that carries it
+    (:func:`support_decode` with ``addend``), instead of arriving as a second [n, d] gradient
+    that autograd then adds: two passes over the decoder's size fewer (the constraint's, at
+    d = 2304 some 280 MB each).
+
+    The decode sets ``token``, a 0-element output of its own, which the term's producer takes
+    as an input: the producer's backward then runs before the decode's and sets ``add_into``;
+    the decode's backward calls it on its gradient. A producer that finds no token (the decode
+    took a path without the addend) returns its gradient to autograd as usual."""
+
+    def __init__(self) -> None:
+        self.token: Tensor | None = None
+        """Set by the decode: its 0-element output, to be taken by the term's producer."""
+        self.add_into: Callable[[Tensor], None] | None = None
+        """Set in the producer's backward: adds the term into a gradient in place."""
+
+
 class _SupportDecode(Function):
     """sum_k values[k] W_dec[cols[k]] into row rows[k] (rows sorted), with a sparse backward.
 
@@ -391,7 +412,8 @@ class _SupportDecode(Function):
     per-entry dot <grad_out[row], W_dec[col]> (embedding_bag's own per-sample-weight kernel,
     which forms no [entries, d] tensor); the decoder's gradient is S^T grad_out as one more
     embedding_bag over the entries sorted by column (autograd's generic embedding_bag weight
-    gradient is several times slower on CPU).
+    gradient is several times slower on CPU), into which a :class:`GradientAddend`'s term is
+    added. The second output is the addend's token.
     """
 
     @staticmethod
@@ -404,24 +426,29 @@ class _SupportDecode(Function):
         n_tokens: int,
         row_sparse_grad: bool = False,
         order: ColumnOrder | None = None,
-    ) -> Tensor:
+        addend: GradientAddend | None = None,
+    ) -> tuple[Tensor, Tensor]:
         chunk = tiled_chunk(W_dec, values)
         ctx.row_sparse_grad, ctx.order, ctx.chunk = row_sparse_grad, order, chunk
+        ctx.addend = addend
         ctx.save_for_backward(values, W_dec, rows, cols)
+        token = values.new_empty(0)
         if chunk:
-            return native.ops().tiled_decode(
+            out = native.ops().tiled_decode(
                 values.detach(), rows, cols, W_dec.detach(), n_tokens, chunk
             )
+            return out, token
         offsets = row_offsets(rows, n_tokens)
         # Detached: a weight that requires grad makes embedding_bag take its training variant
         # (_embedding_bag, which also builds the entries' bag map); this Function has its own
         # backward, so the forward-only kernel serves (3% faster for 70,000 entries).
-        return F.embedding_bag(
+        out = F.embedding_bag(
             cols, W_dec.detach(), offsets, mode="sum", per_sample_weights=values.detach()
         )
+        return out, token
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor, _grad_token: Tensor | None):  # type: ignore[override]
         values, W_dec, rows, cols = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_values = grad_W_dec = None
@@ -437,7 +464,11 @@ class _SupportDecode(Function):
             grad_W_dec = row_sparse_gradient(latents, grad_rows, W_dec.shape)
         elif ctx.needs_input_grad[1]:
             grad_W_dec = sparse_t_times(rows, cols, values, grad_out, W_dec.shape[0], ctx.order)
-        return grad_values, grad_W_dec, None, None, None, None, None
+            addend = ctx.addend
+            if addend is not None and addend.add_into is not None:
+                addend.add_into(grad_W_dec)
+                addend.add_into = None  # set again by a second backward through the graph
+        return grad_values, grad_W_dec, None, None, None, None, None, None
 
 
 def row_sparse_gradient(latents: Tensor, rows: Tensor, shape: torch.Size) -> Tensor:
@@ -458,6 +489,7 @@ def support_decode(
     n_tokens: int,
     row_sparse_grad: bool = False,
     order: ColumnOrder | None = None,
+    addend: GradientAddend | None = None,
 ) -> Tensor:
     """Decoding of support entries with the sparse backward of :class:`_SupportDecode`.
 
@@ -465,8 +497,17 @@ def support_decode(
     decode whose decoder also receives a dense gradient elsewhere in the same loss (autograd
     then adds the rows into it in place); otherwise the gradient is a dense [n, d] tensor.
     ``order``: the entries' shared :class:`ColumnOrder` (for the dense gradient).
+    ``addend``: a term of the decoder's gradient computed later in the backward, added into
+    the dense gradient here (its ``token`` is set; ignored with ``row_sparse_grad``).
     """
-    return _SupportDecode.apply(values, W_dec, rows, cols, n_tokens, row_sparse_grad, order)
+    if row_sparse_grad:
+        addend = None
+    out, token = _SupportDecode.apply(
+        values, W_dec, rows, cols, n_tokens, row_sparse_grad, order, addend
+    )
+    if addend is not None:
+        addend.token = token
+    return out
 
 
 class _ScatterDistinct(Function):

@@ -176,6 +176,7 @@ class Level(nn.Module):
         columns: Tensor | None,
         fused: bool,
         row_sparse_grad: bool = False,
+        addend: kernels.GradientAddend | None = None,
     ) -> Tensor:
         """Decoder output (without b_dec) of the features flagged in ``columns`` (None: all).
 
@@ -183,7 +184,9 @@ class Level(nn.Module):
         dense product when the code is dense enough for that to be cheaper. Both give every
         support entry its gradient. ``row_sparse_grad``: the fast path gives W_dec a sparse
         gradient over the decoded rows (:func:`kernels.support_decode`); only for a decode
-        whose decoder gets a dense gradient elsewhere in the same loss.
+        whose decoder gets a dense gradient elsewhere in the same loss. ``addend``: a later
+        term of W_dec's gradient that the fast path adds into its own (its token is then set;
+        the other paths leave it unset, and the term's producer returns it to autograd).
         """
         n_tokens = codes.n_tokens
         if not fused:  # the dense reference: no support, nothing read back to the host
@@ -204,11 +207,14 @@ class Level(nn.Module):
                 n_tokens,
                 row_sparse_grad,
                 None if row_sparse_grad else codes.column_order,
+                addend,
             )
         entries = selected.nonzero(as_tuple=True)[0]
         values = codes.values.index_select(0, entries)
         rows, cols = codes.rows.index_select(0, entries), codes.cols.index_select(0, entries)
-        return kernels.support_decode(values, rows, cols, self.W_dec, n_tokens, row_sparse_grad)
+        return kernels.support_decode(
+            values, rows, cols, self.W_dec, n_tokens, row_sparse_grad, addend=addend
+        )
 
     def _decode_dense(self, codes: LevelCodes, columns: Tensor | None) -> Tensor:
         acts = codes.acts if columns is None else codes.acts * columns

@@ -406,9 +406,39 @@ std::vector<Tensor> stack_constraint_forward(
           occ_pair_t,   pair_u_t,    pair_v_t,   sigma_t,    pair_dots_t, row_start_t};
 }
 
+// Row i of `out` (level `level`'s rows, contiguous) = (accumulate: +=) the weighted sum of the
+// rows its terms name (stack_constraint_backward's term lists); rows without terms are zeroed
+// (left as they are when accumulating).
+void write_rows(const int64_t* term_start, const int32_t* term_row, const float* term_weight,
+                const std::vector<Tensor>& decoders, int64_t level, Tensor& out, bool accumulate) {
+  const auto offset = feature_offsets(decoders);
+  const auto row = decoder_rows(decoders);
+  const int64_t d = decoders[level].size(1), first = offset[level];
+  float* base = out.data_ptr<float>();
+  at::parallel_for(0, decoders[level].size(0), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* target = base + i * d;
+      const int64_t f = first + i;
+      int64_t lo = term_start[f];
+      const int64_t hi = term_start[f + 1];
+      if (!accumulate) {
+        if (lo == hi) {
+          std::fill(target, target + d, 0.0f);
+          continue;
+        }
+        row_scale(target, term_weight[lo], row[term_row[lo]], d);
+        ++lo;
+      }
+      for (int64_t t = lo; t < hi; ++t) row_axpy(target, term_weight[t], row[term_row[t]], d);
+    }
+  });
+}
+
 // The gradients of `scale` times the sum (scale: 2 grad / tokens), from the forward's results:
 // per level the values' gradient (when need_values; `entry_counts`: the levels' entry counts)
-// and the decoder's (when need_decoders[l]; an empty tensor otherwise).
+// and the decoder's (when need_decoders[l] is 1; an empty tensor otherwise); then, when some
+// need_decoders[l] is 2, the row terms (term_start, term_row, term_weight) from which
+// stack_constraint_decoder_rows adds those levels' gradients into ones the caller has.
 std::vector<Tensor> stack_constraint_backward(
     double scale, at::IntArrayRef entry_counts, const Tensor& parent_t,
     const Tensor& with_children_t, at::TensorList decoder_list, const Tensor& feature_t, const Tensor& value_t, const Tensor& position_t,
@@ -491,9 +521,13 @@ std::vector<Tensor> stack_constraint_backward(
   }
 
   // Each decoder row's gradient is a weighted sum of rows: its own (alpha + gamma), its parent's
-  // and its children's (-beta of the child), its co-active siblings' (sigma). Listed per row,
-  // then every row of the levels asked for is written once (zeros where nothing applies).
-  std::vector<int64_t> term_start(n_features + 1, 0);
+  // and its children's (-beta of the child), its co-active siblings' (sigma), listed per row
+  // (term_start, term_row, term_weight); decoder_rows_gradient writes or adds them.
+  const bool any_decoder = std::any_of(need_decoders.begin(), need_decoders.end(),
+                                       [](int64_t need) { return need != 0; });
+  if (!any_decoder) return out;
+  Tensor term_start_t = at::zeros({n_features + 1}, at::TensorOptions().dtype(at::kLong));
+  int64_t* term_start = term_start_t.data_ptr<int64_t>();
   auto count = [&](int64_t f) { ++term_start[f + 1]; };
   for (int64_t f = 0; f < n_features; ++f) {
     if (norm_weight[f] != 0.0f) count(f);
@@ -507,10 +541,12 @@ std::vector<Tensor> stack_constraint_backward(
     count(pair_u[i]);
     count(pair_v[i]);
   }
-  std::partial_sum(term_start.begin(), term_start.end(), term_start.begin());
-  std::vector<int64_t> cursor(term_start.begin(), term_start.end() - 1);
-  std::vector<int32_t> term_row(term_start.back());
-  std::vector<float> term_weight(term_start.back());
+  std::partial_sum(term_start, term_start + n_features + 1, term_start);
+  std::vector<int64_t> cursor(term_start, term_start + n_features);
+  Tensor term_row_t = at::empty({term_start[n_features]}, at::TensorOptions().dtype(at::kInt));
+  Tensor term_weight_t = at::empty({term_start[n_features]}, at::TensorOptions().dtype(at::kFloat));
+  int32_t* term_row = term_row_t.data_ptr<int32_t>();
+  float* term_weight = term_weight_t.data_ptr<float>();
   auto add = [&](int64_t f, int64_t source, float weight) {
     const int64_t k = cursor[f]++;
     term_row[k] = static_cast<int32_t>(source);
@@ -528,31 +564,52 @@ std::vector<Tensor> stack_constraint_backward(
     add(pair_u[i], pair_v[i], sigma[i]);
     add(pair_v[i], pair_u[i], sigma[i]);
   }
-  const auto row = decoder_rows(decoders);
+  // need_decoders[l]: 1, the level's gradient is returned; 2, its terms are (at the end), for
+  // the caller to add into a gradient it has (decoder_rows_gradient with accumulate).
+  bool deferred = false;
   for (size_t l = 0; l < decoders.size(); ++l) {
-    if (l >= static_cast<size_t>(need_decoders.size()) || !need_decoders[l]) {
+    const int64_t need = l < static_cast<size_t>(need_decoders.size()) ? need_decoders[l] : 0;
+    deferred |= need == 2;
+    if (need != 1) {
       out.push_back(at::empty({0}, at::TensorOptions().dtype(at::kFloat)));
       continue;
     }
     Tensor g = at::empty_like(decoders[l], at::MemoryFormat::Contiguous);
-    float* base = g.data_ptr<float>();
-    const int64_t first = offset[l];
-    at::parallel_for(0, decoders[l].size(0), 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        float* target = base + i * d;
-        const int64_t f = first + i;
-        const int64_t lo = term_start[f], hi = term_start[f + 1];
-        if (lo == hi) {
-          std::fill(target, target + d, 0.0f);
-          continue;
-        }
-        row_scale(target, term_weight[lo], row[term_row[lo]], d);
-        for (int64_t t = lo + 1; t < hi; ++t) row_axpy(target, term_weight[t], row[term_row[t]], d);
-      }
-    });
+    write_rows(term_start, term_row, term_weight, decoders, static_cast<int64_t>(l), g, false);
     out.push_back(g);
   }
+  if (deferred) {
+    out.push_back(term_start_t);
+    out.push_back(term_row_t);
+    out.push_back(term_weight_t);
+  }
   return out;
+}
+
+// Level `level`'s decoder gradient from the row terms of stack_constraint_backward: row i of
+// `out` ([rows, d], contiguous) is set to (accumulate: gets added) sum_t weight_t *
+// row(source_t) over the terms of feature offset[level] + i.
+void decoder_rows_gradient(const Tensor& term_start_t, const Tensor& term_row_t,
+                           const Tensor& term_weight_t, at::TensorList decoder_list,
+                           int64_t level, Tensor& out, bool accumulate) {
+  std::vector<Tensor> decoders;
+  for (const auto& t : decoder_list) decoders.push_back(t.stride(1) == 1 ? t : t.contiguous());
+  TORCH_CHECK(level >= 0 && level < static_cast<int64_t>(decoders.size()),
+              "stack constraint rows: no level ", level);
+  const auto offset = feature_offsets(decoders);
+  TORCH_CHECK(term_start_t.scalar_type() == at::kLong && term_start_t.is_contiguous() &&
+                  term_start_t.numel() == offset.back() + 1,
+              "stack constraint rows: one int64 term start per feature, and one more");
+  const int64_t n_terms = term_start_t.data_ptr<int64_t>()[offset.back()];
+  TORCH_CHECK(term_row_t.scalar_type() == at::kInt && term_weight_t.scalar_type() == at::kFloat &&
+                  term_row_t.is_contiguous() && term_weight_t.is_contiguous() &&
+                  term_row_t.numel() == n_terms && term_weight_t.numel() == n_terms,
+              "stack constraint rows: int32 rows and float32 weights, one per term");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() &&
+                  out.sizes() == decoders[level].sizes(),
+              "stack constraint rows: a contiguous float32 output of the level's decoder shape");
+  write_rows(term_start_t.data_ptr<int64_t>(), term_row_t.data_ptr<int32_t>(),
+             term_weight_t.data_ptr<float>(), decoders, level, out, accumulate);
 }
 
 }  // namespace
@@ -568,9 +625,13 @@ TORCH_LIBRARY(hsae_native, m) {
       "Tensor norm_weight, Tensor beta, Tensor norms, Tensor dots, Tensor occ_first, "
       "Tensor occ_second, Tensor occ_pair, Tensor pair_u, Tensor pair_v, Tensor sigma, "
       "Tensor pair_dots, Tensor row_start, bool need_values, int[] need_decoders) -> Tensor[]");
+  m.def(
+      "stack_constraint_decoder_rows(Tensor term_start, Tensor term_row, Tensor term_weight, "
+      "Tensor[] decoders, int level, Tensor(a!) out, bool accumulate) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hsae_native, CPU, m) {
   m.impl("stack_constraint_forward", &stack_constraint_forward);
   m.impl("stack_constraint_backward", &stack_constraint_backward);
+  m.impl("stack_constraint_decoder_rows", &decoder_rows_gradient);
 }
