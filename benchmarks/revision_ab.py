@@ -86,12 +86,13 @@ def rename_native_library(package: Path, old: str, new: str) -> None:
     """Give the package's fused C++ kernels (``model/native``, where the revision has them) the
     extension and operator namespace ``new``: torch registers one namespace once per process,
     and builds one extension name in one cache folder, so the two versions' kernels need
-    different names to load side by side."""
+    different names to load side by side (the headers too: their declarations name the
+    namespace the sources define)."""
     folder = package / "model" / "native"
     if not folder.is_dir():
         return
     pattern = re.compile(rf"\b{re.escape(old)}\b")
-    for path in [*folder.glob("*.py"), *folder.glob("*.cpp")]:
+    for path in [*folder.glob("*.py"), *folder.glob("*.cpp"), *folder.glob("*.h")]:
         text = path.read_text(encoding="utf-8")
         path.write_text(pattern.sub(new, text), encoding="utf-8")
 
