@@ -100,6 +100,7 @@ def _build() -> bool:
             hasattr(ops(), op)
             for op in (
                 "stack_constraint_forward",
+                "stack_constraint_decoder_rows",
                 "borrowed_decode_forward",
                 "support_entries",
                 "column_order",
