@@ -360,6 +360,40 @@ def test_constraint_decoder_gradient_is_added_into_the_decodes(monkeypatch) -> N
         torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_decodes_graph_is_freed_without_the_cycle_collector(monkeypatch) -> None:
+    # The addends link the decodes and the constraint; none of it may form a reference cycle,
+    # or every step's graph would wait for Python's cyclic garbage collector.
+    import gc
+    import weakref
+
+    _use_path(monkeypatch, "native")
+    monkeypatch.setattr(kernels, "DENSE_DECODE_DENSITY", 1.0)  # decode from the entries
+    contexts: list[weakref.ref] = []
+    forward = kernels._SupportDecode.forward
+
+    def recorded(ctx, *args, **kwargs):  # type: ignore[no-untyped-def]
+        contexts.append(weakref.ref(ctx))
+        return forward(ctx, *args, **kwargs)
+
+    monkeypatch.setattr(kernels._SupportDecode, "forward", staticmethod(recorded))
+    model, x = tiny_model()
+    substituted = [losses.has_children(model.parents(i), n) for i, n in enumerate(SIZES[:-1])]
+    substituted.append(torch.zeros(SIZES[-1], dtype=torch.bool))
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        out = model.training_loss(
+            x, LossWeights(torch.tensor([0.5, 0.7, 0.9]), rho=0.3), substituted
+        )
+        out.total.backward()
+        del out
+        alive = [ref for ref in contexts if ref() is not None]
+    finally:
+        if enabled:
+            gc.enable()
+    assert len(contexts) >= len(SIZES) and alive == []
+
+
 DENSITIES = [0.005, 0.02, 0.1, 0.5]
 
 

@@ -89,7 +89,7 @@ def stack_constraint(
     this call in the same loss (:func:`hsae.model.kernels.support_decode`); on the fused CPU
     kernel, a level whose addend holds a token gets its decoder gradient added into that
     decode's instead of a gradient of its own (the others, and every level on the library
-    path, get theirs through autograd).
+    path, get theirs through autograd). The tokens are taken out of the addends here.
     """
     if len(codes) != len(decoders) or len(parents) != len(codes) - 1:
         raise ValueError(
@@ -97,6 +97,12 @@ def stack_constraint(
             f"got {len(codes)} levels, {len(decoders)} decoders, {len(parents)} parent maps"
         )
     n_tokens = codes[0].pre.shape[0]
+    # The addends' tokens, taken out of them: an addend holding its token would hold the
+    # decode's graph in a reference cycle (token -> its node -> the node's addend), freed only
+    # by the cyclic garbage collector rather than when the backward is done.
+    tokens_of = [None if addend is None else addend.token for addend in (addends or [])]
+    for addend in addends or []:
+        addend.token = None
     if forest is None:
         forest = stack_forest(parents, [int(decoder.shape[0]) for decoder in decoders])
     if not forest.any_links:
@@ -112,11 +118,13 @@ def stack_constraint(
         if not native_constraint_applies(codes, decoders):
             return _StackConstraint.apply(forest, n_tokens, *entries)
         deferred = tuple(
-            None if addend is None or addend.token is None else addend
-            for addend in (addends or [None] * len(codes))
+            None if token is None else addend
+            for addend, token in zip(
+                addends or [None] * len(codes), tokens_of or [None] * len(codes), strict=True
+            )
         )
         # The tokens make this node's backward run before those decodes' (they wait for it).
-        tokens = [addend.token for addend in deferred if addend is not None]
+        tokens = [token for token in tokens_of if token is not None]
         return _NativeStackConstraint.apply(forest, n_tokens, deferred, *entries, *tokens)
 
 
