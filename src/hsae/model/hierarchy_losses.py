@@ -100,9 +100,13 @@ def stack_constraint(
     # The addends' tokens, taken out of them: an addend holding its token would hold the
     # decode's graph in a reference cycle (token -> its node -> the node's addend), freed only
     # by the cyclic garbage collector rather than when the backward is done.
-    tokens_of = [None if addend is None else addend.token for addend in (addends or [])]
-    for addend in addends or []:
-        addend.token = None
+    levels_addends: list[GradientAddend | None] = (
+        list(addends) if addends is not None else [None] * len(codes)
+    )
+    tokens = [None if addend is None else addend.token for addend in levels_addends]
+    for addend in levels_addends:
+        if addend is not None:
+            addend.token = None
     if forest is None:
         forest = stack_forest(parents, [int(decoder.shape[0]) for decoder in decoders])
     if not forest.any_links:
@@ -119,13 +123,11 @@ def stack_constraint(
             return _StackConstraint.apply(forest, n_tokens, *entries)
         deferred = tuple(
             None if token is None else addend
-            for addend, token in zip(
-                addends or [None] * len(codes), tokens_of or [None] * len(codes), strict=True
-            )
+            for addend, token in zip(levels_addends, tokens, strict=True)
         )
         # The tokens make this node's backward run before those decodes' (they wait for it).
-        tokens = [token for token in tokens_of if token is not None]
-        return _NativeStackConstraint.apply(forest, n_tokens, deferred, *entries, *tokens)
+        taken = [token for token in tokens if token is not None]
+        return _NativeStackConstraint.apply(forest, n_tokens, deferred, *entries, *taken)
 
 
 class StackForest(NamedTuple):
@@ -378,23 +380,14 @@ class _NativeStackConstraint(Function):
 
 class _RowTerms:
     """Adds one level's constraint decoder gradient, given as row terms by the fused backward,
-    into a gradient in place (:class:`GradientAddend`'s ``add_into``)."""
+    into a gradient in place (:class:`GradientAddend`'s ``add_into``; the decode's dense
+    float32 gradient, which the native op checks)."""
 
     def __init__(self, terms: Sequence[Tensor], decoders: list[Tensor], level: int):
         self.terms, self.decoders, self.level = tuple(terms), decoders, level
 
     def __call__(self, grad: Tensor) -> None:
-        decoder = self.decoders[self.level]
-        if grad.dtype == torch.float32 and grad.is_contiguous() and grad.shape == decoder.shape:
-            native.ops().stack_constraint_decoder_rows(
-                *self.terms, self.decoders, self.level, grad, True
-            )
-            return
-        rows = torch.empty(decoder.shape, dtype=torch.float32)
-        native.ops().stack_constraint_decoder_rows(
-            *self.terms, self.decoders, self.level, rows, False
-        )
-        grad.add_(rows)
+        native.ops().stack_constraint_decoder_rows(*self.terms, self.decoders, self.level, grad)
 
 
 class _StackConstraint(Function):

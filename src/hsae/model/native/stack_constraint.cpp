@@ -522,7 +522,8 @@ std::vector<Tensor> stack_constraint_backward(
 
   // Each decoder row's gradient is a weighted sum of rows: its own (alpha + gamma), its parent's
   // and its children's (-beta of the child), its co-active siblings' (sigma), listed per row
-  // (term_start, term_row, term_weight); decoder_rows_gradient writes or adds them.
+  // (term_start, term_row, term_weight); write_rows writes them, stack_constraint_decoder_rows
+  // adds them into a gradient the caller has.
   const bool any_decoder = std::any_of(need_decoders.begin(), need_decoders.end(),
                                        [](int64_t need) { return need != 0; });
   if (!any_decoder) return out;
@@ -565,7 +566,7 @@ std::vector<Tensor> stack_constraint_backward(
     add(pair_v[i], pair_u[i], sigma[i]);
   }
   // need_decoders[l]: 1, the level's gradient is returned; 2, its terms are (at the end), for
-  // the caller to add into a gradient it has (decoder_rows_gradient with accumulate).
+  // the caller to add into a gradient it has (stack_constraint_decoder_rows).
   bool deferred = false;
   for (size_t l = 0; l < decoders.size(); ++l) {
     const int64_t need = l < static_cast<size_t>(need_decoders.size()) ? need_decoders[l] : 0;
@@ -586,12 +587,12 @@ std::vector<Tensor> stack_constraint_backward(
   return out;
 }
 
-// Level `level`'s decoder gradient from the row terms of stack_constraint_backward: row i of
-// `out` ([rows, d], contiguous) is set to (accumulate: gets added) sum_t weight_t *
-// row(source_t) over the terms of feature offset[level] + i.
-void decoder_rows_gradient(const Tensor& term_start_t, const Tensor& term_row_t,
-                           const Tensor& term_weight_t, at::TensorList decoder_list,
-                           int64_t level, Tensor& out, bool accumulate) {
+// Adds level `level`'s constraint decoder gradient, from the row terms of
+// stack_constraint_backward, into `out` ([rows, d], contiguous: a gradient the caller has): row
+// i gets sum_t weight_t * row(source_t) over the terms of feature offset[level] + i.
+void stack_constraint_decoder_rows(const Tensor& term_start_t, const Tensor& term_row_t,
+                                   const Tensor& term_weight_t, at::TensorList decoder_list,
+                                   int64_t level, Tensor& out) {
   std::vector<Tensor> decoders;
   for (const auto& t : decoder_list) decoders.push_back(t.stride(1) == 1 ? t : t.contiguous());
   TORCH_CHECK(level >= 0 && level < static_cast<int64_t>(decoders.size()),
@@ -609,7 +610,7 @@ void decoder_rows_gradient(const Tensor& term_start_t, const Tensor& term_row_t,
                   out.sizes() == decoders[level].sizes(),
               "stack constraint rows: a contiguous float32 output of the level's decoder shape");
   write_rows(term_start_t.data_ptr<int64_t>(), term_row_t.data_ptr<int32_t>(),
-             term_weight_t.data_ptr<float>(), decoders, level, out, accumulate);
+             term_weight_t.data_ptr<float>(), decoders, level, out, true);
 }
 
 }  // namespace
@@ -627,11 +628,11 @@ TORCH_LIBRARY(hsae_native, m) {
       "Tensor pair_dots, Tensor row_start, bool need_values, int[] need_decoders) -> Tensor[]");
   m.def(
       "stack_constraint_decoder_rows(Tensor term_start, Tensor term_row, Tensor term_weight, "
-      "Tensor[] decoders, int level, Tensor(a!) out, bool accumulate) -> ()");
+      "Tensor[] decoders, int level, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hsae_native, CPU, m) {
   m.impl("stack_constraint_forward", &stack_constraint_forward);
   m.impl("stack_constraint_backward", &stack_constraint_backward);
-  m.impl("stack_constraint_decoder_rows", &decoder_rows_gradient);
+  m.impl("stack_constraint_decoder_rows", &stack_constraint_decoder_rows);
 }
