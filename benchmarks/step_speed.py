@@ -38,7 +38,9 @@ allocation before. Parameters, gradients and Adam state count.
 On CPU the trainer has glibc keep freed memory for reuse (``hsae.devices.keep_freed_cpu_memory``;
 at d = 2304 it saves the page faults of every large temporary); the setting is process-wide, so
 SAELens and the floor, timed in the same process, get it too. ``--system-malloc`` leaves malloc
-as it is, for comparison.
+as it is, for comparison. Importing ``hsae`` puts large CPU tensors on transparent huge pages
+(``hsae.devices.request_cpu_huge_pages``), for every contender alike; ``THP_MEM_ALLOC_ENABLE=0``
+in the environment keeps 4 KB pages, for comparison. Both settings are printed.
 
 Timings: wall clock, and on CPU also process CPU time, which a shared machine disturbs far
 less; with several threads a busy machine inflates the wall clock of a step made of many small
@@ -75,7 +77,7 @@ import torch
 
 import hsae.training.trainer as trainer_module
 from hsae import HSAEConfig
-from hsae.devices import KEEP_FREED_MEMORY_ENV, keep_freed_cpu_memory
+from hsae.devices import KEEP_FREED_MEMORY_ENV, cpu_huge_pages, keep_freed_cpu_memory
 from hsae.model.kernels import JumpReLU, L0WithSTE
 from hsae.training import Trainer
 from hsae.training.compiled import CUDA_GRAPH_MODES, CompileError
@@ -676,6 +678,8 @@ def main() -> None:
     if not args.device.startswith("cuda"):
         kept = keep_freed_cpu_memory()  # what the trainer does; every contender shares it
         print(f"CPU malloc keeps freed memory (hsae.devices.keep_freed_cpu_memory): {kept}")
+        huge = cpu_huge_pages()  # set when hsae was imported; every contender shares it
+        print(f"CPU tensors on transparent huge pages (hsae.devices.cpu_huge_pages): {huge}")
     summaries = []
     for scale in scales:
         run = argparse.Namespace(**vars(args))

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from hsae.devices import KEEP_FREED_MEMORY_ENV, device_problem, parse_device
+from hsae.devices import HUGE_PAGES_ENV, KEEP_FREED_MEMORY_ENV, device_problem, parse_device
 from hsae.errors import ConfigError
 
 PROBE = (
@@ -48,6 +48,38 @@ def test_a_cpu_trainer_applies_the_memory_setting() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["None", "True"]
+
+
+def _kernel_allows_huge_pages() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as modes:
+            return "[never]" not in modes.read()
+    except OSError:
+        return False
+
+
+def _huge_pages_probe(code: str, env_value: str | None) -> str:
+    import os
+
+    env = dict(os.environ)
+    env.pop(HUGE_PAGES_ENV, None)
+    if env_value is not None:
+        env[HUGE_PAGES_ENV] = env_value
+    probe = f"{code}; from hsae.devices import cpu_huge_pages; print(cpu_huge_pages())"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True
+    )
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif(not _kernel_allows_huge_pages(), reason="no transparent huge pages here")
+def test_importing_hsae_puts_large_cpu_tensors_on_huge_pages_unless_switched_off() -> None:
+    assert _huge_pages_probe("import torch, hsae", None) == "True"
+    assert _huge_pages_probe("import hsae.cli", None) == "True"  # the command line's process
+    assert _huge_pages_probe("import hsae", "0") == "False"  # the user's setting wins
+    # PyTorch reads its switch at its first allocation: a process that allocated before
+    # importing hsae keeps 4 KB pages, and the probe says so.
+    assert _huge_pages_probe("import torch; torch.ones(10**6); import hsae", None) == "False"
 
 
 def test_device_names_are_checked_with_the_field_named() -> None:

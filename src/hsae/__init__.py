@@ -17,6 +17,10 @@ from pathlib import Path
 
 import torch
 
+from hsae.devices import request_cpu_huge_pages
+
+request_cpu_huge_pages()  # first: PyTorch reads it at its first CPU allocation (hsae.devices)
+
 from hsae.config import ConfigError, HSAEConfig
 from hsae.errors import HSAEError
 from hsae.layout import RunLayout

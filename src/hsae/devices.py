@@ -1,5 +1,5 @@
 """Device names, checked before any work starts ("auto", "cpu", "cuda", "cuda:N", "mps"), and
-the CPU memory setting of training processes."""
+the CPU memory settings of training processes (freed memory kept, huge pages)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,59 @@ def parse_device(name: str, field: str = "device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
+"""PyTorch's own switch: its CPU allocator puts every block of 2 MB or more on transparent huge
+pages (2 MB aligned, ``madvise(MADV_HUGEPAGE)``). Read once, at the process's first CPU
+allocation."""
+_HUGE_PAGE_BYTES = 2 << 20
+_THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def request_cpu_huge_pages() -> None:
+    """Ask PyTorch to put large CPU tensors on transparent huge pages, unless the environment
+    already says (``THP_MEM_ALLOC_ENABLE=0`` keeps 4 KB pages).
+
+    A training step reads decoder rows and activation rows all over tensors of hundreds of MB;
+    on 4 KB pages nearly every such read misses the TLB, and how a process's pages happen to
+    lie makes one run 10-30 % slower than the next. On huge pages (benchmarks/step_speed.py,
+    2-core AMD EPYC, median of 3 processes each): d = 2304 steps 8-12 % shorter and the HSAE
+    over its independent stack 1.02-1.07x instead of 0.81-1.17x; d = 640 some 9 % shorter.
+    SAELens's step in the same process gains alike. The cost: each block of 2 MB or more is
+    rounded up to whole 2 MB pages.
+
+    PyTorch reads the switch at its first CPU allocation, so this runs when ``hsae`` is
+    imported, before anything else of the package; a process that allocated tensors before
+    importing ``hsae`` keeps 4 KB pages (:func:`cpu_huge_pages` tells). On a kernel with
+    transparent huge pages "never", nothing changes.
+    """
+    os.environ.setdefault(HUGE_PAGES_ENV, "1")
+
+
+def cpu_huge_pages() -> bool:
+    """Whether large CPU tensors of this process go on transparent huge pages: whether a
+    2 MB tensor's memory is marked for them (``madvise(MADV_HUGEPAGE)``: "hg" among its
+    mapping's flags in ``/proc/self/smaps``) and the kernel allows them (mode "always" or
+    "madvise"). False where either cannot be read (not Linux)."""
+    try:
+        with open(_THP_MODE_FILE, encoding="ascii") as modes:
+            if "[never]" in modes.read():
+                return False
+        probe = torch.empty(_HUGE_PAGE_BYTES // 4, dtype=torch.float32)
+        address = probe.data_ptr()
+        inside = False
+        with open("/proc/self/smaps", encoding="ascii", errors="replace") as smaps:
+            for line in smaps:
+                head = line.split(maxsplit=1)[0]
+                if "-" in head and not head.endswith(":"):
+                    start, _, end = head.partition("-")
+                    inside = int(start, 16) <= address < int(end, 16)
+                elif inside and head == "VmFlags:":
+                    return "hg" in line.split()[1:]
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 KEEP_FREED_MEMORY_ENV = "HSAE_CPU_KEEP_FREED_MEMORY"
