@@ -47,6 +47,11 @@ less; with several threads a busy machine inflates the wall clock of a step made
 operations (ours) much more than one of a few large ones, so compare on a quiet machine or with
 ``--threads 1`` and the CPU clock.
 
+Trainer to trainer: in one process a trainer can step 10-30 % faster or slower than the next
+one built (at d = 2304 on the 2-core CPU of the README: where its memory happens to lie), so
+each of our kinds gets ``--instances`` trainers (2 by default), built in the order A B B A, and
+the steps of a kind's trainers are pooled before the median.
+
 Process to process: on a shared or virtual machine a whole process can run 10% faster or
 slower than the next (its memory layout, the host's load), and not every contender alike.
 ``--processes N`` runs the measurement in N fresh processes one after the other and prints each
@@ -83,11 +88,20 @@ from hsae.training import Trainer
 from hsae.training.compiled import CUDA_GRAPH_MODES, CompileError
 
 SCALES: dict[str, dict[str, object]] = {
-    # name: d, sizes, timed steps per round, rounds, controller steps before timing
-    "small": {"d": 640, "sizes": [256, 512, 1024, 2048], "steps": 10, "rounds": 3, "settle": 10},
-    "large": {"d": 2304, "sizes": [2048, 4096, 8192, 16384], "steps": 2, "rounds": 2, "settle": 2},
-}
+    # name: d, sizes, timed steps per round, rounds, controller steps before timing, trainers
+    # of each of our kinds (their steps pooled)
+    "small": {
+        "d": 640, "sizes": [256, 512, 1024, 2048], "steps": 10, "rounds": 3, "settle": 10,
+        "instances": 2,
+    },
+    "large": {
+        "d": 2304, "sizes": [2048, 4096, 8192, 16384], "steps": 2, "rounds": 3, "settle": 2,
+        "instances": 2,
+    },
+}  # fmt: skip
 N_BATCHES = 6
+INSTANCE = "#"
+"""``hsae#2``: the HSAE's second trainer (``--instances``), its steps pooled with the first's."""
 CONTENDERS = ("hsae", "independent", "saelens", "floor")
 COMPILED = ("hsae-compiled", "independent-compiled")
 
@@ -337,8 +351,8 @@ def build(
     steps: dict[str, Callable[[], object]] = {}
     source = None
     for name in names:
-        if name in ("hsae", "independent", *COMPILED):
-            mode, _, compiled = name.partition("-")
+        if name.partition(INSTANCE)[0] in ("hsae", "independent", *COMPILED):
+            mode, _, compiled = name.partition(INSTANCE)[0].partition("-")
             trainer = make_trainer(args, mode, batches, args.compile if compiled else "off")
             started = time.perf_counter()
             try:
@@ -454,6 +468,10 @@ def run_scale(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Time one scale and print its table; returns, per clock, the ratios of the summary."""
     batches = sparse_batches(args.d, N_BATCHES, args.batch)
     names = list(CONTENDERS) + (["dense-pytorch"] if args.dense_loop else [])
+    for instance in range(2, args.instances + 1):  # the first ones are in CONTENDERS: A B B A
+        ours = [f"{name}{INSTANCE}{instance}" for name in ("hsae", "independent")]
+        at = 2 * (instance - 1)  # after the trainers built before
+        names[at:at] = ours if instance % 2 else ours[::-1]
     names += [*COMPILED, "saelens-compiled"] if args.compile else []
     if args.dense_loop and args.device.startswith("cuda"):
         names.append("dense-graphed")
@@ -491,7 +509,13 @@ def run_scale(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     for name, values in l0s.items():
         mean_l0 = torch.stack(values[1:]).mean(0).tolist()
         print(f"{name:>20} L0 while timed: {[round(v, 1) for v in mean_l0]}")
-    names = list(steps)
+    for name in list(samples):  # pooled: each kind's trainers under its name
+        kind, _, instance = name.partition(INSTANCE)
+        if instance:
+            samples[kind] += samples.pop(name)
+    if args.instances > 1:
+        print(f"our trainers: {args.instances} of each kind, their timed steps pooled")
+    names = list(samples)
     del steps, trainers, l0s  # free this run's models before the probes build theirs
     gc.collect()
     memory = {}
@@ -510,7 +534,8 @@ def run_scale(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         ratios[clock]["HSAE cost over independent"] = median["hsae"] / median["independent"]
         ratios[clock]["floor share of HSAE"] = median["floor"] / median["hsae"]
         ratios[clock].update({f"{name} ms": t * 1e3 for name, t in median.items()})
-        print(f"-- {clock} clock, median of {len(samples[names[0]])} steps each")
+        counts = sorted({len(samples[name]) for name in names}, reverse=True)
+        print(f"-- {clock} clock, median of {' or '.join(map(str, counts))} steps each")
         for name in names:
             mem = memory.get(name)
             mem_text = "" if mem is None else f"  peak memory {mem:8.0f} MiB"
@@ -616,6 +641,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed steps per round (default per scale)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default per scale)")
     parser.add_argument("--settle", type=int, help="controller steps before timing")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        help="trainers of the HSAE and of the independent stack, built in the order A B B A, "
+        "their timed steps pooled (default per scale; at d = 2304 each is 2.6 GiB on CPU)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--autocast",
@@ -654,6 +685,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.processes < 1:
         parser.error("--processes must be at least 1")
+    if args.instances is not None and args.instances < 1:
+        parser.error("--instances must be at least 1")
     if args.processes > 1:  # the children run once each: without --processes
         argv = sys.argv[1:]
         if "--processes" in argv:
@@ -671,7 +704,9 @@ def main() -> None:
     if args.d is not None or args.sizes is not None:
         if args.d is None or args.sizes is None:
             parser.error("a custom scale needs both --d and --sizes")
-        scales = [{"d": args.d, "sizes": args.sizes, "steps": 3, "rounds": 2, "settle": 5}]
+        scales = [
+            {"d": args.d, "sizes": args.sizes, "steps": 3, "rounds": 2, "settle": 5, "instances": 1}
+        ]
     else:
         scales = [SCALES[name] for name in (SCALES if args.scale == "both" else [args.scale])]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")

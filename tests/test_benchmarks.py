@@ -37,11 +37,17 @@ def test_step_speed_times_every_contender_under_the_same_autocast(autocast: str)
     out = run(
         "step_speed.py", *TINY, "--steps", "1", "--rounds", "1", "--settle", "1",
         "--no-memory", "--dense-loop", "--autocast", autocast, "--threads", "1",
+        "--instances", "2",
     )  # fmt: skip
     assert f"bf16 autocast={autocast == 'bf16'}" in out
     for name in ("hsae", "independent", "floor", "dense-pytorch"):
         assert f"{name}:" in out
     assert "HSAE cost / independent stack:" in out
+    # Two trainers of each of ours, built A B B A, their steps pooled (2 against 1 each).
+    built = [line.split()[0] for line in out.splitlines() if "L0 while timed" in line]
+    assert built == ["hsae", "independent", "independent#2", "hsae#2"]
+    assert "our trainers: 2 of each kind" in out and "median of 2 or 1 steps each" in out
+    assert "hsae#2:" not in out
 
 
 def test_step_speed_gives_the_median_of_several_processes() -> None:
