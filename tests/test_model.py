@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -358,6 +360,67 @@ def test_constraint_decoder_gradient_is_added_into_the_decodes(monkeypatch) -> N
     grads = torch.autograd.grad(total, [level.W_dec for level in model.levels])
     for grad, expected in zip(grads, reference, strict=True):
         torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_constraint_reads_the_products_of_the_last_normalisation(monkeypatch) -> None:
+    # After a loss on the fused kernel, normalise_decoders keeps each row's squared norm and
+    # parent dot from its own pass, and the next constraint reads them instead of a pass over
+    # the decoders: the same rows as the library normalisation, the same loss and gradients
+    # bitwise; and never once the decoders or the forest changed since.
+    _use_path(monkeypatch, "native")
+    weights = LossWeights(torch.tensor([0.5, 0.7, 0.9]), rho=0.3)
+    read: list[bool] = []
+    forward = losses._NativeStackConstraint.forward
+
+    def spied(ctx, forest, n_tokens, deferred, products, *tensors):  # type: ignore[no-untyped-def]
+        read.append(products is not None)
+        return forward(ctx, forest, n_tokens, deferred, products, *tensors)
+
+    monkeypatch.setattr(losses._NativeStackConstraint, "forward", staticmethod(spied))
+
+    def step(model: HSAE, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        total = model.training_loss(x, weights).total
+        total.backward()
+        return total.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    model, x = tiny_model()
+    step(model, x)  # a loss on the fused kernel: the normalisation keeps the products
+    library = copy.deepcopy(model)
+    for level in model.levels:  # move the rows off unit norm, as an optimizer step does
+        level.W_dec.data.mul_(torch.linspace(0.5, 2.0, level.W_dec.shape[0]).unsqueeze(1))
+    library = copy.deepcopy(model)
+    model.normalise_decoders()
+    for level in library.levels:
+        level.normalise_decoder()
+    assert model._products is not None
+    for ours, theirs in zip(model.levels, library.levels, strict=True):
+        assert torch.equal(ours.W_dec, theirs.W_dec)
+    read.clear()
+    total, grads = step(model, x)
+    library._products = None
+    expected_total, expected = step(library, x)
+    assert read == [True, False]
+    assert torch.equal(total, expected_total)
+    for grad, reference in zip(grads, expected, strict=True):
+        assert torch.equal(grad, reference)
+
+    def loss_matches_a_fresh_pass() -> None:
+        read.clear()
+        total, _ = step(model, x)
+        fresh = copy.deepcopy(model)
+        fresh._products = None
+        fresh_total, _ = step(fresh, x)
+        assert read == [False, False] and torch.equal(total, fresh_total)
+
+    model.normalise_decoders()
+    with torch.no_grad():  # the decoders change after the normalisation
+        model.levels[1].W_dec.mul_(1.5)
+    loss_matches_a_fresh_pass()
+    model.normalise_decoders()
+    links = model.parents(1).clone()  # the forest changes after it
+    model.set_parents(1, links.roll(1))
+    loss_matches_a_fresh_pass()
 
 
 def test_the_decodes_graph_is_freed_without_the_cycle_collector(monkeypatch) -> None:

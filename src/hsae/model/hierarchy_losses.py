@@ -63,6 +63,7 @@ def stack_constraint(
     parents: Sequence[Tensor],
     forest: StackForest | None = None,
     addends: Sequence[GradientAddend] | None = None,
+    products: DecoderProducts | None = None,
 ) -> Tensor:
     """The constraint summed over every adjacent level pair of a stack, from the supports.
 
@@ -90,6 +91,10 @@ def stack_constraint(
     kernel, a level whose addend holds a token gets its decoder gradient added into that
     decode's instead of a gradient of its own (the others, and every level on the library
     path, get theirs through autograd). The tokens are taken out of the addends here.
+
+    ``products``: :func:`normalise_with_products`'s of these very decoders and this forest (the
+    caller checks that neither changed since), which the fused CPU kernel then reads instead of
+    a pass over the decoders (bitwise the same); the library path computes its own.
     """
     if len(codes) != len(decoders) or len(parents) != len(codes) - 1:
         raise ValueError(
@@ -127,7 +132,47 @@ def stack_constraint(
         )
         # The tokens make this node's backward run before those decodes' (they wait for it).
         taken = [token for token in tokens if token is not None]
-        return _NativeStackConstraint.apply(forest, n_tokens, deferred, *entries, *taken)
+        return _NativeStackConstraint.apply(forest, n_tokens, deferred, products, *entries, *taken)
+
+
+class DecoderProducts(NamedTuple):
+    """What the fused constraint's forward takes of the decoders, numbered across levels as
+    in :class:`StackForest`: computed where the decoders were last normalised
+    (:func:`normalise_with_products`)."""
+
+    norms: Tensor
+    """[features] float32: each decoder row's squared norm, <d, d>."""
+    dots: Tensor
+    """[features] float32: each row's dot product with its parent's row (0: no parent)."""
+
+
+def normalise_with_products(
+    decoders: Sequence[Tensor], forest: StackForest
+) -> DecoderProducts | None:
+    """Normalise the decoders' rows in place as :meth:`Level.normalise_decoder` does (bitwise:
+    the same norms, the same division) and return, from the same pass over the rows, the
+    products the constraint's next forward needs (:class:`DecoderProducts`): the fused CPU
+    kernel (``native/stack_constraint.cpp``, ``normalise_decoder_rows``) reads each row once for
+    both, where the forward would read all 280 MB of decoders again at d = 2304. None, and
+    nothing done, where the fused kernels do not take the decoders (another device or dtype,
+    rows not contiguous, no forest links)."""
+    if not forest.any_links or not native.takes(*decoders):
+        return None
+    if any(decoder.stride(1) != 1 for decoder in decoders):
+        return None
+    with torch.no_grad():
+        norms = [decoder.norm(dim=1).clamp(min=1e-8) for decoder in decoders]
+        n_features = forest.offsets[-1]
+        products = DecoderProducts(
+            torch.empty(n_features, dtype=torch.float32),
+            torch.empty(n_features, dtype=torch.float32),
+        )
+        native.ops().normalise_decoder_rows(
+            list(decoders), norms, forest.parent, products.norms, products.dots
+        )
+    for decoder in decoders:  # written in place outside autograd's view
+        torch.autograd.graph.increment_version(decoder)
+    return products
 
 
 class StackForest(NamedTuple):
@@ -326,6 +371,7 @@ class _NativeStackConstraint(Function):
         forest: StackForest,
         n_tokens: int,
         deferred: tuple[GradientAddend | None, ...],
+        products: DecoderProducts | None,
         *tensors: Tensor,
     ) -> Tensor:
         n_levels = len(forest.offsets) - 1
@@ -335,7 +381,15 @@ class _NativeStackConstraint(Function):
         ctx.deferred = deferred
         ctx.n_tokens_in = len(tensors) - 4 * n_levels
         total, *state = native.ops().stack_constraint_forward(
-            values, rows, cols, forest.parent, forest.with_children, decoders, n_tokens
+            values,
+            rows,
+            cols,
+            forest.parent,
+            forest.with_children,
+            decoders,
+            n_tokens,
+            None if products is None else products.norms,
+            None if products is None else products.dots,
         )
         ctx.save_for_backward(*decoders, *state)
         ctx.sizes = (n_tokens, n_levels, [v.numel() for v in values])
@@ -347,7 +401,7 @@ class _NativeStackConstraint(Function):
         n_tokens, n_levels, counts = ctx.sizes
         saved = ctx.saved_tensors
         decoders, state = list(saved[:n_levels]), saved[n_levels:]
-        first = 3  # forest, n_tokens, deferred
+        first = 4  # forest, n_tokens, deferred, products
         need_values = any(ctx.needs_input_grad[first : first + n_levels])
         needs_decoder = ctx.needs_input_grad[first + 3 * n_levels : first + 4 * n_levels]
         # 1: a gradient of its own; 2: terms added into the addend's decode's gradient.

@@ -28,10 +28,12 @@ from hsae.model import forest as forest_ops
 from hsae.model import navigation
 from hsae.model.hierarchy_losses import (
     BorrowedChildren,
+    DecoderProducts,
     SiblingPairs,
     StackForest,
     dense_parent_children_constraint,
     native_constraint_applies,
+    normalise_with_products,
     perturbed_reconstruction,
     sibling_pairs,
     stack_constraint,
@@ -144,6 +146,13 @@ class HSAE(nn.Module):
         """Host copies of the parents buffers, keyed as ``_pairs`` (:meth:`host_parents`)."""
         self._stack_forest: dict[None, tuple[Any, StackForest]] = {}
         """The forest numbered across levels (:meth:`stack_forest`), keyed by None."""
+        self._products: tuple[Any, StackForest, DecoderProducts] | None = None
+        """The decoder products of the last :meth:`normalise_decoders`, with the decoders'
+        (address, version) after it and the forest they were taken for (:meth:`_constraint`
+        reads them only while both are unchanged)."""
+        self._fused_constraint = False
+        """Whether the last training loss took the constraint on the fused CPU kernel (then
+        :meth:`normalise_decoders` computes the products it reads)."""
 
     # --- public API ------------------------------------------------------------------------
     @property
@@ -382,12 +391,15 @@ class HSAE(nn.Module):
         one pass), from dense activations on the dense reference path (an independent check of
         the former). ``addends``: the levels' decodes' (:func:`stack_constraint`)."""
         if fused:
+            decoders = [level.W_dec for level in self.levels]
+            self._fused_constraint = native_constraint_applies(codes, decoders)
             return stack_constraint(
                 codes,
-                [level.W_dec for level in self.levels],
+                decoders,
                 [self.parents(index) for index in range(self.n_levels - 1)],
                 self.stack_forest(),
                 addends,
+                self._current_products() if self._fused_constraint else None,
             )
         total = codes[0].pre.new_zeros(())
         for index in range(self.n_levels - 1):
@@ -515,8 +527,34 @@ class HSAE(nn.Module):
 
     @torch.no_grad()
     def normalise_decoders(self) -> None:
+        """Every decoder row to unit norm. After a training loss that took the constraint on
+        the fused CPU kernel, in one pass that also keeps the products the next one reads
+        (:func:`hsae.model.hierarchy_losses.normalise_with_products`; the same rows)."""
+        self._products = None
+        if self._fused_constraint and all(
+            type(level).normalise_decoder is Level.normalise_decoder for level in self.levels
+        ):
+            forest = self.stack_forest()
+            products = normalise_with_products([level.W_dec for level in self.levels], forest)
+            if products is not None:
+                self._products = (self._decoders_stamp(), forest, products)
+                return
         for level in self.levels:
             level.normalise_decoder()
+
+    def _decoders_stamp(self) -> tuple[tuple[int, int], ...]:
+        return tuple((level.W_dec.data_ptr(), level.W_dec._version) for level in self.levels)
+
+    def _current_products(self) -> DecoderProducts | None:
+        """The last normalisation's products if neither the decoders nor the forest changed
+        since (another address or version, another forest)."""
+        if self._products is None:
+            return None
+        stamp, forest, products = self._products
+        if stamp != self._decoders_stamp() or forest is not self.stack_forest():
+            self._products = None
+            return None
+        return products
 
     # --- persistence ---------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cstdint>
 #include <numeric>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -156,7 +157,8 @@ void sort_occurrences(std::vector<std::pair<int64_t, int64_t>>& occurrence, int6
 std::vector<Tensor> stack_constraint_forward(
     at::TensorList values_list, at::TensorList rows_list, at::TensorList cols_list,
     const Tensor& parent_t, const Tensor& with_children_t, at::TensorList decoder_list,
-    int64_t n_tokens) {
+    int64_t n_tokens, const std::optional<Tensor>& cached_norms,
+    const std::optional<Tensor>& cached_dots) {
   std::vector<Tensor> values, rows, cols, decoders;
   for (const auto& t : values_list) values.push_back(t.contiguous());
   for (const auto& t : rows_list) rows.push_back(t.contiguous());
@@ -382,13 +384,28 @@ std::vector<Tensor> stack_constraint_forward(
   float* norms = norms_t.data_ptr<float>();
   float* dots = dots_t.data_ptr<float>();
   const int64_t n_support = static_cast<int64_t>(in_support.size());
-  at::parallel_for(0, n_support, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t f = in_support[i];
-      norms[f] = row_dot(row[f], row[f], d);
-      if (parent[f] >= 0) dots[f] = row_dot(row[f], row[parent[f]], d);
+  TORCH_CHECK(cached_norms.has_value() == cached_dots.has_value(),
+              "stack constraint: cached norms and dots go together");
+  if (cached_norms.has_value()) {  // normalise_decoder_rows's, of these very rows
+    for (const Tensor* t : {&*cached_norms, &*cached_dots}) {
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n_features,
+                  "stack constraint: cached norms and dots: float32, one per feature");
     }
-  });
+    const float* cached_norm = cached_norms->data_ptr<float>();
+    const float* cached_dot = cached_dots->data_ptr<float>();
+    for (int64_t f : in_support) {
+      norms[f] = cached_norm[f];
+      if (parent[f] >= 0) dots[f] = cached_dot[f];
+    }
+  } else {
+    at::parallel_for(0, n_support, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t f = in_support[i];
+        norms[f] = row_dot(row[f], row[f], d);
+        if (parent[f] >= 0) dots[f] = row_dot(row[f], row[parent[f]], d);
+      }
+    });
+  }
   Tensor pair_dots_t = at::empty({n_pairs}, float_options);
   float* pair_dots = pair_dots_t.data_ptr<float>();
   const int64_t* pair_u = pair_u_t.data_ptr<int64_t>();
@@ -615,10 +632,70 @@ void stack_constraint_decoder_rows(const Tensor& term_start_t, const Tensor& ter
 
 }  // namespace
 
+// Divides every decoder row in place by its level's norms[l][i] (the caller's clamped norms: the
+// rows then equal a library division's) and writes what stack_constraint_forward takes of the
+// normalised rows, numbered across levels: each row's squared norm and its dot with its
+// parent's row (0 without a parent), with the same row_dot and arguments, so the forward can
+// read them instead (bitwise the same). Level after level: a parent's row is divided before
+// its children's dots read it.
+void normalise_decoder_rows(at::TensorList decoder_list, at::TensorList norm_list,
+                            const Tensor& parent_t, Tensor& out_norms, Tensor& out_dots) {
+  std::vector<Tensor> decoders(decoder_list.begin(), decoder_list.end());
+  TORCH_CHECK(!decoders.empty() && norm_list.size() == decoders.size(),
+              "normalise decoder rows: one norms tensor per decoder");
+  const int64_t d = decoders[0].size(1);
+  for (size_t l = 0; l < decoders.size(); ++l) {
+    TORCH_CHECK(decoders[l].scalar_type() == at::kFloat && decoders[l].dim() == 2 &&
+                    decoders[l].size(1) == d && decoders[l].stride(1) == 1,
+                "normalise decoder rows: float32 [n, d] decoders with contiguous rows");
+    TORCH_CHECK(norm_list[l].scalar_type() == at::kFloat && norm_list[l].is_contiguous() &&
+                    norm_list[l].numel() == decoders[l].size(0),
+                "normalise decoder rows: float32 norms, one per row");
+  }
+  const auto offset = feature_offsets(decoders);
+  const int64_t n_features = offset.back();
+  TORCH_CHECK(parent_t.scalar_type() == at::kLong && parent_t.is_contiguous() &&
+                  parent_t.numel() == n_features,
+              "normalise decoder rows: int64 parents, one per feature");
+  for (const Tensor* t : {&out_norms, &out_dots}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n_features,
+                "normalise decoder rows: float32 outputs, one per feature");
+  }
+  const int64_t* parent = parent_t.data_ptr<int64_t>();
+  const auto row = decoder_rows(decoders);
+  float* norms = out_norms.data_ptr<float>();
+  float* dots = out_dots.data_ptr<float>();
+  for (size_t l = 0; l < decoders.size(); ++l) {
+    for (int64_t f = offset[l]; f < offset[l + 1]; ++f) {
+      TORCH_CHECK(parent[f] >= -1 && parent[f] < offset[l],
+                  "normalise decoder rows: a parent must lie in an earlier level (-1: none)");
+    }
+  }
+  for (size_t l = 0; l < decoders.size(); ++l) {
+    const float* norm = norm_list[l].data_ptr<float>();
+    const int64_t first = offset[l];
+    at::parallel_for(0, decoders[l].size(0), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t f = first + i;
+        float* r = const_cast<float*>(row[f]);
+        const float n = norm[i];
+        for (int64_t k = 0; k < d; ++k) r[k] = r[k] / n;
+        norms[f] = row_dot(row[f], row[f], d);
+        const int64_t p = parent[f];
+        dots[f] = p >= 0 ? row_dot(row[f], row[p], d) : 0.0f;
+      }
+    });
+  }
+}
+
 TORCH_LIBRARY(hsae_native, m) {
   m.def(
       "stack_constraint_forward(Tensor[] values, Tensor[] rows, Tensor[] cols, Tensor parent, "
-      "Tensor with_children, Tensor[] decoders, int n_tokens) -> Tensor[]");
+      "Tensor with_children, Tensor[] decoders, int n_tokens, Tensor? norms=None, "
+      "Tensor? dots=None) -> Tensor[]");
+  m.def(
+      "normalise_decoder_rows(Tensor(a!)[] decoders, Tensor[] norms, Tensor parent, "
+      "Tensor(b!) out_norms, Tensor(c!) out_dots) -> ()");
   m.def(
       "stack_constraint_backward(float scale, int[] entry_counts, Tensor parent, "
       "Tensor with_children, Tensor[] decoders, Tensor feature, Tensor value, "
@@ -633,6 +710,7 @@ TORCH_LIBRARY(hsae_native, m) {
 
 TORCH_LIBRARY_IMPL(hsae_native, CPU, m) {
   m.impl("stack_constraint_forward", &stack_constraint_forward);
+  m.impl("normalise_decoder_rows", &normalise_decoder_rows);
   m.impl("stack_constraint_backward", &stack_constraint_backward);
   m.impl("stack_constraint_decoder_rows", &stack_constraint_decoder_rows);
 }
