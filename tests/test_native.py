@@ -59,6 +59,47 @@ def test_the_kernel_names_what_it_needs_of_the_entries() -> None:
         )
 
 
+def test_normalise_decoder_rows_gives_the_library_rows_and_the_forward_products() -> None:
+    if not native.enabled():
+        pytest.skip(f"{native.ENV}=0")
+    assert native.available(), "the fused CPU kernels did not build"
+    generator = torch.Generator().manual_seed(0)
+    decoders = [torch.randn(n, 24, generator=generator) * 3 for n in (4, 8, 16)]
+    parents = [torch.tensor([0, 0, 1, -1, 2, 3, 3, 1]), torch.randint(-1, 8, (16,))]
+    forest = losses.stack_forest(parents, [4, 8, 16])
+    expected = [d / d.norm(dim=1, keepdim=True).clamp(min=1e-8) for d in decoders]
+    products = losses.normalise_with_products(decoders, forest)
+    assert products is not None
+    for ours, theirs in zip(decoders, expected, strict=True):
+        assert torch.equal(ours, theirs)
+    rows = torch.cat(expected)
+    parent = forest.parent
+    torch.testing.assert_close(products.norms, (rows * rows).sum(1))
+    linked = parent >= 0
+    dots = torch.where(linked, (rows * rows[parent.clamp(min=0)]).sum(1), 0.0)
+    torch.testing.assert_close(products.dots, dots)
+    # What the forward computes of the same rows, bitwise (the features all in the support).
+    values = [torch.ones(n) for n in (4, 8, 16)]
+    rows_of = [torch.zeros(n, dtype=torch.long) for n in (4, 8, 16)]
+    cols = [torch.arange(n) for n in (4, 8, 16)]
+    state = native.ops().stack_constraint_forward(
+        values, rows_of, cols, forest.parent, forest.with_children, decoders, 1
+    )
+    assert torch.equal(state[6], products.norms)
+    assert torch.equal(state[7], products.dots)
+    same = native.ops().stack_constraint_forward(
+        values, rows_of, cols, forest.parent, forest.with_children, decoders, 1,
+        products.norms, products.dots,
+    )  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(state, same, strict=True))
+    backwards = torch.full((28,), -1)
+    backwards[4] = 5  # level 1's first feature with a parent in its own level
+    with pytest.raises(RuntimeError, match="a parent must lie in an earlier level"):
+        native.ops().normalise_decoder_rows(
+            decoders, [torch.ones(n) for n in (4, 8, 16)], backwards, products.norms, products.dots
+        )
+
+
 def test_the_ninja_package_is_put_on_path_for_the_build(monkeypatch) -> None:
     ninja = pytest.importorskip("ninja")  # a dependency of hsae
     monkeypatch.setattr(native.shutil, "which", lambda name: None)  # no other ninja
