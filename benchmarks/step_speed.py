@@ -351,8 +351,9 @@ def build(
     steps: dict[str, Callable[[], object]] = {}
     source = None
     for name in names:
-        if name.partition(INSTANCE)[0] in ("hsae", "independent", *COMPILED):
-            mode, _, compiled = name.partition(INSTANCE)[0].partition("-")
+        kind = name.partition(INSTANCE)[0]  # hsae#2: another trainer of the HSAE
+        if kind in ("hsae", "independent", *COMPILED):
+            mode, _, compiled = kind.partition("-")
             trainer = make_trainer(args, mode, batches, args.compile if compiled else "off")
             started = time.perf_counter()
             try:

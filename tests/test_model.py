@@ -386,7 +386,6 @@ def test_the_constraint_reads_the_products_of_the_last_normalisation(monkeypatch
 
     model, x = tiny_model()
     step(model, x)  # a loss on the fused kernel: the normalisation keeps the products
-    library = copy.deepcopy(model)
     for level in model.levels:  # move the rows off unit norm, as an optimizer step does
         level.W_dec.data.mul_(torch.linspace(0.5, 2.0, level.W_dec.shape[0]).unsqueeze(1))
     library = copy.deepcopy(model)

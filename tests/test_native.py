@@ -67,8 +67,9 @@ def test_normalise_decoder_rows_gives_the_library_rows_and_the_forward_products(
     decoders = [torch.randn(n, 24, generator=generator) * 3 for n in (4, 8, 16)]
     parents = [torch.tensor([0, 0, 1, -1, 2, 3, 3, 1]), torch.randint(-1, 8, (16,))]
     forest = losses.stack_forest(parents, [4, 8, 16])
-    expected = [d / d.norm(dim=1, keepdim=True).clamp(min=1e-8) for d in decoders]
-    products = losses.normalise_with_products(decoders, forest)
+    norms = [d.norm(dim=1, keepdim=True).clamp(min=1e-8) for d in decoders]
+    expected = [d / n for d, n in zip(decoders, norms, strict=True)]
+    products = losses.normalise_with_products(decoders, norms, forest)
     assert products is not None
     for ours, theirs in zip(decoders, expected, strict=True):
         assert torch.equal(ours, theirs)

@@ -56,8 +56,8 @@ def parse_device(name: str, field: str = "device") -> torch.device:
 
 
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
-"""PyTorch's own switch: its CPU allocator puts every block of 2 MB or more on transparent huge
-pages (2 MB aligned, ``madvise(MADV_HUGEPAGE)``). Read once, at the process's first CPU
+"""PyTorch's own switch: its CPU allocator marks every block of 2 MB or more for transparent
+huge pages (page-aligned, ``madvise(MADV_HUGEPAGE)``). Read once, at the process's first CPU
 allocation."""
 _HUGE_PAGE_BYTES = 2 << 20
 _THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -72,8 +72,9 @@ def request_cpu_huge_pages() -> None:
     lie makes one run 10-30 % slower than the next. On huge pages (benchmarks/step_speed.py,
     2-core AMD EPYC, median of 3 processes each): d = 2304 steps 8-12 % shorter and the HSAE
     over its independent stack 1.02-1.07x instead of 0.81-1.17x; d = 640 some 9 % shorter.
-    SAELens's step in the same process gains alike. The cost: each block of 2 MB or more is
-    rounded up to whole 2 MB pages.
+    SAELens's step in the same process gains alike. The cost: the kernel backs such a block with
+    whole 2 MB pages, so a process may hold up to 2 MB more per block (peak memory at d = 2304
+    within about 10 % either way).
 
     PyTorch reads the switch at its first CPU allocation, so this runs when ``hsae`` is
     imported, before anything else of the package; a process that allocated tensors before

@@ -147,28 +147,27 @@ class DecoderProducts(NamedTuple):
 
 
 def normalise_with_products(
-    decoders: Sequence[Tensor], forest: StackForest
+    decoders: Sequence[Tensor], norms: Sequence[Tensor], forest: StackForest
 ) -> DecoderProducts | None:
-    """Normalise the decoders' rows in place as :meth:`Level.normalise_decoder` does (bitwise:
-    the same norms, the same division) and return, from the same pass over the rows, the
-    products the constraint's next forward needs (:class:`DecoderProducts`): the fused CPU
-    kernel (``native/stack_constraint.cpp``, ``normalise_decoder_rows``) reads each row once for
-    both, where the forward would read all 280 MB of decoders again at d = 2304. None, and
-    nothing done, where the fused kernels do not take the decoders (another device or dtype,
-    rows not contiguous, no forest links)."""
+    """Divide each decoder's rows in place by its ``norms`` (a level's
+    :meth:`Level.decoder_norms`: then bitwise what :meth:`Level.normalise_decoder` gives) and
+    return, from the same pass over the rows, the products the constraint's next forward needs
+    (:class:`DecoderProducts`): the fused CPU kernel (``native/stack_constraint.cpp``,
+    ``normalise_decoder_rows``) reads each row once for both, where the forward would read all
+    280 MB of decoders again at d = 2304. None, and nothing done, where the fused kernels do not
+    take the decoders (another device or dtype, rows not contiguous, no forest links)."""
     if not forest.any_links or not native.takes(*decoders):
         return None
     if any(decoder.stride(1) != 1 for decoder in decoders):
         return None
     with torch.no_grad():
-        norms = [decoder.norm(dim=1).clamp(min=1e-8) for decoder in decoders]
         n_features = forest.offsets[-1]
         products = DecoderProducts(
             torch.empty(n_features, dtype=torch.float32),
             torch.empty(n_features, dtype=torch.float32),
         )
         native.ops().normalise_decoder_rows(
-            list(decoders), norms, forest.parent, products.norms, products.dots
+            list(decoders), list(norms), forest.parent, products.norms, products.dots
         )
     for decoder in decoders:  # written in place outside autograd's view
         torch.autograd.graph.increment_version(decoder)

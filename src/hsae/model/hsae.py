@@ -11,7 +11,7 @@ baseline) drops the constraint and the perturbation, so the levels train indepen
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, overload
@@ -56,6 +56,12 @@ class ModelFileError(HSAEError, ValueError):
 
 class ModelNotFoundError(ModelFileError, FileNotFoundError):
     """No saved model where one was expected."""
+
+
+def _stamp(tensors: Iterable[Tensor]) -> tuple[tuple[int, int], ...]:
+    """Each tensor's (address, version): it changes when the tensor is replaced or written in
+    place, which is when what was computed from it must be computed again."""
+    return tuple((tensor.data_ptr(), tensor._version) for tensor in tensors)
 
 
 @dataclass(frozen=True)
@@ -449,10 +455,7 @@ class HSAE(nn.Module):
         """``cache[key]``, computed again only when ``level``'s parents buffer (any level's
         when None) has changed (another address or version) since it was stored."""
         levels = range(self.n_levels - 1) if level is None else (level,)
-        stamp = tuple(
-            (parents.data_ptr(), parents._version)
-            for parents in (self.parents(index) for index in levels)
-        )
+        stamp = _stamp(self.parents(index) for index in levels)
         cached = cache.get(key)
         if cached is None or cached[0] != stamp:
             cached = (stamp, compute())
@@ -535,7 +538,11 @@ class HSAE(nn.Module):
             type(level).normalise_decoder is Level.normalise_decoder for level in self.levels
         ):
             forest = self.stack_forest()
-            products = normalise_with_products([level.W_dec for level in self.levels], forest)
+            products = normalise_with_products(
+                [level.W_dec for level in self.levels],
+                [level.decoder_norms() for level in self.levels],
+                forest,
+            )
             if products is not None:
                 self._products = (self._decoders_stamp(), forest, products)
                 return
@@ -543,7 +550,7 @@ class HSAE(nn.Module):
             level.normalise_decoder()
 
     def _decoders_stamp(self) -> tuple[tuple[int, int], ...]:
-        return tuple((level.W_dec.data_ptr(), level.W_dec._version) for level in self.levels)
+        return _stamp(level.W_dec for level in self.levels)
 
     def _current_products(self) -> DecoderProducts | None:
         """The last normalisation's products if neither the decoders nor the forest changed

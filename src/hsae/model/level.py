@@ -240,8 +240,14 @@ class Level(nn.Module):
         )
 
     @torch.no_grad()
+    def decoder_norms(self) -> Tensor:
+        """[n, 1] each decoder row's norm (at least 1e-8), by which :meth:`normalise_decoder`
+        divides it."""
+        return self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
+
+    @torch.no_grad()
     def normalise_decoder(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8))
+        self.W_dec.div_(self.decoder_norms())
 
     # --- what each kind implements ------------------------------------------------------------
     def encode(self, x: Tensor, bandwidth: float = 1e-3) -> Tensor:
