@@ -362,6 +362,60 @@ def test_constraint_decoder_gradient_is_added_into_the_decodes(monkeypatch) -> N
         torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rate", [0.5, 1.0])
+def test_the_child_decode_does_the_borrowed_childrens_backward(monkeypatch, rate: float) -> None:
+    # On the fused CPU kernels a perturbed level's borrowed children hand their backward to the
+    # child level's own decode (kernels.BorrowedBackward), which forms their gradients in its
+    # own pass over the entries and rows: every child level must take that path (also when most
+    # of its own columns are substituted), and the loss and every gradient must equal the
+    # library kernels' (a separate borrowed decode), through backward() and autograd.grad
+    # alike; the decoders' gradients stay dense.
+    _use_path(monkeypatch, "native")
+    monkeypatch.setattr(kernels, "DENSE_DECODE_DENSITY", 1.0)  # decode from the entries
+    lent: list[int] = []
+    original = native.ops
+
+    class Counted:
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            if name == "borrowed_rows":
+                lent.append(1)
+            return getattr(original(), name)
+
+    monkeypatch.setattr(native, "ops", Counted)
+    weights = LossWeights(torch.tensor([0.5, 0.7, 0.9]), rho=0.3, aux=1 / 32)
+
+    def loss_and_model(native_kernels: bool) -> tuple[HSAE, torch.Tensor]:
+        with monkeypatch.context() as patch:
+            if not native_kernels:
+                patch.setattr(native, "available", lambda: False)
+            model, x = tiny_model()
+            substituted = [
+                sample_perturbation(
+                    model.parents(i), SIZES[i], rate, torch.Generator().manual_seed(i)
+                )
+                for i in range(len(SIZES) - 1)
+            ] + [torch.zeros(SIZES[-1], dtype=torch.bool)]
+            dead = [torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.3 for n in SIZES]
+            return model, model.training_loss(x, weights, substituted, dead).total
+
+    model, total = loss_and_model(native_kernels=False)
+    total.backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters()}
+    assert lent == []
+    model, fast_total = loss_and_model(native_kernels=True)
+    assert fast_total.item() == pytest.approx(total.item(), rel=1e-5)
+    fast_total.backward()
+    assert len(lent) == len(SIZES) - 1 and all(count > 0 for count in lent)
+    for name, p in model.named_parameters():
+        assert not p.grad.is_sparse
+        torch.testing.assert_close(p.grad, reference[name], rtol=1e-5, atol=1e-6)
+    model, fast_total = loss_and_model(native_kernels=True)
+    names, parameters = zip(*model.named_parameters(), strict=True)
+    grads = torch.autograd.grad(fast_total, parameters)
+    for name, grad in zip(names, grads, strict=True):
+        torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-6)
+
+
 def test_the_constraint_reads_the_products_of_the_last_normalisation(monkeypatch) -> None:
     # After a loss on the fused kernel, normalise_decoders keeps each row's squared norm and
     # parent dot from its own pass, and the next constraint reads them instead of a pass over

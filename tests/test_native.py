@@ -273,3 +273,56 @@ def test_tiled_decode_matches_a_dense_product(monkeypatch, threads: int, columns
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     for fast_grad, slow_grad in zip(fast_grads, slow_grads, strict=True):
         torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("columns", ["ascending", "shuffled"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_borrowed_dots_and_rows_match_dense_products(threads: int, columns: str) -> None:
+    # A child level's decode doing the backward of the borrowed children (BorrowedBackward):
+    # per entry, the dot with the token's gradient and, for the entries of borrowed features,
+    # the dot with the parent reconstruction's gradient (0 for the others); then the borrowed
+    # features' rows of the decoder gradient get sum value * that gradient over their entries,
+    # the other rows untouched. Blocks of 16 rows of 100, tokens without entries included.
+    if not native.enabled():
+        pytest.skip(f"{native.ENV}=0")
+    assert native.available(), "the fused CPU kernels did not build"
+    from hsae.model import kernels
+
+    generator = torch.Generator().manual_seed(5)
+    tokens, n, d = 150, 100, 24
+    acts = torch.rand(tokens, n, generator=generator)
+    acts[acts < 0.8] = 0
+    acts[[0, 70, tokens - 1]] = 0
+    rows, cols = acts.nonzero(as_tuple=True)
+    if columns == "shuffled":
+        order = torch.argsort(rows * n + (n - 1 - cols))
+        rows, cols = rows[order], cols[order]
+    values = acts[rows, cols]
+    decoder = torch.randn(n, d, generator=generator)
+    grad = torch.randn(tokens, d, generator=generator)
+    borrowed_grad = torch.randn(tokens, d, generator=generator)
+    borrowed = torch.rand(n, generator=generator) < 0.3
+    start = torch.randn(n, d, generator=generator)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dots, borrowed_dots = native.ops().tiled_dots_borrowed(
+            grad, rows, cols, decoder, 16, borrowed_grad, borrowed
+        )
+        order, starts = kernels.column_order(cols, n)
+        out = start.clone()
+        native.ops().borrowed_rows(out, values, rows, order, starts, borrowed, borrowed_grad)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(dots, (grad[rows] * decoder[cols]).sum(1), rtol=1e-5, atol=1e-5)
+    expected = (borrowed_grad[rows] * decoder[cols]).sum(1) * borrowed[cols]
+    torch.testing.assert_close(borrowed_dots, expected, rtol=1e-5, atol=1e-5)
+    assert bool((borrowed_dots[~borrowed[cols]] == 0).all())
+    dense = torch.zeros(tokens, n).index_put((rows, cols), values) * borrowed
+    torch.testing.assert_close(out, start + dense.t() @ borrowed_grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[~borrowed], start[~borrowed])
+    with pytest.raises(RuntimeError, match="column order"):
+        native.ops().borrowed_rows(
+            start.clone(), values, rows, order.flip(0) + rows.numel(), starts, borrowed,
+            borrowed_grad,
+        )  # fmt: skip

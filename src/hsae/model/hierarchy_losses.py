@@ -26,6 +26,7 @@ from torch.autograd import Function
 from hsae.model import native
 from hsae.model.forest import children_count
 from hsae.model.kernels import (
+    BorrowedBackward,
     GradientAddend,
     any_by,
     entry_positions,
@@ -774,6 +775,8 @@ def perturbed_reconstruction(
     with_bias: bool = True,
     borrowed: BorrowedChildren | None = None,
     addend: GradientAddend | None = None,
+    own: Tensor | None = None,
+    borrowed_backward: BorrowedBackward | None = None,
 ) -> Tensor:
     """Level reconstruction with each substituted parent replaced by its children's outputs.
 
@@ -784,9 +787,13 @@ def perturbed_reconstruction(
     that adds it inside its own error, as :func:`hsae.model.kernels.squared_error` does).
     ``borrowed``: the children of the substituted parents (:func:`borrowed_children`), whose
     columns alone the dense path then decodes. ``addend``: for the level's own decode
-    (:meth:`Level.decode_columns`).
+    (:meth:`Level.decode_columns`). ``own``: that decode of the level's unsubstituted columns,
+    when the caller has made it (``addend`` is then its business). ``borrowed_backward``: the
+    child level's own decode's :class:`~hsae.model.kernels.BorrowedBackward` (made with this
+    draw's borrowed children), to which the fused borrowed decode hands its backward.
     """
-    own = level.decode_columns(codes, ~substituted, fused, addend=addend)
+    if own is None:
+        own = level.decode_columns(codes, ~substituted, fused, addend=addend)
     if borrowed is not None and not fused:
         # The borrowed columns picked by a [children, k] one-hot product rather than a gather:
         # a gather's scatter backward, beside the constraint's, gets wrong gradients from
@@ -798,6 +805,10 @@ def perturbed_reconstruction(
     else:
         borrowed_columns = (parent_index >= 0) & substituted[parent_index.clamp(min=0)]
         if fused and _native_decode_applies(own, child_codes, child_level.W_dec):
+            handed = borrowed_backward is not None and borrowed_backward.token is not None
+            token = [borrowed_backward.token] if handed else []  # type: ignore[union-attr]
+            if borrowed_backward is not None:  # the child decode's ctx holds it: no cycle
+                borrowed_backward.token = None
             decoded = _NativeBorrowedDecode.apply(
                 child_codes.values,
                 child_level.W_dec,
@@ -806,6 +817,8 @@ def perturbed_reconstruction(
                 child_codes.cols,
                 borrowed_columns,
                 child_decodes_itself,
+                borrowed_backward if handed else None,
+                *token,
             )
         else:
             decoded = own + child_level.decode_columns(
@@ -826,7 +839,9 @@ class _NativeBorrowedDecode(Function):
     in ``borrowed`` adds value * its decoder row into its token's row. Backward: the borrowed
     entries' value gradients (<grad, row>, zero for the others) and the borrowed rows' decoder
     gradient, sparse (``row_sparse_grad``: the decoder gets a dense gradient elsewhere in the
-    loss, into which autograd adds it) or dense."""
+    loss, into which autograd adds it) or dense. With a :class:`~hsae.model.kernels.
+    BorrowedBackward` (and its token, the trailing input), the backward only hands it the
+    gradient: the child level's own decode, whose backward runs next, forms those two."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -838,17 +853,23 @@ class _NativeBorrowedDecode(Function):
         cols: Tensor,
         borrowed: Tensor,
         row_sparse_grad: bool,
+        handed_to: BorrowedBackward | None = None,
+        *token: Tensor,
     ) -> Tensor:
         entries = native.ops().borrowed_decode_forward(
             values.detach(), rows, cols, borrowed, decoder.detach(), own
         )
         ctx.mark_dirty(own)
         ctx.save_for_backward(values, decoder, rows, cols, entries)
-        ctx.row_sparse_grad = row_sparse_grad
+        ctx.row_sparse_grad, ctx.handed_to, ctx.n_token = row_sparse_grad, handed_to, len(token)
         return own
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        tail: tuple[Tensor | None, ...] = (None,) * (1 + ctx.n_token)
+        if ctx.handed_to is not None:
+            ctx.handed_to.grad = grad.contiguous()
+            return (None, None, grad, None, None, None, None, *tail)
         values, decoder, rows, cols, entries = ctx.saved_tensors
         need_values, need_decoder = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_values, latents, grad_rows = native.ops().borrowed_decode_backward(
@@ -859,12 +880,5 @@ class _NativeBorrowedDecode(Function):
             grad_decoder = row_sparse_gradient(latents, grad_rows, decoder.shape)
         elif need_decoder:
             grad_decoder = decoder.new_zeros(decoder.shape).index_copy_(0, latents, grad_rows)
-        return (
-            grad_values if need_values else None,
-            grad_decoder,
-            grad,
-            None,
-            None,
-            None,
-            None,
-        )
+        values_grad = grad_values if need_values else None
+        return (values_grad, grad_decoder, grad, None, None, None, None, *tail)

@@ -39,7 +39,7 @@ from hsae.model.hierarchy_losses import (
     stack_constraint,
     stack_forest,
 )
-from hsae.model.kernels import GradientAddend, squared_error
+from hsae.model.kernels import BorrowedBackward, GradientAddend, squared_error
 from hsae.model.level import BatchGroup, Level, LevelCodes
 from hsae.model.levels import LEVEL_KINDS
 
@@ -310,10 +310,23 @@ class HSAE(nn.Module):
             addends = [GradientAddend() for _ in self.levels]
         elif hierarchy:
             constraint = self._constraint(codes, fused, pairs)
+        # The borrowed children's backward is handed to the child level's own decode (built
+        # just before, one level down) where the fused CPU kernels allow.
+        handed: BorrowedBackward | None = None
         for index in reversed(range(self.n_levels)):
             level = self.levels[index]
             perturbed = self._perturbs(index, substituted, fused)
+            addend = None if addends is None else addends[index]
+            flags = self._borrowed_flags(index, substituted, fused)
+            lending = None if flags is None else BorrowedBackward(flags, codes[index].values)
             if perturbed:
+                own = level.decode_columns(
+                    codes[index],
+                    ~substituted[index],
+                    fused,
+                    addend=addend,
+                    borrowed=lending,  # type: ignore[index]
+                )
                 decoded = perturbed_reconstruction(
                     level,
                     codes[index],
@@ -325,12 +338,16 @@ class HSAE(nn.Module):
                     child_decodes_itself=True,  # level index + 1 decodes below
                     with_bias=False,
                     borrowed=None if borrowed is None else borrowed[index],
-                    addend=None if addends is None else addends[index],
+                    own=own,
+                    borrowed_backward=handed,
                 )
             else:
                 decoded = level.decode_columns(
-                    codes[index], None, fused, addend=None if addends is None else addends[index]
+                    codes[index], None, fused, addend=addend, borrowed=lending
                 )
+            if handed is not None:  # its token, untaken, would tie its decode's graph in a cycle
+                handed.token = None
+            handed = lending
             sq_error = squared_error(decoded, level.b_dec, x)
             if level.uses_sparsity_controller:
                 penalty = level.sparsity_loss(codes[index], cfg.bandwidth)
@@ -377,6 +394,17 @@ class HSAE(nn.Module):
                 x, self.config.bandwidth, fused, group=group
             )
         return level.encode_for_training(x, self.config.bandwidth, fused)
+
+    def _borrowed_flags(
+        self, index: int, substituted: list[Tensor] | None, fused: bool
+    ) -> Tensor | None:
+        """On the fast path, when level ``index - 1`` takes the perturbed reconstruction: which
+        of level ``index``'s features stand in for their substituted parents there (for the
+        :class:`~hsae.model.kernels.BorrowedBackward` of level ``index``'s decode); else None."""
+        if not fused or index == 0 or not self._perturbs(index - 1, substituted, fused):
+            return None
+        parents = self.parents(index - 1)
+        return (parents >= 0) & substituted[index - 1][parents.clamp(min=0)]  # type: ignore[index]
 
     def _perturbs(self, index: int, substituted: list[Tensor] | None, fused: bool = True) -> bool:
         """Whether level ``index`` takes the perturbed reconstruction this step: when it swaps

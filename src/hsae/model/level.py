@@ -177,6 +177,7 @@ class Level(nn.Module):
         fused: bool,
         row_sparse_grad: bool = False,
         addend: kernels.GradientAddend | None = None,
+        borrowed: kernels.BorrowedBackward | None = None,
     ) -> Tensor:
         """Decoder output (without b_dec) of the features flagged in ``columns`` (None: all).
 
@@ -187,6 +188,9 @@ class Level(nn.Module):
         whose decoder gets a dense gradient elsewhere in the same loss. ``addend``: a later
         term of W_dec's gradient that the fast path adds into its own (its token is then set;
         the other paths leave it unset, and the term's producer returns it to autograd).
+        ``borrowed``: the backward of the parent level's borrowed children (this level's
+        entries), which the fast path's decode of all entries does on the fused CPU kernels
+        (its token is then set; otherwise the borrowed decode does its own backward).
         """
         n_tokens = codes.n_tokens
         if not fused:  # the dense reference: no support, nothing read back to the host
@@ -195,9 +199,17 @@ class Level(nn.Module):
         n_selected = codes.values.numel() if selected is None else int(selected.sum())
         if n_selected > kernels.DENSE_DECODE_DENSITY * codes.pre.numel():
             return self._decode_dense(codes, columns)
-        if selected is None or n_selected > MASKED_DECODE_SHARE * codes.values.numel():
+        hands_back = borrowed is not None and kernels.borrowed_backward_applies(
+            self.W_dec, codes.values
+        )
+        if (
+            selected is None
+            or n_selected > MASKED_DECODE_SHARE * codes.values.numel()
+            or hands_back
+        ):
             # All entries, the unselected ones with value zero (a perturbed level's own
-            # columns keep most): the encoder's column order then serves the decoder too.
+            # columns keep most; the borrowed children's backward visits them all anyway): the
+            # encoder's column order then serves the decoder too.
             values = codes.values if selected is None else codes.values * selected
             return kernels.support_decode(
                 values,
@@ -208,6 +220,7 @@ class Level(nn.Module):
                 row_sparse_grad,
                 None if row_sparse_grad else codes.column_order,
                 addend,
+                borrowed,
             )
         entries = selected.nonzero(as_tuple=True)[0]
         values = codes.values.index_select(0, entries)

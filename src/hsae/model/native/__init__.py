@@ -12,7 +12,9 @@ another order):
 * ``support.cpp``: a JumpReLU level's support entries from its pre-activations, and the
   entries' order by latent (``kernels.support_entries``, ``kernels.column_order``);
 * ``tiled_decode.cpp``: decoding from the entries, and the entries' values gradient, for a
-  decoder too large for L2, block of rows by block (``kernels.TILED_DECODE_MIN_BYTES``).
+  decoder too large for L2, block of rows by block (``kernels.TILED_DECODE_MIN_BYTES``); and
+  in the same visit the backward of a perturbed parent level's borrowed children
+  (``kernels.BorrowedBackward``).
 
 The first use compiles them (about 30 seconds, with a C++ compiler and ninja; torch caches the
 build under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, and rebuilds it
@@ -105,6 +107,8 @@ def _build() -> bool:
                 "support_entries",
                 "column_order",
                 "tiled_decode",
+                "tiled_dots_borrowed",
+                "borrowed_rows",
             )
         )
     except Exception as error:  # no compiler, no ninja, no OpenMP: the library kernels serve
