@@ -367,23 +367,30 @@ def support_l0(
 TILED_DECODE_MIN_BYTES = 2 << 20
 """A decoder larger than this is decoded from the entries block of rows by block on the CPU
 (``native/tiled_decode.cpp``): the library kernels read rows in entry order, from L3 or memory
-once it outgrows L2 (2,048 x 640 float32 is 5 MiB: 1.5 against 2.3 ms forward, 1.5 against
-2.7 ms for the values' gradient, 1,024 tokens on two threads; at 512 latents, 1.3 MiB, the two
-are even)."""
+once it outgrows L2 (2,048 x 640 float32 is 5 MiB: 1.5 against 2.3 ms forward, 1,024 tokens on
+two threads; at 512 latents, 1.3 MiB, the two are even)."""
+TILED_DOTS_MIN_BYTES = 0
+"""A decoder larger than this takes the tiled kernel for the values' gradient (one dot product
+an entry) too. It beats the library's (embedding_bag's per-sample-weight gradient, a plain loop)
+at every size: at d = 640 on two threads, 1,024 tokens x 60 entries, 1.5 against 2.4 ms at 256
+latents, 1.6 against 2.3 at 512, 1.2 against 2.5 at 1,024 (2026-12-02, AMD host)."""
 TILED_DECODE_BLOCK_BYTES = 512 << 10
 """The decoder rows of one block: well inside a core's L2 (0.5 to 2 MiB on current x86)."""
 
 
-def tiled_chunk(W_dec: Tensor, values: Tensor) -> int:
-    """Rows per block of the tiled CPU decode (``TILED_DECODE_BLOCK_BYTES``), or 0 where the
-    library kernels serve: a decoder under ``TILED_DECODE_MIN_BYTES``, not float32, not on the
-    CPU or not contiguous, under torch.compile, or the fused kernels not built."""
+def tiled_chunk(W_dec: Tensor, values: Tensor, min_bytes: int | None = None) -> int:
+    """Rows per block of the tiled CPU decode (``TILED_DECODE_BLOCK_BYTES``, at most all of
+    them), or 0 where the library kernels serve: a decoder under ``min_bytes`` (default
+    ``TILED_DECODE_MIN_BYTES``), not float32, not on the CPU or not contiguous, under
+    torch.compile, or the fused kernels not built."""
     size = W_dec.numel() * W_dec.element_size()
-    if size <= TILED_DECODE_MIN_BYTES or not W_dec.is_contiguous():
+    threshold = TILED_DECODE_MIN_BYTES if min_bytes is None else min_bytes
+    if size <= threshold or not W_dec.is_contiguous() or W_dec.shape[0] == 0:
         return 0
     if not native.takes(W_dec, values):
         return 0
-    return max(16, TILED_DECODE_BLOCK_BYTES // (W_dec.shape[1] * W_dec.element_size()))
+    block = max(16, TILED_DECODE_BLOCK_BYTES // (W_dec.shape[1] * W_dec.element_size()))
+    return min(block, W_dec.shape[0])
 
 
 class GradientAddend:
@@ -465,7 +472,8 @@ class _SupportDecode(Function):
         borrowed: BorrowedBackward | None = None,
     ) -> tuple[Tensor, Tensor]:
         chunk = tiled_chunk(W_dec, values)
-        ctx.row_sparse_grad, ctx.order, ctx.chunk = row_sparse_grad, order, chunk
+        ctx.row_sparse_grad, ctx.order = row_sparse_grad, order
+        ctx.chunk = tiled_chunk(W_dec, values, TILED_DOTS_MIN_BYTES)  # the backward's dots
         ctx.addend, ctx.borrowed = addend, borrowed
         ctx.save_for_backward(values, W_dec, rows, cols, borrowed_values)
         token = values.new_empty(0)
@@ -492,7 +500,6 @@ class _SupportDecode(Function):
             grad_borrowed, borrowed.grad = borrowed.grad, None  # set again by a second backward
         grad_values = grad_W_dec = grad_borrowed_values = None
         if grad_borrowed is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[8]):
-            # One block of the whole decoder where it is small enough for the library kernels.
             grad_values, grad_borrowed_values = native.ops().tiled_dots_borrowed(
                 grad_out, rows, cols, W_dec.detach(), ctx.chunk or W_dec.shape[0],
                 grad_borrowed, borrowed.flags,
