@@ -23,6 +23,7 @@ namespace {
 using at::Tensor;
 using hsae_native::row_axpy;
 using hsae_native::row_dot;
+using hsae_native::row_prefetch;
 
 // Adds the borrowed entries' outputs into `out` ([tokens, d], in place) and returns the
 // borrowed entries' indices (int64, in entry order, so by token): the entries whose feature
@@ -81,6 +82,7 @@ Tensor borrowed_decode_forward(
     for (int64_t g = lo; g < hi; ++g) {
       for (int64_t i = starts[g]; i < starts[g + 1]; ++i) {
         const int64_t e = picked[i];
+        if (i + 1 < k) row_prefetch(base + col[picked[i + 1]] * stride, d);
         row_axpy(output + row[e] * d, value[e], base + col[e] * stride, d);
       }
     }

@@ -8,4 +8,5 @@
 namespace hsae_native {
 float row_dot(const float* a, const float* b, int64_t d);
 void row_axpy(float* y, float w, const float* x, int64_t d);
+void row_prefetch(const float* x, int64_t d);
 }  // namespace hsae_native

@@ -27,6 +27,7 @@ namespace {
 using at::Tensor;
 using hsae_native::row_axpy;
 using hsae_native::row_dot;
+using hsae_native::row_prefetch;
 
 // Where each token's entries start (checking rows and cols first); `ascending`: whether each
 // token's columns ascend (as nonzero's do), so that a block's entries are a run of them.
@@ -217,7 +218,12 @@ void borrowed_rows(Tensor& out, const Tensor& borrowed_values, const Tensor& row
         const int64_t k = position[i];
         const bool good = (k >= 0) & (k < n_entries) && (row[k] >= 0) & (row[k] < n_tokens);
         ok &= good;
-        if (good) row_axpy(target + j * d, value[k], g + row[k] * d, d);
+        if (!good) continue;
+        if (i + 1 < hi) {  // the next entry's token row, while this one's is added
+          const int64_t next = position[i + 1];
+          if ((next >= 0) & (next < n_entries)) row_prefetch(g + row[next] * d, d);
+        }
+        row_axpy(target + j * d, value[k], g + row[k] * d, d);
       }
     }
     if (!ok) valid = false;
