@@ -189,11 +189,19 @@ class ColumnOrder:
     def __init__(self, cols: Tensor, n_columns: int):
         self.cols, self.n_columns = cols, n_columns
         self._order: tuple[Tensor, Tensor] | None = None
+        self._rows: tuple[Tensor, Tensor] | None = None
 
     def get(self) -> tuple[Tensor, Tensor]:
         if self._order is None:
             self._order = column_order(self.cols, self.n_columns)
         return self._order
+
+    def rows_in_order(self, rows: Tensor) -> Tensor:
+        """The entries' ``rows`` in column order, gathered once for both weight gradients
+        (kept while the same ``rows`` tensor asks again)."""
+        if self._rows is None or self._rows[0] is not rows:
+            self._rows = (rows, rows.index_select(0, self.get()[0]))
+        return self._rows[1]
 
 
 def row_offsets(rows: Tensor, n_rows: int) -> Tensor:
@@ -217,13 +225,17 @@ def sparse_t_times(
     (benchmarks/step_speed.py's note) and a single kernel on GPU. ``order``: the entries'
     shared :class:`ColumnOrder` (``cols`` must be its columns), else sorted here.
     """
-    order, offsets = column_order(cols, n_cols) if order is None else order.get()
+    if order is None:
+        permutation, offsets = column_order(cols, n_cols)
+        rows_in_order = rows.index_select(0, permutation)
+    else:
+        (permutation, offsets), rows_in_order = order.get(), order.rows_in_order(rows)
     return F.embedding_bag(
-        rows.index_select(0, order),
+        rows_in_order,
         dense,
         offsets,
         mode="sum",
-        per_sample_weights=values.index_select(0, order),
+        per_sample_weights=values.index_select(0, permutation),
     )
 
 
@@ -347,7 +359,11 @@ class _SupportL0(Function):
     ) -> Tensor:
         theta = threshold.index_select(0, cols)
         band = (pre_support - theta).abs() < (bandwidth / 2)
-        band_count = torch.bincount(cols[band], minlength=threshold.shape[0]).to(threshold.dtype)
+        # A scatter, not bincount(cols[band]): no boolean index (a host sync on a GPU; twice
+        # the time on the CPU).
+        band_count = threshold.new_zeros(threshold.shape[0]).scatter_add_(
+            0, cols, band.to(threshold.dtype)
+        )
         ctx.save_for_backward(band_count)
         ctx.scale = bandwidth * n_tokens
         return (pre_support > theta).sum().to(threshold.dtype) / n_tokens
