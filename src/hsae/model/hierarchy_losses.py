@@ -803,7 +803,10 @@ def perturbed_reconstruction(
         weighted = acts @ (pick * borrowed.weight)
         decoded = own + weighted @ child_level.W_dec.index_select(0, borrowed.index)
     else:
-        borrowed_columns = (parent_index >= 0) & substituted[parent_index.clamp(min=0)]
+        if borrowed_backward is not None:  # made with these very flags
+            borrowed_columns = borrowed_backward.flags
+        else:
+            borrowed_columns = (parent_index >= 0) & substituted[parent_index.clamp(min=0)]
         if fused and _native_decode_applies(own, child_codes, child_level.W_dec):
             handed = borrowed_backward is not None and borrowed_backward.token is not None
             token = [borrowed_backward.token] if handed else []  # type: ignore[union-attr]

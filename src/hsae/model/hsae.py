@@ -313,19 +313,19 @@ class HSAE(nn.Module):
         # The borrowed children's backward is handed to the child level's own decode (built
         # just before, one level down) where the fused CPU kernels allow.
         handed: BorrowedBackward | None = None
+        perturbs = [self._perturbs(index, substituted, fused) for index in range(self.n_levels)]
         for index in reversed(range(self.n_levels)):
             level = self.levels[index]
-            perturbed = self._perturbs(index, substituted, fused)
+            perturbed = perturbs[index]
             addend = None if addends is None else addends[index]
-            flags = self._borrowed_flags(index, substituted, fused)
+            flags = None
+            if fused and index > 0 and perturbs[index - 1]:
+                flags = self._borrowed_flags(index, substituted)  # type: ignore[arg-type]
             lending = None if flags is None else BorrowedBackward(flags, codes[index].values)
             if perturbed:
+                keep = ~substituted[index]  # type: ignore[index]
                 own = level.decode_columns(
-                    codes[index],
-                    ~substituted[index],
-                    fused,
-                    addend=addend,
-                    borrowed=lending,  # type: ignore[index]
+                    codes[index], keep, fused, addend=addend, borrowed=lending
                 )
                 decoded = perturbed_reconstruction(
                     level,
@@ -395,16 +395,12 @@ class HSAE(nn.Module):
             )
         return level.encode_for_training(x, self.config.bandwidth, fused)
 
-    def _borrowed_flags(
-        self, index: int, substituted: list[Tensor] | None, fused: bool
-    ) -> Tensor | None:
-        """On the fast path, when level ``index - 1`` takes the perturbed reconstruction: which
-        of level ``index``'s features stand in for their substituted parents there (for the
-        :class:`~hsae.model.kernels.BorrowedBackward` of level ``index``'s decode); else None."""
-        if not fused or index == 0 or not self._perturbs(index - 1, substituted, fused):
-            return None
+    def _borrowed_flags(self, index: int, substituted: list[Tensor]) -> Tensor:
+        """Which of level ``index``'s features stand in for their substituted parents in level
+        ``index - 1``'s perturbed reconstruction (for the
+        :class:`~hsae.model.kernels.BorrowedBackward` of level ``index``'s decode)."""
         parents = self.parents(index - 1)
-        return (parents >= 0) & substituted[index - 1][parents.clamp(min=0)]  # type: ignore[index]
+        return (parents >= 0) & substituted[index - 1][parents.clamp(min=0)]
 
     def _perturbs(self, index: int, substituted: list[Tensor] | None, fused: bool = True) -> bool:
         """Whether level ``index`` takes the perturbed reconstruction this step: when it swaps
