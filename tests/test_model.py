@@ -78,6 +78,14 @@ def _use_path(monkeypatch, path: str) -> None:
     monkeypatch.setattr(losses, "FULL_ROWS_SHARE", 1.0 if path == "gathered-rows" else 0.0)
 
 
+def _substitutions(model: HSAE, rate: float) -> list[torch.Tensor]:
+    """A seeded perturbation draw for every level of a tiny model (none for the last)."""
+    return [
+        sample_perturbation(model.parents(i), SIZES[i], rate, torch.Generator().manual_seed(i))
+        for i in range(len(SIZES) - 1)
+    ] + [torch.zeros(SIZES[-1], dtype=torch.bool)]
+
+
 def _grads(model: HSAE) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -265,10 +273,7 @@ def test_fused_kernels_match_dense_reference(
     results = []
     for sparse in (True, False):
         model, x = tiny_model(sparse=sparse, kind=kind)
-        substituted = [
-            sample_perturbation(model.parents(i), SIZES[i], 0.5, torch.Generator().manual_seed(i))
-            for i in range(len(SIZES) - 1)
-        ] + [torch.zeros(SIZES[-1], dtype=torch.bool)]
+        substituted = _substitutions(model, 0.5)
         dead = [torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.3 for n in SIZES]
         weights = LossWeights(torch.tensor([0.5, 0.7, 0.9]), rho=0.3, aux=1 / 32)
         out = model.training_loss(x, weights, substituted, dead)
@@ -339,12 +344,7 @@ def test_constraint_decoder_gradient_is_added_into_the_decodes(monkeypatch) -> N
             if not native_kernels:
                 patch.setattr(native, "available", lambda: False)
             model, x = tiny_model()
-            substituted = [
-                sample_perturbation(
-                    model.parents(i), SIZES[i], 0.5, torch.Generator().manual_seed(i)
-                )
-                for i in range(len(SIZES) - 1)
-            ] + [torch.zeros(SIZES[-1], dtype=torch.bool)]
+            substituted = _substitutions(model, 0.5)
             return model, model.training_loss(x, weights, substituted).total
 
     model, total = loss_and_model(native_kernels=False)
@@ -389,12 +389,7 @@ def test_the_child_decode_does_the_borrowed_childrens_backward(monkeypatch, rate
             if not native_kernels:
                 patch.setattr(native, "available", lambda: False)
             model, x = tiny_model()
-            substituted = [
-                sample_perturbation(
-                    model.parents(i), SIZES[i], rate, torch.Generator().manual_seed(i)
-                )
-                for i in range(len(SIZES) - 1)
-            ] + [torch.zeros(SIZES[-1], dtype=torch.bool)]
+            substituted = _substitutions(model, rate)
             dead = [torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.3 for n in SIZES]
             return model, model.training_loss(x, weights, substituted, dead).total
 
@@ -849,10 +844,7 @@ def test_dense_loss_reads_nothing_back_to_the_host(kind: str) -> None:
     }  # fmt: skip
     model, x = tiny_model(sparse=False, kind=kind)
     model.sibling_pairs(0), model.sibling_pairs(1)  # once per forest, outside the step
-    substituted = [
-        sample_perturbation(model.parents(i), SIZES[i], 0.3, torch.Generator().manual_seed(i))
-        for i in range(len(SIZES) - 1)
-    ] + [torch.zeros(SIZES[-1], dtype=torch.bool)]
+    substituted = _substitutions(model, 0.3)
     weights = LossWeights(torch.tensor([0.5, 0.7, 0.9]), rho=0.3, aux=1 / 32)
     dead = [torch.arange(n) % 5 == 0 for n in SIZES]  # the dead-feature loss runs too
     with profile(activities=[ProfilerActivity.CPU]) as prof:
