@@ -4,12 +4,26 @@ compared with the naive constraint in test_model.py (the "native" cases)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
 from hsae.model import hierarchy_losses as losses
 from hsae.model import native
 from hsae.model.level import LevelCodes
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's CPU thread count set to ``n`` for the block, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_failed_build_warns_once_and_leaves_the_library_kernels(monkeypatch, tmp_path) -> None:
@@ -149,15 +163,11 @@ def test_many_co_active_siblings_give_the_library_kernels_values_and_gradients(
     generator = torch.Generator().manual_seed(5)
     codes, decoders, parents = _dense_stack(generator, [5, 11, 29], tokens=300, d=8, gaps=gaps)
     forest = losses.stack_forest(parents, [5, 11, 29])
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         assert losses.native_constraint_applies(codes, decoders)
         fast = losses.stack_constraint(codes, decoders, parents, forest)
         leaves = [c.values for c in codes] + decoders
         fast_grads = torch.autograd.grad(fast, leaves)
-    finally:
-        torch.set_num_threads(before)
     # The same through the library kernels (the fused kernel switched off).
     monkeypatch.setattr(native, "available", lambda: False)
     slow = losses.stack_constraint(codes, decoders, parents, forest)
@@ -185,15 +195,11 @@ def test_borrowed_decode_matches_a_dense_product_on_many_entries(threads: int) -
     decoder = torch.randn(n, d, generator=generator, requires_grad=True)
     values = acts[rows, cols].requires_grad_()
     own = torch.randn(tokens, d, generator=generator)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         fast = losses._NativeBorrowedDecode.apply(
             values, decoder, own.clone(), rows, cols, borrowed, False
         )
         fast_grads = torch.autograd.grad(fast.square().sum(), [values, decoder])
-    finally:
-        torch.set_num_threads(before)
     dense = torch.zeros(tokens, n).index_put((rows, cols), values)
     slow = own + (dense * borrowed) @ decoder
     slow_grads = torch.autograd.grad(slow.square().sum(), [values, decoder])
@@ -216,9 +222,7 @@ def test_support_entries_and_column_order_equal_the_library_kernels(monkeypatch,
     pre[5, 0] = float("nan")
     pre[[0, 100, 202]] = -10.0
     threshold = torch.rand(n, generator=generator) + 0.5
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         for level_pre in (pre, torch.full_like(pre, -10.0)):
             fast = kernels.support_entries(level_pre, threshold, 0.8)
             fast_order = kernels.column_order(fast[1], n)
@@ -229,8 +233,6 @@ def test_support_entries_and_column_order_equal_the_library_kernels(monkeypatch,
             for a, b in zip((*fast, *fast_order), (*slow, *slow_order), strict=True):
                 assert a.dtype == b.dtype
                 assert torch.equal(a, b)
-    finally:
-        torch.set_num_threads(before)
     assert fast[0].numel() == 0  # the last round had no entries
 
 
@@ -260,13 +262,9 @@ def test_tiled_decode_matches_a_dense_product(monkeypatch, threads: int, columns
     decoder = torch.randn(n, d, generator=generator, requires_grad=True)
     values = acts[rows, cols].requires_grad_()
     assert kernels.tiled_chunk(decoder, values) == 16
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         fast = kernels.support_decode(values, rows, cols, decoder, tokens)
         fast_grads = torch.autograd.grad(fast.sin().sum(), [values, decoder])
-    finally:
-        torch.set_num_threads(before)
     dense = torch.zeros(tokens, n).index_put((rows, cols), values)
     slow = dense @ decoder
     slow_grads = torch.autograd.grad(slow.sin().sum(), [values, decoder])
@@ -303,17 +301,13 @@ def test_borrowed_dots_and_rows_match_dense_products(threads: int, columns: str)
     borrowed_grad = torch.randn(tokens, d, generator=generator)
     borrowed = torch.rand(n, generator=generator) < 0.3
     start = torch.randn(n, d, generator=generator)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         dots, borrowed_dots = native.ops().tiled_dots_borrowed(
             grad, rows, cols, decoder, 16, borrowed_grad, borrowed
         )
         order, starts = kernels.column_order(cols, n)
         out = start.clone()
         native.ops().borrowed_rows(out, values, rows, order, starts, borrowed, borrowed_grad)
-    finally:
-        torch.set_num_threads(before)
     torch.testing.assert_close(dots, (grad[rows] * decoder[cols]).sum(1), rtol=1e-5, atol=1e-5)
     expected = (borrowed_grad[rows] * decoder[cols]).sum(1) * borrowed[cols]
     torch.testing.assert_close(borrowed_dots, expected, rtol=1e-5, atol=1e-5)
