@@ -73,6 +73,59 @@ def test_the_kernel_names_what_it_needs_of_the_entries() -> None:
         )
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_forward_checks_every_entry_whatever_thread_finds_it(threads: int) -> None:
+    # The pass over tokens checks the entries as it walks them (each thread from its first
+    # token's entries on): a bad entry anywhere, in any level, is named before any result.
+    if not native.enabled():
+        pytest.skip(f"{native.ENV}=0")
+    assert native.available(), "the fused CPU kernels did not build"
+    generator = torch.Generator().manual_seed(0)
+    n_tokens, sizes = 200, [4, 8]
+    forest = losses.stack_forest([torch.tensor([0, 0, 1, 1, 2, 2, 3, -1])], sizes)
+    decoders = [torch.randn(n, 6, generator=generator) for n in sizes]
+
+    def entries() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        counts = (600, 900)
+        rows = [torch.randint(0, n_tokens, (n,), generator=generator).sort()[0] for n in counts]
+        cols = [
+            torch.randint(0, size, (n,), generator=generator)
+            for size, n in zip(sizes, counts, strict=True)
+        ]
+        values = [torch.rand(n, generator=generator) for n in counts]
+        return values, rows, cols
+
+    def forward(values, rows, cols, parent=forest.parent):  # noqa: ANN001, ANN202
+        return native.ops().stack_constraint_forward(
+            values, rows, cols, parent, forest.with_children, decoders, n_tokens
+        )
+
+    with torch_threads(threads):
+        values, rows, cols = entries()
+        state = forward(values, rows, cols)
+        row_start = state[-1].view(2, n_tokens + 1)
+        for level in range(2):  # where each token's entries start, as a search finds it
+            expected = torch.searchsorted(rows[level], torch.arange(n_tokens + 1))
+            assert torch.equal(row_start[level], expected + (0 if level == 0 else 600))
+        spoilt = [  # level, then entry, row or column, new value
+            (1, 450, "row", None),  # out of order: one less than the entry before
+            (0, -1, "row", n_tokens),  # past the last token
+            (1, 0, "row", -1),
+            (1, 700, "col", sizes[1]),  # past the level's features
+            (0, 10, "col", -1),
+        ]
+        for level, entry, field, value in spoilt:
+            values, rows, cols = entries()
+            target = rows[level] if field == "row" else cols[level]
+            target[entry] = target[entry - 1] - 1 if value is None else value
+            with pytest.raises(RuntimeError, match=f"level {level}'s entries need rows in"):
+                forward(values, rows, cols)
+        circular = forest.parent.clone()
+        circular[5] = 6  # a feature of level 1 with a parent in level 1
+        with pytest.raises(RuntimeError, match="a parent must lie in an earlier level"):
+            forward(*entries(), parent=circular)
+
+
 def test_normalise_decoder_rows_gives_the_library_rows_and_the_forward_products() -> None:
     if not native.enabled():
         pytest.skip(f"{native.ENV}=0")

@@ -358,12 +358,13 @@ def native_constraint_applies(codes: Sequence[LevelCodes], decoders: Sequence[Te
 class _NativeStackConstraint(Function):
     """:class:`_StackConstraint` in one fused C++ kernel on the CPU (``native/
     stack_constraint.cpp``): the forward groups the support entries by token and finds each
-    child entry's parent entry and co-active siblings with per-feature stamps (no
-    [tokens x parents] table), sums alpha, beta, gamma and sigma, and takes the decoder products
-    of the features in the support; the backward gives each entry's gradient and writes every
-    decoder row's gradient once, as the weighted sum of the rows it depends on, or, for a level
-    with a :class:`GradientAddend` (``deferred[l]``), hands the addend the rows' terms to add
-    into its decode's gradient (the trailing tensors are the addends' tokens)."""
+    child entry's parent entry and co-active siblings through a small per-feature state (each
+    feature's latest entry; no [tokens x parents] table), sums alpha, beta, gamma and sigma,
+    and takes the decoder products of the features in the support; the backward gives each
+    entry's gradient and writes every decoder row's gradient once, as the weighted sum of the
+    rows it depends on, or, for a level with a :class:`GradientAddend` (``deferred[l]``), hands
+    the addend the rows' terms to add into its decode's gradient (the trailing tensors are the
+    addends' tokens)."""
 
     @staticmethod
     def forward(  # type: ignore[override]

@@ -5,8 +5,8 @@ replace the costliest of them, with the same results (up to float32 rounding whe
 another order):
 
 * ``stack_constraint.cpp``: the constraint of the whole level stack
-  (``hierarchy_losses.stack_constraint``), in two passes over the support entries and one over
-  the decoder rows;
+  (``hierarchy_losses.stack_constraint``), in one pass over the support entries forward, one
+  backward and one over the decoder rows;
 * ``borrowed_decode.cpp``: a perturbed level's borrowed children, added into its
   reconstruction in one pass over the child level's entries;
 * ``support.cpp``: a JumpReLU level's support entries from its pre-activations, and the

@@ -1,7 +1,8 @@
 // The parent-children constraint of a whole level stack on the CPU, fused: the same value and
 // gradients as hsae.model.hierarchy_losses._StackConstraint (see its docstrings for the
-// expansion), in two passes over the support entries and one over the decoder rows that need
-// it, instead of some 300 library kernels. Built on first use by hsae.model.native.
+// expansion), in one pass over the support entries forward, one backward and one over the
+// decoder rows that need it, instead of some 300 library kernels. Built on first use by
+// hsae.model.native.
 //
 // Features are numbered across levels (level l's from offset[l]); `parent` maps each feature to
 // its parent (-1: none); `with_children` flags features with at least one child. Per level, the
@@ -12,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
 #include <cstdint>
 #include <numeric>
 #include <optional>
@@ -101,36 +103,46 @@ std::vector<const float*> decoder_rows(const std::vector<Tensor>& decoders) {
   return row;
 }
 
-// Per feature, what the pass over tokens reads and writes of it, in one cache line (a child
-// entry touches its own feature's and its parent's: two lines, not eight arrays): its parent
-// (n_features: none) and the weights of its value as a parent (1: it has children) and as a
-// child (1: it has a parent); the last token it was seen at and its entry there, the last
-// sibling group it joined (as a parent: group_stamp, group_last), whether it has an entry,
-// and the sums alpha, beta, gamma.
-struct alignas(64) FeatureState {
+// Per feature, what the pass over tokens looks up (16 bytes, four to a cache line, so every
+// feature's fits in L2 with room for the entries streaming past): its parent (n_features: none),
+// its latest entry (-1: none yet) and its value there, and, as a parent, the latest child entry
+// of its sibling group. An entry belongs to the token at hand when it lies within the token's
+// entries of its level (entries are sorted by row): no per-token stamps.
+struct FeatureState {
   int32_t link = 0;
-  float as_parent = 0.0f, as_child = 0.0f;
-  int32_t stamp = -1, slot = 0, group_stamp = -1, group_last = -1, seen = 0;
-  double alpha = 0.0, beta = 0.0, gamma = 0.0;
+  int32_t slot = -1;
+  float value = 0.0f;
+  int32_t group_last = -1;
 };
 
-// Per-thread state of the pass over tokens: every feature's (and one more for "no parent",
-// never stamped), and the co-active sibling occurrences found, as (pair key u << 32 | v with
-// u < v, first entry << 32 | second entry).
+// Per feature, the sums of the pass over tokens, apart from the state it looks up: the squares
+// of its values and, as a child, the products with its parent's value (beta).
+struct FeatureSums {
+  double square = 0.0, beta = 0.0;
+};
+
+// Per-thread state of the pass over tokens: every feature's and its sums (and one more of each
+// for "no parent", never an entry's feature unless its column is bad, when the pass's check
+// fails), and the co-active sibling occurrences found, as (pair key u << 32 | v with u < v,
+// first entry << 32 | second entry).
 struct TokenPass {
   std::vector<FeatureState> state;
+  std::vector<FeatureSums> sums;
   std::vector<std::pair<int64_t, int64_t>> occurrence;
-  TokenPass(const int64_t* parent, const bool* with_children, int64_t n_features)
-      : state(n_features + 1) {
+  TokenPass(const int64_t* parent, int64_t n_features)
+      : state(n_features + 1), sums(n_features + 1) {
     for (int64_t f = 0; f < n_features; ++f) {
       state[f].link = parent[f] >= 0 ? static_cast<int32_t>(parent[f])
                                      : static_cast<int32_t>(n_features);
-      state[f].as_parent = with_children[f] ? 1.0f : 0.0f;
-      state[f].as_child = parent[f] >= 0 ? 1.0f : 0.0f;
     }
     state[n_features].link = static_cast<int32_t>(n_features);
   }
 };
+
+// Whether entry k lies in [lo, hi) (k = -1: never, as lo >= 0).
+inline bool within(int32_t k, int64_t lo, int64_t hi) {
+  return static_cast<uint64_t>(int64_t(k) - lo) < static_cast<uint64_t>(hi - lo);
+}
 
 // Sorts the occurrences (pair key u << 32 | v, entries) as std::sort would, in linear
 // time for the common case: a stable counting sort on u, then each u's few by (key, entries).
@@ -186,160 +198,146 @@ std::vector<Tensor> stack_constraint_forward(
   auto long_options = at::TensorOptions().dtype(at::kLong);
   auto float_options = at::TensorOptions().dtype(at::kFloat);
 
-  // All levels' entries in one numbering (level after level); where each level's entries of
-  // each token start (its rows are sorted: checked in the same pass, before the token pass
-  // below relies on it).
+  for (int64_t l = 0; l < n_levels; ++l) {
+    for (int64_t f = offset[l]; f < offset[l + 1]; ++f) {
+      TORCH_CHECK(parent[f] >= -1 && parent[f] < offset[l],
+                  "stack constraint: a parent must lie in an earlier level (-1: none)");
+    }
+  }
+
+  // All levels' entries in one numbering (level after level).
   std::vector<int64_t> entry_offset(n_levels + 1, 0);
   for (int64_t l = 0; l < n_levels; ++l) entry_offset[l + 1] = entry_offset[l] + values[l].numel();
   const int64_t n_entries = entry_offset.back();
   TORCH_CHECK(n_entries < (int64_t(1) << 31), "stack constraint: too many entries");
   TORCH_CHECK(n_features < (int64_t(1) << 31), "stack constraint: too many features");
-  Tensor row_start_t = at::empty({n_levels * (n_tokens + 1)}, long_options);
-  int64_t* row_start = row_start_t.data_ptr<int64_t>();
-  // One parallel pass over all levels' entries checks them and writes the row starts at each
-  // change of row (tokens without entries start where the next token does); only a valid
-  // entry writes, so a bad one cannot write out of bounds before the check fails.
-  std::vector<const int64_t*> level_rows(n_levels), level_cols(n_levels);
-  std::vector<int64_t> level_size(n_levels);
-  for (int64_t l = 0; l < n_levels; ++l) {
-    level_rows[l] = rows[l].data_ptr<int64_t>();
-    level_cols[l] = cols[l].data_ptr<int64_t>();
-    level_size[l] = decoders[l].size(0);
-    if (entry_offset[l + 1] == entry_offset[l]) {  // no entries: every token starts at the end
-      std::fill(row_start + l * (n_tokens + 1), row_start + (l + 1) * (n_tokens + 1),
-                entry_offset[l]);
-    }
-  }
   TORCH_CHECK(n_levels <= 64, "stack constraint: at most 64 levels");
-  std::atomic<uint64_t> invalid{0};  // bit l: level l has a bad entry
-  at::parallel_for(0, n_entries, 8192, [&](int64_t begin, int64_t end) {
-    uint64_t bad = 0;
-    for (int64_t l = 0; l < n_levels; ++l) {
-      const int64_t lo = std::max(begin, entry_offset[l]), hi = std::min(end, entry_offset[l + 1]);
-      if (lo >= hi) continue;
-      const int64_t* r = level_rows[l] - entry_offset[l];  // indexed by global entry
-      const int64_t* c = level_cols[l] - entry_offset[l];
-      const int64_t first = entry_offset[l], last = entry_offset[l + 1] - 1, size = level_size[l];
-      int64_t* start = row_start + l * (n_tokens + 1);
-      bool good = true;
-      for (int64_t k = lo; k < hi; ++k) {
-        const int64_t row = r[k], previous = k == first ? -1 : r[k - 1];
-        const bool valid = (row >= 0) & (row < n_tokens) & (c[k] >= 0) & (c[k] < size) &
-                           (row >= previous);
-        good &= valid;
-        if (valid && row != previous) {
-          for (int64_t t = previous + 1; t <= row; ++t) start[t] = k;
-        }
-        if (valid && k == last) {
-          for (int64_t t = row + 1; t <= n_tokens; ++t) start[t] = k + 1;
-        }
-      }
-      if (!good) bad |= uint64_t(1) << l;
-    }
-    if (bad) invalid.fetch_or(bad);
-  });
-  for (int64_t l = 0; l < n_levels; ++l) {
-    TORCH_CHECK(!((invalid.load() >> l) & 1), "stack constraint: level ", l, "'s entries need rows in [0, ",
-                n_tokens, ") in ascending order and columns in [0, ", level_size[l], ")");
+  std::vector<const int64_t*> entry_rows(n_levels), entry_cols(n_levels);
+  std::vector<const float*> entry_values(n_levels);
+  for (int64_t l = 0; l < n_levels; ++l) {  // indexed by global entry
+    entry_rows[l] = rows[l].data_ptr<int64_t>() - entry_offset[l];
+    entry_cols[l] = cols[l].data_ptr<int64_t>() - entry_offset[l];
+    entry_values[l] = values[l].data_ptr<float>() - entry_offset[l];
   }
 
   // Per token: every entry's global feature and value, each child entry's parent entry, the
-  // sums alpha, beta, gamma, and the co-active sibling occurrences (child entries of one token
-  // with the same parent feature). A feature without a parent links to the extra slot
-  // n_features, never stamped: the loop has no branch on it (random data would mispredict it
-  // half the time). Tokens are split among threads, so each entry is written by one thread.
+  // sums of squares and beta, and the co-active sibling occurrences (child entries of one token
+  // with the same parent feature); and where each level's entries of each token start. Tokens
+  // are split among threads, so each entry is written by one thread; a thread finds where its
+  // first token's entries start by bisection and then walks the entries in order, which checks
+  // them: a walk that stops before the next thread's start found a row out of order or out of
+  // range. A bad column reads as the extra slot n_features, so nothing is written out of
+  // bounds before the check after the pass fails. A feature without a parent links to that
+  // slot, never looked up as a parent: the loop has no branch on it (random data would
+  // mispredict it half the time).
+  Tensor row_start_t = at::empty({n_levels * (n_tokens + 1)}, long_options);
+  int64_t* row_start = row_start_t.data_ptr<int64_t>();
   Tensor feature_t = at::empty({n_entries}, int_options);
   Tensor value_t = at::empty({n_entries}, float_options);
+  Tensor position_t = at::empty({n_entries}, int_options);
   int32_t* feature = feature_t.data_ptr<int32_t>();
   float* value = value_t.data_ptr<float>();
-  Tensor position_t = at::empty({n_entries}, int_options);
   int32_t* position = position_t.data_ptr<int32_t>();
-  std::vector<const int64_t*> entry_cols(n_levels);
-  std::vector<const float*> entry_values(n_levels);
-  for (int64_t l = 0; l < n_levels; ++l) {  // indexed by global entry
-    entry_cols[l] = level_cols[l] - entry_offset[l];
-    entry_values[l] = values[l].data_ptr<float>() - entry_offset[l];
-  }
-  std::vector<int32_t> group_next(n_entries);
+  // Written for every child entry before it is read (uninitialised: a pass fewer).
+  std::unique_ptr<int32_t[]> group_next(new int32_t[std::max<int64_t>(n_entries, 1)]);
+  // The first entry at or after token r of level l (bisection; any answer is in bounds).
+  auto first_entry = [&](int64_t l, int64_t r) {
+    const int64_t* r0 = entry_rows[l] + entry_offset[l];
+    return entry_offset[l] + (std::lower_bound(r0, r0 + (entry_offset[l + 1] - entry_offset[l]), r) - r0);
+  };
+  std::atomic<uint64_t> invalid{0};  // bit l: level l has a bad entry
   std::vector<TokenPass> passes;
-  for (int i = 0; i < at::get_num_threads(); ++i) {
-    passes.emplace_back(parent, with_children, n_features);
-  }
+  for (int i = 0; i < at::get_num_threads(); ++i) passes.emplace_back(parent, n_features);
   at::parallel_for(0, n_tokens, 32, [&](int64_t begin, int64_t end) {
     // Raw pointers, so the compiler need not reload each vector's data after every store.
     TokenPass& pass = passes[at::get_thread_num()];
     FeatureState* __restrict state = pass.state.data();
-    int32_t* __restrict next = group_next.data();
+    FeatureSums* __restrict sums = pass.sums.data();
+    int32_t* __restrict next = group_next.get();
+    int32_t* __restrict feature_out = feature;
+    float* __restrict value_out = value;
+    int32_t* __restrict position_out = position;
+    int64_t* __restrict start_out = row_start;
+    const int64_t n_tokens1 = n_tokens + 1, none = n_features;
+    int64_t cursor[64], stop[64];
+    for (int64_t l = 0; l < n_levels; ++l) {
+      cursor[l] = first_entry(l, begin);
+      stop[l] = first_entry(l, end);
+    }
     for (int64_t r = begin; r < end; ++r) {
-      const int32_t token = static_cast<int32_t>(r);
       for (int64_t l = 0; l < n_levels; ++l) {  // every entry's feature and value
-        const int64_t* start = row_start + l * (n_tokens + 1);
+        const int64_t* rw = entry_rows[l];
         const int64_t* c = entry_cols[l];
         const float* v = entry_values[l];
-        const int32_t first = static_cast<int32_t>(offset[l]);
-        for (int64_t k = start[r]; k < start[r + 1]; ++k) {
-          const int32_t f = static_cast<int32_t>(c[k]) + first;
-          feature[k] = f;
-          value[k] = v[k];
-          state[f].seen = 1;
+        const int64_t first = offset[l], size = offset[l + 1] - offset[l], last = stop[l];
+        int64_t k = cursor[l];
+        start_out[l * n_tokens1 + r] = k;
+        bool good = true;
+        for (; k < last && rw[k] == r; ++k) {
+          const int64_t col = c[k];
+          const bool ok = (col >= 0) & (col < size);
+          good &= ok;
+          const int32_t f = static_cast<int32_t>(ok ? col + first : none);
+          const float a = v[k];
+          feature_out[k] = f;
+          value_out[k] = a;
+          state[f].slot = static_cast<int32_t>(k);
+          state[f].value = a;
+          sums[f].square += double(a) * a;
         }
-      }
-      for (int64_t l = 0; l + 1 < n_levels; ++l) {  // the parents' entries
-        const int64_t* start = row_start + l * (n_tokens + 1);
-        for (int64_t k = start[r]; k < start[r + 1]; ++k) {
-          FeatureState& own = state[feature[k]];
-          const float a = value[k];
-          own.stamp = token;
-          own.slot = static_cast<int32_t>(k);
-          own.alpha += double(own.as_parent * a) * a;
-        }
+        cursor[l] = k;
+        if (!good) invalid.fetch_or(uint64_t(1) << l);
       }
       {  // the first level has no parents
-        const int64_t* start = row_start;
-        for (int64_t k = start[r]; k < start[r + 1]; ++k) position[k] = -1;
+        for (int64_t k = start_out[r]; k < cursor[0]; ++k) position_out[k] = -1;
       }
       for (int64_t l = 1; l < n_levels; ++l) {  // the children's entries
-        const int64_t* start = row_start + l * (n_tokens + 1);
-        for (int64_t k = start[r]; k < start[r + 1]; ++k) {
-          const int32_t f = feature[k];
-          FeatureState& own = state[f];
-          const int32_t p = own.link;
+        const int64_t lo = start_out[l * n_tokens1 + r], hi = cursor[l];
+        const int64_t parent_lo = start_out[(l - 1) * n_tokens1 + r], parent_hi = cursor[l - 1];
+        for (int64_t k = lo; k < hi; ++k) {
+          const int32_t f = feature_out[k];
+          const int32_t p = state[f].link;
           FeatureState& up = state[p];
-          const float a = value[k];
-          const bool hit = up.stamp == token;
-          const int32_t pos = up.slot;
-          position[k] = hit ? pos : -1;
-          own.beta += double(hit ? value[pos] : 0.0f) * a;
-          own.gamma += double(own.as_child * a) * a;
+          const float a = value_out[k];
+          const bool hit = within(up.slot, parent_lo, parent_hi);
+          position_out[k] = hit ? up.slot : -1;
+          sums[f].beta += double(hit ? up.value : 0.0f) * a;
           // Co-active siblings are rare, so this branch is predicted well.
-          const bool grouped = up.group_stamp == token;
+          const bool grouped = within(up.group_last, lo, hi);
           if (grouped) {
             for (int32_t q = up.group_last; q >= 0; q = next[q]) {
-              const int64_t u = feature[q], v = f;
-              pass.occurrence.emplace_back(std::min(u, v) << 32 | std::max(u, v),
+              const int64_t u = feature_out[q], w = f;
+              pass.occurrence.emplace_back(std::min(u, w) << 32 | std::max(u, w),
                                            (int64_t(q) << 32) | k);
             }
           }
           next[k] = grouped ? up.group_last : -1;
-          up.group_stamp = p < n_features ? token : -1;
-          up.group_last = static_cast<int32_t>(k);
+          up.group_last = p < none ? static_cast<int32_t>(k) : -1;
         }
       }
     }
+    for (int64_t l = 0; l < n_levels; ++l) {
+      if (cursor[l] != stop[l]) invalid.fetch_or(uint64_t(1) << l);
+    }
   });
-  std::vector<double> alpha(n_features, 0.0), beta_sum(n_features, 0.0), gamma(n_features, 0.0);
+  for (int64_t l = 0; l < n_levels; ++l) {
+    const bool covered = first_entry(l, 0) == entry_offset[l] &&
+                         first_entry(l, n_tokens) == entry_offset[l + 1];
+    TORCH_CHECK(covered && !((invalid.load() >> l) & 1), "stack constraint: level ", l,
+                "'s entries need rows in [0, ", n_tokens, ") in ascending order and columns in [0, ",
+                offset[l + 1] - offset[l], ")");
+    row_start[l * (n_tokens + 1) + n_tokens] = entry_offset[l + 1];
+  }
+  std::vector<double> square(n_features, 0.0), beta_sum(n_features, 0.0);
+  std::vector<char> appears(n_features, 0);
   std::vector<std::pair<int64_t, int64_t>> occurrence;
   for (const auto& pass : passes) {
     for (int64_t f = 0; f < n_features; ++f) {
-      alpha[f] += pass.state[f].alpha;
-      beta_sum[f] += pass.state[f].beta;
-      gamma[f] += pass.state[f].gamma;
+      square[f] += pass.sums[f].square;
+      beta_sum[f] += pass.sums[f].beta;
+      appears[f] |= static_cast<char>(pass.state[f].slot >= 0);
     }
     occurrence.insert(occurrence.end(), pass.occurrence.begin(), pass.occurrence.end());
-  }
-  std::vector<char> appears(n_features, 0);
-  for (const auto& pass : passes) {
-    for (int64_t f = 0; f < n_features; ++f) appears[f] |= static_cast<char>(pass.state[f].seen);
   }
 
   // Distinct sibling pairs (u < v), sorted, and sigma_uv = sum of a_u a_v over occurrences.
@@ -381,7 +379,9 @@ std::vector<Tensor> stack_constraint_forward(
   float* beta = beta_t.data_ptr<float>();
   std::vector<int64_t> in_support;
   for (int64_t f = 0; f < n_features; ++f) {
-    norm_weight[f] = static_cast<float>(alpha[f] + gamma[f]);
+    // alpha + gamma: the squares, weighted 1 as a parent (it has children), 1 as a child.
+    norm_weight[f] = static_cast<float>(
+        (double(with_children[f]) + double(parent[f] >= 0)) * square[f]);
     beta[f] = static_cast<float>(beta_sum[f]);
     if (appears[f]) in_support.push_back(f);
   }
