@@ -319,6 +319,9 @@ std::vector<Tensor> stack_constraint_forward(
     for (int64_t l = 0; l < n_levels; ++l) {
       if (cursor[l] != stop[l]) invalid.fetch_or(uint64_t(1) << l);
     }
+    // Each thread sorts its own occurrences (merged below); a thread given a second run of
+    // tokens sorts all of its own again.
+    sort_occurrences(pass.occurrence, n_features);
   });
   for (int64_t l = 0; l < n_levels; ++l) {
     const bool covered = first_entry(l, 0) == entry_offset[l] &&
@@ -331,17 +334,24 @@ std::vector<Tensor> stack_constraint_forward(
   std::vector<double> square(n_features, 0.0), beta_sum(n_features, 0.0);
   std::vector<char> appears(n_features, 0);
   std::vector<std::pair<int64_t, int64_t>> occurrence;
-  for (const auto& pass : passes) {
+  for (auto& pass : passes) {
     for (int64_t f = 0; f < n_features; ++f) {
       square[f] += pass.sums[f].square;
       beta_sum[f] += pass.sums[f].beta;
       appears[f] |= static_cast<char>(pass.state[f].slot >= 0);
     }
-    occurrence.insert(occurrence.end(), pass.occurrence.begin(), pass.occurrence.end());
+    if (occurrence.empty()) {
+      occurrence.swap(pass.occurrence);
+    } else if (!pass.occurrence.empty()) {  // both sorted; entries make every item distinct
+      std::vector<std::pair<int64_t, int64_t>> merged(occurrence.size() + pass.occurrence.size());
+      std::merge(occurrence.begin(), occurrence.end(), pass.occurrence.begin(),
+                 pass.occurrence.end(), merged.begin());
+      occurrence.swap(merged);
+    }
   }
 
-  // Distinct sibling pairs (u < v), sorted, and sigma_uv = sum of a_u a_v over occurrences.
-  sort_occurrences(occurrence, n_features);
+  // Distinct sibling pairs (u < v), sorted, and sigma_uv = sum of a_u a_v over occurrences:
+  // where each pair's occurrences start (serial, keys only), then the pairs in parallel.
   const int64_t n_occ = static_cast<int64_t>(occurrence.size());
   Tensor occ_first_t = at::empty({n_occ}, int_options);
   Tensor occ_second_t = at::empty({n_occ}, int_options);
@@ -349,28 +359,36 @@ std::vector<Tensor> stack_constraint_forward(
   int32_t* occ_first = occ_first_t.data_ptr<int32_t>();
   int32_t* occ_second = occ_second_t.data_ptr<int32_t>();
   int32_t* occ_pair = occ_pair_t.data_ptr<int32_t>();
-  std::vector<int64_t> pair_key;
-  std::vector<double> sigma_sum;
+  std::vector<int64_t> pair_start;
   for (int64_t k = 0; k < n_occ; ++k) {
-    const auto& [key, entries] = occurrence[k];
-    if (pair_key.empty() || pair_key.back() != key) {
-      pair_key.push_back(key);
-      sigma_sum.push_back(0.0);
-    }
-    occ_first[k] = static_cast<int32_t>(entries >> 32);
-    occ_second[k] = static_cast<int32_t>(entries & 0xffffffff);
-    occ_pair[k] = static_cast<int32_t>(pair_key.size() - 1);
-    sigma_sum.back() += double(value[occ_first[k]]) * value[occ_second[k]];
+    if (k == 0 || occurrence[k].first != occurrence[k - 1].first) pair_start.push_back(k);
   }
-  const int64_t n_pairs = static_cast<int64_t>(pair_key.size());
+  const int64_t n_pairs = static_cast<int64_t>(pair_start.size());
+  pair_start.push_back(n_occ);
   Tensor pair_u_t = at::empty({n_pairs}, long_options);
   Tensor pair_v_t = at::empty({n_pairs}, long_options);
   Tensor sigma_t = at::empty({n_pairs}, float_options);
-  for (int64_t i = 0; i < n_pairs; ++i) {
-    pair_u_t.data_ptr<int64_t>()[i] = pair_key[i] >> 32;
-    pair_v_t.data_ptr<int64_t>()[i] = pair_key[i] & 0xffffffff;
-    sigma_t.data_ptr<float>()[i] = static_cast<float>(sigma_sum[i]);
-  }
+  int64_t* pair_u_out = pair_u_t.data_ptr<int64_t>();
+  int64_t* pair_v_out = pair_v_t.data_ptr<int64_t>();
+  float* sigma_out = sigma_t.data_ptr<float>();
+  at::parallel_for(0, n_pairs, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      double sum = 0.0;
+      for (int64_t k = pair_start[i]; k < pair_start[i + 1]; ++k) {
+        const int64_t entries = occurrence[k].second;
+        const int32_t first = static_cast<int32_t>(entries >> 32);
+        const int32_t second = static_cast<int32_t>(entries & 0xffffffff);
+        occ_first[k] = first;
+        occ_second[k] = second;
+        occ_pair[k] = static_cast<int32_t>(i);
+        sum += double(value[first]) * value[second];
+      }
+      const int64_t key = occurrence[pair_start[i]].first;
+      pair_u_out[i] = key >> 32;
+      pair_v_out[i] = key & 0xffffffff;
+      sigma_out[i] = static_cast<float>(sum);
+    }
+  });
 
   // Per feature: the weights of the value, and decoder products of the features in the support.
   Tensor norm_weight_t = at::empty({n_features}, float_options);
