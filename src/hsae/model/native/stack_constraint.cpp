@@ -50,6 +50,12 @@ HSAE_ROW_KERNEL void row_axpy(float* __restrict y, float w, const float* __restr
   for (int64_t k = 0; k < d; ++k) y[k] += w * x[k];
 }
 
+// x /= n (a division, not a product with 1 / n: the same rows as torch's division)
+HSAE_ROW_KERNEL void row_divide(float* __restrict x, float n, int64_t d) {
+#pragma omp simd
+  for (int64_t k = 0; k < d; ++k) x[k] = x[k] / n;
+}
+
 // Asks for a row's cache lines ahead of its use (a row from memory costs a miss per line
 // otherwise: the hardware prefetcher does not know where the next random row starts).
 void row_prefetch(const float* x, int64_t d) {
@@ -62,6 +68,7 @@ namespace {
 
 using at::Tensor;
 using hsae_native::row_axpy;
+using hsae_native::row_divide;
 using hsae_native::row_dot;
 using hsae_native::row_prefetch;
 using hsae_native::row_scale;
@@ -710,7 +717,7 @@ void normalise_decoder_rows(at::TensorList decoder_list, at::TensorList norm_lis
         const int64_t f = first + i;
         float* r = const_cast<float*>(row[f]);
         const float n = norm[i];
-        for (int64_t k = 0; k < d; ++k) r[k] = r[k] / n;
+        row_divide(r, n, d);
         norms[f] = row_dot(row[f], row[f], d);
         const int64_t p = parent[f];
         dots[f] = p >= 0 ? row_dot(row[f], row[p], d) : 0.0f;
