@@ -717,6 +717,12 @@ void normalise_decoder_rows(at::TensorList decoder_list, at::TensorList norm_lis
         const int64_t f = first + i;
         float* r = const_cast<float*>(row[f]);
         const float n = norm[i];
+        // The start of the next row's parent row (rows come in order, their parents do not);
+        // the hardware prefetcher follows on from there. Its first 512 bytes: 0.96x at d = 640
+        // and at d = 2304 (the whole row: 1.07x and 0.94x).
+        if (i + 1 < end && parent[f + 1] >= 0) {
+          row_prefetch(row[parent[f + 1]], std::min<int64_t>(d, 128));
+        }
         row_divide(r, n, d);
         norms[f] = row_dot(row[f], row[f], d);
         const int64_t p = parent[f];
