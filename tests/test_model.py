@@ -831,6 +831,32 @@ def test_dense_constraint_follows_the_forest_after_a_rebuild() -> None:
     assert support.item() == pytest.approx(after.item(), rel=1e-5)
 
 
+def test_the_draws_mask_of_parents_with_children_follows_the_forest() -> None:
+    # The trainer's draw reads which parents have children once per forest; a new forest (or
+    # an edit in place) must give the new mask, and the draw must equal one that computes it.
+    model, _ = tiny_model()
+    level = 1
+    links = model.parents(level)
+
+    def draw(with_children: torch.Tensor | None) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(3)
+        return sample_perturbation(links, SIZES[level], 0.5, generator, with_children)
+
+    kept = model.host_with_children(level)
+    assert torch.equal(kept, losses.has_children(links, SIZES[level]))
+    assert torch.equal(draw(kept), draw(None))
+    assert model.host_with_children(level) is kept  # the same forest: not computed again
+    links = torch.full_like(links, -1)
+    links[:3] = 0  # only parent 0 has children now
+    model.set_parents(level, links)
+    mask = model.host_with_children(level)
+    assert mask.tolist() == [True] + [False] * (SIZES[level] - 1)
+    assert torch.equal(draw(mask), draw(None))
+    links = model.parents(level)
+    links[3] = 1  # an edit in place: the buffer's version moves
+    assert model.host_with_children(level)[:2].tolist() == [True, True]
+
+
 @pytest.mark.parametrize("kind", ["jumprelu", "topk", "batchtopk"])
 def test_dense_loss_reads_nothing_back_to_the_host(kind: str) -> None:
     # The dense reference path of every level kind (constraint, perturbation, L0, metrics,

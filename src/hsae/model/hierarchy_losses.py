@@ -756,12 +756,20 @@ def _pairs_within_groups(sorted_groups: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def sample_perturbation(
-    parent_index: Tensor, n_parents: int, rate: float, generator: torch.Generator | None = None
+    parent_index: Tensor,
+    n_parents: int,
+    rate: float,
+    generator: torch.Generator | None = None,
+    with_children: Tensor | None = None,
 ) -> Tensor:
-    """s_p ~ Bernoulli(rate) for every parent with children; parents without children: False."""
+    """s_p ~ Bernoulli(rate) for every parent with children; parents without children: False.
+    ``with_children``: :func:`has_children` of these links, on their device, where the caller
+    keeps it (the trainer, once per forest); computed here otherwise."""
     # Drawn on the CPU so one seeded generator reproduces a run on any device.
     draws = torch.rand(n_parents, generator=generator) < rate
-    return draws.to(parent_index.device) & has_children(parent_index, n_parents)
+    if with_children is None:
+        with_children = has_children(parent_index, n_parents)
+    return draws.to(parent_index.device) & with_children
 
 
 def perturbed_reconstruction(

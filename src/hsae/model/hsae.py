@@ -32,6 +32,7 @@ from hsae.model.hierarchy_losses import (
     SiblingPairs,
     StackForest,
     dense_parent_children_constraint,
+    has_children,
     native_constraint_applies,
     normalise_with_products,
     perturbed_reconstruction,
@@ -150,6 +151,8 @@ class HSAE(nn.Module):
         forest changes."""
         self._host_forest: dict[int, tuple[Any, Tensor]] = {}
         """Host copies of the parents buffers, keyed as ``_pairs`` (:meth:`host_parents`)."""
+        self._host_with_children: dict[int, tuple[Any, Tensor]] = {}
+        """Which features of each level have children, on the host (:meth:`host_with_children`)."""
         self._stack_forest: dict[None, tuple[Any, StackForest]] = {}
         """The forest numbered across levels (:meth:`stack_forest`), keyed by None."""
         self._products: tuple[Any, StackForest, DecoderProducts] | None = None
@@ -449,6 +452,17 @@ class HSAE(nn.Module):
         if parents.device.type == "cpu":
             return parents
         return self._per_forest(self._host_forest, level, level, parents.cpu)
+
+    def host_with_children(self, level: int) -> Tensor:
+        """[level size] bool, on the host: which of ``level``'s features have at least one
+        child (:func:`hsae.model.hierarchy_losses.has_children` of :meth:`host_parents`), once
+        per forest: the perturbation draw's mask, every step."""
+        return self._per_forest(
+            self._host_with_children,
+            level,
+            level,
+            lambda: has_children(self.host_parents(level), self.config.level_sizes[level]),
+        )
 
     def sibling_pairs(self, level: int, padded: bool = False) -> SiblingPairs:
         """The sibling pairs among the children of ``level``'s features, computed once per

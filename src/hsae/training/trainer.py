@@ -382,9 +382,12 @@ class Trainer:
             return None
         forest = [self.model.host_parents(level) for level in range(cfg.n_levels - 1)]
         draws = [
-            sample_perturbation(links, size, cfg.perturbation_rate, self.generator)
-            for links, size in zip(forest, cfg.level_sizes[:-1], strict=True)
-        ]
+            sample_perturbation(
+                links, size, cfg.perturbation_rate, self.generator,
+                self.model.host_with_children(level),
+            )
+            for level, (links, size) in enumerate(zip(forest, cfg.level_sizes[:-1], strict=True))
+        ]  # fmt: skip
         substituted = [draw.to(self.device, non_blocking=True) for draw in draws]
         substituted.append(torch.zeros(cfg.level_sizes[-1], dtype=torch.bool, device=self.device))
         borrowed = None
