@@ -373,12 +373,20 @@ def test_the_child_decode_does_the_borrowed_childrens_backward(monkeypatch, rate
     _use_path(monkeypatch, "native")
     monkeypatch.setattr(kernels, "DENSE_DECODE_DENSITY", 1.0)  # decode from the entries
     lent: list[int] = []
+    merged: list[bool] = []
     original = native.ops
 
     class Counted:
         def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
             if name == "borrowed_rows":
                 lent.append(1)
+            if name == "tiled_dots_borrowed":
+                # The child's values and the borrowed ones are the same tensor: one gradient.
+                def dots(*args: object) -> object:
+                    merged.append(bool(args[-1]))
+                    return original().tiled_dots_borrowed(*args)
+
+                return dots
             return getattr(original(), name)
 
     monkeypatch.setattr(native, "ops", Counted)
@@ -401,6 +409,7 @@ def test_the_child_decode_does_the_borrowed_childrens_backward(monkeypatch, rate
     assert fast_total.item() == pytest.approx(total.item(), rel=1e-5)
     fast_total.backward()
     assert len(lent) == len(SIZES) - 1 and all(count > 0 for count in lent)
+    assert merged == [True] * (len(SIZES) - 1)
     for name, p in model.named_parameters():
         assert not p.grad.is_sparse
         torch.testing.assert_close(p.grad, reference[name], rtol=1e-5, atol=1e-6)

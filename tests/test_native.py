@@ -365,6 +365,22 @@ def test_borrowed_dots_and_rows_match_dense_products(threads: int, columns: str)
     expected = (borrowed_grad[rows] * decoder[cols]).sum(1) * borrowed[cols]
     torch.testing.assert_close(borrowed_dots, expected, rtol=1e-5, atol=1e-5)
     assert bool((borrowed_dots[~borrowed[cols]] == 0).all())
+    # A perturbed level's own decode keeps some entries (the others' dots are 0), and its
+    # borrowed entries' dots may be summed into the same output (the values being the same).
+    kept = torch.rand(rows.numel(), generator=generator) < 0.7
+    with torch_threads(threads):
+        kept_dots, second = native.ops().tiled_dots_borrowed(
+            grad, rows, cols, decoder, 16, borrowed_grad, borrowed, kept
+        )
+        merged, empty = native.ops().tiled_dots_borrowed(
+            grad, rows, cols, decoder, 16, borrowed_grad, borrowed, kept, True
+        )
+        alone = native.ops().tiled_dots(grad, rows, cols, decoder, 16, kept)
+    assert torch.equal(kept_dots, dots * kept) and torch.equal(second, borrowed_dots)
+    assert torch.equal(alone, kept_dots) and empty.numel() == 0
+    torch.testing.assert_close(merged, dots * kept + borrowed_dots, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="kept flag"):
+        native.ops().tiled_dots(grad, rows, cols, decoder, 16, kept[1:])
     dense = torch.zeros(tokens, n).index_put((rows, cols), values) * borrowed
     torch.testing.assert_close(out, start + dense.t() @ borrowed_grad, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[~borrowed], start[~borrowed])

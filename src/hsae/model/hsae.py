@@ -152,6 +152,7 @@ class HSAE(nn.Module):
         self._host_forest: dict[int, tuple[Any, Tensor]] = {}
         """Host copies of the parents buffers, keyed as ``_pairs`` (:meth:`host_parents`)."""
         self._host_with_children: dict[int, tuple[Any, Tensor]] = {}
+        self._parent_links: dict[int, tuple[Any, tuple[Tensor, Tensor]]] = {}
         """Which features of each level have children, on the host (:meth:`host_with_children`)."""
         self._stack_forest: dict[None, tuple[Any, StackForest]] = {}
         """The forest numbered across levels (:meth:`stack_forest`), keyed by None."""
@@ -402,8 +403,13 @@ class HSAE(nn.Module):
         """Which of level ``index``'s features stand in for their substituted parents in level
         ``index - 1``'s perturbed reconstruction (for the
         :class:`~hsae.model.kernels.BorrowedBackward` of level ``index``'s decode)."""
-        parents = self.parents(index - 1)
-        return (parents >= 0) & substituted[index - 1][parents.clamp(min=0)]
+        has_parent, link = self._per_forest(
+            self._parent_links,
+            index - 1,
+            index - 1,
+            lambda: (self.parents(index - 1) >= 0, self.parents(index - 1).clamp(min=0)),
+        )
+        return substituted[index - 1].index_select(0, link).logical_and_(has_parent)
 
     def _perturbs(self, index: int, substituted: list[Tensor] | None, fused: bool = True) -> bool:
         """Whether level ``index`` takes the perturbed reconstruction this step: when it swaps

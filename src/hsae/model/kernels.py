@@ -470,7 +470,11 @@ class _SupportDecode(Function):
     gradient is several times slower on CPU), into which a :class:`GradientAddend`'s term is
     added. With a :class:`BorrowedBackward` whose gradient has arrived, the fused CPU kernels
     form the borrowed entries' gradients too (``borrowed_values``: their values, an input so
-    that they get them). The second output is the token of both.
+    that they get them; ``merge``: they are ``values`` itself, whose one gradient then holds
+    both, summed in the kernel). ``selected``: a bool per entry, the entries decoded (the
+    others count as zero: a perturbed level's own decode without its substituted columns);
+    their mask is applied here rather than by a product in the graph, so that the kernel forms
+    the masked gradient directly. The second output is the token of both.
     """
 
     @staticmethod
@@ -486,30 +490,30 @@ class _SupportDecode(Function):
         addend: GradientAddend | None = None,
         borrowed_values: Tensor | None = None,
         borrowed: BorrowedBackward | None = None,
+        selected: Tensor | None = None,
+        merge: bool = False,
     ) -> tuple[Tensor, Tensor]:
         chunk = tiled_chunk(W_dec, values)
         ctx.row_sparse_grad, ctx.order = row_sparse_grad, order
         ctx.chunk = tiled_chunk(W_dec, values, TILED_DOTS_MIN_BYTES)  # the backward's dots
-        ctx.addend, ctx.borrowed = addend, borrowed
-        ctx.save_for_backward(values, W_dec, rows, cols, borrowed_values)
+        ctx.addend, ctx.borrowed, ctx.merge = addend, borrowed, merge
+        decoded = values.detach() if selected is None else values.detach() * selected
+        # The decoded values, not the input: the decoder's gradient is formed from them.
+        ctx.save_for_backward(decoded, W_dec, rows, cols, borrowed_values, selected)
         token = values.new_empty(0)
         if chunk:
-            out = native.ops().tiled_decode(
-                values.detach(), rows, cols, W_dec.detach(), n_tokens, chunk
-            )
+            out = native.ops().tiled_decode(decoded, rows, cols, W_dec.detach(), n_tokens, chunk)
             return out, token
         offsets = row_offsets(rows, n_tokens)
         # Detached: a weight that requires grad makes embedding_bag take its training variant
         # (_embedding_bag, which also builds the entries' bag map); this Function has its own
         # backward, so the forward-only kernel serves (3% faster for 70,000 entries).
-        out = F.embedding_bag(
-            cols, W_dec.detach(), offsets, mode="sum", per_sample_weights=values.detach()
-        )
+        out = F.embedding_bag(cols, W_dec.detach(), offsets, mode="sum", per_sample_weights=decoded)
         return out, token
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_token: Tensor | None):  # type: ignore[override]
-        values, W_dec, rows, cols, borrowed_values = ctx.saved_tensors
+        values, W_dec, rows, cols, borrowed_values, selected = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         borrowed, grad_borrowed = ctx.borrowed, None
         if borrowed is not None:
@@ -518,12 +522,18 @@ class _SupportDecode(Function):
         if grad_borrowed is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[8]):
             grad_values, grad_borrowed_values = native.ops().tiled_dots_borrowed(
                 grad_out, rows, cols, W_dec.detach(), ctx.chunk or W_dec.shape[0],
-                grad_borrowed, borrowed.flags,
+                grad_borrowed, borrowed.flags, selected, ctx.merge,
             )  # fmt: skip
+            if ctx.merge:  # the borrowed values are the values: their one gradient holds both
+                grad_borrowed_values = None
         elif ctx.needs_input_grad[0] and ctx.chunk:
-            grad_values = native.ops().tiled_dots(grad_out, rows, cols, W_dec.detach(), ctx.chunk)
+            grad_values = native.ops().tiled_dots(
+                grad_out, rows, cols, W_dec.detach(), ctx.chunk, selected
+            )
         elif ctx.needs_input_grad[0]:
             grad_values = gathered_dots(grad_out, rows, W_dec, cols)
+            if selected is not None:
+                grad_values = grad_values * selected
         if ctx.needs_input_grad[1] and ctx.row_sparse_grad:
             # Only the rows of the latents decoded here: a sparse gradient that autograd adds
             # into the dense one the caller guarantees (no [n, d] tensor written for a few rows).
@@ -545,7 +555,8 @@ class _SupportDecode(Function):
                 addend.add_into(grad_W_dec)
                 addend.add_into = None  # set again by a second backward through the graph
         return (
-            grad_values, grad_W_dec, None, None, None, None, None, None, grad_borrowed_values, None
+            grad_values, grad_W_dec, None, None, None, None, None, None, grad_borrowed_values,
+            None, None, None,
         )  # fmt: skip
 
 
@@ -569,6 +580,7 @@ def support_decode(
     order: ColumnOrder | None = None,
     addend: GradientAddend | None = None,
     borrowed: BorrowedBackward | None = None,
+    selected: Tensor | None = None,
 ) -> Tensor:
     """Decoding of support entries with the sparse backward of :class:`_SupportDecode`.
 
@@ -581,15 +593,17 @@ def support_decode(
     ``borrowed``: the backward of a perturbed parent level's borrowed children, done here (its
     ``token`` is set; ignored with ``row_sparse_grad`` or where
     :func:`borrowed_backward_applies` does not hold). ``rows`` and ``cols`` must then be all of
-    the level's entries, as ``borrowed.values`` are.
+    the level's entries, as ``borrowed.values`` are. ``selected``: a bool per entry, the entries
+    decoded (the others' values count as zero; None: all).
     """
     if row_sparse_grad:
         addend = borrowed = None
     if borrowed is not None and not borrowed_backward_applies(W_dec, values):
         borrowed = None
+    merge = borrowed is not None and borrowed.values is values
     out, token = _SupportDecode.apply(
         values, W_dec, rows, cols, n_tokens, row_sparse_grad, order, addend,
-        None if borrowed is None else borrowed.values, borrowed,
+        None if borrowed is None else borrowed.values, borrowed, selected, merge,
     )  # fmt: skip
     if addend is not None:
         addend.token = token

@@ -196,23 +196,24 @@ class Level(nn.Module):
         if not fused:  # the dense reference: no support, nothing read back to the host
             return self._decode_dense(codes, columns)
         selected = None if columns is None else columns.index_select(0, codes.cols)
-        n_selected = codes.values.numel() if selected is None else int(selected.sum())
-        if n_selected > kernels.DENSE_DECODE_DENSITY * codes.pre.numel():
-            return self._decode_dense(codes, columns)
         hands_back = borrowed is not None and kernels.borrowed_backward_applies(
             self.W_dec, codes.values
         )
-        if (
-            selected is None
-            or n_selected > MASKED_DECODE_SHARE * codes.values.numel()
-            or hands_back
-        ):
+        n_entries, dense_above = (
+            codes.values.numel(),
+            kernels.DENSE_DECODE_DENSITY * codes.pre.numel(),
+        )
+        # The count is read (a host sync on a GPU) only where a choice depends on it.
+        counted = selected is not None and (n_entries > dense_above or not hands_back)
+        n_selected = int(selected.sum()) if counted else n_entries  # type: ignore[union-attr]
+        if n_selected > dense_above:
+            return self._decode_dense(codes, columns)
+        if selected is None or n_selected > MASKED_DECODE_SHARE * n_entries or hands_back:
             # All entries, the unselected ones with value zero (a perturbed level's own
             # columns keep most; the borrowed children's backward visits them all anyway): the
             # encoder's column order then serves the decoder too.
-            values = codes.values if selected is None else codes.values * selected
             return kernels.support_decode(
-                values,
+                codes.values,
                 codes.rows,
                 codes.cols,
                 self.W_dec,
@@ -221,6 +222,7 @@ class Level(nn.Module):
                 None if row_sparse_grad else codes.column_order,
                 addend,
                 borrowed,
+                selected,
             )
         entries = selected.nonzero(as_tuple=True)[0]
         values = codes.values.index_select(0, entries)

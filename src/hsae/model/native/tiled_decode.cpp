@@ -126,14 +126,17 @@ Tensor tiled_decode(const Tensor& values_t, const Tensor& rows_t, const Tensor& 
   return out;
 }
 
-// [entries]: <grad[row], decoder[col]> of each entry; with `borrowed`, a second [entries]:
-// <borrowed_grad[row], decoder[col]> for the entries whose column is flagged (the gradient of
-// their share in the parent level's perturbed reconstruction), 0 for the others, from the same
-// visit of each decoder row.
+// [entries]: <grad[row], decoder[col]> of each entry (with `kept`, a bool per entry: 0 for the
+// entries it does not keep, whose values a perturbed level's own decode zeroed); with
+// `borrowed`, a second [entries]: <borrowed_grad[row], decoder[col]> for the entries whose
+// column is flagged (the gradient of their share in the parent level's perturbed
+// reconstruction), 0 for the others, from the same visit of each decoder row. `merge`: the two
+// summed into the first (both outputs' values being the same entries' values), the second empty.
 std::vector<Tensor> entry_dots(const Tensor& grad_t, const Tensor& rows_t, const Tensor& cols_t,
                                const Tensor& decoder, int64_t chunk,
                                const std::optional<Tensor>& borrowed_grad_t,
-                               const std::optional<Tensor>& borrowed_t) {
+                               const std::optional<Tensor>& borrowed_t,
+                               const std::optional<Tensor>& kept_t, bool merge) {
   check_decoder(decoder, chunk, "tiled dots");
   const Tensor grad = grad_t.contiguous(), rows = rows_t.contiguous();
   const Tensor cols = cols_t.contiguous();
@@ -151,6 +154,14 @@ std::vector<Tensor> entry_dots(const Tensor& grad_t, const Tensor& rows_t, const
         borrowed_grad.scalar_type() == at::kFloat && borrowed_grad.sizes() == grad.sizes(),
         "tiled dots: the borrowed output's gradient is a float32 [tokens, d] like grad");
   }
+  TORCH_CHECK(!merge || borrowed, "tiled dots: merging needs the borrowed flags");
+  const bool* kept = nullptr;
+  if (kept_t.has_value()) {
+    TORCH_CHECK(kept_t->scalar_type() == at::kBool && kept_t->is_contiguous() &&
+                    kept_t->numel() == rows.numel(),
+                "tiled dots: one contiguous bool kept flag per entry");
+    kept = kept_t->data_ptr<bool>();
+  }
   bool ascending = false;
   const auto start = token_starts(rows, cols, n_tokens, n, "tiled dots", ascending);
   const int64_t* col = cols.data_ptr<int64_t>();
@@ -158,22 +169,25 @@ std::vector<Tensor> entry_dots(const Tensor& grad_t, const Tensor& rows_t, const
   const float* g = grad.data_ptr<float>();
   const float* borrowed_g = borrowed ? borrowed_grad.data_ptr<float>() : nullptr;
   Tensor out = at::empty({rows.numel()}, grad.options());
-  Tensor borrowed_out = at::zeros({borrowed ? rows.numel() : 0}, grad.options());
+  Tensor borrowed_out = at::zeros({borrowed && !merge ? rows.numel() : 0}, grad.options());
   float* dots = out.data_ptr<float>();
-  float* borrowed_dots = borrowed_out.data_ptr<float>();
+  float* borrowed_dots = merge ? dots : borrowed_out.data_ptr<float>();
   at::parallel_for(0, n_tokens, 16, [&](int64_t begin, int64_t end) {
     by_blocks(start, col, ascending, n, chunk, begin, end, [&](int64_t t, int64_t k) {
       const float* row = weight + col[k] * d;
-      dots[k] = row_dot(g + t * d, row, d);
-      if (borrowed && borrowed[col[k]]) borrowed_dots[k] = row_dot(borrowed_g + t * d, row, d);
+      dots[k] = !kept || kept[k] ? row_dot(g + t * d, row, d) : 0.0f;
+      if (borrowed && borrowed[col[k]]) {
+        const float dot = row_dot(borrowed_g + t * d, row, d);
+        borrowed_dots[k] = merge ? dots[k] + dot : dot;
+      }
     });
   });
   return {out, borrowed_out};
 }
 
 Tensor tiled_dots(const Tensor& grad, const Tensor& rows, const Tensor& cols,
-                  const Tensor& decoder, int64_t chunk) {
-  return entry_dots(grad, rows, cols, decoder, chunk, std::nullopt, std::nullopt)[0];
+                  const Tensor& decoder, int64_t chunk, const std::optional<Tensor>& kept) {
+  return entry_dots(grad, rows, cols, decoder, chunk, std::nullopt, std::nullopt, kept, false)[0];
 }
 
 // Adds into a child level's decoder gradient `out` ([n, d], contiguous) what the borrowed
@@ -237,10 +251,12 @@ TORCH_LIBRARY_FRAGMENT(hsae_native, m) {
   m.def(
       "tiled_decode(Tensor values, Tensor rows, Tensor cols, Tensor decoder, int n_tokens, "
       "int chunk) -> Tensor");
-  m.def("tiled_dots(Tensor grad, Tensor rows, Tensor cols, Tensor decoder, int chunk) -> Tensor");
+  m.def(
+      "tiled_dots(Tensor grad, Tensor rows, Tensor cols, Tensor decoder, int chunk, "
+      "Tensor? kept=None) -> Tensor");
   m.def(
       "tiled_dots_borrowed(Tensor grad, Tensor rows, Tensor cols, Tensor decoder, int chunk, "
-      "Tensor borrowed_grad, Tensor borrowed) -> Tensor[]");
+      "Tensor borrowed_grad, Tensor borrowed, Tensor? kept=None, bool merge=False) -> Tensor[]");
   m.def(
       "borrowed_rows(Tensor(a!) out, Tensor borrowed_values, Tensor rows, Tensor order, "
       "Tensor starts, Tensor borrowed, Tensor borrowed_grad) -> ()");
@@ -251,8 +267,9 @@ TORCH_LIBRARY_IMPL(hsae_native, CPU, m) {
   m.impl("tiled_dots", &tiled_dots);
   m.impl("tiled_dots_borrowed", [](const Tensor& grad, const Tensor& rows, const Tensor& cols,
                                     const Tensor& decoder, int64_t chunk,
-                                    const Tensor& borrowed_grad, const Tensor& borrowed) {
-    return entry_dots(grad, rows, cols, decoder, chunk, borrowed_grad, borrowed);
+                                    const Tensor& borrowed_grad, const Tensor& borrowed,
+                                    const std::optional<Tensor>& kept, bool merge) {
+    return entry_dots(grad, rows, cols, decoder, chunk, borrowed_grad, borrowed, kept, merge);
   });
   m.impl("borrowed_rows", &borrowed_rows);
 }
