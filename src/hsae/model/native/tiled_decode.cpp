@@ -130,8 +130,8 @@ Tensor tiled_decode(const Tensor& values_t, const Tensor& rows_t, const Tensor& 
 // entries it does not keep, whose values a perturbed level's own decode zeroed); with
 // `borrowed`, a second [entries]: <borrowed_grad[row], decoder[col]> for the entries whose
 // column is flagged (the gradient of their share in the parent level's perturbed
-// reconstruction), 0 for the others, from the same visit of each decoder row. `merge`: the two
-// summed into the first (both outputs' values being the same entries' values), the second empty.
+// reconstruction), 0 for the others. `merge`: the two summed into the first (both outputs'
+// values being the same entries' values), the second empty.
 std::vector<Tensor> entry_dots(const Tensor& grad_t, const Tensor& rows_t, const Tensor& cols_t,
                                const Tensor& decoder, int64_t chunk,
                                const std::optional<Tensor>& borrowed_grad_t,
@@ -174,14 +174,24 @@ std::vector<Tensor> entry_dots(const Tensor& grad_t, const Tensor& rows_t, const
   float* borrowed_dots = merge ? dots : borrowed_out.data_ptr<float>();
   at::parallel_for(0, n_tokens, 16, [&](int64_t begin, int64_t end) {
     by_blocks(start, col, ascending, n, chunk, begin, end, [&](int64_t t, int64_t k) {
-      const float* row = weight + col[k] * d;
-      dots[k] = !kept || kept[k] ? row_dot(g + t * d, row, d) : 0.0f;
-      if (borrowed && borrowed[col[k]]) {
-        const float dot = row_dot(borrowed_g + t * d, row, d);
-        borrowed_dots[k] = merge ? dots[k] + dot : dot;
-      }
+      dots[k] = !kept || kept[k] ? row_dot(g + t * d, weight + col[k] * d, d) : 0.0f;
     });
   });
+  if (borrowed) {
+    // The borrowed entries' dots in a pass of their own, token by token: their few decoder rows
+    // stay in L2 and the borrowed gradient's rows stream in order, where in the blocks' visit
+    // each token's row came from L3 (at d = 640 on two threads, 0.27-0.38 against 0.44-0.60 ms
+    // over the plain dots at 2,048 latents, 0.29 against 0.36 at 512).
+    at::parallel_for(0, n_tokens, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t k = start[t]; k < start[t + 1]; ++k) {
+          if (!borrowed[col[k]]) continue;
+          const float dot = row_dot(borrowed_g + t * d, weight + col[k] * d, d);
+          borrowed_dots[k] = merge ? dots[k] + dot : dot;
+        }
+      }
+    });
+  }
   return {out, borrowed_out};
 }
 
