@@ -372,18 +372,16 @@ def test_the_child_decode_does_the_borrowed_childrens_backward(monkeypatch, rate
     # alike; the decoders' gradients stay dense.
     _use_path(monkeypatch, "native")
     monkeypatch.setattr(kernels, "DENSE_DECODE_DENSITY", 1.0)  # decode from the entries
-    lent: list[int] = []
-    merged: list[bool] = []
+    lent: list[tuple[bool, bool]] = []
     original = native.ops
 
     class Counted:
         def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
-            if name == "borrowed_rows":
-                lent.append(1)
             if name == "tiled_dots_borrowed":
-                # The child's values and the borrowed ones are the same tensor: one gradient.
+                # Each child decode's backward forms the borrowed entries' dots, summed into its
+                # values' gradient (the values are the same tensor), and their rows' share.
                 def dots(*args: object) -> object:
-                    merged.append(bool(args[-1]))
+                    lent.append((bool(args[-2]), args[-1] is not None))
                     return original().tiled_dots_borrowed(*args)
 
                 return dots
@@ -408,8 +406,7 @@ def test_the_child_decode_does_the_borrowed_childrens_backward(monkeypatch, rate
     model, fast_total = loss_and_model(native_kernels=True)
     assert fast_total.item() == pytest.approx(total.item(), rel=1e-5)
     fast_total.backward()
-    assert len(lent) == len(SIZES) - 1 and all(count > 0 for count in lent)
-    assert merged == [True] * (len(SIZES) - 1)
+    assert lent == [(True, True)] * (len(SIZES) - 1)
     for name, p in model.named_parameters():
         assert not p.grad.is_sparse
         torch.testing.assert_close(p.grad, reference[name], rtol=1e-5, atol=1e-6)

@@ -331,13 +331,12 @@ def test_tiled_decode_matches_a_dense_product(monkeypatch, threads: int, columns
 def test_borrowed_dots_and_rows_match_dense_products(threads: int, columns: str) -> None:
     # A child level's decode doing the backward of the borrowed children (BorrowedBackward):
     # per entry, the dot with the token's gradient and, for the entries of borrowed features,
-    # the dot with the parent reconstruction's gradient (0 for the others); then the borrowed
-    # features' rows of the decoder gradient get sum value * that gradient over their entries,
-    # the other rows untouched. Blocks of 16 rows of 100, tokens without entries included.
+    # the dot with the parent reconstruction's gradient (0 for the others); and the borrowed
+    # features' rows of the decoder gradient: the sum of value * that gradient over their
+    # entries. Blocks of 16 rows of 100, tokens without entries included.
     if not native.enabled():
         pytest.skip(f"{native.ENV}=0")
     assert native.available(), "the fused CPU kernels did not build"
-    from hsae.model import kernels
 
     generator = torch.Generator().manual_seed(5)
     tokens, n, d = 150, 100, 24
@@ -353,14 +352,13 @@ def test_borrowed_dots_and_rows_match_dense_products(threads: int, columns: str)
     grad = torch.randn(tokens, d, generator=generator)
     borrowed_grad = torch.randn(tokens, d, generator=generator)
     borrowed = torch.rand(n, generator=generator) < 0.3
-    start = torch.randn(n, d, generator=generator)
     with torch_threads(threads):
-        dots, borrowed_dots = native.ops().tiled_dots_borrowed(
+        dots, borrowed_dots, no_latents, no_rows = native.ops().tiled_dots_borrowed(
             grad, rows, cols, decoder, 16, borrowed_grad, borrowed
         )
-        order, starts = kernels.column_order(cols, n)
-        out = start.clone()
-        native.ops().borrowed_rows(out, values, rows, order, starts, borrowed, borrowed_grad)
+        *same, latents, borrowed_rows = native.ops().tiled_dots_borrowed(
+            grad, rows, cols, decoder, 16, borrowed_grad, borrowed, None, False, values
+        )
     torch.testing.assert_close(dots, (grad[rows] * decoder[cols]).sum(1), rtol=1e-5, atol=1e-5)
     expected = (borrowed_grad[rows] * decoder[cols]).sum(1) * borrowed[cols]
     torch.testing.assert_close(borrowed_dots, expected, rtol=1e-5, atol=1e-5)
@@ -369,10 +367,10 @@ def test_borrowed_dots_and_rows_match_dense_products(threads: int, columns: str)
     # borrowed entries' dots may be summed into the same output (the values being the same).
     kept = torch.rand(rows.numel(), generator=generator) < 0.7
     with torch_threads(threads):
-        kept_dots, second = native.ops().tiled_dots_borrowed(
+        kept_dots, second, *_ = native.ops().tiled_dots_borrowed(
             grad, rows, cols, decoder, 16, borrowed_grad, borrowed, kept
         )
-        merged, empty = native.ops().tiled_dots_borrowed(
+        merged, empty, *_ = native.ops().tiled_dots_borrowed(
             grad, rows, cols, decoder, 16, borrowed_grad, borrowed, kept, True
         )
         alone = native.ops().tiled_dots(grad, rows, cols, decoder, 16, kept)
@@ -381,11 +379,15 @@ def test_borrowed_dots_and_rows_match_dense_products(threads: int, columns: str)
     torch.testing.assert_close(merged, dots * kept + borrowed_dots, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="kept flag"):
         native.ops().tiled_dots(grad, rows, cols, decoder, 16, kept[1:])
-    dense = torch.zeros(tokens, n).index_put((rows, cols), values) * borrowed
-    torch.testing.assert_close(out, start + dense.t() @ borrowed_grad, rtol=1e-5, atol=1e-5)
-    assert torch.equal(out[~borrowed], start[~borrowed])
-    with pytest.raises(RuntimeError, match="column order"):
-        native.ops().borrowed_rows(
-            start.clone(), values, rows, order.flip(0) + rows.numel(), starts, borrowed,
-            borrowed_grad,
-        )  # fmt: skip
+    # With the values: the borrowed features (ascending) and their rows' gradient, the sum of
+    # value * that gradient over their entries; the dots as without.
+    assert no_latents.numel() == 0 and no_rows.numel() == 0
+    assert all(torch.equal(a, b) for a, b in zip(same, [dots, borrowed_dots], strict=True))
+    assert torch.equal(latents, borrowed.nonzero().squeeze(1))
+    dense = torch.zeros(tokens, n).index_put((rows, cols), values)
+    expected_rows = (dense.t() @ borrowed_grad)[latents]
+    torch.testing.assert_close(borrowed_rows, expected_rows, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="borrowed value"):
+        native.ops().tiled_dots_borrowed(
+            grad, rows, cols, decoder, 16, borrowed_grad, borrowed, None, False, values[1:]
+        )

@@ -521,13 +521,21 @@ class _SupportDecode(Function):
         if borrowed is not None:
             grad_borrowed, borrowed.grad = borrowed.grad, None  # set again by a second backward
         grad_values = grad_W_dec = grad_borrowed_values = None
-        if grad_borrowed is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[8]):
-            grad_values, grad_borrowed_values = native.ops().tiled_dots_borrowed(
-                grad_out, rows, cols, W_dec.detach(), ctx.chunk or W_dec.shape[0],
-                grad_borrowed, borrowed.flags, selected, ctx.merge,
+        borrowed_rows: list[Tensor] = []  # the borrowed features and their rows' gradient
+        if grad_borrowed is not None:
+            # The borrowed entries' dots and, for the decoder's gradient, their rows' share.
+            rows_wanted = ctx.needs_input_grad[1]
+            grad_values, grad_borrowed_values, *borrowed_rows = (
+                native.ops().tiled_dots_borrowed(
+                    grad_out, rows, cols, W_dec.detach(), ctx.chunk or W_dec.shape[0],
+                    grad_borrowed, borrowed.flags, selected, ctx.merge,
+                    borrowed_values.detach() if rows_wanted else None,
+                )
             )  # fmt: skip
             if ctx.merge:  # the borrowed values are the values: their one gradient holds both
                 grad_borrowed_values = None
+            grad_values = grad_values if ctx.needs_input_grad[0] else None
+            grad_borrowed_values = grad_borrowed_values if ctx.needs_input_grad[8] else None
         elif ctx.needs_input_grad[0] and ctx.chunk:
             grad_values = native.ops().tiled_dots(
                 grad_out, rows, cols, W_dec.detach(), ctx.chunk, selected
@@ -546,12 +554,8 @@ class _SupportDecode(Function):
             if ctx.order is None:
                 ctx.order = ColumnOrder(cols, W_dec.shape[0])
             grad_W_dec = sparse_t_times(rows, cols, values, grad_out, W_dec.shape[0], ctx.order)
-            if grad_borrowed is not None:
-                order, starts = ctx.order.get()
-                native.ops().borrowed_rows(
-                    grad_W_dec, borrowed_values.detach(), rows, order, starts, borrowed.flags,
-                    grad_borrowed,
-                )  # fmt: skip
+            if borrowed_rows:
+                grad_W_dec.index_add_(0, borrowed_rows[0], borrowed_rows[1])
             addend = ctx.addend
             if addend is not None and addend.add_into is not None:
                 addend.add_into(grad_W_dec)

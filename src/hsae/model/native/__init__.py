@@ -108,7 +108,6 @@ def _build() -> bool:
                 "column_order",
                 "tiled_decode",
                 "tiled_dots_borrowed",
-                "borrowed_rows",
             )
         )
     except Exception as error:  # no compiler, no ninja, no OpenMP: the library kernels serve

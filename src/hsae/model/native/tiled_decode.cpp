@@ -2,7 +2,7 @@
 // forward sum over each token's entries of value * decoder row, and the backward per-entry dot
 // of the token's output gradient with the entry's decoder row (with, for a perturbed parent
 // level's borrowed children among the entries, their dots with its reconstruction's gradient,
-// and their decoder rows' share: kernels.BorrowedBackward). The library kernels
+// and their decoder rows' share: kernels.BorrowedBackward, in a pass of their own). The library kernels
 // (embedding_bag and its per-sample-weight gradient) visit the entries in order, so at
 // 2,048 x 640 (5 MiB) most decoder rows come from L3 or memory; here each thread walks its
 // tokens once per block of `chunk` decoder rows (sized to stay in L2) and takes only the entries
@@ -27,7 +27,6 @@ namespace {
 using at::Tensor;
 using hsae_native::row_axpy;
 using hsae_native::row_dot;
-using hsae_native::row_prefetch;
 
 // Where each token's entries start (checking rows and cols first); `ascending`: whether each
 // token's columns ascend (as nonzero's do), so that a block's entries are a run of them.
@@ -131,12 +130,16 @@ Tensor tiled_decode(const Tensor& values_t, const Tensor& rows_t, const Tensor& 
 // `borrowed`, a second [entries]: <borrowed_grad[row], decoder[col]> for the entries whose
 // column is flagged (the gradient of their share in the parent level's perturbed
 // reconstruction), 0 for the others. `merge`: the two summed into the first (both outputs'
-// values being the same entries' values), the second empty.
+// values being the same entries' values), the second empty. With `borrowed` and `values` (the
+// borrowed entries' values), also the borrowed features (int64, ascending) and their decoder
+// rows' share of the gradient ([features, d]: the sum of value * borrowed_grad[row] over their
+// entries), empty without `values`.
 std::vector<Tensor> entry_dots(const Tensor& grad_t, const Tensor& rows_t, const Tensor& cols_t,
                                const Tensor& decoder, int64_t chunk,
                                const std::optional<Tensor>& borrowed_grad_t,
                                const std::optional<Tensor>& borrowed_t,
-                               const std::optional<Tensor>& kept_t, bool merge) {
+                               const std::optional<Tensor>& kept_t, bool merge,
+                               const std::optional<Tensor>& values_t = std::nullopt) {
   check_decoder(decoder, chunk, "tiled dots");
   const Tensor grad = grad_t.contiguous(), rows = rows_t.contiguous();
   const Tensor cols = cols_t.contiguous();
@@ -177,82 +180,67 @@ std::vector<Tensor> entry_dots(const Tensor& grad_t, const Tensor& rows_t, const
       dots[k] = !kept || kept[k] ? row_dot(g + t * d, weight + col[k] * d, d) : 0.0f;
     });
   });
-  if (borrowed) {
-    // The borrowed entries' dots in a pass of their own, token by token: their few decoder rows
-    // stay in L2 and the borrowed gradient's rows stream in order, where in the blocks' visit
-    // each token's row came from L3 (at d = 640 on two threads, 0.27-0.38 against 0.44-0.60 ms
-    // over the plain dots at 2,048 latents, 0.29 against 0.36 at 512).
-    at::parallel_for(0, n_tokens, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        for (int64_t k = start[t]; k < start[t + 1]; ++k) {
-          if (!borrowed[col[k]]) continue;
-          const float dot = row_dot(borrowed_g + t * d, weight + col[k] * d, d);
-          borrowed_dots[k] = merge ? dots[k] + dot : dot;
-        }
+  if (!borrowed) return {out, borrowed_out};
+  // The borrowed entries, in entry order (so by token), picked in fixed blocks joined in order.
+  const int64_t n_entries = rows.numel();
+  const int64_t n_blocks = std::min<int64_t>(64, std::max<int64_t>(1, n_entries / 2048));
+  std::vector<std::vector<int64_t>> block_picked(n_blocks);
+  at::parallel_for(0, n_blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      for (int64_t k = b * n_entries / n_blocks; k < (b + 1) * n_entries / n_blocks; ++k) {
+        if (borrowed[col[k]]) block_picked[b].push_back(k);
       }
-    });
+    }
+  });
+  std::vector<int64_t> picked;
+  for (const auto& mine : block_picked) picked.insert(picked.end(), mine.begin(), mine.end());
+  // Each borrowed feature's slot among them (ascending), and the threads' shares of the slots:
+  // one thread takes all the entries of a feature, in token order.
+  std::vector<int32_t> slot(n, -1);
+  int64_t n_slots = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (borrowed[j]) slot[j] = static_cast<int32_t>(n_slots++);
   }
-  return {out, borrowed_out};
+  const float* value = nullptr;
+  if (values_t.has_value()) {
+    TORCH_CHECK(values_t->scalar_type() == at::kFloat && values_t->is_contiguous() &&
+                    values_t->numel() == n_entries,
+                "tiled dots: one contiguous float32 borrowed value per entry");
+    value = values_t->data_ptr<float>();
+  }
+  Tensor latents = at::empty({value ? n_slots : 0}, rows.options());
+  Tensor rows_grad = at::zeros({value ? n_slots : 0, d}, grad.options());
+  if (value) {
+    int64_t* latent = latents.data_ptr<int64_t>();
+    for (int64_t j = 0; j < n; ++j) {
+      if (slot[j] >= 0) latent[slot[j]] = j;
+    }
+  }
+  float* row_grad = rows_grad.data_ptr<float>();
+  const int64_t* token = rows.data_ptr<int64_t>();
+  const int64_t n_picked = static_cast<int64_t>(picked.size());
+  // The borrowed entries' dots (and rows) in a pass of their own, in token order: their few
+  // decoder rows stay in L2 and the borrowed gradient's rows stream in order, where in the
+  // blocks' visit each token's row came from L3 (at d = 640 on two threads, 0.27-0.38 against
+  // 0.44-0.60 ms over the plain dots at 2,048 latents, 0.29 against 0.36 at 512); each row of
+  // the borrowed gradient is read once for the dot and the rows' share alike.
+  at::parallel_for(0, n_slots, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = 0; i < n_picked; ++i) {
+      const int64_t k = picked[i];
+      const int64_t s = slot[col[k]];
+      if (s < lo || s >= hi) continue;
+      const float* b = borrowed_g + token[k] * d;
+      const float dot = row_dot(b, weight + col[k] * d, d);
+      borrowed_dots[k] = merge ? dots[k] + dot : dot;
+      if (value) row_axpy(row_grad + s * d, value[k], b, d);
+    }
+  });
+  return {out, borrowed_out, latents, rows_grad};
 }
 
 Tensor tiled_dots(const Tensor& grad, const Tensor& rows, const Tensor& cols,
                   const Tensor& decoder, int64_t chunk, const std::optional<Tensor>& kept) {
   return entry_dots(grad, rows, cols, decoder, chunk, std::nullopt, std::nullopt, kept, false)[0];
-}
-
-// Adds into a child level's decoder gradient `out` ([n, d], contiguous) what the borrowed
-// children's outputs in the parent level's reconstruction contribute: row j of a borrowed
-// feature += the sum of value * borrowed_grad[row] over the feature's entries, read through the
-// entries' column order (`order`, and each column's first position in it, `starts`;
-// kernels.column_order's). The other rows stay as they are.
-void borrowed_rows(Tensor& out, const Tensor& borrowed_values, const Tensor& rows_t,
-                   const Tensor& order_t, const Tensor& starts_t, const Tensor& borrowed_t,
-                   const Tensor& borrowed_grad_t) {
-  const int64_t n = out.size(0), d = out.size(1), n_entries = borrowed_values.numel();
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2,
-              "borrowed rows: a contiguous float32 [n, d] gradient");
-  TORCH_CHECK(borrowed_values.scalar_type() == at::kFloat && borrowed_values.is_contiguous(),
-              "borrowed rows: contiguous float32 values");
-  const bool* borrowed = borrowed_flags(borrowed_t, n, "borrowed rows");
-  const Tensor rows = rows_t.contiguous(), order = order_t.contiguous();
-  const Tensor starts = starts_t.contiguous(), borrowed_grad = borrowed_grad_t.contiguous();
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.numel() == n_entries &&
-                  order.scalar_type() == at::kLong && order.numel() == n_entries &&
-                  starts.scalar_type() == at::kLong && starts.numel() == n,
-              "borrowed rows: int64 rows and order, one per entry, and a start per column");
-  TORCH_CHECK(borrowed_grad.scalar_type() == at::kFloat && borrowed_grad.dim() == 2 &&
-                  borrowed_grad.size(1) == d,
-              "borrowed rows: a float32 [tokens, d] gradient of the borrowed output");
-  const int64_t n_tokens = borrowed_grad.size(0);
-  const float* value = borrowed_values.data_ptr<float>();
-  const int64_t* row = rows.data_ptr<int64_t>();
-  const int64_t* position = order.data_ptr<int64_t>();
-  const int64_t* start = starts.data_ptr<int64_t>();
-  const float* g = borrowed_grad.data_ptr<float>();
-  float* target = out.data_ptr<float>();
-  std::atomic<bool> valid{true};
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    bool ok = true;
-    for (int64_t j = begin; j < end; ++j) {
-      if (!borrowed[j]) continue;
-      const int64_t lo = start[j], hi = j + 1 < n ? start[j + 1] : n_entries;
-      ok &= (lo >= 0) & (lo <= hi) & (hi <= n_entries);
-      if (!ok) break;
-      for (int64_t i = lo; i < hi; ++i) {
-        const int64_t k = position[i];
-        const bool good = (k >= 0) & (k < n_entries) && (row[k] >= 0) & (row[k] < n_tokens);
-        ok &= good;
-        if (!good) continue;
-        if (i + 1 < hi) {  // the next entry's token row, while this one's is added
-          const int64_t next = position[i + 1];
-          if ((next >= 0) & (next < n_entries)) row_prefetch(g + row[next] * d, d);
-        }
-        row_axpy(target + j * d, value[k], g + row[k] * d, d);
-      }
-    }
-    if (!ok) valid = false;
-  });
-  TORCH_CHECK(valid.load(), "borrowed rows: the column order does not match the entries");
 }
 
 }  // namespace
@@ -266,10 +254,8 @@ TORCH_LIBRARY_FRAGMENT(hsae_native, m) {
       "Tensor? kept=None) -> Tensor");
   m.def(
       "tiled_dots_borrowed(Tensor grad, Tensor rows, Tensor cols, Tensor decoder, int chunk, "
-      "Tensor borrowed_grad, Tensor borrowed, Tensor? kept=None, bool merge=False) -> Tensor[]");
-  m.def(
-      "borrowed_rows(Tensor(a!) out, Tensor borrowed_values, Tensor rows, Tensor order, "
-      "Tensor starts, Tensor borrowed, Tensor borrowed_grad) -> ()");
+      "Tensor borrowed_grad, Tensor borrowed, Tensor? kept=None, bool merge=False, "
+      "Tensor? values=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(hsae_native, CPU, m) {
@@ -278,8 +264,9 @@ TORCH_LIBRARY_IMPL(hsae_native, CPU, m) {
   m.impl("tiled_dots_borrowed", [](const Tensor& grad, const Tensor& rows, const Tensor& cols,
                                     const Tensor& decoder, int64_t chunk,
                                     const Tensor& borrowed_grad, const Tensor& borrowed,
-                                    const std::optional<Tensor>& kept, bool merge) {
-    return entry_dots(grad, rows, cols, decoder, chunk, borrowed_grad, borrowed, kept, merge);
+                                    const std::optional<Tensor>& kept, bool merge,
+                                    const std::optional<Tensor>& values) {
+    return entry_dots(grad, rows, cols, decoder, chunk, borrowed_grad, borrowed, kept, merge,
+                      values);
   });
-  m.impl("borrowed_rows", &borrowed_rows);
 }
