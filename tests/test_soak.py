@@ -81,6 +81,13 @@ def _steps(log: Path) -> list[int]:
     return [json.loads(line)["step"] for line in log.read_text().splitlines()]
 
 
+def _timings(folder: Path) -> dict[str, float]:
+    try:
+        return json.loads((folder / "timings.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _trained_steps(folder: Path) -> int:
     """Steps logged so far by both trainings (a line being written counts when complete)."""
     total = 0
@@ -115,13 +122,16 @@ def test_random_sigkills_then_resume_end_bitwise_equal(tmp_path: Path) -> None:
 
     rng = random.Random(16)
     kills = 0
+    stage_times = []  # timings.json after each launch of the killed run
     for _ in range(HARVEST_KILLS):  # the harvest is one shard here: each kill restarts it
         kills += _kill_after(_launch(victim, config), rng.uniform(0.3, 6.0))
+        stage_times.append(_timings(victim))
     process = _launch(victim, config)  # let one launch finish the harvest, then kill it
     deadline = time.monotonic() + 300
     while not _harvested(victim) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     kills += _kill_after(process, rng.uniform(0.0, 1.0))
+    stage_times.append(_timings(victim))
     # Training kills are placed by progress, not by the clock, so that every machine gets all
     # of them: each launch trains a random number of steps (at least one checkpoint interval,
     # at most its share of what is left), then dies a random fraction of a second later.
@@ -135,12 +145,15 @@ def test_random_sigkills_then_resume_end_bitwise_equal(tmp_path: Path) -> None:
         while process.poll() is None and _trained_steps(victim) < goal:
             assert time.monotonic() < deadline, "no training progress within 300 s"
             time.sleep(0.01)
-        if not _kill_after(process, rng.uniform(0.0, 0.2)):
+        killed = _kill_after(process, rng.uniform(0.0, 0.2))
+        stage_times.append(_timings(victim))
+        if not killed:
             break  # it finished both trainings before the kill
         train_kills += 1
     kills += train_kills
     last = _launch(victim, config)
     assert last.wait(timeout=600) == 0, last.stderr.read()[-2000:] if last.stderr else ""
+    stage_times.append(_timings(victim))
     assert kills >= 20
 
     runs = (reference, victim)
@@ -172,12 +185,15 @@ def test_random_sigkills_then_resume_end_bitwise_equal(tmp_path: Path) -> None:
 
     leftovers = [p for p in victim.rglob(".*") if p.name.endswith((".tmp", ".old"))]
     assert not leftovers, f"temporaries left behind: {leftovers}"
-    # Stage times add up over launches: the killed run redid work, so each of its stages took
-    # at least most of the uninterrupted run's time (not just the last launch's share).
-    timings = json.loads((victim / "timings.json").read_text())
-    uninterrupted = json.loads((reference / "timings.json").read_text())
+    # Stage times add up over launches: a launch adds its share to what the killed ones
+    # recorded, so no stage's total ever goes down from one launch to the next, and the
+    # stages worked on by several launches grew over more than one of them. (Not compared
+    # with the uninterrupted run's seconds: those are another process's wall clock.)
     for stage in ("harvest", "train_hsae", "train_baseline"):
-        assert timings[stage] >= 0.7 * uninterrupted[stage], (stage, timings, uninterrupted)
+        seen = [t[stage] for t in stage_times if stage in t]
+        assert seen and seen == sorted(seen), (stage, seen)
+        if stage != "harvest":  # the harvest may have been done by a single launch
+            assert len(set(seen)) > 2, (stage, seen)
 
 
 def _metadata(folder: Path) -> dict:
