@@ -138,7 +138,7 @@ def build_trainer(
     if not type(trainer.model).__module__.startswith(f"{package}."):
         raise SystemExit(f"{package}'s trainer built a model of {type(trainer.model).__module__}")
     trainer.initialise()
-    calibrate_thresholds(trainer, batches[0])
+    calibrate_thresholds(trainer, batches)
     if mode == "hsae":
         trainer.update_forest()
     settle(trainer, args.settle)

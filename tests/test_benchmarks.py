@@ -157,3 +157,28 @@ def test_revision_ab_renames_only_the_package_imports(tmp_path: Path) -> None:
         "TORCH_LIBRARY(hsae_base_native, m) {}\nint hsae_native_count;\n"
     )
     assert (package / "model" / "native" / "k.h").read_text() == "namespace hsae_base_native {}\n"
+
+
+def test_step_speed_starts_every_level_at_its_target_l0_on_the_timed_batches() -> None:
+    """The thresholds are calibrated on all the batches the timed steps cycle through, so that
+    the steps are timed at the target sparsity (issue 13: a settled controller)."""
+    import argparse
+
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import step_speed
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    args = argparse.Namespace(
+        d=48, sizes=[32, 128], batch=256, target_l0=8, device="cpu", dense_kernels=False,
+        autocast="off",
+    )  # fmt: skip
+    batches = step_speed.sparse_batches(args.d, step_speed.N_BATCHES, args.batch)
+    trainer = step_speed.make_trainer(args, "independent", batches)
+    x = torch.cat(batches) * trainer.model.activation_scale
+    with torch.no_grad():
+        for level in trainer.model.levels:
+            l0 = (level.pre_activations(x) > level.threshold).sum(1).float().mean().item()
+            assert abs(l0 - args.target_l0) <= 0.05 * args.target_l0, (level.n_features, l0)
