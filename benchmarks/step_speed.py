@@ -16,12 +16,13 @@ batch 1024) the script builds, on the same batches:
   runner's ``compile_sae``; compiled in the untimed warm-up step).
 
 Steady state: before anything is timed, every JumpReLU level is brought to its target L0. Each
-feature's threshold is set to its (1 - target_l0 / n) quantile of pre-activations on a batch (so
-the mean L0 is the target), then the trainer runs ``--settle`` steps with its sparsity
-controller; the L0 of the timed steps is printed beside the timings. Timed steps are
-interleaved by round (every contender runs a few steps in turn), so drift of a shared machine
-hits all of them alike. Our trainers' timed steps are the unlogged kind (``exact_metrics=False``,
-as ``Trainer.fit`` runs between log points); SAELens's are its non-logging steps.
+feature's threshold is set to its (1 - target_l0 / n) quantile of pre-activations over the
+batches the timed steps cycle through (so their mean L0 is the target), then the trainer runs
+``--settle`` steps with its sparsity controller; the L0 of the timed steps is printed beside the
+timings. Timed steps are interleaved by round (every contender runs a few steps in turn), so
+drift of a shared machine hits all of them alike. Our trainers' timed steps are the unlogged
+kind (``exact_metrics=False``, as ``Trainer.fit`` runs between log points); SAELens's are its
+non-logging steps.
 
 Precision: on CUDA our trainer runs the forward under bf16 autocast by default
 (``HSAEConfig.autocast`` "auto"), so every contender gets the same: SAELens's forward is wrapped

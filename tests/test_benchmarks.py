@@ -159,18 +159,25 @@ def test_revision_ab_renames_only_the_package_imports(tmp_path: Path) -> None:
     assert (package / "model" / "native" / "k.h").read_text() == "namespace hsae_base_native {}\n"
 
 
-def test_step_speed_starts_every_level_at_its_target_l0_on_the_timed_batches() -> None:
+def test_step_speed_starts_every_level_at_its_target_l0_on_the_timed_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The thresholds are calibrated on all the batches the timed steps cycle through, so that
     the steps are timed at the target sparsity (issue 13: a settled controller)."""
     import argparse
 
     import torch
 
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import step_speed
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    import hsae.training.trainer as trainer_module
+
+    # make_trainer sets this module global for the benchmark's process: restored after the
+    # test, or every later in-process trainer would estimate its scale from fewer tokens.
+    monkeypatch.setattr(
+        trainer_module, "SCALE_ESTIMATION_TOKENS", trainer_module.SCALE_ESTIMATION_TOKENS
+    )
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import step_speed
+
     args = argparse.Namespace(
         d=48, sizes=[32, 128], batch=256, target_l0=8, device="cpu", dense_kernels=False,
         autocast="off",
