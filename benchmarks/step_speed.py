@@ -148,10 +148,15 @@ def make_trainer(
         compile=compile,
     )
     # The activation scale is estimated from one batch rather than 16k tokens: at d = 2304 the
-    # data-dependent initialisation would otherwise form [16k, 16k] pre-activations.
+    # data-dependent initialisation would otherwise form [16k, 16k] pre-activations. Set for
+    # this initialisation only (a caller's later trainers in the same process keep the default).
+    default = trainer_module.SCALE_ESTIMATION_TOKENS
     trainer_module.SCALE_ESTIMATION_TOKENS = args.batch
-    trainer = Trainer(config, _cycle(batches))
-    trainer.initialise()
+    try:
+        trainer = Trainer(config, _cycle(batches))
+        trainer.initialise()
+    finally:
+        trainer_module.SCALE_ESTIMATION_TOKENS = default
     calibrate_thresholds(trainer, batches)
     if mode == "hsae":
         trainer.update_forest()  # perturbation and constraint are active from the first step

@@ -170,11 +170,11 @@ def test_step_speed_starts_every_level_at_its_target_l0_on_the_timed_batches(
 
     import hsae.training.trainer as trainer_module
 
-    # make_trainer sets this module global for the benchmark's process: restored after the
-    # test, or every later in-process trainer would estimate its scale from fewer tokens.
-    monkeypatch.setattr(
-        trainer_module, "SCALE_ESTIMATION_TOKENS", trainer_module.SCALE_ESTIMATION_TOKENS
-    )
+    # make_trainer lowers this module global for its own initialisation only: were it left
+    # lowered, every later in-process trainer would estimate its scale from fewer tokens (it
+    # once made test_parallel's one-process reference differ from its torchrun runs).
+    default = trainer_module.SCALE_ESTIMATION_TOKENS
+    monkeypatch.setattr(trainer_module, "SCALE_ESTIMATION_TOKENS", default)
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import step_speed
 
@@ -184,6 +184,7 @@ def test_step_speed_starts_every_level_at_its_target_l0_on_the_timed_batches(
     )  # fmt: skip
     batches = step_speed.sparse_batches(args.d, step_speed.N_BATCHES, args.batch)
     trainer = step_speed.make_trainer(args, "independent", batches)
+    assert default == trainer_module.SCALE_ESTIMATION_TOKENS
     x = torch.cat(batches) * trainer.model.activation_scale
     with torch.no_grad():
         for level in trainer.model.levels:
