@@ -49,6 +49,7 @@ from step_speed import (
     _cycle,
     add_scale_arguments,
     calibrate_thresholds,
+    scale_estimated_from,
     settle,
     sparse_batches,
 )
@@ -133,17 +134,13 @@ def build_trainer(
     }
     known = config_module.HSAEConfig.model_fields
     config = config_module.HSAEConfig(**{k: v for k, v in fields.items() if k in known})
-    default = trainer_module.SCALE_ESTIMATION_TOKENS
-    trainer_module.SCALE_ESTIMATION_TOKENS = args.batch  # as step_speed.make_trainer
-    try:
+    with scale_estimated_from(trainer_module, args.batch):
         trainer = trainer_module.Trainer(config, _cycle(batches))
         if not type(trainer.model).__module__.startswith(f"{package}."):
             raise SystemExit(
                 f"{package}'s trainer built a model of {type(trainer.model).__module__}"
             )
         trainer.initialise()
-    finally:
-        trainer_module.SCALE_ESTIMATION_TOKENS = default
     calibrate_thresholds(trainer, batches)
     if mode == "hsae":
         trainer.update_forest()

@@ -76,8 +76,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -147,20 +149,27 @@ def make_trainer(
         autocast=args.autocast,
         compile=compile,
     )
-    # The activation scale is estimated from one batch rather than 16k tokens: at d = 2304 the
-    # data-dependent initialisation would otherwise form [16k, 16k] pre-activations. Set for
-    # this initialisation only (a caller's later trainers in the same process keep the default).
-    default = trainer_module.SCALE_ESTIMATION_TOKENS
-    trainer_module.SCALE_ESTIMATION_TOKENS = args.batch
-    try:
+    with scale_estimated_from(trainer_module, args.batch):
         trainer = Trainer(config, _cycle(batches))
         trainer.initialise()
-    finally:
-        trainer_module.SCALE_ESTIMATION_TOKENS = default
     calibrate_thresholds(trainer, batches)
     if mode == "hsae":
         trainer.update_forest()  # perturbation and constraint are active from the first step
     return trainer
+
+
+@contextmanager
+def scale_estimated_from(module: ModuleType, tokens: int) -> Iterator[None]:
+    """Within the block, ``module`` (a ``hsae.training.trainer``) estimates the activation scale
+    from ``tokens`` tokens rather than 16k: at d = 2304 the data-dependent initialisation would
+    otherwise form [16k, 16k] pre-activations. Restored after, so that a caller's later trainers
+    in the same process keep the default."""
+    default = module.SCALE_ESTIMATION_TOKENS
+    module.SCALE_ESTIMATION_TOKENS = tokens
+    try:
+        yield
+    finally:
+        module.SCALE_ESTIMATION_TOKENS = default
 
 
 @torch.no_grad()

@@ -186,8 +186,8 @@ def test_random_sigkills_then_resume_end_bitwise_equal(tmp_path: Path) -> None:
     leftovers = [p for p in victim.rglob(".*") if p.name.endswith((".tmp", ".old"))]
     assert not leftovers, f"temporaries left behind: {leftovers}"
     # Stage times add up over launches: a launch adds its share to what the killed ones
-    # recorded, so no stage's total ever goes down from one launch to the next, and the
-    # stages worked on by several launches grew over more than one of them. (Not compared
+    # recorded, so no stage's total ever goes down from one launch to the next, and each
+    # training, worked on by many launches, grew over several of them. (Not compared
     # with the uninterrupted run's seconds: those are another process's wall clock.)
     for stage in ("harvest", "train_hsae", "train_baseline"):
         seen = [t[stage] for t in stage_times if stage in t]
