@@ -31,10 +31,14 @@ as its own trainer wraps it with ``autocast=True``, the floor's matmul and the d
 process-wide, so for every contender); ``--autocast bf16`` autocasts on CPU as well.
 
 Peak memory: each contender is built and stepped in a fresh subprocess (``--memory-probe``).
-On CPU the figure is the probe's peak resident set (VmHWM) minus its resident set just before
-the model was built (interpreter, torch, the batches; for SAELens and the floor, also the model
-their weights are copied from); on CUDA it is ``torch.cuda.max_memory_allocated`` above the
-allocation before. Parameters, gradients and Adam state count.
+The figure is the peak of the bytes of live tensors while it steps, counted from before its
+model was built (so parameters, gradients and Adam state count; the batches, and for SAELens and
+the floor the model their weights are copied from, do not): on CUDA
+``torch.cuda.max_memory_allocated`` above the allocation before, on CPU from torch.profiler's
+memory events (``profile_memory``). On CPU the probe's peak resident set (VmHWM) above its
+resident set before the build is printed beside it: it also holds what malloc keeps, what is
+not a tensor and, with transparent huge pages, whole 2 MB pages, and moves by some 15% from
+run to run at d = 2304 where the tensors' figure does not.
 
 On CPU the trainer has glibc keep freed memory for reuse (``hsae.devices.keep_freed_cpu_memory``;
 at d = 2304 it saves the page faults of every large temporary); the setting is process-wide, so
@@ -97,8 +101,11 @@ SCALES: dict[str, dict[str, object]] = {
         "d": 640, "sizes": [256, 512, 1024, 2048], "steps": 10, "rounds": 3, "settle": 10,
         "instances": 2,
     },
+    # At d = 2304, 6 rounds (24 timed steps of each of our kinds a process): with 3, one
+    # process's HSAE-over-independent ratio ranged 0.99-1.14 over two runs; with 6, 1.01-1.04
+    # in one.
     "large": {
-        "d": 2304, "sizes": [2048, 4096, 8192, 16384], "steps": 2, "rounds": 3, "settle": 2,
+        "d": 2304, "sizes": [2048, 4096, 8192, 16384], "steps": 2, "rounds": 6, "settle": 2,
         "instances": 2,
     },
 }  # fmt: skip
@@ -417,8 +424,9 @@ def build(
     return steps, trainers
 
 
-def peak_memory_mb(args: argparse.Namespace, name: str) -> float | None:
-    """Peak memory of a fresh process that builds and steps ``name`` (module docstring)."""
+def peak_memory_mb(args: argparse.Namespace, name: str) -> dict[str, float] | None:
+    """Peak memory of a fresh process that builds and steps ``name`` (module docstring):
+    ``peak_mb`` (tensors) and on CPU ``rss_mb`` (the resident set)."""
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -445,7 +453,7 @@ def peak_memory_mb(args: argparse.Namespace, name: str) -> float | None:
     if done.returncode != 0 or not lines:
         print(f"  memory probe of {name} failed: {done.stderr.strip()[-300:]}")
         return None
-    return json.loads(lines[-1])["peak_mb"]
+    return json.loads(lines[-1])
 
 
 def _peak_rss_mb() -> float:
@@ -461,35 +469,100 @@ def _current_rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
+class TensorMemory:
+    """The peak of the bytes of live CPU tensors while :meth:`measured` runs, from the memory
+    events of a torch.profiler session (:func:`tensor_memory`): counted from the session's start,
+    so it covers what was allocated since, not what existed before. Memory the kernels take
+    outside tensors (their scratch vectors, the interpreter) is not in it."""
+
+    _MARK = "step_speed.measured"
+
+    def __init__(self, profiler: torch.profiler.profile | None) -> None:
+        self.profiler = profiler
+        self.peak_mb = float("nan")
+
+    @contextmanager
+    def measured(self) -> Iterator[None]:
+        with torch.profiler.record_function(self._MARK):
+            yield
+
+    def read(self) -> None:
+        """Set :attr:`peak_mb` from the finished session."""
+        assert self.profiler is not None
+        with tempfile.TemporaryDirectory() as folder:
+            trace = Path(folder) / "trace.json"
+            self.profiler.export_chrome_trace(str(trace))
+            events = json.loads(trace.read_text())["traceEvents"]
+        marks = [e for e in events if e.get("name") == self._MARK and e.get("ph") == "X"]
+        if len(marks) != 1:
+            raise RuntimeError(f"tensor memory: expected one measured range, found {len(marks)}")
+        start, end = marks[0]["ts"], marks[0]["ts"] + marks[0]["dur"]
+        totals = [
+            e["args"]["Total Allocated"]
+            for e in events
+            if e.get("name") == "[memory]" and start <= e["ts"] <= end
+        ]
+        if not totals:
+            raise RuntimeError("tensor memory: no allocation while measured")
+        self.peak_mb = max(totals) / 2**20
+
+
+@contextmanager
+def tensor_memory(enabled: bool = True) -> Iterator[TensorMemory]:
+    """A torch.profiler session that records CPU allocations (``profile_memory``); its
+    :class:`TensorMemory` has the peak once the block is done. ``enabled=False``: no session."""
+    if not enabled:
+        yield TensorMemory(None)
+        return
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as profiler:
+        memory = TensorMemory(profiler)
+        yield memory
+    memory.read()
+
+
 def memory_probe(args: argparse.Namespace) -> None:
+    """Build and step ``args.memory_probe`` in this fresh process and print its peak memory as
+    JSON: ``peak_mb``, the tensors' (on CUDA the allocator's peak; on CPU the peak of the bytes
+    of live tensors while the timed steps run, from torch.profiler's memory events) and, on
+    CPU, ``rss_mb``, the resident set's peak above where it was before the build."""
     name = args.memory_probe
     batches = sparse_batches(args.d, N_BATCHES, args.batch)
     args.settle = 1
     cuda = args.device.startswith("cuda")
-    step: Callable[[], object] | None
+    step: Callable[[], object] | None = None
+    source = None
     if name in ("saelens", "floor", "saelens-compiled"):
         # Their weights come from one of our models; its memory is not theirs.
         source = make_trainer(args, "independent", batches)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated() / 2**20
-        else:
-            before = _current_rss_mb()
-        compile = args.compile if name == "saelens-compiled" else "off"
-        step = (
-            floor_step(batches, source)
-            if name == "floor"
-            else saelens_step(args, batches, source, compile)
-        )
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
     else:
-        before = torch.cuda.memory_allocated() / 2**20 if cuda else _current_rss_mb()
-        step = build(args, [name], batches)[0].get(name)
-    if step is None:
-        raise SystemExit(f"{name} unavailable")
-    time_steps(step, 2, args.device)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
-    print(json.dumps({"peak_mb": peak - before}))
+        before = _current_rss_mb()
+    # On CPU the tensors' bytes are counted from the build on (the profiler counts what is
+    # allocated while it runs), so parameters, gradients and optimizer state are in the peak.
+    with tensor_memory(enabled=not cuda) as tensors:
+        if source is not None:
+            compile = args.compile if name == "saelens-compiled" else "off"
+            step = (
+                floor_step(batches, source)
+                if name == "floor"
+                else saelens_step(args, batches, source, compile)
+            )
+        else:
+            step = build(args, [name], batches)[0].get(name)
+        if step is None:
+            raise SystemExit(f"{name} unavailable")
+        with tensors.measured():
+            time_steps(step, 2, args.device)
+    if cuda:
+        peak = {"peak_mb": torch.cuda.max_memory_allocated() / 2**20 - before}
+    else:
+        peak = {"peak_mb": tensors.peak_mb, "rss_mb": _peak_rss_mb() - before}
+    print(json.dumps(peak))
 
 
 def run_scale(args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -566,7 +639,9 @@ def run_scale(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         print(f"-- {clock} clock, median of {' or '.join(map(str, counts))} steps each")
         for name in names:
             mem = memory.get(name)
-            mem_text = "" if mem is None else f"  peak memory {mem:8.0f} MiB"
+            mem_text = "" if mem is None else f"  peak memory {mem['peak_mb']:8.0f} MiB"
+            if mem is not None and "rss_mb" in mem:
+                mem_text += f" (resident set {mem['rss_mb']:.0f} MiB)"
             print(
                 f"{name:>20}: {median[name] * 1e3:9.1f} ms/step  {tokens_per_s[name]:9.0f} "
                 f"tokens/s{mem_text}"

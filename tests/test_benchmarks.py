@@ -190,3 +190,23 @@ def test_step_speed_starts_every_level_at_its_target_l0_on_the_timed_batches(
         for level in trainer.model.levels:
             l0 = (level.pre_activations(x) > level.threshold).sum(1).float().mean().item()
             assert abs(l0 - args.target_l0) <= 0.05 * args.target_l0, (level.n_features, l0)
+
+
+@pytest.mark.parametrize("kind", ["hsae", "independent"])
+def test_step_speed_memory_probe_counts_parameters_gradients_and_adam_state(kind: str) -> None:
+    """The probe's tensor peak on CPU counts from before the model is built: the parameters,
+    their gradients and Adam's two moments are all live after a backward, so the peak is at
+    least four times the parameters' bytes, and the step's temporaries (a few [64, 1536]
+    tensors here) add little to it."""
+    d, sizes, batch = 256, [512, 1024], 64
+    out = run(
+        "step_speed.py", "--memory-probe", kind, "--d", str(d), "--sizes", *map(str, sizes),
+        "--batch", str(batch), "--target-l0", "8", "--device", "cpu", "--autocast", "off",
+        "--threads", "1",
+    )  # fmt: skip
+    import json
+
+    peak = json.loads(out.strip().splitlines()[-1])
+    weights_mb = 2 * sum(sizes) * d * 4 / 2**20  # W_enc and W_dec, float32
+    assert 4 * weights_mb <= peak["peak_mb"] <= 4 * weights_mb + 4, (peak, weights_mb)
+    assert peak["rss_mb"] > 0
