@@ -101,9 +101,9 @@ SCALES: dict[str, dict[str, object]] = {
         "d": 640, "sizes": [256, 512, 1024, 2048], "steps": 10, "rounds": 3, "settle": 10,
         "instances": 2,
     },
-    # At d = 2304, 6 rounds (24 timed steps of each of our kinds a process): with 3, one
-    # process's HSAE-over-independent ratio ranged 0.99-1.14 over two runs; with 6, 1.01-1.04
-    # in one.
+    # At d = 2304, 6 rounds (24 timed steps of each of our kinds a process). The three
+    # processes' HSAE-over-independent ratios spanned 0.07 and 0.14 in two runs of 3 rounds,
+    # 0.03, 0.04 and 0.10 in three of 6: most of the spread is the process's, not the rounds'.
     "large": {
         "d": 2304, "sizes": [2048, 4096, 8192, 16384], "steps": 2, "rounds": 6, "settle": 2,
         "instances": 2,
