@@ -486,7 +486,7 @@ class TensorMemory:
         with torch.profiler.record_function(self._MARK):
             yield
 
-    def read(self) -> None:
+    def _read(self) -> None:
         """Set :attr:`peak_mb` from the finished session."""
         assert self.profiler is not None
         with tempfile.TemporaryDirectory() as folder:
@@ -519,7 +519,7 @@ def tensor_memory(enabled: bool = True) -> Iterator[TensorMemory]:
     ) as profiler:
         memory = TensorMemory(profiler)
         yield memory
-    memory.read()
+    memory._read()
 
 
 def memory_probe(args: argparse.Namespace) -> None:

@@ -4,6 +4,7 @@ are measured by hand on a quiet machine and written in the README and the docs).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -204,8 +205,6 @@ def test_step_speed_memory_probe_counts_parameters_gradients_and_adam_state(kind
         "--batch", str(batch), "--target-l0", "8", "--device", "cpu", "--autocast", "off",
         "--threads", "1",
     )  # fmt: skip
-    import json
-
     peak = json.loads(out.strip().splitlines()[-1])
     weights_mb = 2 * sum(sizes) * d * 4 / 2**20  # W_enc and W_dec, float32
     assert 4 * weights_mb <= peak["peak_mb"] <= 4 * weights_mb + 4, (peak, weights_mb)
